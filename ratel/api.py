@@ -1,0 +1,360 @@
+"""The public face: ``ratel.compile``, ``Engine`` and ``Budget``.
+
+``compile`` captures the model, runs the pass pipeline for the example inputs (so a budget too small is
+refused before any memory is taken), materialises the parameters into host memory and returns an Engine.
+The Engine traces and plans again, once, for every new input shape (batch and sequence sizes may change
+between steps) and keeps the most recent programs; parameters, optimizer states and the GPU ring are shared
+by all of them.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from ratel.errors import BudgetError, RatelError
+from ratel.hardware import HardwareProfile
+from ratel.ir import Plan, format_bytes
+from ratel.passes import PassContext, default_pass_manager
+from ratel.runtime.activations import ActivationStore
+from ratel.runtime.engine import Runtime
+from ratel.runtime.memory import ALIGN, Lanes, PinnedPool
+from ratel.runtime.optimizer import AdamW, CPUOptimizer
+from ratel.runtime.param_store import ParamStore, host_pool_bytes
+from ratel.trace import TracedModel, trace_model
+
+log = logging.getLogger("ratel")
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
+          "t": 1000 ** 4, "tb": 1000 ** 4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_bytes(value: int | float | str | None, what: str = "budget") -> int | None:
+    """Bytes from an int or a string such as "24GiB", "512 MiB", "1.5e9", "80GB"."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(f"{what}={value!r}: must be a positive number of bytes")
+        return int(value)
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+        if match and match.group(2).lower() in _UNITS:
+            result = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+            if result > 0:
+                return result
+    raise ValueError(f"{what}={value!r}: give bytes as an int or a string such as '24GiB', '512MiB' or '80GB'")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Memory Ratel may use on each tier. ``gpu`` is required; the others default to what the machine has."""
+
+    gpu: int | str
+    host: int | str | None = None
+    ssd: int | str | None = None
+    ssd_dir: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "gpu", parse_bytes(self.gpu, "Budget.gpu"))
+        object.__setattr__(self, "host", parse_bytes(self.host, "Budget.host"))
+        object.__setattr__(self, "ssd", parse_bytes(self.ssd, "Budget.ssd"))
+
+    def resolved(self, hardware: HardwareProfile) -> "Budget":
+        host = self.host if self.host is not None else int(hardware.host_bytes * 0.9)
+        return Budget(gpu=self.gpu, host=host, ssd=self.ssd, ssd_dir=self.ssd_dir)
+
+
+def _as_budget(budget) -> Budget:
+    if isinstance(budget, Budget):
+        return budget
+    return Budget(gpu=budget)
+
+
+def _default_kwargs(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None) -> dict:
+    params = inspect.signature(model.forward).parameters
+    kwargs = dict(example_kwargs or {})
+    if example_kwargs is None and "labels" in params and example_inputs:
+        kwargs["labels"] = example_inputs[0]
+    return kwargs
+
+
+class Engine:
+    """Trains a compiled model: ``engine(**batch).loss``, ``engine.backward(loss)``, ``engine.step()``."""
+
+    def __init__(self, model: nn.Module, budget: Budget, optimizer: AdamW, device: torch.device,
+                 hardware: HardwareProfile, weights=None, depth: int = 2, max_programs: int = 4,
+                 progress: bool = True):
+        self.model = model
+        self.device = device
+        self.hardware = hardware
+        self.budget = budget.resolved(hardware)
+        self.optimizer_config = optimizer
+        self.depth = depth
+        self.max_programs = max_programs
+        self.progress = progress
+        self._weights = weights
+        self._training = model.training
+        self._extra_kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+        self._programs: OrderedDict[tuple, tuple[torch.fx.GraphModule, Plan, Runtime, PinnedPool | None]] = OrderedDict()
+        self._store: ParamStore | None = None
+        self._store_pool: PinnedPool | None = None
+        self._optimizer: CPUOptimizer | None = None
+        self._buffers: dict[str, torch.Tensor] | None = None
+        self._lanes = Lanes(device)
+        self._latest: tuple | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ programs
+    def _key(self, flat: list, spec) -> tuple:
+        shapes = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else ("value", x) for x in flat)
+        return (self._training, str(spec), shapes)
+
+    def _program(self, args: tuple, kwargs: dict):
+        # Sorted keys: the same call with keywords in another order reuses the program.
+        kwargs = dict(sorted({**self._extra_kwargs, **kwargs}.items()))
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        key = self._key(flat, spec)
+        if key in self._programs:
+            self._programs.move_to_end(key)
+            return self._programs[key], flat
+        program = self._build(args, kwargs)
+        self._programs[key] = program
+        while len(self._programs) > self.max_programs:
+            _, (_, _, old_runtime, old_pool) = self._programs.popitem(last=False)
+            if old_pool is not None:
+                old_pool.close()
+        return program, flat
+
+    def _build(self, args: tuple, kwargs: dict):
+        if self._closed:
+            raise RatelError("the engine is closed")
+        was_training = self.model.training
+        self.model.train(self._training)
+        try:
+            traced = trace_model(self.model, args, kwargs)
+        finally:
+            self.model.train(was_training)
+        gm, plan = plan_program(traced, self.budget, self.hardware, self.device, self.depth)
+        if self._store is None:
+            self._create_store(plan, traced)
+        elif tuple(g.params for g in plan.groups) != tuple(g.params for g in self._store.groups):
+            raise RatelError("a new input shape changed how parameters are grouped; this is a Ratel bug")
+        act_bytes = activation_pool_bytes(plan)
+        pool = PinnedPool(act_bytes, pin=self.device.type == "cuda") if act_bytes else None
+        activations = ActivationStore(self._lanes, pool, self.device)
+        runtime = Runtime(gm, plan, self._store, self._buffers, self._lanes, activations, self._optimizer)
+        log.info("ratel: planned %s (peak GPU %s of %s, host %s)", [tuple(a.shape) for a in args
+                 if isinstance(a, torch.Tensor)], format_bytes(plan.memory.gpu_peak),
+                 format_bytes(plan.budget_gpu), format_bytes(plan.memory.host_total))
+        return gm, plan, runtime, pool
+
+    def _create_store(self, plan: Plan, traced: TracedModel) -> None:
+        self._store_pool = PinnedPool(host_pool_bytes(plan.groups), pin=self.device.type == "cuda")
+        self._store = ParamStore(plan, self.device, self._store_pool)
+        self._store.load(self.model, self._weights, progress=self.progress)
+        self._optimizer = CPUOptimizer(self._store, self.optimizer_config)
+        self._buffers = load_buffers(self.model, traced, self.device)
+
+    # ------------------------------------------------------------------ training
+    def __call__(self, *args, **kwargs):
+        args = tuple(self._to_device(a) for a in args)
+        kwargs = {k: self._to_device(v) for k, v in kwargs.items()}
+        (gm, plan, runtime, _), flat = self._program(args, kwargs)
+        if self._latest is not None and self._latest[2] is not runtime:
+            self._latest[2].finish_step()
+        self._latest = (gm, plan, runtime)
+        runtime.begin()
+        out_flat = gm(runtime, *flat)
+        if not torch.is_grad_enabled():
+            runtime.finish_step()
+        return pytree.tree_unflatten(list(out_flat), self._out_spec(gm))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss``; each group's AdamW update starts on the CPU as soon as its gradient lands."""
+        if self._latest is None:
+            raise RatelError("backward() before any forward: call the engine on a batch first")
+        if not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
+            raise RatelError("backward() needs the loss returned by this engine's forward, computed with grad enabled "
+                             "(call the engine with labels= so the model returns a loss)")
+        loss.backward()
+        self._latest[2].finish_step()
+
+    def step(self) -> None:
+        """Barrier: wait until every parameter update of the last backward is applied."""
+        if self._optimizer is not None:
+            self._optimizer.wait_all()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer_config.lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.step()   # updates in flight keep the learning rate they started with
+        self.optimizer_config.lr = float(value)
+
+    def train(self, mode: bool = True) -> "Engine":
+        self._training = mode
+        return self
+
+    def eval(self) -> "Engine":
+        return self.train(False)
+
+    # ------------------------------------------------------------------ inspection
+    @property
+    def plan(self) -> Plan:
+        if self._latest is None:
+            raise RatelError("no plan yet: compile with example_inputs or run a forward first")
+        return self._latest[1]
+
+    @property
+    def graph(self) -> str:
+        from ratel.tools.printer import format_graph
+        if self._latest is None:
+            raise RatelError("no graph yet: compile with example_inputs or run a forward first")
+        return format_graph(self._latest[0])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Current fp32 master parameters (and buffers) under the model's own names, as CPU tensors."""
+        if self._store is None:
+            raise RatelError("no parameters yet: compile with example_inputs or run a forward first")
+        self.step()
+        out = self._store.state_dict(self.model)
+        for name, buf in self.model.named_buffers():
+            if name in (self._buffers or {}) and not buf.is_meta:
+                out[name] = self._buffers[name].detach().cpu().clone()
+        return out
+
+    def close(self) -> None:
+        """Free pinned memory and device memory; the engine cannot be used afterwards."""
+        if self._closed:
+            return
+        if self._optimizer is not None:
+            try:
+                self._optimizer.wait_all()
+            finally:
+                self._optimizer.close()
+        for _, _, runtime, pool in self._programs.values():
+            runtime.finish_step()
+            if pool is not None:
+                pool.close()
+        self._programs.clear()
+        self._latest = None
+        if self._store_pool is not None:
+            self._store = None
+            self._store_pool.close()
+            self._store_pool = None
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    # ------------------------------------------------------------------ helpers
+    def _to_device(self, value):
+        if isinstance(value, torch.Tensor) and value.device != self.device:
+            return value.to(self.device, non_blocking=True)
+        return value
+
+    @staticmethod
+    def _out_spec(gm):
+        return gm.meta["ratel.out_spec"]
+
+
+def activation_pool_bytes(plan: Plan) -> int:
+    from ratel.ir import Tier
+    return sum((a.nbytes + ALIGN - 1) // ALIGN * ALIGN + ALIGN for a in plan.placement.activations
+               if a.tier == Tier.HOST)
+
+
+def load_buffers(model: nn.Module, traced: TracedModel, device: torch.device) -> dict[str, torch.Tensor]:
+    """Buffers and lifted constants on the device; meta buffers are rebuilt by the model's initialiser."""
+    out: dict[str, torch.Tensor] = {}
+    wanted = {name for _, name in traced.buffers}
+    constants = dict(traced.constants)
+    for name in sorted(wanted):
+        if name in constants:
+            value = constants[name]
+        else:
+            value = model.get_buffer(name)
+            if value.is_meta:
+                module_path, _, leaf = name.rpartition(".")
+                owner = model.get_submodule(module_path) if module_path else model
+                shell = copy.deepcopy(owner)
+                shell.to_empty(device="cpu", recurse=False)
+                init = getattr(model, "init_module", None) or getattr(model, "_init_weights", None)
+                if init is None:
+                    raise RatelError(f"buffer {name} lives on the meta device and the model has no initialiser to "
+                                     "rebuild it; create the model on the CPU or give it _init_weights(module)")
+                with torch.no_grad():
+                    init(shell)
+                value = shell.get_buffer(leaf)
+        if isinstance(value, torch.Tensor):
+            value = value.detach().to(device)
+        out[name] = value
+    return out
+
+
+def plan_program(traced: TracedModel, budget: Budget, hardware: HardwareProfile, device: torch.device,
+                 depth: int = 2):
+    """Run the pass pipeline on a traced model; returns the rewritten GraphModule and its Plan."""
+    dtypes = {p.dtype for p in traced.param_info}
+    compute_dtype = max(dtypes, key=lambda d: sum(p.numel for p in traced.param_info if p.dtype == d)) \
+        if dtypes else torch.float32
+    ctx = PassContext(traced=traced, budget=budget, hardware=hardware, compute_dtype=compute_dtype,
+                      device=str(device), depth=depth)
+    gm = default_pass_manager().run(traced.gm, ctx)
+    gm.meta["ratel.out_spec"] = traced.out_spec
+    return gm, ctx.get(Plan)
+
+
+def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | None = None,
+            example_inputs: tuple | None = None, example_kwargs: dict | None = None, *,
+            device: str | torch.device | None = None, hardware: HardwareProfile | None = None,
+            weights: str | None = None, depth: int = 2, progress: bool = True) -> Engine:
+    """Compile ``model`` for training under ``budget``.
+
+    model           an nn.Module with repeated blocks (a ``ratel.models.GPT`` or a transformers causal LM),
+                    possibly created on the meta device (its parameters are then initialised or read from
+                    ``weights``, one module at a time, straight into host memory)
+    budget          GPU bytes ("24GiB") or a ``Budget(gpu=, host=, ssd=, ssd_dir=)``
+    optimizer       ``ratel.AdamW(lr=..., weight_decay=...)``; the update runs on the CPU during backward
+    example_inputs  positional inputs of a training call; with them the plan is made (and a budget too
+                    small refused) now. ``labels`` defaults to the first input for models that take labels.
+    weights         a local .safetensors file or a folder of them, read by parameter name
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"ratel.compile expects an nn.Module, got {type(model).__name__}")
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    hardware = hardware or HardwareProfile.detect(device)
+    engine = Engine(model, _as_budget(budget), optimizer or AdamW(), device, hardware, weights=weights,
+                    depth=depth, progress=progress)
+    if example_inputs is not None:
+        example_inputs = tuple(example_inputs)
+        kwargs = _default_kwargs(model, example_inputs, example_kwargs)
+        (gm, plan, runtime, _), _ = engine._program(tuple(engine._to_device(a) for a in example_inputs),
+                                                    {k: engine._to_device(v) for k, v in kwargs.items()})
+        engine._latest = (gm, plan, runtime)
+    return engine
+
+
+__all__ = ["AdamW", "Budget", "BudgetError", "Engine", "compile", "parse_bytes"]

@@ -1,0 +1,389 @@
+"""Ratel's IR: the typed records passes attach to an fx graph, and the Plan they produce.
+
+Every record is a frozen dataclass stored under exactly one documented ``node.meta`` key (``META_KEYS``
+lists who writes and who reads each key). Analyses return frozen dataclasses and never change the graph;
+transforms consume them. Cross-pass invariants are written down in ``ratel/passes/README.md``.
+
+The timeline of a training step is a sequence of ``Step``s: the forward of every unit in order, then the
+backward of every unit in reverse. A tensor's lifetime and every transfer are expressed in step indices.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# ---------------------------------------------------------------------------------------------------------
+# node.meta keys. One key per record type; nothing else under the "ratel." prefix.
+# ---------------------------------------------------------------------------------------------------------
+META_UNIT = "ratel.unit"
+META_TENSOR = "ratel.tensor"
+META_COST = "ratel.cost"
+META_ACTIVATION = "ratel.activation"
+META_TRANSFER = "ratel.transfer"
+META_PROVENANCE = "ratel.provenance"
+META_UNIT_CALL = "ratel.unit_call"
+
+META_KEYS: dict[str, tuple[str, str, str]] = {
+    # key: (record type, written by, read by)
+    META_UNIT: ("str: name of the unit the node belongs to", "trace.discover_units",
+                "estimate_costs, outline_units, printer"),
+    META_TENSOR: ("TensorMeta", "annotate_shapes (and outline_units for the nodes it creates)",
+                  "estimate_costs, outline_units, build_lifetimes, printer"),
+    META_COST: ("NodeCost", "estimate_costs", "tools.summary, printer"),
+    META_ACTIVATION: ("ActivationPlacement, on unit-output getitem nodes of the outlined graph",
+                      "plan_placement", "insert_transfers, insert_releases, printer"),
+    META_TRANSFER: ("Transfer, on nodes inserted by insert_transfers / insert_releases",
+                    "insert_transfers, insert_releases", "verify_plan, printer"),
+    META_PROVENANCE: ("Provenance: which pass created the node and why", "transform passes", "printer"),
+    META_UNIT_CALL: ("UnitCall, on the run_unit nodes of the outlined graph", "outline_units",
+                     "estimate_costs, build_lifetimes, plan_placement, runtime"),
+}
+
+
+class Tier(str, enum.Enum):
+    GPU = "gpu"
+    HOST = "host"
+    SSD = "ssd"
+
+    def __str__(self) -> str:  # dumps print "host", not "Tier.HOST"
+        return self.value
+
+
+class Phase(str, enum.Enum):
+    FWD = "fwd"
+    BWD = "bwd"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_DTYPE_ABBR = {
+    torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
+    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
+    torch.bool: "b8",
+}
+
+
+def dtype_abbr(dtype: torch.dtype) -> str:
+    return _DTYPE_ABBR.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-node records
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorMeta:
+    """Shape and storage of one tensor value. Views alias their base: ``nbytes`` counts own storage only."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int          # bytes this node allocates (0 for a view of another node's storage)
+    base: str            # node whose storage holds the value (the node itself unless it is a view)
+    numel: int
+
+    @property
+    def is_view(self) -> bool:
+        return self.nbytes == 0 and self.numel > 0
+
+    @property
+    def value_bytes(self) -> int:
+        return self.numel * (torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point
+                             else torch.iinfo(self.dtype).bits // 8 if self.dtype != torch.bool else 1)
+
+    def short(self) -> str:
+        return f"{dtype_abbr(self.dtype)}[{', '.join(str(s) for s in self.shape)}]"
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """FLOPs of one node (forward, and the backward it induces). Counting rules: ratel/passes/estimate_costs.py."""
+
+    fwd_flops: int
+    bwd_flops: int
+
+
+@dataclass(frozen=True)
+class ActivationPlacement:
+    """Where a unit-boundary activation waits between its forward production and its backward use."""
+
+    value: str                    # name of the value in the outlined graph
+    producer: int                 # unit index (-1: a graph input)
+    consumers: tuple[int, ...]    # unit indices that read it
+    nbytes: int
+    tier: Tier                    # GPU: kept resident; HOST: copied out in forward, back in backward
+    reason: str
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One planned movement or release. ``step`` is when it is issued, ``needed_by`` when it must be done."""
+
+    kind: str          # "fetch_params" | "offload_activation" | "fetch_activation" | "flush_grads" | "release_*"
+    subject: str       # unit name, value name or group name
+    nbytes: int
+    src: Tier | None
+    dst: Tier | None
+    step: int
+    needed_by: int
+    slot: int | None = None
+
+
+@dataclass(frozen=True)
+class Provenance:
+    pass_name: str
+    action: str
+    reason: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model structure
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Unit:
+    """The offload granularity: one repeated block, or the graph before the first / after the last block."""
+
+    index: int
+    name: str                      # "embed", "model.layers.3", "head"
+    kind: str                      # "pre" | "block" | "post"
+    params: tuple[str, ...]        # canonical parameter names the unit reads, in first-use order
+    buffers: tuple[str, ...]       # buffers and constants the unit reads
+    has_random_ops: bool = False   # dropout & co.: the recompute must replay the RNG
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """Parameters stored in one flat buffer: those of one dtype read by exactly the same set of units.
+
+    The fp32 master, the Adam states and the host gradient share the element layout ``offsets``; the
+    compute copy (the one sent to the GPU) is the same layout in ``dtype``, ``nbytes`` long.
+    """
+
+    index: int
+    name: str
+    params: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]       # element offset of each parameter in the flat buffers
+    numel: int
+    dtype: torch.dtype             # compute dtype of every parameter in the group
+    users: tuple[int, ...]         # unit indices that read the group, ascending
+    trainable: bool
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def update_unit(self) -> int:
+        """Backward runs units in reverse, so the group's gradient is complete after its lowest user."""
+        return self.users[0]
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int
+    phase: Phase
+    unit: int
+
+    def label(self, units: tuple[Unit, ...]) -> str:
+        return f"{self.phase} {units[self.unit].name}"
+
+
+def timeline(num_units: int) -> tuple[Step, ...]:
+    fwd = [Step(i, Phase.FWD, i) for i in range(num_units)]
+    bwd = [Step(num_units + k, Phase.BWD, num_units - 1 - k) for k in range(num_units)]
+    return tuple(fwd + bwd)
+
+
+@dataclass(frozen=True)
+class UnitCall:
+    """How the outlined graph calls one unit: which values go in and come out, which parameters it reads."""
+
+    unit: int
+    name: str
+    module: str                    # attribute of the top-level GraphModule holding the unit's graph
+    inputs: tuple[str, ...]        # activation values, in the unit graph's placeholder order
+    params: tuple[str, ...]        # canonical parameter name of each parameter placeholder, in order
+    buffers: tuple[str, ...]       # buffer / constant name of each buffer placeholder, in order
+    outputs: tuple[str, ...]       # values the unit returns (read by later units or by the user)
+
+
+@dataclass(frozen=True)
+class UnitCost:
+    """What one unit costs: FLOPs, and the GPU bytes its compute needs beyond parameters and boundaries."""
+
+    unit: int
+    fwd_flops: int
+    bwd_flops: int
+    param_bytes: int               # compute-dtype bytes of every parameter the unit reads
+    fwd_workspace: int             # peak transient bytes of a no-grad forward (excluding inputs)
+    saved_bytes: int               # bytes autograd keeps between the recomputed forward and its backward
+    bwd_workspace: int             # peak transient bytes of recompute + backward (excluding inputs, params)
+    output_bytes: int
+
+
+@dataclass(frozen=True)
+class CostModel:
+    units: tuple[UnitCost, ...]
+    total_fwd_flops: int
+    total_bwd_flops: int
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Analyses
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Lifetime:
+    """A tensor of the training step and the span of steps over which it must exist on ``tier``."""
+
+    tensor: str
+    kind: str          # "param" | "grad" | "optimizer_state" | "activation" | "workspace"
+    nbytes: int
+    first: int
+    last: int
+    tier: Tier
+
+
+@dataclass(frozen=True)
+class Lifetimes:
+    """The tensor lifetime graph: nodes are steps and tensors; edges say which step makes / reads a tensor."""
+
+    steps: tuple[Step, ...]
+    groups: tuple[ParamGroup, ...]
+    records: tuple[Lifetime, ...]
+    graph: Any = field(compare=False, repr=False)   # networkx.DiGraph
+
+    def of_kind(self, kind: str) -> tuple[Lifetime, ...]:
+        return tuple(r for r in self.records if r.kind == kind)
+
+    def get(self, tensor: str) -> Lifetime:
+        for record in self.records:
+            if record.tensor == tensor:
+                return record
+        raise KeyError(tensor)
+
+
+@dataclass(frozen=True)
+class ParamFetch:
+    """Parameters of one unit resident in one ring slot over the steps ``first``..``last``."""
+
+    unit: int
+    slot: int
+    issue: int         # step at whose start the copy is issued (one step ahead of ``first``)
+    first: int
+    last: int
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """Where each parameter group of a unit sits inside a GPU ring slot (byte offsets)."""
+
+    unit: int
+    groups: tuple[int, ...]
+    byte_offsets: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    """The decisions of plan_placement: a tier for every tensor class and the parameter ring schedule."""
+
+    param_tier: tuple[tuple[str, Tier], ...]          # group name -> home tier of its compute copy
+    optimizer_tier: tuple[tuple[str, Tier], ...]      # group name -> tier of master, exp_avg, exp_avg_sq
+    activations: tuple[ActivationPlacement, ...]
+    fetches: tuple[ParamFetch, ...]
+    layouts: tuple[SlotLayout, ...]                   # one per unit
+    depth: int                                        # ring slots on the GPU
+    slot_bytes: int
+
+    def tier_of(self, value: str) -> Tier:
+        for act in self.activations:
+            if act.value == value:
+                return act.tier
+        raise KeyError(value)
+
+    def fetch_at(self, step: int) -> ParamFetch:
+        for fetch in self.fetches:
+            if fetch.first <= step <= fetch.last:
+                return fetch
+        raise KeyError(step)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Every transfer and release of one step, forward ones also materialised as graph nodes."""
+
+    transfers: tuple[Transfer, ...]
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    step: int
+    gpu: int
+    breakdown: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    steps: tuple[StepMemory, ...]
+    gpu_peak: int
+    gpu_peak_step: int
+    host_bytes: tuple[tuple[str, int], ...]
+    host_total: int
+    ssd_total: int
+
+
+@dataclass(frozen=True)
+class StepTime:
+    step: int
+    compute: float      # seconds of GPU compute
+    h2d: float          # seconds of host-to-GPU copies issued for this step
+    d2h: float
+    optimizer: float    # seconds of CPU optimizer work that becomes ready in this step
+
+
+@dataclass(frozen=True)
+class TimeProfile:
+    """Predicted seconds per step from the hardware profile; transfers overlap compute on their own lanes."""
+
+    steps: tuple[StepTime, ...]
+    total: float        # predicted step time: per step, the longest lane, summed; plus the optimizer tail
+
+    @property
+    def compute(self) -> float:
+        return sum(s.compute for s in self.steps)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything Ratel decided for one traced graph: the contract the runtime executes."""
+
+    units: tuple[Unit, ...]
+    groups: tuple[ParamGroup, ...]
+    steps: tuple[Step, ...]
+    placement: PlacementPlan
+    transfers: tuple[Transfer, ...]
+    costs: CostModel
+    memory: MemoryProfile
+    times: "TimeProfile"
+    budget_gpu: int
+    budget_host: int
+    compute_dtype: torch.dtype
+    device: str
+
+    def transfers_at(self, step: int) -> tuple[Transfer, ...]:
+        return tuple(t for t in self.transfers if t.step == step)
+
+    def summary(self) -> str:
+        from ratel.tools.summary import plan_summary
+        return plan_summary(self)

@@ -1,0 +1,130 @@
+"""insert_transfers: turn the placement plan into copy operations on the timeline.
+
+Stages:
+  1. Forward, as graph nodes around each ``run_unit``: ``prefetch_params`` for every ring residency
+     issued at this step (the current unit's first, so it is not queued behind the next one), then
+     ``wait_params``; after the unit, ``offload_activation`` for each output checkpointed to host and
+     ``keep_activation`` for each output kept on the GPU (user inputs are kept before the first unit).
+  2. Backward, as ``Transfer`` records the runtime executes from the unit's backward (autograd drives the
+     backward, so it has no graph of its own): ``fetch_params`` one residency ahead, ``fetch_activation``
+     one step ahead of the recompute that reads it, ``flush_grads`` when the unit's backward is done, and
+     ``optimizer_step`` for each group whose gradient is then complete.
+
+Before / after::
+
+    unit_blocks_0 = ratel.run_unit(runtime, 'blocks.0', embedding)
+    add_2 = unit_blocks_0[0]
+  ->
+    prefetch_params = ratel.prefetch_params(runtime, 'blocks.1', 1)  # fetch_params host->gpu ... slot=1
+    wait_params = ratel.wait_params(runtime, 'blocks.0')
+    unit_blocks_0 = ratel.run_unit(runtime, 'blocks.0', embedding)
+    add_2 = unit_blocks_0[0]
+    offload_activation = ratel.offload_activation(runtime, 'add_2', add_2)  # offload_activation gpu->host
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from ratel.ir import (META_PROVENANCE, META_TRANSFER, META_UNIT_CALL, Lifetimes, Phase, PlacementPlan,
+                      Provenance, Schedule, Tier, Transfer)
+from ratel.passes.build_lifetimes import unit_calls
+from ratel.passes.manager import PassContext, PassResult, graph_pass
+from ratel.runtime import ops
+
+
+def _insert(graph: fx.Graph, fn, args, transfer: Transfer | None, reason: str) -> fx.Node:
+    node = graph.call_function(fn, args)
+    if transfer is not None:
+        node.meta[META_TRANSFER] = transfer
+    node.meta[META_PROVENANCE] = Provenance("insert_transfers", fn.__name__, reason)
+    return node
+
+
+def last_output_node(call_node: fx.Node) -> fx.Node:
+    """The last getitem reading a run_unit node (they directly follow it), or the call itself."""
+    last = call_node
+    for user in call_node.users:
+        if user.op == "call_function" and user.args[0] is call_node and last < user:
+            last = user
+    return last
+
+
+def unit_bytes(plan: PlacementPlan, unit: int) -> int:
+    return plan.layouts[unit].nbytes
+
+
+@graph_pass(requires=("analysis:PlacementPlan",), ensures=("analysis:Schedule", "graph:transfers"))
+def insert_transfers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    plan = ctx.get(PlacementPlan)
+    lifetimes = ctx.get(Lifetimes)
+    units = ctx.traced.units
+    steps = lifetimes.steps
+    fwd = {s.unit: s.index for s in steps if s.phase == Phase.FWD}
+    bwd = {s.unit: s.index for s in steps if s.phase == Phase.BWD}
+    graph = gm.graph
+    runtime = next(n for n in graph.nodes if n.op == "placeholder" and n.name == "runtime")
+    values = {n.name: n for n in graph.nodes}
+    transfers: list[Transfer] = []
+
+    def fetch_transfer(fetch) -> Transfer:
+        return Transfer("fetch_params", units[fetch.unit].name, unit_bytes(plan, fetch.unit), Tier.HOST, Tier.GPU,
+                        step=fetch.issue, needed_by=fetch.first, slot=fetch.slot)
+
+    calls = unit_calls(gm)
+    first_call = calls[0][0]
+    for act in plan.activations:
+        if act.producer < 0:
+            with graph.inserting_before(first_call):
+                _insert(graph, ops.keep_activation, (runtime, act.value, values[act.value]), None, act.reason)
+
+    for call_node, call in calls:
+        step = fwd[call.unit]
+        with graph.inserting_before(call_node):
+            issued = sorted((f for f in plan.fetches if f.issue == step), key=lambda f: f.first)
+            for fetch in issued:
+                transfer = fetch_transfer(fetch)
+                transfers.append(transfer)
+                _insert(graph, ops.prefetch_params, (runtime, units[fetch.unit].name, fetch.slot), transfer,
+                        "one residency ahead")
+            _insert(graph, ops.wait_params, (runtime, call.name), None, "parameters needed now")
+        anchor = last_output_node(call_node)
+        for act in plan.activations:
+            if act.producer != call.unit:
+                continue
+            if act.tier == Tier.HOST:
+                transfer = Transfer("offload_activation", act.value, act.nbytes, Tier.GPU, Tier.HOST, step=step,
+                                    needed_by=bwd[min(act.consumers)])
+                transfers.append(transfer)
+                fn = ops.offload_activation
+            else:
+                transfer, fn = None, ops.keep_activation
+            with graph.inserting_after(anchor):
+                anchor = _insert(graph, fn, (runtime, act.value, values[act.value]), transfer, act.reason)
+
+    num_units = len(units)
+    for step in steps:
+        if step.phase != Phase.BWD:
+            continue
+        unit = units[step.unit]
+        for fetch in sorted((f for f in plan.fetches if f.issue == step.index and f.first > step.index),
+                            key=lambda f: f.first):
+            transfers.append(fetch_transfer(fetch))
+        for act in plan.activations:
+            if act.tier != Tier.HOST:
+                continue
+            for consumer in act.consumers:
+                needed = bwd[consumer]
+                issue = max(needed - 1, num_units)
+                if issue == step.index:
+                    transfers.append(Transfer("fetch_activation", act.value, act.nbytes, Tier.HOST, Tier.GPU,
+                                              step=issue, needed_by=needed))
+        trainable = [g for g in lifetimes.groups if g.trainable and step.unit in g.users]
+        if trainable:
+            transfers.append(Transfer("flush_grads", unit.name, sum(g.nbytes for g in trainable), Tier.GPU,
+                                      Tier.HOST, step=step.index, needed_by=step.index))
+        for group in trainable:
+            if group.update_unit == step.unit:
+                transfers.append(Transfer("optimizer_step", group.name, group.numel * 16, Tier.HOST, Tier.HOST,
+                                          step=step.index, needed_by=len(steps)))
+    gm.recompile()
+    return PassResult(gm, modified=True, analysis=Schedule(transfers=tuple(transfers)))

@@ -1,0 +1,254 @@
+"""Runtime: executes a rewritten program and its Plan.
+
+Forward is the top-level graph: its ``ratel.*`` nodes prefetch and wait for parameters, run units and
+checkpoint their outputs. Each unit runs inside ``UnitFunction`` (an autograd Function): its forward runs
+without autograd, its backward is driven by autograd in reverse unit order and does, at backward step t:
+  1. the transfers the plan issues at t (next residency's parameters, next step's activations);
+  2. wait for this unit's parameters and inputs, replay the unit's RNG state, recompute its forward with
+     autograd on, and backpropagate the incoming gradients into its inputs and into flat gradient buffers
+     (one per parameter group, so a group read by several units accumulates in place, like PyTorch's
+     AccumulateGrad);
+  3. copy each complete group gradient to pinned host memory and hand the group to the CPU optimizer;
+  4. release what the plan releases at t.
+On CUDA, copies run on their own streams ordered by events; on CPU every copy is immediate and the
+"GPU tier" is another host buffer, so the same code path runs in CI.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ratel.errors import RatelError
+from ratel.ir import META_UNIT_CALL, Phase, Plan, UnitCall
+from ratel.runtime.activations import ActivationStore
+from ratel.runtime.memory import Lanes
+from ratel.runtime.optimizer import CPUOptimizer
+from ratel.runtime.param_store import ParamStore
+
+log = logging.getLogger("ratel.runtime")
+
+
+@dataclass
+class _RngState:
+    cpu: torch.Tensor
+    device: torch.Tensor | None
+
+
+class UnitFunction(torch.autograd.Function):
+    """One unit: forward without saving anything, backward by recompute (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, runtime: "Runtime", unit: int, _anchor: torch.Tensor, *inputs):
+        ctx.runtime = runtime
+        ctx.unit = unit
+        ctx.generation = runtime.generation
+        ctx.set_materialize_grads(False)
+        outputs = runtime.forward_unit(unit, inputs)
+        input_storages = {x.untyped_storage().data_ptr() for x in inputs if isinstance(x, torch.Tensor)}
+        # An output aliasing an input would make autograd treat it as a view; outputs are fresh tensors.
+        outputs = tuple(o.clone() if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in input_storages
+                        else o for o in outputs)
+        ctx.mark_non_differentiable(*[o for o in outputs
+                                      if isinstance(o, torch.Tensor) and not o.is_floating_point()])
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        if ctx.generation != ctx.runtime.generation:
+            raise RatelError("backward through a forward that is no longer current: Ratel keeps the state of the "
+                             "latest forward only; call backward before the next forward")
+        grads = ctx.runtime.backward_unit(ctx.unit, grad_outputs)
+        return (None, None, None, *grads)
+
+
+class Runtime:
+    """The state of one program (one traced shape): its plan, units and per-step bookkeeping."""
+
+    def __init__(self, gm: fx.GraphModule, plan: Plan, store: ParamStore, buffers: dict[str, torch.Tensor],
+                 lanes: Lanes, activations: ActivationStore, optimizer: CPUOptimizer | None):
+        self.gm = gm
+        self.plan = plan
+        self.store = store
+        self.buffers = buffers
+        self.lanes = lanes
+        self.activations = activations
+        self.optimizer = optimizer
+        self.device = lanes.device
+        self.calls: dict[int, UnitCall] = {}
+        self.unit_index: dict[str, int] = {}
+        for node in gm.graph.nodes:
+            call = node.meta.get(META_UNIT_CALL)
+            if call is not None:
+                self.calls[call.unit] = call
+                self.unit_index[call.name] = call.unit
+        self.modules = {u: getattr(gm, c.module) for u, c in self.calls.items()}
+        self.bwd_step = {s.unit: s.index for s in plan.steps if s.phase == Phase.BWD}
+        self.transfers_at = {s.index: plan.transfers_at(s.index) for s in plan.steps}
+        self.fetch_by_unit_first = {(f.unit, f.first): f for f in plan.placement.fetches}
+        self.generation = 0
+        self._slot_of: dict[int, int] = {}
+        self._ready: dict[int, Any] = {}
+        self._slot_free: dict[int, Any] = {}
+        self._rng: dict[int, _RngState] = {}
+        self._grad_buffers: dict[int, torch.Tensor] = {}
+        self._anchor = torch.zeros((), requires_grad=True)
+        self.pending_backward = False
+
+    # ------------------------------------------------------------------ forward ops (called by the graph)
+    def begin(self) -> None:
+        """Start a forward: drop whatever an unfinished previous step left behind."""
+        self.generation += 1
+        self._slot_of.clear()
+        self._ready.clear()
+        self._rng.clear()
+        self._grad_buffers.clear()
+        self.activations.clear()
+        self.pending_backward = torch.is_grad_enabled()
+
+    def prefetch_params(self, unit: str | int, slot: int) -> None:
+        index = self.unit_index[unit] if isinstance(unit, str) else unit
+        if self._slot_of.get(index) == slot:
+            return
+        for group, view in self.store.slot_group_views(index, slot):
+            if self.optimizer is not None and group.trainable:
+                self.optimizer.wait(group.index)   # never stream a weight the optimizer is still writing
+        ready = None
+        free = self._slot_free.pop(slot, None)
+        for group, view in self.store.slot_group_views(index, slot):
+            ready = self.lanes.copy(view, self.store.compute[group.index], self.lanes.h2d, after=free)
+            free = None
+        self._slot_of[index] = slot
+        self._ready[index] = ready
+
+    def wait_params(self, unit: str | int) -> None:
+        index = self.unit_index[unit] if isinstance(unit, str) else unit
+        if index not in self._slot_of:
+            raise RatelError(f"unit {self.calls[index].name} runs before its parameters were fetched (plan bug)")
+        self.lanes.wait_compute(self._ready.pop(index, None))
+
+    def release_params(self, unit: str | int) -> None:
+        index = self.unit_index[unit] if isinstance(unit, str) else unit
+        slot = self._slot_of.pop(index)
+        self._slot_free[slot] = self.lanes.event()
+
+    def offload_activation(self, name: str, value) -> None:
+        if torch.is_grad_enabled():
+            self.activations.offload(name, value)
+
+    def keep_activation(self, name: str, value) -> None:
+        if torch.is_grad_enabled():
+            self.activations.keep(name, value)
+
+    def run_unit(self, unit: str, inputs: tuple):
+        index = self.unit_index[unit]
+        if torch.is_grad_enabled():
+            return UnitFunction.apply(self, index, self._anchor, *inputs)
+        return self.forward_unit(index, inputs)
+
+    # ------------------------------------------------------------------ unit execution
+    def _params(self, index: int) -> list[torch.Tensor]:
+        views = self.store.unit_views(index, self._slot_of[index])
+        return [views[name] for name in self.calls[index].params]
+
+    def _buffers(self, index: int) -> list[torch.Tensor]:
+        return [self.buffers[name] for name in self.calls[index].buffers]
+
+    def forward_unit(self, index: int, inputs: tuple):
+        if self.plan.units[index].has_random_ops:
+            self._rng[index] = _RngState(
+                torch.get_rng_state(),
+                torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+        return tuple(self.modules[index](*inputs, *self._params(index), *self._buffers(index)))
+
+    def backward_unit(self, index: int, grad_outputs: tuple) -> list[torch.Tensor | None]:
+        step = self.bwd_step[index]
+        self._run_transfers(step, before=True)
+        call = self.calls[index]
+        if index in self._ready:
+            self.wait_params(index)
+        inputs = [self.activations.get(name) for name in call.inputs]
+        leaves = [x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x
+                  for x in inputs]
+        params = self._params(index)
+        trainable = {name for g in self.plan.groups if g.trainable and index in g.users for name in g.params}
+        param_leaves = []
+        grad_views = self._grad_views(index)
+        for name, p in zip(call.params, params):
+            leaf = p.detach()
+            if name in trainable:
+                leaf.requires_grad_(True)
+                leaf.grad = grad_views[name]
+            param_leaves.append(leaf)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [],
+                                   enabled=index in self._rng):
+            if index in self._rng:
+                state = self._rng[index]
+                torch.set_rng_state(state.cpu)
+                if state.device is not None:
+                    torch.cuda.set_rng_state(state.device, self.device)
+            with torch.enable_grad():
+                outputs = self.modules[index](*leaves, *param_leaves, *self._buffers(index))
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs)
+                 if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
+        wrt = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
+        wrt += [p for p in param_leaves if p.requires_grad]
+        if pairs and wrt:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], inputs=wrt)
+        input_grads = [x.grad if isinstance(x, torch.Tensor) and x.requires_grad else None for x in leaves]
+        del outputs, pairs, param_leaves, wrt
+        self._flush_grads(index)
+        self._run_transfers(step, before=False)
+        if index == 0:
+            self.pending_backward = False
+        return input_grads
+
+    def _grad_views(self, index: int) -> dict[str, torch.Tensor]:
+        views = {}
+        for g in self.plan.groups:
+            if not g.trainable or index not in g.users:
+                continue
+            flat = self._grad_buffers.get(g.index)
+            if flat is None:
+                flat = torch.zeros(g.numel, dtype=g.dtype, device=self.device)
+                self._grad_buffers[g.index] = flat
+            for name, shape, offset in zip(g.params, g.shapes, g.offsets):
+                n = 1
+                for s in shape:
+                    n *= s
+                views[name] = flat[offset:offset + n].view(shape)
+        return views
+
+    def _flush_grads(self, index: int) -> None:
+        """Send every group whose gradient is now complete to the host and on to the CPU optimizer."""
+        after = self.lanes.event()
+        for g in self.plan.groups:
+            if g.trainable and g.update_unit == index:
+                flat = self._grad_buffers.pop(g.index)
+                copied = self.lanes.copy(self.store.grad_staging[g.index], flat, self.lanes.d2h, after=after)
+                if self.optimizer is not None:
+                    self.optimizer.submit(g, copied)
+
+    def _run_transfers(self, step: int, before: bool) -> None:
+        for t in self.transfers_at[step]:
+            if before and t.kind == "fetch_params":
+                fetch = self.fetch_by_unit_first[(self.unit_index[t.subject], t.needed_by)]
+                self.prefetch_params(fetch.unit, fetch.slot)
+            elif before and t.kind == "fetch_activation":
+                self.activations.fetch(t.subject)
+            elif not before and t.kind == "release_params":
+                self.release_params(t.subject)
+            elif not before and t.kind == "release_activation":
+                self.activations.release(t.subject)
+
+    def finish_step(self) -> None:
+        """After backward (or an inference forward): nothing of this step stays on the device."""
+        for index in list(self._slot_of):
+            self.release_params(index)
+        self._ready.clear()
+        self._grad_buffers.clear()
+        self.activations.clear()
+        self._rng.clear()

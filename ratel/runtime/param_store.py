@@ -1,0 +1,193 @@
+"""ParamStore: every parameter's host copies in flat per-group buffers, and the GPU ring they stream into.
+
+Per ``ParamGroup`` (parameters of one dtype read by the same units):
+  master        fp32, the value AdamW updates (for fp32 models it is also the compute copy);
+  exp_avg/sq    fp32 Adam states;
+  compute       the group's dtype, pinned: the source of every host-to-GPU copy;
+  grad staging  the group's dtype, pinned: the destination of the gradient's GPU-to-host copy.
+The GPU ring is ``depth`` slots of ``slot_bytes``; a unit's parameters are views into the slot holding it,
+laid out by the plan's ``SlotLayout``.
+
+Values come from the model's own tensors, from local safetensors files, or, for a model created on the meta
+device, from the model's initialiser run one module at a time on a throwaway copy, so the whole model never
+exists anywhere but in these buffers.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ratel.errors import RatelError
+from ratel.ir import ParamGroup, Plan
+from ratel.runtime.memory import PinnedPool
+
+log = logging.getLogger("ratel.runtime")
+
+
+def host_pool_bytes(groups: tuple[ParamGroup, ...]) -> int:
+    """Pinned bytes the store takes: compute copies (fp32 masters double as them) and grad staging."""
+    total = 0
+    for g in groups:
+        total += _round(g.nbytes)                          # compute copy (or fp32 master)
+        if g.trainable:
+            total += _round(g.nbytes)                      # grad staging
+    return total
+
+
+def _round(n: int) -> int:
+    return (n + 4095) // 4096 * 4096
+
+
+class ParamStore:
+    def __init__(self, plan: Plan, device: torch.device, pool: PinnedPool):
+        self.plan = plan
+        self.groups = plan.groups
+        self.device = device
+        self.master: dict[int, torch.Tensor] = {}
+        self.exp_avg: dict[int, torch.Tensor] = {}
+        self.exp_avg_sq: dict[int, torch.Tensor] = {}
+        self.compute: dict[int, torch.Tensor] = {}
+        self.grad_staging: dict[int, torch.Tensor] = {}
+        self.steps: dict[int, torch.Tensor] = {}
+        for g in self.groups:
+            self.compute[g.index] = pool.take(g.nbytes, g.dtype)
+            if g.trainable:
+                self.master[g.index] = (self.compute[g.index] if g.dtype == torch.float32
+                                        else torch.empty(g.numel, dtype=torch.float32))
+                self.exp_avg[g.index] = torch.zeros(g.numel, dtype=torch.float32)
+                self.exp_avg_sq[g.index] = torch.zeros(g.numel, dtype=torch.float32)
+                self.grad_staging[g.index] = pool.take(g.nbytes, g.dtype)
+                self.steps[g.index] = torch.zeros((), dtype=torch.float32)
+        placement = plan.placement
+        self.ring = [torch.empty(placement.slot_bytes, dtype=torch.uint8, device=device)
+                     for _ in range(placement.depth)]
+        self._param_location = {name: (g.index, i) for g in self.groups for i, name in enumerate(g.params)}
+
+    # ------------------------------------------------------------------ values in
+    def load(self, model: nn.Module, weights: str | os.PathLike | None = None, progress: bool = True) -> None:
+        """Fill master and compute copies from ``weights`` files, the model's tensors, or its initialiser."""
+        files = _safetensors_files(weights) if weights is not None else None
+        aliases = _aliases(model)
+        on_meta = any(p.is_meta for p in model.parameters())
+        init_cache: dict[str, dict[str, torch.Tensor]] = {}
+        bar = tqdm(total=sum(g.numel for g in self.groups), unit="param", unit_scale=True,
+                   desc="ratel: loading parameters", disable=not progress or sum(g.numel for g in self.groups) < 5e8)
+        for g in self.groups:
+            for name, shape, offset in zip(g.params, g.shapes, g.offsets):
+                numel = _numel(shape)
+                if files is not None:
+                    value = _read_safetensors(files, aliases.get(name, [name]), shape)
+                elif on_meta:
+                    value = _initialise(model, name, init_cache)
+                else:
+                    value = model.get_parameter(name).detach()
+                if tuple(value.shape) != tuple(shape):
+                    raise RatelError(f"parameter {name}: the source has shape {tuple(value.shape)}, the model "
+                                     f"{tuple(shape)}")
+                flat = value.reshape(-1)
+                if g.trainable:
+                    self.master[g.index][offset:offset + numel].copy_(flat)
+                    if g.dtype != torch.float32:
+                        self.compute[g.index][offset:offset + numel].copy_(flat)
+                else:
+                    self.compute[g.index][offset:offset + numel].copy_(flat)
+                bar.update(numel)
+        bar.close()
+
+    # ------------------------------------------------------------------ values out
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """fp32 master values (frozen parameters: their stored values) under every name the model uses."""
+        out: dict[str, torch.Tensor] = {}
+        aliases = _aliases(model)
+        for g in self.groups:
+            source = self.master[g.index] if g.trainable else self.compute[g.index]
+            for name, shape, offset in zip(g.params, g.shapes, g.offsets):
+                value = source[offset:offset + _numel(shape)].view(shape).clone()
+                for alias in aliases.get(name, [name]):
+                    out[alias] = value
+        return out
+
+    # ------------------------------------------------------------------ GPU ring
+    def unit_views(self, unit: int, slot: int) -> dict[str, torch.Tensor]:
+        """Every parameter of ``unit`` as a view into ring slot ``slot``."""
+        layout = self.plan.placement.layouts[unit]
+        raw = self.ring[slot]
+        views = {}
+        for group_index, byte_offset in zip(layout.groups, layout.byte_offsets):
+            g = self.groups[group_index]
+            flat = raw[byte_offset: byte_offset + g.nbytes].view(g.dtype)
+            for name, shape, offset in zip(g.params, g.shapes, g.offsets):
+                views[name] = flat[offset: offset + _numel(shape)].view(shape)
+        return views
+
+    def slot_group_views(self, unit: int, slot: int) -> list[tuple[ParamGroup, torch.Tensor]]:
+        layout = self.plan.placement.layouts[unit]
+        raw = self.ring[slot]
+        return [(self.groups[i], raw[o: o + self.groups[i].nbytes].view(self.groups[i].dtype))
+                for i, o in zip(layout.groups, layout.byte_offsets)]
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    from ratel.trace import canonical_parameter_names
+    out: dict[str, list[str]] = {}
+    for name, canonical in canonical_parameter_names(model).items():
+        out.setdefault(canonical, []).append(name)
+    return out
+
+
+def _safetensors_files(weights) -> list[Path]:
+    path = Path(weights)
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+    else:
+        files = [path]
+    if not files or not all(f.exists() for f in files):
+        raise RatelError(f"no safetensors file at {weights}: pass a .safetensors file or a folder holding them")
+    return files
+
+
+def _read_safetensors(files: list[Path], names: list[str], shape) -> torch.Tensor:
+    from safetensors import safe_open
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            keys = set(f.keys())
+            for name in names:
+                if name in keys:
+                    return f.get_tensor(name)
+    raise RatelError(f"parameter {names[0]} (shape {tuple(shape)}) is in none of {[str(f) for f in files]}; "
+                     "the weights do not match the model's parameter names")
+
+
+def _initialise(model: nn.Module, name: str, cache: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Materialise the module owning ``name`` on the CPU, a copy at a time, and run the model's initialiser."""
+    module_path, _, leaf = name.rpartition(".")
+    if module_path not in cache:
+        owner = model.get_submodule(module_path) if module_path else model
+        shell = copy.deepcopy(owner)
+        shell.to_empty(device="cpu", recurse=False)   # only the owner's own parameters become real
+        init = (getattr(model, "init_module", None) or getattr(model, "_init_weights", None))
+        with torch.no_grad():
+            if init is not None:
+                init(shell)
+            elif hasattr(shell, "reset_parameters"):
+                shell.reset_parameters()
+            else:
+                raise RatelError(f"cannot initialise {module_path or type(model).__name__} created on the meta "
+                                 "device: give the model an init_module(module) or _init_weights(module) method, "
+                                 "or pass weights=<safetensors path>")
+        cache.clear()   # modules come in order; keep one at a time
+        cache[module_path] = {n: p.detach() for n, p in shell.named_parameters(recurse=False)}
+    return cache[module_path][leaf]
