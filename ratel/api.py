@@ -43,7 +43,7 @@ def parse_bytes(value: int | float | str | None, what: str = "budget") -> int | 
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value <= 0:
-            raise ValueError(f"{what}={value!r}: must be a positive number of bytes")
+            raise ValueError(f"{what}={value!r}: must be a positive number of bytes, e.g. 24GiB")
         return int(value)
     if isinstance(value, str):
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", value)
@@ -290,26 +290,31 @@ def load_buffers(model: nn.Module, traced: TracedModel, device: torch.device) ->
     wanted = {name for _, name in traced.buffers}
     constants = dict(traced.constants)
     for name in sorted(wanted):
-        if name in constants:
-            value = constants[name]
-        else:
-            value = model.get_buffer(name)
-            if value.is_meta:
-                module_path, _, leaf = name.rpartition(".")
-                owner = model.get_submodule(module_path) if module_path else model
-                shell = copy.deepcopy(owner)
-                shell.to_empty(device="cpu", recurse=False)
-                init = getattr(model, "init_module", None) or getattr(model, "_init_weights", None)
-                if init is None:
-                    raise RatelError(f"buffer {name} lives on the meta device and the model has no initialiser to "
-                                     "rebuild it; create the model on the CPU or give it _init_weights(module)")
-                with torch.no_grad():
-                    init(shell)
-                value = shell.get_buffer(leaf)
+        value = constants[name] if name in constants else model.get_buffer(name)
+        if isinstance(value, torch.Tensor) and value.is_meta:
+            value = _rebuild_meta_buffer(model, name)
         if isinstance(value, torch.Tensor):
             value = value.detach().to(device)
         out[name] = value
     return out
+
+
+def _rebuild_meta_buffer(model: nn.Module, name: str) -> torch.Tensor:
+    """A buffer of a meta-device model, computed by running the model's initialiser on its owner module."""
+    module_path, _, leaf = name.rpartition(".")
+    init = getattr(model, "init_module", None) or getattr(model, "_init_weights", None)
+    try:
+        owner = model.get_submodule(module_path) if module_path else model
+    except AttributeError:
+        owner = None
+    if init is None or owner is None or leaf not in dict(owner.named_buffers(recurse=False)):
+        raise RatelError(f"buffer {name} lives on the meta device and Ratel cannot rebuild it: create the model on "
+                         "the CPU, or give it an _init_weights(module) method that initialises this buffer")
+    shell = copy.deepcopy(owner)
+    shell.to_empty(device="cpu", recurse=False)
+    with torch.no_grad():
+        init(shell)
+    return shell.get_buffer(leaf)
 
 
 def plan_program(traced: TracedModel, budget: Budget, hardware: HardwareProfile, device: torch.device,

@@ -1,0 +1,94 @@
+"""Shared test helpers: small models of each family, and a side-by-side run of Ratel and plain PyTorch."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import ratel
+from ratel.models import GPT, GPTConfig
+
+VOCAB = 128
+
+
+def make_model(kind: str, dropout: float = 0.0, layers: int = 4, dtype=torch.float32, device="cpu"):
+    """A small model of each family the vertical slice supports, in train mode, seeded."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        if kind in ("gpt", "gpt_untied", "gpt_nobias"):
+            model = GPT(GPTConfig(vocab_size=VOCAB, n_layer=layers, n_head=4, d_model=64, max_seq_len=64,
+                                  dropout=dropout, tie_embeddings=kind != "gpt_untied", bias=kind != "gpt_nobias"))
+        elif kind == "gpt2":
+            from transformers import GPT2Config, GPT2LMHeadModel
+            model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=layers, n_head=4, n_positions=64,
+                                               resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                                               bos_token_id=0, eos_token_id=0))
+        elif kind == "llama":
+            from transformers import LlamaConfig, LlamaForCausalLM
+            model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                                 num_hidden_layers=layers, num_attention_heads=4,
+                                                 num_key_value_heads=2, max_position_embeddings=64,
+                                                 attention_dropout=dropout, bos_token_id=0, eos_token_id=0,
+                                                 pad_token_id=0))
+        else:
+            raise ValueError(kind)
+    return model.to(dtype).train()
+
+
+def param_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def batches(steps: int, batch: int = 2, seq: int = 16, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, VOCAB, (batch, seq), generator=g), torch.randint(0, VOCAB, (batch, seq), generator=g))
+            for _ in range(steps)]
+
+
+def run_side_by_side(kind: str, steps: int = 10, dropout: float = 0.0, fused_reference: bool = True,
+                     budget=None, lr: float = 1e-3, weight_decay: float = 0.1, layers: int = 4, **compile_kwargs):
+    """Train a model with Ratel and a copy with plain PyTorch + torch.optim.AdamW on the same data and RNG.
+
+    Returns (ratel losses, reference losses, ratel state_dict, reference model, engine).
+    """
+    model = make_model(kind, dropout, layers=layers)
+    reference = copy.deepcopy(model)
+    data = batches(steps)
+    if budget is None:
+        budget = minimum_budget(model, data[0][0])
+    engine = ratel.compile(model, budget=budget, optimizer=ratel.AdamW(lr=lr, weight_decay=weight_decay),
+                           example_inputs=(data[0][0],), device="cpu", progress=False, **compile_kwargs)
+    opt = torch.optim.AdamW(reference.parameters(), lr=lr, weight_decay=weight_decay,
+                            fused=True if fused_reference else None)
+    ours, theirs = [], []
+    for step, (ids, labels) in enumerate(data):
+        torch.manual_seed(1000 + step)
+        loss = reference(ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        theirs.append(loss.item())
+        torch.manual_seed(1000 + step)
+        loss = engine(ids, labels=labels).loss
+        engine.backward(loss)
+        engine.step()
+        ours.append(loss.item())
+    return ours, theirs, engine.state_dict(), reference, engine
+
+
+def minimum_budget(model, ids) -> int:
+    """The smallest GPU budget Ratel accepts for this model and batch (its planned peak)."""
+    probe = ratel.compile(model, budget="1TiB", example_inputs=(ids,), device="cpu", progress=False)
+    peak = probe.plan.memory.gpu_peak
+    probe.close()
+    return peak
+
+
+def max_relative_difference(state: dict, reference) -> tuple[float, str]:
+    """Largest per-tensor ||ours - theirs|| / ||theirs|| over the reference's parameters."""
+    worst, name = 0.0, ""
+    for n, p in reference.named_parameters():
+        diff = ((state[n] - p.detach()).norm() / p.detach().norm().clamp_min(1e-30)).item()
+        if diff > worst:
+            worst, name = diff, n
+    return worst, name

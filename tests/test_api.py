@@ -1,0 +1,185 @@
+"""The vertical slice as a user sees it: ratel.compile trains like plain PyTorch + torch.optim.AdamW."""
+import copy
+
+import pytest
+import torch
+
+import ratel
+from helpers import (VOCAB, batches, make_model, max_relative_difference, minimum_budget, param_bytes,
+                     run_side_by_side)
+
+FAMILIES = ["gpt", "gpt_untied", "gpt2", "llama"]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no_dropout", "dropout"])
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_ten_steps_equal_pytorch_adamw_under_a_streaming_budget(kind, dropout):
+    model = make_model(kind, dropout, layers=8)
+    budget = minimum_budget(model, batches(1)[0][0])
+    # Streaming really happens: the GPU budget cannot hold the parameters.
+    assert budget < param_bytes(model)
+    ours, theirs, state, reference, engine = run_side_by_side(kind, dropout=dropout, budget=budget, layers=8)
+    engine.close()
+    assert len(ours) == 10
+    for a, b in zip(ours, theirs):
+        assert a == pytest.approx(b, rel=1e-6)
+    worst, name = max_relative_difference(state, reference)
+    assert worst < 1e-5, f"{name} differs by {worst:.2e}"
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt_nobias"])
+def test_equal_to_default_torch_adamw(kind):
+    # The default (for-loop) torch.optim.AdamW rounds differently from the fused kernel Ratel runs, by an
+    # ulp. Models with attention biases have a key bias whose true gradient is exactly zero; Adam's
+    # normalisation turns either implementation's rounding noise there into full-size steps, so this
+    # comparison uses models without biases. With biases, tests above compare against fused=True.
+    ours, theirs, state, reference, engine = run_side_by_side(kind, fused_reference=False, budget="1GiB")
+    engine.close()
+    for a, b in zip(ours, theirs):
+        assert a == pytest.approx(b, rel=1e-6)
+    worst, name = max_relative_difference(state, reference)
+    assert worst < 1e-5, f"{name} differs by {worst:.2e}"
+
+
+def test_budget_too_small_is_refused_with_the_minimum_it_needs():
+    model = make_model("gpt")
+    ids = batches(1)[0][0]
+    needed = minimum_budget(model, ids)
+    with pytest.raises(ratel.BudgetError) as info:
+        ratel.compile(model, budget=needed - 1, example_inputs=(ids,), device="cpu")
+    assert info.value.needed == needed
+    assert info.value.tier == "gpu"
+    assert "at least" in str(info.value) and "Raise the budget" in str(info.value)
+    ratel.compile(model, budget=needed, example_inputs=(ids,), device="cpu").close()
+
+
+def test_budget_strings_and_explicit_tiers():
+    assert ratel.parse_bytes("24GiB") == 24 << 30
+    assert ratel.parse_bytes("512 MiB") == 512 << 20
+    assert ratel.parse_bytes("80GB") == 80 * 10 ** 9
+    assert ratel.parse_bytes(1.5e9) == 1_500_000_000
+    b = ratel.Budget(gpu="1GiB", host="2GiB", ssd="1TiB", ssd_dir="/tmp")
+    assert (b.gpu, b.host, b.ssd, b.ssd_dir) == (1 << 30, 2 << 30, 1 << 40, "/tmp")
+    for bad in ("24 parsecs", "", -1, "0GiB"):
+        with pytest.raises(ValueError, match="24GiB"):
+            ratel.Budget(gpu=bad)
+
+
+def test_host_budget_too_small_is_refused():
+    model = make_model("gpt")
+    with pytest.raises(ratel.BudgetError) as info:
+        ratel.compile(model, budget=ratel.Budget(gpu="1GiB", host=1024), example_inputs=(batches(1)[0][0],),
+                      device="cpu")
+    assert info.value.tier == "host" and info.value.needed > 1024
+    assert "Budget(host=...)" in str(info.value)
+
+
+def test_state_dict_uses_the_models_names_and_loads_back():
+    model = make_model("gpt2")
+    engine = ratel.compile(copy.deepcopy(model), budget="1GiB", optimizer=ratel.AdamW(lr=1e-2),
+                           example_inputs=(batches(1)[0][0],), device="cpu")
+    for ids, labels in batches(2):
+        engine.backward(engine(ids, labels=labels).loss)
+        engine.step()
+    state = engine.state_dict()
+    engine.close()
+    assert set(model.state_dict()) <= set(state)
+    assert state["lm_head.weight"] is state["transformer.wte.weight"] or torch.equal(
+        state["lm_head.weight"], state["transformer.wte.weight"])
+    assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in state.values())
+    fresh = make_model("gpt2")
+    fresh.load_state_dict({k: state[k] for k in fresh.state_dict()})
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, fresh.get_parameter(n))]
+    assert changed, "training changed no parameter"
+
+
+def test_batch_and_sequence_sizes_may_change_between_steps():
+    model = make_model("llama")
+    reference = copy.deepcopy(model)
+    engine = ratel.compile(model, budget="1GiB", optimizer=ratel.AdamW(lr=1e-3),
+                           example_inputs=(batches(1)[0][0],), device="cpu")
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-3, fused=True)
+    g = torch.Generator().manual_seed(3)
+    for batch, seq in [(2, 16), (3, 8), (2, 16), (1, 24)]:
+        ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
+        loss = reference(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ours = engine(ids, labels=ids).loss
+        engine.backward(ours)
+        engine.step()
+        assert ours.item() == pytest.approx(loss.item(), rel=1e-6)
+    worst, name = max_relative_difference(engine.state_dict(), reference)
+    engine.close()
+    assert worst < 1e-5, name
+
+
+def test_meta_device_model_is_materialised_into_host_memory_only():
+    with torch.device("meta"):
+        model = make_model("llama", device="meta")
+    ids = batches(1)[0][0]
+    engine = ratel.compile(model, budget="1GiB", optimizer=ratel.AdamW(lr=1e-3), example_inputs=(ids,),
+                           device="cpu")
+    assert all(p.is_meta for p in model.parameters()), "the user's model must stay on meta"
+    state = engine.state_dict()
+    # The initialiser ran: weights are random with the config's std, norms are ones.
+    assert 0.01 < state["model.layers.0.self_attn.q_proj.weight"].std().item() < 0.03
+    assert torch.equal(state["model.norm.weight"], torch.ones(64))
+    # Training from that initialisation equals PyTorch trained from the same values.
+    reference = make_model("llama")
+    reference.load_state_dict({k: v for k, v in state.items() if k in reference.state_dict()})
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-3, fused=True)
+    for ids, labels in batches(3):
+        loss = reference(ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ours = engine(ids, labels=labels).loss
+        engine.backward(ours)
+        engine.step()
+        assert ours.item() == pytest.approx(loss.item(), rel=1e-6)
+    worst, name = max_relative_difference(engine.state_dict(), reference)
+    engine.close()
+    assert worst < 1e-5, name
+
+
+def test_weights_are_read_from_local_safetensors(tmp_path):
+    from safetensors.torch import save_file
+    source = make_model("gpt2")
+    source_state = {k: v.contiguous() for k, v in source.state_dict().items() if k != "lm_head.weight"}
+    save_file(source_state, str(tmp_path / "model.safetensors"))
+    with torch.device("meta"):
+        model = make_model("gpt2", device="meta")
+    engine = ratel.compile(model, budget="1GiB", weights=tmp_path, example_inputs=(batches(1)[0][0],),
+                           device="cpu")
+    state = engine.state_dict()
+    engine.close()
+    for name, value in source.named_parameters():
+        assert torch.equal(state[name], value.detach()), name
+
+
+def test_missing_weight_names_are_reported(tmp_path):
+    from safetensors.torch import save_file
+    save_file({"unrelated": torch.zeros(3)}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(ratel.RatelError, match="none of"):
+        ratel.compile(make_model("gpt"), budget="1GiB", weights=tmp_path / "w.safetensors",
+                      example_inputs=(batches(1)[0][0],), device="cpu")
+
+
+def test_inference_forward_equals_eager_logits():
+    model = make_model("gpt").eval()
+    ids = batches(1)[0][0]
+    engine = ratel.compile(copy.deepcopy(model), budget="1GiB", example_inputs=(ids,), device="cpu").eval()
+    with torch.no_grad():
+        ours = engine(ids).logits
+        theirs = model(ids).logits
+    engine.close()
+    assert torch.equal(ours, theirs)
+
+
+def test_closed_engine_refuses_work():
+    engine = ratel.compile(make_model("gpt"), budget="1GiB", example_inputs=(batches(1)[0][0],), device="cpu")
+    engine.close()
+    with pytest.raises(ratel.RatelError, match="closed"):
+        engine(torch.zeros(4, 8, dtype=torch.long))
