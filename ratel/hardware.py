@@ -34,6 +34,7 @@ class HardwareProfile:
     host_bytes: int                # host memory available to Ratel
     gpu_bytes: int                 # GPU memory of the device
     matmul_efficiency: float = 0.6  # fraction of the matrix rate a transformer layer reaches
+    min_offload_bytes: int = 1 << 20  # below this a PCIe round trip costs more in latency than the bytes free
 
     @classmethod
     def h100(cls) -> "HardwareProfile":
@@ -47,7 +48,7 @@ class HardwareProfile:
         """A nominal CPU-only machine: the 'GPU tier' is another host buffer."""
         return cls(name="cpu", gpu_tflops=0.2, h2d_gbps=10.0, d2h_gbps=10.0, ssd_read_gbps=1.0,
                    ssd_write_gbps=1.0, cpu_adam_gparams=0.5, host_bytes=_host_memory(),
-                   gpu_bytes=_host_memory())
+                   gpu_bytes=_host_memory(), min_offload_bytes=0)
 
     @classmethod
     def detect(cls, device: str | torch.device, measure: bool = True) -> "HardwareProfile":

@@ -176,18 +176,20 @@ def _block_index(node: fx.Node, block_path: str) -> int | None:
 
 
 def _is_random(node: fx.Node) -> bool:
+    """Whether the op draws random numbers (so the recomputed forward must replay the RNG)."""
     target = node.target
     if not isinstance(target, torch._ops.OpOverload):
         return False
-    if torch.Tag.nondeterministic_seeded in target.tags:
-        return True
     name = target.name()
-    if any(word in name for word in ("dropout", "bernoulli", "rand", "normal", "multinomial")):
-        return True
     if target is torch.ops.aten.scaled_dot_product_attention.default:
         p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
         return bool(p)
-    return False
+    if "dropout" in name:   # p = 0 draws no random numbers
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+        return not (isinstance(p, (int, float)) and p == 0)
+    if torch.Tag.nondeterministic_seeded in target.tags:
+        return True
+    return any(word in name for word in ("bernoulli", "rand", "normal", "multinomial"))
 
 
 def discover_units(gm: fx.GraphModule, block_path: str | None, num_blocks: int,

@@ -98,7 +98,12 @@ class PeakMemory(TorchDispatchMode):
         self.current = 0
         self.peak = 0
 
+    def _expire(self) -> None:
+        for key in [k for k in self.live if k.expired()]:
+            self.current -= self.live.pop(key)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self._expire()   # what Python dropped since the last op is free before this one allocates
         out = func(*args, **(kwargs or {}))
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
@@ -107,8 +112,7 @@ class PeakMemory(TorchDispatchMode):
                     self.live[key] = t.untyped_storage().nbytes()
                     self.current += self.live[key]
         self.peak = max(self.peak, self.current)
-        for key in [k for k in self.live if k.expired()]:
-            self.current -= self.live.pop(key)
+        self._expire()
         return out
 
 

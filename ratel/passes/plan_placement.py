@@ -8,7 +8,8 @@ The first policy (DESIGN.md, "Tiers and the cost model"):
   activations      each unit's inputs are checkpointed to host and the unit is recomputed in backward,
                    except values kept on the GPU because moving them is pointless or costs more:
                    user inputs, values read by several units (fetched once instead of once per reader),
-                   tiny values, and the inputs of the last unit, whose backward follows its forward at once.
+                   values too small to be worth a PCIe round trip (``HardwareProfile.min_offload_bytes``),
+                   and the inputs of the last unit, whose backward follows its forward at once.
 
 Stages:
   1. Tier per parameter group and optimizer state (host).
@@ -33,19 +34,19 @@ from ratel.passes.build_lifetimes import boundary_values
 from ratel.passes.manager import PassContext, PassResult, graph_pass
 
 SLOT_ALIGN = 256
-SMALL_ACTIVATION = 1 << 20   # below this, a round trip over PCIe costs more in latency than it saves
 
 
 def _align(n: int) -> int:
     return (n + SLOT_ALIGN - 1) // SLOT_ALIGN * SLOT_ALIGN
 
 
-def activation_tier(producer: int, consumers: tuple[int, ...], nbytes: int, num_units: int) -> tuple[Tier, str]:
+def activation_tier(producer: int, consumers: tuple[int, ...], nbytes: int, num_units: int,
+                    min_offload_bytes: int) -> tuple[Tier, str]:
     if producer < 0:
         return Tier.GPU, "user input"
     if len(consumers) > 1:
         return Tier.GPU, f"read by {len(consumers)} units"
-    if nbytes < SMALL_ACTIVATION:
+    if nbytes < min_offload_bytes:
         return Tier.GPU, "small"
     if consumers[0] == num_units - 1:
         return Tier.GPU, "read again at the next step"
@@ -89,7 +90,7 @@ def plan_placement(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     activations = []
     nodes = {n.name: n for n in gm.graph.nodes}
     for value, (producer, consumers, nbytes) in boundary_values(gm).items():
-        tier, reason = activation_tier(producer, consumers, nbytes, len(units))
+        tier, reason = activation_tier(producer, consumers, nbytes, len(units), ctx.hardware.min_offload_bytes)
         record = ActivationPlacement(value=value, producer=producer, consumers=consumers, nbytes=nbytes,
                                      tier=tier, reason=reason)
         nodes[value].meta[META_ACTIVATION] = record

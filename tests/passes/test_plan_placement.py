@@ -1,0 +1,65 @@
+import pytest
+
+from pipeline_util import assert_matches_golden, run_until
+from ratel.ir import PlacementPlan, Tier, timeline
+from ratel.passes.plan_placement import activation_tier, ring_schedule
+
+SMALL = 1 << 20
+
+
+def test_golden_before_after():
+    assert_matches_golden("plan_placement")
+
+
+def test_plan_of_the_tiny_gpt():
+    gm, ctx, _, _ = run_until("plan_placement")
+    plan = ctx.get(PlacementPlan)
+    assert all(tier == Tier.HOST for _, tier in plan.param_tier)
+    assert all(tier == Tier.HOST for _, tier in plan.optimizer_tier)
+    assert plan.depth == 2 and plan.slot_bytes == max(layout.nbytes for layout in plan.layouts)
+    reasons = {a.value: a.reason for a in plan.activations}
+    assert reasons["input_ids"] == "user input"
+    # The CPU profile offloads every block input: the path the GPU takes for large activations.
+    assert reasons["dropout"] == reasons["add_2"] == "unit input checkpoint"
+    assert reasons["add_4"] == "read again at the next step"
+
+
+@pytest.mark.parametrize("units", [1, 2, 3, 5, 12])
+@pytest.mark.parametrize("depth", [2, 3, 4])
+def test_ring_schedule_invariants(units, depth):
+    steps = timeline(units)
+    fetches = ring_schedule(steps, depth)
+    # Every step has its unit resident, in exactly one residency.
+    for step in steps:
+        holding = [f for f in fetches if f.first <= step.index <= f.last]
+        assert len(holding) == 1 and holding[0].unit == step.unit
+    for k, fetch in enumerate(fetches):
+        assert fetch.issue <= fetch.first
+        assert fetch.slot == k % depth
+        # Issued at the start of the previous residency: one ahead, never earlier.
+        if k:
+            assert fetch.issue == fetches[k - 1].first
+        # The slot's previous tenant is done before this copy is issued.
+        if k >= depth:
+            assert fetches[k - depth].last < fetch.issue or depth == 2 and fetches[k - depth].last < fetch.first
+    # The last unit's forward and backward share one residency (no refetch).
+    last = [f for f in fetches if f.unit == units - 1]
+    assert len(last) == 1 and last[0].last - last[0].first == 1
+
+
+def test_activation_tier_rules():
+    big = SMALL * 4
+    assert activation_tier(-1, (0, 3), big, 5, SMALL) == (Tier.GPU, "user input")
+    assert activation_tier(0, (1, 2, 3), big, 5, SMALL)[0] == Tier.GPU
+    assert activation_tier(1, (2,), SMALL - 1, 5, SMALL) == (Tier.GPU, "small")
+    assert activation_tier(1, (2,), SMALL - 1, 5, 0) == (Tier.HOST, "unit input checkpoint")
+    assert activation_tier(3, (4,), big, 5, SMALL) == (Tier.GPU, "read again at the next step")
+    assert activation_tier(1, (2,), big, 5, SMALL) == (Tier.HOST, "unit input checkpoint")
+
+
+def test_depth_below_two_is_refused():
+    with pytest.raises(Exception, match="at least 2 slots"):
+        gm, ctx, *_ = run_until("build_lifetimes")
+        ctx.depth = 1
+        from ratel.passes.plan_placement import plan_placement
+        plan_placement(gm, ctx)

@@ -1,0 +1,73 @@
+import operator
+
+import pytest
+import torch
+import torch.fx as fx
+
+from pipeline_util import assert_matches_golden, run_until, tiny_inputs, tiny_model
+from ratel.errors import BudgetError, PlanViolation
+from ratel.ir import Plan
+from ratel.passes.verify_plan import check_plan_invariants
+from ratel.runtime import ops
+
+
+def test_golden_graph_unchanged():
+    assert_matches_golden("verify_plan")
+
+
+def test_plan_memory_and_refusal():
+    gm, ctx, _, _ = run_until("verify_plan")
+    plan = ctx.get(Plan)
+    assert plan.memory.gpu_peak == max(s.gpu for s in plan.memory.steps)
+    assert all(s.gpu == sum(b for _, b in s.breakdown) for s in plan.memory.steps)
+    with pytest.raises(BudgetError) as info:
+        run_until("verify_plan", budget=plan.memory.gpu_peak - 1)
+    assert info.value.needed == plan.memory.gpu_peak
+    assert "bwd" in str(info.value) or "fwd" in str(info.value)
+
+
+def test_predicted_time_is_at_least_the_compute():
+    gm, ctx, _, _ = run_until("verify_plan")
+    plan = ctx.get(Plan)
+    assert plan.times.total >= plan.times.compute > 0
+
+
+def _synthetic(ctx, edit):
+    """The real top-level graph with one edit applied, checked by the invariant verifier."""
+    gm, ctx, _, _ = run_until("insert_releases")
+    edit(gm.graph)
+    check_plan_invariants(gm, ctx)
+
+
+def test_invariants_catch_a_unit_run_before_its_wait():
+    def drop_first_wait(graph):
+        graph.erase_node(next(n for n in graph.nodes if n.target is ops.wait_params))
+    with pytest.raises(PlanViolation, match="before waiting"):
+        _synthetic(None, drop_first_wait)
+
+
+def test_invariants_catch_a_prefetch_over_a_busy_slot():
+    def drop_first_release(graph):
+        graph.erase_node(next(n for n in graph.nodes if n.target is ops.release_params))
+    with pytest.raises(PlanViolation, match="overwrites"):
+        _synthetic(None, drop_first_release)
+
+
+def test_invariants_catch_a_wait_without_prefetch():
+    def drop_a_prefetch(graph):
+        graph.erase_node([n for n in graph.nodes if n.target is ops.prefetch_params][1])
+    with pytest.raises(PlanViolation):
+        _synthetic(None, drop_a_prefetch)
+
+
+def test_peak_grows_with_the_batch():
+    from ratel.api import Budget, plan_program
+    from ratel.hardware import HardwareProfile
+    from ratel.trace import trace_model
+    peaks = []
+    for batch in (1, 4, 16):
+        ids = torch.randint(0, 64, (batch, 8))
+        traced = trace_model(tiny_model(), (ids,), {"labels": ids})
+        _, plan = plan_program(traced, Budget(gpu="1GiB", host="8GiB"), HardwareProfile.cpu(), torch.device("cpu"))
+        peaks.append(plan.memory.gpu_peak)
+    assert peaks[0] < peaks[1] < peaks[2]
