@@ -183,3 +183,40 @@ def test_closed_engine_refuses_work():
     engine.close()
     with pytest.raises(ratel.RatelError, match="closed"):
         engine(torch.zeros(4, 8, dtype=torch.long))
+
+
+class _AutocastMLP(torch.nn.Module):
+    """An MLP computed under autocast(enabled=False), as rotary embeddings in some transformers versions are:
+    export wraps it in a higher-order op whose body is a submodule of the graph."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        with torch.autocast(device_type="cpu", enabled=False):
+            return self.inner(x.float())
+
+
+def test_higher_order_ops_with_submodules_are_outlined_with_their_bodies():
+    model = make_model("gpt", layers=3)
+    for block in model.blocks:
+        block.mlp = _AutocastMLP(block.mlp)
+    reference = copy.deepcopy(model)
+    data = batches(3)
+    engine = ratel.compile(model, budget="1GiB", optimizer=ratel.AdamW(lr=1e-3), example_inputs=(data[0][0],),
+                           device="cpu", progress=False)
+    assert "wrap_with_autocast" in engine.graph
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-3, fused=True)
+    for ids, labels in data:
+        loss = reference(ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ours = engine(ids, labels=labels).loss
+        engine.backward(ours)
+        engine.step()
+        assert ours.item() == pytest.approx(loss.item(), rel=1e-6)
+    worst, name = max_relative_difference(engine.state_dict(), reference)
+    engine.close()
+    assert worst < 1e-5, name

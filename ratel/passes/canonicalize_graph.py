@@ -39,6 +39,14 @@ def canonicalize_graph(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     source = torch.device(ctx.traced.trace_device)
     target = torch.device(ctx.device)
     modified = False
+    graphs = [m for m in gm.modules() if isinstance(m, fx.GraphModule)]   # bodies of higher-order ops too
+    for module in graphs:
+        modified |= _canonicalize(module, source, target)
+    return PassResult(gm, modified)
+
+
+def _canonicalize(gm: fx.GraphModule, source: torch.device, target: torch.device) -> bool:
+    modified = False
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _ASSERTS and not node.users:
             gm.graph.erase_node(node)
@@ -51,4 +59,4 @@ def canonicalize_graph(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 modified = True
     if modified:
         gm.recompile()
-    return PassResult(gm, modified)
+    return modified

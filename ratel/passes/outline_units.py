@@ -99,7 +99,9 @@ def outline_units(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             sub_env[node] = sub.node_copy(node, lambda n: sub_env[n])
         sub.output(tuple(sub_env[n] for n in outputs))
         attr = unit_attr(unit.name)
-        unit_modules[attr] = fx.GraphModule(torch.nn.Module(), sub, class_name=attr)
+        # Rooted at the flat graph's module: submodules of higher-order ops (get_attr targets such as the
+        # body of a wrap_with_autocast) are copied along.
+        unit_modules[attr] = fx.GraphModule(gm, sub, class_name=attr)
 
         missing = [a for a in acts if a not in env]
         if missing:

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from ratel.ir import (META_ACTIVATION, META_COST, META_PROVENANCE, META_TENSOR, META_TRANSFER, META_UNIT,
-                      format_bytes)
+                      META_UNIT_CALL, format_bytes)
 
 
 def _format_arg(arg) -> str:
@@ -36,6 +36,8 @@ def _target_name(node: fx.Node) -> str:
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
         return f"{target.namespace}.{target._schema.name.split('::')[-1]}.{target._overloadname}"
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return f"higher_order.{target.name()}"
     if node.op == "call_module":
         return f"self.{target}"
     if node.op == "call_method":
@@ -111,12 +113,27 @@ def format_graph_body(graph: fx.Graph, name: str = "forward") -> str:
 
 
 def format_graph(gm: fx.GraphModule) -> str:
-    """The whole program: the top-level graph, then each outlined unit graph in the order they are called."""
+    """The whole program: the top-level graph, then each outlined unit graph in the order it is called, then
+    the bodies of higher-order ops (``self.submod_N``)."""
     out = ["# top-level graph", format_graph_body(gm.graph)]
-    called = [n.target for n in gm.graph.nodes if n.op == "call_module"]
-    for target in called:
-        sub = gm.get_submodule(target)
-        if isinstance(sub, fx.GraphModule):
-            out.append(f"# {target}")
+    for node in gm.graph.nodes:
+        call = node.meta.get(META_UNIT_CALL)
+        if call is not None:
+            sub = getattr(gm, call.module)
+            out.append(f"# unit {call.name} (self.{call.module}): reads {len(call.params)} parameters, "
+                       f"{len(call.buffers)} buffers")
             out.append(format_graph_body(sub.graph))
+            out.extend(_bodies(sub, f"self.{call.module}"))
+    out.extend(_bodies(gm, "self"))
     return "\n".join(out)
+
+
+def _bodies(gm: fx.GraphModule, owner: str) -> list[str]:
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            body = getattr(gm, node.target, None)
+            if isinstance(body, fx.GraphModule):
+                out.append(f"# {owner}.{node.target}")
+                out.append(format_graph_body(body.graph))
+    return out

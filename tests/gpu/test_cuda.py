@@ -56,11 +56,12 @@ def test_bf16_training_equals_pytorch_mixed_precision(kind):
         losses.append(loss.item())
     state = engine.state_dict()
     engine.close()
-    for ours, theirs in zip(losses, ref_losses):
-        assert abs(ours - theirs) <= LOSS_RTOL * abs(theirs)
-    for name, master in ref_masters.items():
-        diff = (state[name] - master.detach()).norm() / master.detach().norm()
-        assert diff <= PARAM_RTOL, f"{name}: {diff:.2e}"
+    loss_diff = max(abs(ours - theirs) / abs(theirs) for ours, theirs in zip(losses, ref_losses))
+    param_diff = max(((state[n] - m.detach()).norm() / m.detach().norm()).item() for n, m in ref_masters.items())
+    print(f"\n[{kind} bf16 on {torch.cuda.get_device_name()}] max loss rel diff {loss_diff:.2e}, "
+          f"max parameter rel diff {param_diff:.2e}")
+    assert loss_diff <= LOSS_RTOL
+    assert param_diff <= PARAM_RTOL
 
 
 def test_peak_gpu_memory_stays_within_a_budget_smaller_than_the_model():
@@ -81,4 +82,5 @@ def test_peak_gpu_memory_stays_within_a_budget_smaller_than_the_model():
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     engine.close()
+    print(f"\n[peak] model {model_bytes} B, budget {budget} B, measured peak {peak} B")
     assert peak <= budget, f"measured {peak} > budget {budget}"
