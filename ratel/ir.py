@@ -384,6 +384,32 @@ class Plan:
     def transfers_at(self, step: int) -> tuple[Transfer, ...]:
         return tuple(t for t in self.transfers if t.step == step)
 
-    def summary(self) -> str:
+    def summary(self, measured: "StepRecord | None" = None) -> str:
+        """A table per unit and tier; with ``measured`` (``engine.last_step``) the measured figures beside."""
         from ratel.tools.summary import plan_summary
-        return plan_summary(self)
+        return plan_summary(self, measured)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a real step measured (engine.profile = True), to set beside the plan's predictions
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Span:
+    """One interval of work on one lane of a real step."""
+
+    lane: str          # "compute" | "h2d" | "d2h" | "ssd_read" | "ssd_write" | "optimizer"
+    label: str         # e.g. "fwd model.layers.3", "params model.layers.4", "adamw model.layers.3"
+    start: float       # seconds since the step's forward began
+    end: float
+    step: int          # timeline step index it belongs to (-1: none)
+    nbytes: int = 0
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """A measured training step: what ran when on which lane, and the GPU memory peak of each timeline step."""
+
+    spans: tuple[Span, ...]
+    gpu_peak_by_step: tuple[int, ...]   # bytes; torch.cuda.max_memory_allocated within each timeline step
+    gpu_peak: int
+    wall: float                         # seconds from the forward's start to the end of engine.step()

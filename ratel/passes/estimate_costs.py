@@ -158,6 +158,29 @@ def measure_unit_memory(sub: fx.GraphModule, device: str) -> tuple[int, int, int
     return fwd_peak, sum(saved.values()), bwd_peak, output_bytes
 
 
+def structure_key(sub: fx.GraphModule) -> tuple:
+    """What a unit's memory depends on: its ops, how they connect and the placeholders' shapes, not the
+    names (block 3 and block 30 differ only in parameter names, so they are measured once)."""
+    index = {node: i for i, node in enumerate(sub.graph.nodes)}
+
+    def arg(a):
+        if isinstance(a, fx.Node):
+            return ("%", index[a])
+        if isinstance(a, (list, tuple)):
+            return tuple(arg(x) for x in a)
+        if isinstance(a, dict):
+            return tuple((k, arg(v)) for k, v in a.items())
+        return repr(a)
+
+    key = []
+    for node in sub.graph.nodes:
+        meta = node.meta.get(META_TENSOR)
+        shape = (meta.shape, str(meta.dtype)) if meta is not None else None
+        target = node.target if node.op in ("call_function", "call_method") else node.op
+        key.append((node.op, str(target), arg(node.args), arg(node.kwargs), shape))
+    return tuple(key)
+
+
 @graph_pass(requires=("graph:outlined",), ensures=("analysis:CostModel", "meta:ratel.cost"))
 def estimate_costs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     cache: dict[tuple, tuple[int, int, int, int]] = {}
@@ -174,9 +197,7 @@ def estimate_costs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 node.meta[META_COST] = cost
                 fwd += cost.fwd_flops
                 bwd += cost.bwd_flops
-        shapes = tuple((m.shape, m.dtype) if (m := n.meta.get(META_TENSOR)) else None
-                       for n in sub.graph.nodes if n.op == "placeholder")
-        key = (sub.code, shapes)
+        key = structure_key(sub)
         if key not in cache:
             cache[key] = measure_unit_memory(sub, ctx.device)
         fwd_ws, saved, bwd_ws, out_bytes = cache[key]

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ratel.ir import format_bytes
 
 
-def plan_summary(plan) -> str:
+def plan_summary(plan, measured=None) -> str:
     lines = [f"{'unit':<24}{'params':>12}{'fwd GFLOP':>12}{'bwd workspace':>16}"]
     for unit, cost in zip(plan.units, plan.costs.units):
         lines.append(f"{unit.name:<24}{format_bytes(cost.param_bytes):>12}{cost.fwd_flops / 1e9:>12.2f}"
