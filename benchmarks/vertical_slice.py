@@ -48,7 +48,7 @@ def main():
     p.add_argument("--ffn", type=int, default=5632)
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv", type=int, default=4)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--results", default=str(Path(__file__).parent / "RESULTS.md"))

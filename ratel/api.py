@@ -28,6 +28,7 @@ from ratel.runtime.activations import ActivationStore
 from ratel.runtime.engine import Runtime
 from ratel.runtime.memory import ALIGN, Lanes, PinnedPool
 from ratel.runtime.optimizer import AdamW, CPUOptimizer
+from ratel.runtime.recorder import Recorder
 from ratel.runtime.param_store import ParamStore, host_pool_bytes
 from ratel.trace import TracedModel, trace_model
 
@@ -112,6 +113,9 @@ class Engine:
         self._lanes = Lanes(device)
         self._latest: tuple | None = None
         self._closed = False
+        self.profile = False               # record every step: engine.last_step, plan.summary(measured=...)
+        self.last_step = None
+        self._recorder = None
 
     # ------------------------------------------------------------------ programs
     def _key(self, flat: list, spec) -> tuple:
@@ -172,7 +176,8 @@ class Engine:
         if self._latest is not None and self._latest[2] is not runtime:
             self._latest[2].finish_step()
         self._latest = (gm, plan, runtime)
-        runtime.begin()
+        self._recorder = Recorder(self.device, len(plan.steps)) if self.profile and torch.is_grad_enabled() else None
+        runtime.begin(self._recorder)
         out_flat = gm(runtime, *flat)
         if not torch.is_grad_enabled():
             runtime.finish_step()
@@ -192,6 +197,9 @@ class Engine:
         """Barrier: wait until every parameter update of the last backward is applied."""
         if self._optimizer is not None:
             self._optimizer.wait_all()
+        if self._recorder is not None:
+            self.last_step = self._recorder.finish()
+            self._recorder = None
 
     @property
     def lr(self) -> float:

@@ -33,6 +33,8 @@ class ActivationStore:
         self._host: dict[str, _HostCopy] = {}
         self._kept: dict[str, Any] = {}
         self._fetched: dict[str, tuple[torch.Tensor, Any]] = {}
+        self.recorder = None     # set by the runtime while a step is profiled
+        self.step = -1
 
     def keep(self, name: str, value) -> None:
         self._kept[name] = value
@@ -46,7 +48,8 @@ class ActivationStore:
         host = buffer[:nbytes]
         src = value.as_strided((_span_elems(value),), (1,), value.storage_offset()).view(torch.uint8) \
             if value.numel() else value.reshape(-1).view(torch.uint8)
-        saved = self.lanes.copy(host, src, self.lanes.d2h, after=self.lanes.event())
+        saved = self.lanes.copy(host, src, self.lanes.d2h, after=self.lanes.event(),
+                                span=(self.recorder, "d2h", f"activation {name}", self.step))
         self._host[name] = _HostCopy(host, tuple(value.shape), tuple(value.stride()), value.dtype, saved)
 
     def fetch(self, name: str) -> None:
@@ -55,7 +58,8 @@ class ActivationStore:
             return
         copy = self._host[name]
         flat = torch.empty(copy.host.numel(), dtype=torch.uint8, device=self.device)
-        ready = self.lanes.copy(flat, copy.host, self.lanes.h2d, after=copy.saved)
+        ready = self.lanes.copy(flat, copy.host, self.lanes.h2d, after=copy.saved,
+                                span=(self.recorder, "h2d", f"activation {name}", self.step))
         elems = copy.host.numel() // copy.dtype.itemsize
         value = flat.view(copy.dtype)[:elems].as_strided(copy.shape, copy.stride)
         self._fetched[name] = (value, ready)

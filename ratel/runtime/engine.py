@@ -15,6 +15,7 @@ On CUDA, copies run on their own streams ordered by events; on CPU every copy is
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -97,10 +98,16 @@ class Runtime:
         self._grad_buffers: dict[int, torch.Tensor] = {}
         self._anchor = torch.zeros((), requires_grad=True)
         self.pending_backward = False
+        self.fwd_step = {s.unit: s.index for s in plan.steps if s.phase == Phase.FWD}
+        self.recorder = None
+        self._step = -1
 
     # ------------------------------------------------------------------ forward ops (called by the graph)
-    def begin(self) -> None:
+    def begin(self, recorder=None) -> None:
         """Start a forward: drop whatever an unfinished previous step left behind."""
+        self.recorder = recorder
+        self.activations.recorder = recorder
+        self._set_step(0)
         self.generation += 1
         self._slot_of.clear()
         self._ready.clear()
@@ -108,6 +115,15 @@ class Runtime:
         self._grad_buffers.clear()
         self.activations.clear()
         self.pending_backward = torch.is_grad_enabled()
+
+    def _set_step(self, step: int) -> None:
+        self._step = step
+        self.activations.step = step
+        if self.recorder is not None:
+            self.recorder.enter_step(step)
+
+    def _span(self, lane: str, label: str):
+        return self.recorder.span(lane, label, self._step) if self.recorder is not None else contextlib.nullcontext()
 
     def prefetch_params(self, unit: str | int, slot: int) -> None:
         index = self.unit_index[unit] if isinstance(unit, str) else unit
@@ -119,7 +135,8 @@ class Runtime:
         ready = None
         free = self._slot_free.pop(slot, None)
         for group, view in self.store.slot_group_views(index, slot):
-            ready = self.lanes.copy(view, self.store.compute[group.index], self.lanes.h2d, after=free)
+            ready = self.lanes.copy(view, self.store.compute[group.index], self.lanes.h2d, after=free,
+                                    span=(self.recorder, "h2d", f"params {group.name}", self._step))
             free = None
         self._slot_of[index] = slot
         self._ready[index] = ready
@@ -158,14 +175,17 @@ class Runtime:
         return [self.buffers[name] for name in self.calls[index].buffers]
 
     def forward_unit(self, index: int, inputs: tuple):
+        self._set_step(self.fwd_step[index])
         if self.plan.units[index].has_random_ops:
             self._rng[index] = _RngState(
                 torch.get_rng_state(),
                 torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
-        return tuple(self.modules[index](*inputs, *self._params(index), *self._buffers(index)))
+        with self._span("compute", f"fwd {self.calls[index].name}"):
+            return tuple(self.modules[index](*inputs, *self._params(index), *self._buffers(index)))
 
     def backward_unit(self, index: int, grad_outputs: tuple) -> list[torch.Tensor | None]:
         step = self.bwd_step[index]
+        self._set_step(step)
         self._run_transfers(step, before=True)
         call = self.calls[index]
         if index in self._ready:
@@ -183,21 +203,22 @@ class Runtime:
                 leaf.requires_grad_(True)
                 leaf.grad = grad_views[name]
             param_leaves.append(leaf)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [],
-                                   enabled=index in self._rng):
-            if index in self._rng:
-                state = self._rng[index]
-                torch.set_rng_state(state.cpu)
-                if state.device is not None:
-                    torch.cuda.set_rng_state(state.device, self.device)
-            with torch.enable_grad():
-                outputs = self.modules[index](*leaves, *param_leaves, *self._buffers(index))
-        pairs = [(o, g) for o, g in zip(outputs, grad_outputs)
-                 if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
-        wrt = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
-        wrt += [p for p in param_leaves if p.requires_grad]
-        if pairs and wrt:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], inputs=wrt)
+        with self._span("compute", f"bwd {call.name}"):
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [],
+                                       enabled=index in self._rng):
+                if index in self._rng:
+                    state = self._rng[index]
+                    torch.set_rng_state(state.cpu)
+                    if state.device is not None:
+                        torch.cuda.set_rng_state(state.device, self.device)
+                with torch.enable_grad():
+                    outputs = self.modules[index](*leaves, *param_leaves, *self._buffers(index))
+            pairs = [(o, g) for o, g in zip(outputs, grad_outputs)
+                     if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
+            wrt = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
+            wrt += [p for p in param_leaves if p.requires_grad]
+            if pairs and wrt:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], inputs=wrt)
         input_grads = [x.grad if isinstance(x, torch.Tensor) and x.requires_grad else None for x in leaves]
         del outputs, pairs, param_leaves, wrt
         self._flush_grads(index)
@@ -228,9 +249,10 @@ class Runtime:
         for g in self.plan.groups:
             if g.trainable and g.update_unit == index:
                 flat = self._grad_buffers.pop(g.index)
-                copied = self.lanes.copy(self.store.grad_staging[g.index], flat, self.lanes.d2h, after=after)
+                copied = self.lanes.copy(self.store.grad_staging[g.index], flat, self.lanes.d2h, after=after,
+                                         span=(self.recorder, "d2h", f"grads {g.name}", self._step))
                 if self.optimizer is not None:
-                    self.optimizer.submit(g, copied)
+                    self.optimizer.submit(g, copied, self.recorder, self._step)
 
     def _run_transfers(self, step: int, before: bool) -> None:
         for t in self.transfers_at[step]:

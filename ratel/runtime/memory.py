@@ -7,6 +7,7 @@ out aligned views. On a CPU-only run the "GPU tier" is another host buffer and n
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -80,15 +81,22 @@ class Lanes:
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, stream, after=None):
-        """``dst.copy_(src)`` on ``stream`` after ``after`` (an event); returns the completion event."""
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, stream, after=None, span=None):
+        """``dst.copy_(src)`` on ``stream`` after ``after`` (an event); returns the completion event.
+
+        ``span``: ``(recorder, lane, label, step)`` to time the copy itself (not the wait before it).
+        """
+        timed = span[0].span(*span[1:], stream=stream, nbytes=dst.numel() * dst.element_size()) \
+            if span is not None and span[0] is not None else contextlib.nullcontext()
         if not self.cuda:
-            dst.copy_(src)
+            with timed:
+                dst.copy_(src)
             return None
         with torch.cuda.stream(stream):
             if after is not None:
                 stream.wait_event(after)
-            dst.copy_(src, non_blocking=True)
+            with timed:
+                dst.copy_(src, non_blocking=True)
             for t in (dst, src):
                 if t.device.type == "cuda":
                     t.record_stream(stream)

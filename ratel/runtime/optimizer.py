@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
 
 from ratel.ir import ParamGroup
+from ratel.runtime.cpu_adam import adamw_step
 
 log = logging.getLogger("ratel.runtime")
 
@@ -39,22 +41,15 @@ class AdamW:
 
 
 def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                 step: torch.Tensor, cfg: AdamW, out: torch.Tensor | None = None) -> None:
-    """One AdamW step on flat fp32 buffers (``step`` already incremented); ``out`` gets the rounded copy."""
-    try:
-        from ratel.runtime.cpu_adam import adamw_step
-    except ImportError:
-        adamw_step = None
-    if adamw_step is not None:
-        adamw_step(master, grad, exp_avg, exp_avg_sq, int(step.item()), lr=cfg.lr, beta1=cfg.betas[0],
-                   beta2=cfg.betas[1], eps=cfg.eps, weight_decay=cfg.weight_decay, out=out)
-        return
-    g32 = grad if grad.dtype == torch.float32 else grad.float()
-    torch._fused_adamw_([master], [g32], [exp_avg], [exp_avg_sq], [], [step], lr=cfg.lr, beta1=cfg.betas[0],
-                        beta2=cfg.betas[1], weight_decay=cfg.weight_decay, eps=cfg.eps, amsgrad=False,
-                        maximize=False)
-    if out is not None:
-        out.copy_(master)
+                 step: torch.Tensor, cfg: AdamW, out: torch.Tensor | None = None, num_threads: int | None = None) -> str:
+    """One AdamW step on flat fp32 buffers (``step`` already incremented); ``out`` gets the rounded copy.
+
+    Runs the native one-pass kernel where it was measured faster than torch's fused CPU AdamW, else torch's
+    (``ratel.runtime.cpu_adam``); both give the same bits as ``torch.optim.AdamW(fused=True)``.
+    """
+    return adamw_step(master, grad, exp_avg, exp_avg_sq, int(step.item()), lr=cfg.lr, beta1=cfg.betas[0],
+                      beta2=cfg.betas[1], eps=cfg.eps, weight_decay=cfg.weight_decay, out=out,
+                      num_threads=num_threads)
 
 
 class CPUOptimizer:
@@ -68,14 +63,16 @@ class CPUOptimizer:
         for event in self._done.values():
             event.set()
         self._error: BaseException | None = None
+        # OpenMP thread counts are per calling thread: take the training thread's, not the worker's default.
+        self.threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._work, name="ratel-cpu-adamw", daemon=True)
         self._thread.start()
 
-    def submit(self, group: ParamGroup, copied) -> None:
+    def submit(self, group: ParamGroup, copied, recorder=None, step: int = -1) -> None:
         """Update ``group`` once the event ``copied`` (its gradient's D2H copy) has completed."""
         self._raise_pending()
         self._done[group.index].clear()
-        self._queue.put((group, copied))
+        self._queue.put((group, copied, recorder, step))
 
     def wait(self, group_index: int) -> None:
         self._done[group_index].wait()
@@ -97,15 +94,20 @@ class CPUOptimizer:
             raise RuntimeError(f"the CPU optimizer failed: {error!r}") from error
 
     def _work(self) -> None:
+        torch.set_num_threads(self.threads)
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            group, copied = item
+            group, copied, recorder, step = item
             try:
                 if copied is not None:
                     copied.synchronize()
+                start = time.perf_counter()
                 self._update(group)
+                if recorder is not None:
+                    recorder.cpu_span("optimizer", f"adamw {group.name}", step, start, time.perf_counter(),
+                                      group.numel * 4)
             except BaseException as exc:  # noqa: BLE001 - surfaced on the training thread
                 self._error = exc
             finally:
@@ -116,4 +118,5 @@ class CPUOptimizer:
         i = group.index
         s.steps[i] += 1
         out = s.compute[i] if group.dtype != torch.float32 else None
-        adamw_update(s.master[i], s.grad_staging[i], s.exp_avg[i], s.exp_avg_sq[i], s.steps[i], self.cfg, out=out)
+        adamw_update(s.master[i], s.grad_staging[i], s.exp_avg[i], s.exp_avg_sq[i], s.steps[i], self.cfg, out=out,
+                     num_threads=self.threads)

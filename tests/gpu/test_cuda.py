@@ -65,7 +65,11 @@ def test_bf16_training_equals_pytorch_mixed_precision(kind):
 
 
 def test_peak_gpu_memory_stays_within_a_budget_smaller_than_the_model():
-    model = make_model("llama", layers=8, dtype=torch.bfloat16)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=512, intermediate_size=1536,
+                                         num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=4,
+                                         bos_token_id=0, eos_token_id=0, pad_token_id=0)).to(torch.bfloat16)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     ids = torch.randint(0, VOCAB, (4, 32))
     probe = ratel.compile(model, budget="1TiB", example_inputs=(ids,), device="cuda", progress=False)
