@@ -9,7 +9,10 @@ from ratel.api import Budget, Engine, compile, parse_bytes
 from ratel.errors import BudgetError, PassError, PlanViolation, RatelError, TraceError
 from ratel.hardware import HardwareProfile
 from ratel.runtime.optimizer import AdamW
+from ratel.tools.explain import explain
+from ratel.tools.log import configure as _configure_logging
 
 __all__ = ["AdamW", "Budget", "BudgetError", "Engine", "HardwareProfile", "PassError", "PlanViolation",
-           "RatelError", "TraceError", "compile", "parse_bytes"]
+           "RatelError", "TraceError", "compile", "explain", "parse_bytes"]
 __version__ = "0.1.0"
+_configure_logging()   # RATEL_LOG=debug|info|warning

@@ -22,13 +22,15 @@ from torch import nn
 
 from ratel.errors import BudgetError, RatelError
 from ratel.hardware import HardwareProfile
-from ratel.ir import Plan, format_bytes
+from ratel.ir import Plan, Tier, format_bytes
 from ratel.passes import PassContext, default_pass_manager
 from ratel.runtime.activations import ActivationStore
 from ratel.runtime.engine import Runtime
 from ratel.runtime.memory import ALIGN, Lanes, PinnedPool
 from ratel.runtime.optimizer import AdamW, CPUOptimizer
 from ratel.runtime.recorder import Recorder
+from ratel.runtime.ssd import SsdStates, model_key
+from ratel.runtime.swapper import Swapper
 from ratel.runtime.param_store import ParamStore, host_pool_bytes
 from ratel.trace import TracedModel, trace_model
 
@@ -74,6 +76,14 @@ class Budget:
         return Budget(gpu=self.gpu, host=host, ssd=self.ssd, ssd_dir=self.ssd_dir)
 
 
+def ssd_dirs(ssd_dir) -> list[str]:
+    """``Budget.ssd_dir`` as a list of directories: one path, a list, or a comma-separated string (one per SSD;
+    swap files are striped across them)."""
+    if isinstance(ssd_dir, (list, tuple)):
+        return [str(d) for d in ssd_dir]
+    return [d for d in str(ssd_dir).split(",") if d]
+
+
 def _as_budget(budget) -> Budget:
     if isinstance(budget, Budget):
         return budget
@@ -93,7 +103,7 @@ class Engine:
 
     def __init__(self, model: nn.Module, budget: Budget, optimizer: AdamW, device: torch.device,
                  hardware: HardwareProfile, weights=None, depth: int = 2, max_programs: int = 4,
-                 progress: bool = True):
+                 progress: bool = True, keep_swap_files: bool = False):
         self.model = model
         self.device = device
         self.hardware = hardware
@@ -109,6 +119,9 @@ class Engine:
         self._store: ParamStore | None = None
         self._store_pool: PinnedPool | None = None
         self._optimizer: CPUOptimizer | None = None
+        self._swapper: Swapper | None = None
+        self._ssd: SsdStates | None = None
+        self.keep_swap_files = keep_swap_files
         self._buffers: dict[str, torch.Tensor] | None = None
         self._lanes = Lanes(device)
         self._latest: tuple | None = None
@@ -162,10 +175,14 @@ class Engine:
         return gm, plan, runtime, pool
 
     def _create_store(self, plan: Plan, traced: TracedModel) -> None:
+        ssd_groups = [g for g in plan.groups if g.trainable and plan.placement.optimizer_tier_of(g.name) == Tier.SSD]
+        if ssd_groups:
+            self._swapper = Swapper(dirs=ssd_dirs(self.budget.ssd_dir))
+            self._ssd = SsdStates(self._swapper, ssd_groups, model_key(self.model))
         self._store_pool = PinnedPool(host_pool_bytes(plan.groups), pin=self.device.type == "cuda")
-        self._store = ParamStore(plan, self.device, self._store_pool)
+        self._store = ParamStore(plan, self.device, self._store_pool, ssd=self._ssd)
         self._store.load(self.model, self._weights, progress=self.progress)
-        self._optimizer = CPUOptimizer(self._store, self.optimizer_config)
+        self._optimizer = CPUOptimizer(self._store, self.optimizer_config, ssd=self._ssd)
         self._buffers = load_buffers(self.model, traced, self.device)
 
     # ------------------------------------------------------------------ training
@@ -242,26 +259,65 @@ class Engine:
                 out[name] = self._buffers[name].detach().cpu().clone()
         return out
 
+    def host_bytes_allocated(self) -> int:
+        """Host memory Ratel holds right now (pinned pools, masters, Adam states, staging), to check against
+        ``Budget.host``."""
+        storages: dict[int, int] = {}
+
+        def add(t):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                s = t.untyped_storage()
+                storages[s.data_ptr()] = s.nbytes()
+
+        if self._store_pool is not None:
+            add(self._store_pool.buffer)
+        if self._store is not None:
+            for table in (self._store.master, self._store.exp_avg, self._store.exp_avg_sq):
+                for t in table.values():
+                    add(t)
+        for _, _, _, pool in self._programs.values():
+            if pool is not None:
+                add(pool.buffer)
+        if self._ssd is not None:
+            for b in self._ssd.buffers:
+                add(b.data)
+        return sum(storages.values())
+
     def close(self) -> None:
-        """Free pinned memory and device memory; the engine cannot be used afterwards."""
+        """Free pinned memory, device memory and swap files; the engine cannot be used afterwards.
+
+        Every resource is released even if one step fails; the first error is raised at the end.
+        """
         if self._closed:
             return
-        if self._optimizer is not None:
+        self._closed = True
+        errors: list[BaseException] = []
+
+        def attempt(action) -> None:
             try:
-                self._optimizer.wait_all()
-            finally:
-                self._optimizer.close()
+                action()
+            except BaseException as exc:  # noqa: BLE001 - collected, re-raised below
+                errors.append(exc)
+
+        if self._optimizer is not None:
+            attempt(self._optimizer.wait_all)
+            attempt(self._optimizer.close)
         for _, _, runtime, pool in self._programs.values():
-            runtime.finish_step()
+            attempt(runtime.finish_step)
             if pool is not None:
-                pool.close()
+                attempt(pool.close)
         self._programs.clear()
         self._latest = None
+        self._store = None
         if self._store_pool is not None:
-            self._store = None
-            self._store_pool.close()
+            attempt(self._store_pool.close)
             self._store_pool = None
-        self._closed = True
+        if self._ssd is not None:
+            attempt(self._ssd.close)
+            attempt(lambda: self._swapper.close(remove=not self.keep_swap_files))
+            self._ssd = self._swapper = None
+        if errors:
+            raise errors[0]
 
     def __enter__(self):
         return self
@@ -341,7 +397,8 @@ def plan_program(traced: TracedModel, budget: Budget, hardware: HardwareProfile,
 def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | None = None,
             example_inputs: tuple | None = None, example_kwargs: dict | None = None, *,
             device: str | torch.device | None = None, hardware: HardwareProfile | None = None,
-            weights: str | None = None, depth: int = 2, progress: bool = True) -> Engine:
+            weights: str | None = None, depth: int = 2, progress: bool = True,
+            keep_swap_files: bool = False) -> Engine:
     """Compile ``model`` for training under ``budget``.
 
     model           an nn.Module with repeated blocks (a ``ratel.models.GPT`` or a transformers causal LM),
@@ -352,6 +409,7 @@ def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | Non
     example_inputs  positional inputs of a training call; with them the plan is made (and a budget too
                     small refused) now. ``labels`` defaults to the first input for models that take labels.
     weights         a local .safetensors file or a folder of them, read by parameter name
+    keep_swap_files leave the SSD swap files in place on close (they are named after the model)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"ratel.compile expects an nn.Module, got {type(model).__name__}")
@@ -360,7 +418,7 @@ def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | Non
         device = torch.device("cuda", torch.cuda.current_device())
     hardware = hardware or HardwareProfile.detect(device)
     engine = Engine(model, _as_budget(budget), optimizer or AdamW(), device, hardware, weights=weights,
-                    depth=depth, progress=progress)
+                    depth=depth, progress=progress, keep_swap_files=keep_swap_files)
     if example_inputs is not None:
         example_inputs = tuple(example_inputs)
         kwargs = _default_kwargs(model, example_inputs, example_kwargs)

@@ -306,6 +306,9 @@ class PlacementPlan:
     depth: int                                        # ring slots on the GPU
     slot_bytes: int
 
+    def optimizer_tier_of(self, group: str) -> Tier:
+        return dict(self.optimizer_tier)[group]
+
     def tier_of(self, value: str) -> Tier:
         for act in self.activations:
             if act.value == value:
@@ -350,6 +353,7 @@ class StepTime:
     h2d: float          # seconds of host-to-GPU copies issued for this step
     d2h: float
     optimizer: float    # seconds of CPU optimizer work that becomes ready in this step
+    ssd: float = 0.0    # seconds of SSD reads and writes issued in this step
 
 
 @dataclass(frozen=True)

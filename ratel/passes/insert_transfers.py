@@ -9,6 +9,8 @@ Stages:
      backward, so it has no graph of its own): ``fetch_params`` one residency ahead, ``fetch_activation``
      one step ahead of the recompute that reads it, ``flush_grads`` when the unit's backward is done, and
      ``optimizer_step`` for each group whose gradient is then complete.
+  3. SSD-resident optimizer states: ``ssd_read_states`` ahead of each update, ``ssd_write_states`` after it
+     (the runtime's sequencer orders them, reads first).
 
 Before / after::
 
@@ -126,5 +128,24 @@ def insert_transfers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             if group.update_unit == step.unit:
                 transfers.append(Transfer("optimizer_step", group.name, group.numel * 16, Tier.HOST, Tier.HOST,
                                           step=step.index, needed_by=len(steps)))
+    transfers.extend(ssd_transfers(lifetimes, plan, bwd, len(steps)))
     gm.recompile()
     return PassResult(gm, modified=True, analysis=Schedule(transfers=tuple(transfers)))
+
+
+def ssd_transfers(lifetimes: Lifetimes, plan: PlacementPlan, bwd: dict[int, int], num_steps: int) -> list[Transfer]:
+    """Optimizer states on SSD, in update order: the first reads start with the forward, each later read when
+    the update two groups earlier finishes (a ring of staging buffers), and each write-back after its update."""
+    from ratel.passes.plan_placement import SSD_STAGING_BUFFERS, ssd_state_bytes
+    ssd = sorted((g for g in lifetimes.groups if g.trainable and plan.optimizer_tier_of(g.name) == Tier.SSD),
+                 key=lambda g: (-g.update_unit, g.index))
+    ahead = max(1, min(SSD_STAGING_BUFFERS, len(ssd)) - 1)
+    out = []
+    for k, g in enumerate(ssd):
+        update = bwd[g.update_unit]
+        issue = 0 if k < ahead else bwd[ssd[k - ahead].update_unit]
+        out.append(Transfer("ssd_read_states", g.name, ssd_state_bytes(g), Tier.SSD, Tier.HOST, step=issue,
+                            needed_by=update))
+        out.append(Transfer("ssd_write_states", g.name, ssd_state_bytes(g), Tier.HOST, Tier.SSD, step=update,
+                            needed_by=num_steps))
+    return out

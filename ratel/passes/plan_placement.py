@@ -4,7 +4,9 @@ The first policy (DESIGN.md, "Tiers and the cost model"):
   parameters       the compute copy lives in pinned host memory and is streamed into a GPU ring of
                    ``ctx.depth`` slots, one unit ahead of use, in forward and again in backward;
   gradients        leave for the host as each unit's backward finishes (no GPU residency beyond that);
-  optimizer state  fp32 master, exp_avg, exp_avg_sq in host memory, updated by the CPU optimizer;
+  optimizer state  fp32 master, exp_avg, exp_avg_sq in host memory, updated by the CPU optimizer; when
+                   they do not fit in ``Budget.host``, the states of the groups updated earliest in backward
+                   go to SSD (read ahead of their update, written back after it);
   activations      each unit's inputs are checkpointed to host and the unit is recomputed in backward,
                    except values kept on the GPU because moving them is pointless or costs more:
                    user inputs, values read by several units (fetched once instead of once per reader),
@@ -12,7 +14,7 @@ The first policy (DESIGN.md, "Tiers and the cost model"):
                    and the inputs of the last unit, whose backward follows its forward at once.
 
 Stages:
-  1. Tier per parameter group and optimizer state (host).
+  1. Tier per parameter group (host) and optimizer state (host, or SSD beyond the host budget).
   2. Tier per boundary activation, with the reason.
   3. Ring schedule: consecutive steps of one unit share a residency (the last unit's forward and backward);
      residency k uses slot ``k % depth`` and is issued at the start of residency ``k-1``.
@@ -28,12 +30,79 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+import torch
+
 from ratel.ir import (META_ACTIVATION, ActivationPlacement, Lifetimes, ParamFetch, Phase, PlacementPlan,
                       SlotLayout, Tier)
 from ratel.passes.build_lifetimes import boundary_values
 from ratel.passes.manager import PassContext, PassResult, graph_pass
 
 SLOT_ALIGN = 256
+PAGE = 4096
+SSD_STAGING_BUFFERS = 3   # one being read, one being updated, one being written back
+
+
+def _page(n: int) -> int:
+    return (n + PAGE - 1) // PAGE * PAGE
+
+
+def ssd_state_bytes(group) -> int:
+    """Bytes of a group's optimizer state on SSD: exp_avg and exp_avg_sq, plus the fp32 master unless the
+    group computes in fp32 (then the master is its compute copy and stays in host memory)."""
+    return group.numel * 4 * (2 if group.dtype == torch.float32 else 3)
+
+
+def host_usage(groups, optimizer_tier: dict[str, Tier], activations, torch_adam: bool) -> tuple[tuple[str, int], ...]:
+    """Every host buffer the runtime allocates for this placement, by name (pinned and pageable)."""
+    usage = []
+    for g in groups:
+        if not g.trainable:
+            usage.append((f"frozen parameters:{g.name}", _page(g.nbytes)))
+            continue
+        on_host = optimizer_tier[g.name] == Tier.HOST
+        if g.dtype == torch.float32:
+            usage.append((f"fp32 master (compute copy):{g.name}", _page(g.nbytes)))
+            if on_host:
+                usage.append((f"adam states:{g.name}", g.numel * 8))
+        else:
+            usage.append((f"compute copy:{g.name}", _page(g.nbytes)))
+            if on_host:
+                usage.append((f"fp32 master + adam states:{g.name}", g.numel * 12))
+        usage.append((f"gradient staging:{g.name}", _page(g.nbytes)))
+    if torch_adam:   # torch's fused AdamW needs the gradient in fp32; the native kernel reads it as it is
+        scratch = max((g.numel * 4 for g in groups if g.trainable and g.dtype != torch.float32), default=0)
+        if scratch:
+            usage.append(("fp32 gradient scratch", scratch))
+    ssd = [g for g in groups if g.trainable and optimizer_tier[g.name] == Tier.SSD]
+    if ssd:
+        biggest = max(_page(ssd_state_bytes(g)) + PAGE for g in ssd)
+        usage.append(("SSD staging buffers", min(SSD_STAGING_BUFFERS, len(ssd)) * biggest))
+    pool = sum(_page(a.nbytes) + PAGE for a in activations if a.tier == Tier.HOST)
+    if pool:
+        usage.append(("activation pool", pool + PAGE))
+    usage.append(("pinned pool alignment", PAGE))
+    return tuple(usage)
+
+
+def optimizer_tiers(groups, activations, budget, torch_adam: bool) -> dict[str, Tier]:
+    """Optimizer states on the host while they fit, the rest on SSD.
+
+    Groups updated last in backward (the embedding, the first blocks) keep their states on the host: their
+    update is what the next forward waits for. Groups updated early have the rest of the backward to read
+    their states from SSD and write them back.
+    """
+    trainable = [g for g in groups if g.trainable]
+    tiers = {g.name: Tier.HOST for g in trainable}
+    if sum(b for _, b in host_usage(groups, tiers, activations, torch_adam)) <= budget.host:
+        return tiers
+    if not budget.ssd_dir:
+        return tiers    # verify_plan refuses it, naming the host memory needed or an ssd_dir
+    tiers = {g.name: Tier.SSD for g in trainable}
+    for g in sorted(trainable, key=lambda g: (g.update_unit, g.index)):
+        trial = {**tiers, g.name: Tier.HOST}
+        if sum(b for _, b in host_usage(groups, trial, activations, torch_adam)) <= budget.host:
+            tiers = trial
+    return tiers
 
 
 def _align(n: int) -> int:
@@ -97,9 +166,10 @@ def plan_placement(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         activations.append(record)
 
     layouts = slot_layouts(units, lifetimes.groups)
+    tiers = optimizer_tiers(lifetimes.groups, activations, ctx.budget, uses_torch_adam())
     plan = PlacementPlan(
         param_tier=tuple((g.name, Tier.HOST) for g in lifetimes.groups),
-        optimizer_tier=tuple((g.name, Tier.HOST) for g in lifetimes.groups if g.trainable),
+        optimizer_tier=tuple((g.name, tiers[g.name]) for g in lifetimes.groups if g.trainable),
         activations=tuple(activations),
         fetches=ring_schedule(lifetimes.steps, ctx.depth),
         layouts=layouts,
@@ -107,6 +177,11 @@ def plan_placement(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         slot_bytes=max((layout.nbytes for layout in layouts), default=0),
     )
     return PassResult(gm, modified=False, analysis=plan)
+
+
+def uses_torch_adam() -> bool:
+    from ratel.runtime.cpu_adam import _auto_backend
+    return _auto_backend() == "torch"
 
 
 def forward_steps(lifetimes: Lifetimes) -> dict[int, int]:

@@ -24,6 +24,7 @@ from ratel.ir import (META_TENSOR, CostModel, Lifetimes, MemoryProfile, Phase, P
                       StepMemory, StepTime, Tier, TimeProfile, format_bytes)
 from ratel.passes.build_lifetimes import boundary_values, unit_calls
 from ratel.passes.manager import PassContext, PassResult, graph_pass
+from ratel.passes.plan_placement import host_usage, ssd_state_bytes, uses_torch_adam
 from ratel.runtime import ops
 
 
@@ -112,6 +113,9 @@ def simulate_memory(gm: fx.GraphModule, ctx: PassContext) -> MemoryProfile:
     user_outputs = _user_outputs(gm, boundary)
     grad_bytes = {u.index: sum(g.nbytes for g in lifetimes.groups if g.trainable and u.index in g.users)
                   for u in ctx.traced.units}
+    # A group read by several units accumulates its gradient on the GPU from its first backward to its last.
+    shared = [(bwd[max(g.users)], bwd[min(g.users)], g.nbytes) for g in lifetimes.groups
+              if g.trainable and len(g.users) > 1]
 
     profile = []
     for step in steps:
@@ -137,51 +141,62 @@ def simulate_memory(gm: fx.GraphModule, ctx: PassContext) -> MemoryProfile:
             held = sum(b for _, b in user_outputs)
             previous = steps[t - 1]
             in_flight = grad_bytes[previous.unit] if previous.phase == Phase.BWD else 0
+        accumulating = sum(b for first, last, b in shared if first <= t <= last)
         parts = (("param ring", ring), ("resident buffers", resident), ("activations", acts),
-                 ("unit workspace", workspace), ("gradients in flight", in_flight), ("user outputs", held))
+                 ("unit workspace", workspace), ("gradients in flight", in_flight),
+                 ("shared gradients", accumulating), ("user outputs", held))
         profile.append(StepMemory(step=t, gpu=sum(b for _, b in parts), breakdown=parts))
     peak = max(profile, key=lambda s: s.gpu)
 
-    host = []
-    for g in lifetimes.groups:
-        if g.trainable:
-            host.append((f"master+adam:{g.name}", g.numel * 12))
-            if g.dtype != torch.float32:
-                host.append((f"compute copy:{g.name}", g.nbytes))
-            host.append((f"grad staging:{g.name}", g.nbytes))
-            if len(g.users) > 1:
-                host.append((f"grad accumulator:{g.name}", g.numel * 4))
-        else:
-            host.append((f"frozen copy:{g.name}", g.nbytes))
-    scratch = max((g.numel * 4 for g in lifetimes.groups if g.trainable and g.dtype != torch.float32), default=0)
-    if scratch:
-        host.append(("fp32 gradient scratch", scratch))
-    pool = sum(a.nbytes * len(a.consumers) for a in placement.activations if a.tier == Tier.HOST)
-    host.append(("activation pool", pool))
+    host = host_usage(lifetimes.groups, dict(placement.optimizer_tier), placement.activations, uses_torch_adam())
+    ssd_total = sum(ssd_state_bytes(g) for g in lifetimes.groups
+                    if g.trainable and placement.optimizer_tier_of(g.name) == Tier.SSD)
     return MemoryProfile(steps=tuple(profile), gpu_peak=peak.gpu, gpu_peak_step=peak.step,
-                         host_bytes=tuple(host), host_total=sum(b for _, b in host), ssd_total=0)
+                         host_bytes=host, host_total=sum(b for _, b in host), ssd_total=ssd_total)
 
 
 def predict_times(ctx: PassContext, schedule: Schedule) -> TimeProfile:
+    """Seconds per step on each lane. A step lasts as long as its longest GPU-side lane (compute, H2D, D2H);
+    the CPU optimizer and the SSD are queues of their own: an update starts when its gradient has landed and
+    its states are read, and the step ends when the GPU lanes and the optimizer are both done."""
     hw = ctx.hardware
     lifetimes = ctx.get(Lifetimes)
     costs = {c.unit: c for c in ctx.get(CostModel).units}
     rate = hw.gpu_tflops * 1e12 * hw.matmul_efficiency
+    by_step: dict[int, list] = {}
+    for t in schedule.transfers:
+        by_step.setdefault(t.step, []).append(t)
+    read_done: dict[str, float] = {}
     times = []
-    gpu_clock = 0.0
-    optimizer_clock = 0.0
+    gpu_clock = optimizer_clock = ssd_clock = 0.0
     for step in lifetimes.steps:
         cost = costs[step.unit]
         flops = cost.fwd_flops if step.phase == Phase.FWD else cost.fwd_flops + cost.bwd_flops
-        at = [t for t in schedule.transfers if t.step == step.index]
+        at = by_step.get(step.index, [])
         h2d = sum(t.nbytes for t in at if t.kind in ("fetch_params", "fetch_activation")) / (hw.h2d_gbps * 1e9)
         d2h = sum(t.nbytes for t in at if t.kind in ("offload_activation", "flush_grads")) / (hw.d2h_gbps * 1e9)
-        opt = sum(t.nbytes / 16 for t in at if t.kind == "optimizer_step") / (hw.cpu_adam_gparams * 1e9)
+        ssd = 0.0
+        for t in at:
+            if t.kind == "ssd_read_states":
+                seconds = t.nbytes / (hw.ssd_read_gbps * 1e9)
+                ssd_clock = max(ssd_clock, gpu_clock) + seconds
+                read_done[t.subject] = ssd_clock
+                ssd += seconds
         compute = flops / rate
-        times.append(StepTime(step.index, compute, h2d, d2h, opt))
         gpu_clock += max(compute, h2d, d2h)
-        if opt:
-            optimizer_clock = max(optimizer_clock, gpu_clock) + opt
+        opt = 0.0
+        for t in at:
+            if t.kind == "optimizer_step":
+                seconds = t.nbytes / 16 / (hw.cpu_adam_gparams * 1e9)
+                optimizer_clock = max(optimizer_clock, gpu_clock, read_done.get(t.subject, 0.0)) + seconds
+                opt += seconds
+        for t in at:
+            if t.kind == "ssd_write_states":
+                seconds = t.nbytes / (hw.ssd_write_gbps * 1e9)
+                ssd_clock = max(ssd_clock, optimizer_clock) + seconds
+                ssd += seconds
+        times.append(StepTime(step.index, compute, h2d, d2h, opt, ssd))
+    # Write-backs may finish during the next forward; reads of the next step wait for them.
     return TimeProfile(steps=tuple(times), total=max(gpu_clock, optimizer_clock))
 
 
@@ -207,12 +222,18 @@ def verify_plan(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     budget_host = int(ctx.budget.host)
     if memory.host_total > budget_host:
         biggest = sorted(memory.host_bytes, key=lambda kv: -kv[1])[:3]
+        hint = ("" if ctx.budget.ssd_dir else
+                " or give Budget(ssd_dir=...) so optimizer states can live on an SSD")
         raise BudgetError(
             f"host budget {format_bytes(budget_host)} is too small: the plan keeps "
             f"{format_bytes(memory.host_total)} in host memory (largest: "
             + ", ".join(f"{k} {format_bytes(v)}" for k, v in biggest)
-            + f"). Raise Budget(host=...) to at least {format_bytes(memory.host_total)}.",
+            + f"). Raise Budget(host=...) to at least {format_bytes(memory.host_total)}{hint}.",
             tier="host", needed=memory.host_total, budget=budget_host)
+    if ctx.budget.ssd is not None and memory.ssd_total > ctx.budget.ssd:
+        raise BudgetError(f"SSD budget {format_bytes(ctx.budget.ssd)} is too small: the optimizer states placed "
+                          f"on SSD take {format_bytes(memory.ssd_total)}. Raise Budget(ssd=...) or the host budget.",
+                          tier="ssd", needed=memory.ssd_total, budget=int(ctx.budget.ssd))
     schedule = ctx.get(Schedule)
     lifetimes = ctx.get(Lifetimes)
     plan = Plan(units=ctx.traced.units, groups=lifetimes.groups, steps=lifetimes.steps,

@@ -115,6 +115,8 @@ class Runtime:
         self._grad_buffers.clear()
         self.activations.clear()
         self.pending_backward = torch.is_grad_enabled()
+        if self.pending_backward and self.optimizer is not None:
+            self.optimizer.begin_step()
 
     def _set_step(self, step: int) -> None:
         self._step = step

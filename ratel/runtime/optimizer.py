@@ -55,8 +55,9 @@ def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
 class CPUOptimizer:
     """A worker thread applying AdamW to groups as their gradients land in host memory."""
 
-    def __init__(self, store, cfg: AdamW):
+    def __init__(self, store, cfg: AdamW, ssd=None):
         self.store = store
+        self.ssd = ssd
         self.cfg = cfg
         self._queue: queue.Queue = queue.Queue()
         self._done = {g.index: threading.Event() for g in store.groups}
@@ -67,6 +68,11 @@ class CPUOptimizer:
         self.threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._work, name="ratel-cpu-adamw", daemon=True)
         self._thread.start()
+
+    def begin_step(self) -> None:
+        """A forward starts: read the SSD-resident states of the first groups to be updated."""
+        if self.ssd is not None:
+            self._queue.put("begin")
 
     def submit(self, group: ParamGroup, copied, recorder=None, step: int = -1) -> None:
         """Update ``group`` once the event ``copied`` (its gradient's D2H copy) has completed."""
@@ -91,7 +97,7 @@ class CPUOptimizer:
     def _raise_pending(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
-            raise RuntimeError(f"the CPU optimizer failed: {error!r}") from error
+            raise RuntimeError(f"the CPU optimizer failed ({type(error).__name__}): {error}") from error
 
     def _work(self) -> None:
         torch.set_num_threads(self.threads)
@@ -99,6 +105,12 @@ class CPUOptimizer:
             item = self._queue.get()
             if item is None:
                 return
+            if item == "begin":
+                try:
+                    self.ssd.begin_step()
+                except BaseException as exc:  # noqa: BLE001 - surfaced on the training thread
+                    self._error = exc
+                continue
             group, copied, recorder, step = item
             try:
                 if copied is not None:
@@ -116,7 +128,14 @@ class CPUOptimizer:
     def _update(self, group: ParamGroup) -> None:
         s = self.store
         i = group.index
-        s.steps[i] += 1
         out = s.compute[i] if group.dtype != torch.float32 else None
-        adamw_update(s.master[i], s.grad_staging[i], s.exp_avg[i], s.exp_avg_sq[i], s.steps[i], self.cfg, out=out,
+        if s.on_ssd(group):
+            master, exp_avg, exp_avg_sq = self.ssd.acquire(group)
+            master = s.master[i] if master is None else master
+        else:
+            master, exp_avg, exp_avg_sq = s.master[i], s.exp_avg[i], s.exp_avg_sq[i]
+        s.steps[i] += 1
+        adamw_update(master, s.grad_staging[i], exp_avg, exp_avg_sq, s.steps[i], self.cfg, out=out,
                      num_threads=self.threads)
+        if s.on_ssd(group):
+            self.ssd.release(group)

@@ -45,8 +45,9 @@ def _round(n: int) -> int:
 
 
 class ParamStore:
-    def __init__(self, plan: Plan, device: torch.device, pool: PinnedPool):
+    def __init__(self, plan: Plan, device: torch.device, pool: PinnedPool, ssd=None):
         self.plan = plan
+        self.ssd = ssd          # SsdStates holding the optimizer states of groups placed on SSD
         self.groups = plan.groups
         self.device = device
         self.master: dict[int, torch.Tensor] = {}
@@ -58,16 +59,23 @@ class ParamStore:
         for g in self.groups:
             self.compute[g.index] = pool.take(g.nbytes, g.dtype)
             if g.trainable:
-                self.master[g.index] = (self.compute[g.index] if g.dtype == torch.float32
-                                        else torch.empty(g.numel, dtype=torch.float32))
-                self.exp_avg[g.index] = torch.zeros(g.numel, dtype=torch.float32)
-                self.exp_avg_sq[g.index] = torch.zeros(g.numel, dtype=torch.float32)
+                on_ssd = self.on_ssd(g)
+                if g.dtype == torch.float32:
+                    self.master[g.index] = self.compute[g.index]
+                elif not on_ssd:
+                    self.master[g.index] = torch.empty(g.numel, dtype=torch.float32)
+                if not on_ssd:
+                    self.exp_avg[g.index] = torch.zeros(g.numel, dtype=torch.float32)
+                    self.exp_avg_sq[g.index] = torch.zeros(g.numel, dtype=torch.float32)
                 self.grad_staging[g.index] = pool.take(g.nbytes, g.dtype)
                 self.steps[g.index] = torch.zeros((), dtype=torch.float32)
         placement = plan.placement
         self.ring = [torch.empty(placement.slot_bytes, dtype=torch.uint8, device=device)
                      for _ in range(placement.depth)]
         self._param_location = {name: (g.index, i) for g in self.groups for i, name in enumerate(g.params)}
+
+    def on_ssd(self, group: ParamGroup) -> bool:
+        return self.ssd is not None and group.index in self.ssd.groups
 
     # ------------------------------------------------------------------ values in
     def load(self, model: nn.Module, weights: str | os.PathLike | None = None, progress: bool = True) -> None:
@@ -79,6 +87,10 @@ class ParamStore:
         bar = tqdm(total=sum(g.numel for g in self.groups), unit="param", unit_scale=True,
                    desc="ratel: loading parameters", disable=not progress or sum(g.numel for g in self.groups) < 5e8)
         for g in self.groups:
+            # A group whose fp32 master lives on SSD builds it here, one group at a time.
+            master = self.master.get(g.index)
+            if master is None and g.trainable:
+                master = torch.empty(g.numel, dtype=torch.float32)
             for name, shape, offset in zip(g.params, g.shapes, g.offsets):
                 numel = _numel(shape)
                 if files is not None:
@@ -92,12 +104,14 @@ class ParamStore:
                                      f"{tuple(shape)}")
                 flat = value.reshape(-1)
                 if g.trainable:
-                    self.master[g.index][offset:offset + numel].copy_(flat)
+                    master[offset:offset + numel].copy_(flat)
                     if g.dtype != torch.float32:
                         self.compute[g.index][offset:offset + numel].copy_(flat)
                 else:
                     self.compute[g.index][offset:offset + numel].copy_(flat)
                 bar.update(numel)
+            if g.trainable and self.on_ssd(g):
+                self.ssd.initialize(g, master if g.dtype != torch.float32 else None)
         bar.close()
 
     # ------------------------------------------------------------------ values out
@@ -106,7 +120,12 @@ class ParamStore:
         out: dict[str, torch.Tensor] = {}
         aliases = _aliases(model)
         for g in self.groups:
-            source = self.master[g.index] if g.trainable else self.compute[g.index]
+            if not g.trainable:
+                source = self.compute[g.index]
+            elif g.index in self.master:
+                source = self.master[g.index]
+            else:
+                source = self.ssd.read_master(g)
             for name, shape, offset in zip(g.params, g.shapes, g.offsets):
                 value = source[offset:offset + _numel(shape)].view(shape).clone()
                 for alias in aliases.get(name, [name]):

@@ -1,14 +1,440 @@
-"""Plan summary table (filled out by the inspection work; a minimal table for now)."""
+"""``plan.summary()``: what Ratel decided, as text — where memory goes per tier and unit, where time goes per
+lane and step, and, given a measured step (``engine.last_step``), the measured figures beside the predicted.
+
+Sections, each a fixed-width table:
+  header          units, parameters, predicted step time split into compute + copy stalls + optimizer tail,
+                  the GPU peak against the budget and where it is
+  memory by tier  rows: parameters, gradients, optimizer states, activations, workspace, buffers and outputs;
+                  columns: GPU at the peak step, host, SSD; then total and budget
+  time by lane    compute, H2D, D2H, SSD, CPU optimizer: busy time, bytes, transfers (and measured busy time)
+  per unit        what each unit owns on which tier, its saved activations, workspace and FLOPs
+  per step        the timeline: GPU bytes, bytes moved and time on each lane, the lane that bounds the step
+
+Predicted times use the plan's model of a step (ratel/passes/verify_plan.py ``predict_times``): a timeline
+step lasts as long as its longest GPU-side lane, and the CPU optimizer runs beside on a lane of its own.
+Runs of consecutive units whose rows are identical (the repeated blocks) are printed as one row; measured
+figures on such a row are per-step means. Everything printed is a function of the plan (and the record),
+so the same plan gives the same text byte for byte.
+"""
 from __future__ import annotations
 
-from ratel.ir import format_bytes
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ratel.ir import Plan, StepRecord, Tier, format_bytes
+
+# Transfer kinds by the lane they occupy (ratel/passes/insert_transfers.py).
+H2D_KINDS = ("fetch_params", "fetch_activation")
+D2H_KINDS = ("offload_activation", "flush_grads")
+OPTIMIZER_KIND = "optimizer_step"
+
+LANES = ("compute", "h2d", "d2h", "ssd", "optimizer")
+LANE_TITLES = {"compute": "compute", "h2d": "H2D", "d2h": "D2H", "ssd": "SSD", "optimizer": "CPU optimizer"}
+# StepRecord lanes -> summary lanes (SSD reads and writes share one lane here).
+MEASURED_LANE = {"compute": "compute", "h2d": "h2d", "d2h": "d2h", "ssd_read": "ssd", "ssd_write": "ssd",
+                 "optimizer": "optimizer"}
+
+CATEGORIES = ("parameters", "gradients", "optimizer states", "activations", "workspace", "buffers and outputs")
+# The planner names what it counts (``StepMemory.breakdown``, ``MemoryProfile.host_bytes``: "param ring",
+# "fp32 master + adam states:blocks.3", ...); the summary sorts those names into the categories above by
+# keyword, first match wins, so a new entry lands in a sensible row (or "other") without a change here.
+_GPU_KEYWORDS = (("param", "parameters"), ("grad", "gradients"), ("activation", "activations"),
+                 ("workspace", "workspace"), ("buffer", "buffers and outputs"), ("output", "buffers and outputs"))
+_HOST_KEYWORDS = (("adam", "optimizer states"), ("ssd staging", "optimizer states"), ("master", "parameters"),
+                  ("compute copy", "parameters"), ("frozen", "parameters"), ("param", "parameters"),
+                  ("grad", "gradients"), ("activation", "activations"))
 
 
-def plan_summary(plan, measured=None) -> str:
-    lines = [f"{'unit':<24}{'params':>12}{'fwd GFLOP':>12}{'bwd workspace':>16}"]
+def _categorise(label: str, keywords) -> str:
+    name = label.split(":", 1)[0].lower()
+    for word, category in keywords:
+        if word in name:
+            return category
+    return "other"
+
+
+def gpu_category(label: str) -> str:
+    """The summary category of one entry of ``StepMemory.breakdown``."""
+    return _categorise(label, _GPU_KEYWORDS)
+
+
+def host_category(label: str) -> str:
+    """The summary category of one entry of ``MemoryProfile.host_bytes``."""
+    return _categorise(label, _HOST_KEYWORDS)
+
+
+def optimizer_state_bytes(group) -> int:
+    """Adam m and v, plus the fp32 master unless the group computes in fp32 (then the master is the copy
+    that is streamed, counted as the parameters)."""
+    return group.numel * 4 * (2 if group.dtype == torch.float32 else 3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Figures derived from the plan (shared with ratel/tools/plots.py)
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepFigures:
+    """One timeline step: GPU bytes, bytes and seconds per lane (predicted), the lane that bounds it."""
+
+    step: int
+    label: str
+    gpu: int
+    nbytes: dict[str, int]
+    seconds: dict[str, float]
+    transfers: dict[str, int]
+
+    @property
+    def length(self) -> float:
+        return max(self.seconds["compute"], self.seconds["h2d"], self.seconds["d2h"])
+
+    @property
+    def bound(self) -> str:
+        if self.length == 0:
+            return ""
+        # Ties go to compute: a step whose copies exactly match its compute is not waiting on them.
+        return max(("compute", "h2d", "d2h"), key=lambda lane: (self.seconds[lane], lane == "compute"))
+
+
+def _lane_of(kind: str, src, dst) -> str | None:
+    if Tier.SSD in (src, dst) or kind.startswith("ssd"):
+        return "ssd"
+    if kind in H2D_KINDS:
+        return "h2d"
+    if kind in D2H_KINDS:
+        return "d2h"
+    if kind == OPTIMIZER_KIND:
+        return "optimizer"
+    return None
+
+
+def step_figures(plan: Plan) -> list[StepFigures]:
+    out = []
+    for step, memory, time in zip(plan.steps, plan.memory.steps, plan.times.steps):
+        nbytes = dict.fromkeys(LANES, 0)
+        count = dict.fromkeys(LANES, 0)
+        for t in plan.transfers_at(step.index):
+            lane = _lane_of(t.kind, t.src, t.dst)
+            if lane is not None:
+                nbytes[lane] += t.nbytes
+                count[lane] += 1
+        seconds = {"compute": time.compute, "h2d": time.h2d, "d2h": time.d2h,
+                   "ssd": getattr(time, "ssd", 0.0), "optimizer": time.optimizer}
+        out.append(StepFigures(step.index, step.label(plan.units), memory.gpu, nbytes, seconds, count))
+    return out
+
+
+def predicted_breakdown(plan: Plan) -> dict[str, float]:
+    """The predicted step as a sum: compute, + GPU waiting on copies, + the CPU optimizer's (and the SSD's)
+    tail after the GPU is done."""
+    figures = step_figures(plan)
+    compute = sum(f.seconds["compute"] for f in figures)
+    gpu = sum(f.length for f in figures)
+    return {"compute": compute, "copy stalls": gpu - compute, "optimizer tail": max(plan.times.total - gpu, 0.0),
+            "total": plan.times.total}
+
+
+def tail_name(plan: Plan) -> str:
+    """What the step waits for after the GPU's last step: the CPU optimizer, and the SSD when it is used."""
+    uses_ssd = any(getattr(t, "ssd", 0.0) for t in plan.times.steps)
+    return "CPU optimizer + SSD tail" if uses_ssd else "CPU optimizer tail"
+
+
+def measured_by_step(plan: Plan, measured: StepRecord) -> dict[int, dict[str, float]]:
+    """Measured busy seconds per timeline step and lane (spans outside the timeline under key -1)."""
+    out: dict[int, dict[str, float]] = {}
+    for span in measured.spans:
+        lane = MEASURED_LANE.get(span.lane)
+        if lane is None:
+            continue
+        step = span.step if 0 <= span.step < len(plan.steps) else -1
+        lanes = out.setdefault(step, dict.fromkeys(LANES, 0.0))
+        lanes[lane] += max(span.end - span.start, 0.0)
+    return out
+
+
+def measured_busy(measured: StepRecord) -> dict[str, float]:
+    busy = dict.fromkeys(LANES, 0.0)
+    for span in measured.spans:
+        lane = MEASURED_LANE.get(span.lane)
+        if lane is not None:
+            busy[lane] += max(span.end - span.start, 0.0)
+    return busy
+
+
+def memory_by_tier(plan: Plan) -> dict[str, dict[str, int]]:
+    """tier -> category -> bytes: the GPU at its peak step, the host, the SSD."""
+    gpu = dict.fromkeys(CATEGORIES, 0)
+    for label, nbytes in plan.memory.steps[plan.memory.gpu_peak_step].breakdown:
+        key = gpu_category(label)
+        gpu[key] = gpu.get(key, 0) + nbytes
+    host = dict.fromkeys(CATEGORIES, 0)
+    for label, nbytes in plan.memory.host_bytes:
+        key = host_category(label)
+        host[key] = host.get(key, 0) + nbytes
+    # The SSD holds optimizer states, and parameters or activations where the placement says so.
+    ssd = dict.fromkeys(CATEGORIES, 0)
+    groups = {g.name: g for g in plan.groups}
+    ssd["parameters"] = sum(groups[name].nbytes for name, tier in plan.placement.param_tier if tier == Tier.SSD)
+    ssd["activations"] = sum(a.nbytes for a in plan.placement.activations if a.tier == Tier.SSD)
+    ssd["optimizer states"] = max(plan.memory.ssd_total - ssd["parameters"] - ssd["activations"], 0)
+    return {"gpu": gpu, "host": host, "ssd": ssd}
+
+
+def short_range(names: list[str]) -> str:
+    """``blocks.1..94`` for a run of numbered siblings, else ``first .. last``."""
+    if len(names) == 1:
+        return names[0]
+    first = re.fullmatch(r"(.*?)(\d+)", names[0])
+    last = re.fullmatch(r"(.*?)(\d+)", names[-1])
+    if first and last and first.group(1) == last.group(1):
+        return f"{names[0]}..{last.group(2)}"
+    return f"{names[0]} .. {names[-1]}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------------------------------------
+def format_seconds(seconds: float) -> str:
+    if seconds == 0:
+        return "0 s"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if abs(seconds) >= scale or unit == "us":
+            return f"{seconds / scale:.2f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def _time_unit(largest: float) -> tuple[str, float]:
+    if largest >= 1.0:
+        return "s", 1.0
+    if largest >= 1e-3:
+        return "ms", 1e-3
+    return "us", 1e-6
+
+
+def format_flops(n: float) -> str:
+    """FLOPs with an SI prefix and three significant digits: ``409.6 K``, ``7.63 T``."""
+    if n == 0:
+        return "-"
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.3g} {prefix}" if value < 100 else f"{value:.0f} {prefix}"
+    return f"{n:.0f}"
+
+
+def _b(n: int) -> str:
+    return format_bytes(n) if n else "-"
+
+
+def _t(seconds: float, scale: float) -> str:
+    if not seconds:
+        return "-"
+    value = seconds / scale
+    if value < 0.005:
+        return "<0.01"     # not zero: it did take time, less than the table shows
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
+
+
+def _pct(part: float, whole: float) -> str:
+    if not whole:
+        return "-"
+    share = 100 * part / whole
+    return f"{share:.1f}%" if share < 10 else f"{share:.0f}%"
+
+
+def _table(header: list[str], rows: list[list[str]], align: str, indent: str = "  ") -> list[str]:
+    """Fixed-width columns; ``align`` holds one 'l' or 'r' per column."""
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+
+    def line(cells):
+        parts = [c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(cells, widths, align)]
+        return (indent + "  ".join(parts)).rstrip()
+
+    return [line(header)] + [line(r) for r in rows]
+
+
+def _merge_runs(keys: list, items: list) -> list[list]:
+    """Group consecutive items whose keys are equal."""
+    runs: list[list] = []
+    for key, item in zip(keys, items):
+        if runs and runs[-1][0] == key:
+            runs[-1][1].append(item)
+        else:
+            runs.append([key, [item]])
+    return [items_ for _, items_ in runs]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------------------
+def _header(plan: Plan, measured: StepRecord | None) -> list[str]:
+    units = plan.units
+    names = [u.name for u in units]
+    shown = ", ".join(names) if len(names) <= 6 else f"{names[0]}, {names[1]} .. {names[-2]}, {names[-1]}"
+    numel = sum(g.numel for g in plan.groups)
+    dtype = str(plan.compute_dtype).replace("torch.", "")
+    param_bytes = sum(g.nbytes for g in plan.groups)
+    split = predicted_breakdown(plan)
+    peak_step = plan.steps[plan.memory.gpu_peak_step]
+    lines = [
+        f"Ratel plan for {plan.device}: {len(units)} units ({shown})",
+        f"  parameters   {numel:,} in {len(plan.groups)} groups, {dtype} ({format_bytes(param_bytes)})",
+        f"  step time    {format_seconds(split['total'])} predicted = compute {format_seconds(split['compute'])}"
+        f" + waiting for copies {format_seconds(split['copy stalls'])}"
+        f" + {tail_name(plan)} {format_seconds(split['optimizer tail'])}",
+        f"  GPU peak     {format_bytes(plan.memory.gpu_peak)} of {format_bytes(plan.budget_gpu)} budget "
+        f"({_pct(plan.memory.gpu_peak, plan.budget_gpu)}) at step {peak_step.index} ({peak_step.label(units)})",
+        f"  host         {format_bytes(plan.memory.host_total)} of {format_bytes(plan.budget_host)} budget "
+        f"({_pct(plan.memory.host_total, plan.budget_host)}); SSD {format_bytes(plan.memory.ssd_total)}",
+    ]
+    if measured is not None:
+        ratio = f", {measured.wall / split['total']:.2f}x predicted" if split["total"] else ""
+        peak_ratio = f", {measured.gpu_peak / plan.memory.gpu_peak:.2f}x planned" if plan.memory.gpu_peak else ""
+        lines.append(f"  measured     step {format_seconds(measured.wall)}{ratio}; GPU peak "
+                     f"{format_bytes(measured.gpu_peak)}{peak_ratio}")
+    return lines
+
+
+def _tier_section(plan: Plan, measured: StepRecord | None) -> list[str]:
+    tiers = memory_by_tier(plan)
+    categories = list(CATEGORIES) + [c for t in tiers.values() for c in t if c not in CATEGORIES]
+    categories = list(dict.fromkeys(categories))
+    rows = [[c] + [_b(tiers[t].get(c, 0)) for t in ("gpu", "host", "ssd")] for c in categories]
+    totals = [sum(tiers[t].values()) for t in ("gpu", "host", "ssd")]
+    rows.append(["total"] + [format_bytes(n) for n in totals])
+    rows.append(["budget", format_bytes(plan.budget_gpu), format_bytes(plan.budget_host), "-"])
+    if measured is not None:
+        rows.append(["measured peak", format_bytes(measured.gpu_peak), "", ""])
+    peak = plan.steps[plan.memory.gpu_peak_step]
+    return (["", f"Memory by tier (GPU: at its peak, step {peak.index} {peak.label(plan.units)})"]
+            + _table(["", "GPU", "host", "SSD"], rows, "lrrr"))
+
+
+def _lane_section(plan: Plan, measured: StepRecord | None, figures: list[StepFigures]) -> list[str]:
+    busy = {lane: sum(f.seconds[lane] for f in figures) for lane in LANES}
+    nbytes = {lane: sum(f.nbytes[lane] for f in figures) for lane in LANES}
+    count = {lane: sum(f.transfers[lane] for f in figures) for lane in LANES}
+    real = measured_busy(measured) if measured is not None else None
+    largest = max([plan.times.total] + ([measured.wall] if measured is not None else []))
+    unit, scale = _time_unit(largest)
+    header = ["lane", f"busy ({unit})", "of step", "bytes", "transfers"]
+    if real is not None:
+        header += [f"measured ({unit})", "of step"]
+    rows = []
+    for lane in LANES:
+        moves = "updates" if lane == "optimizer" else ""
+        row = [LANE_TITLES[lane], _t(busy[lane], scale), _pct(busy[lane], plan.times.total) if busy[lane] else "-",
+               _b(nbytes[lane]) if lane != "compute" else "-",
+               f"{count[lane]} {moves}".strip() if count[lane] else "-"]
+        if real is not None:
+            row += [_t(real[lane], scale), _pct(real[lane], measured.wall) if real[lane] else "-"]
+        rows.append(row)
+    step_row = ["step", _t(plan.times.total, scale), "", "", ""]
+    if real is not None:
+        step_row += [_t(measured.wall, scale), ""]
+    rows.append(step_row)
+    note = ["  lanes run at once: busy times overlap and do not add up to the step"]
+    return ["", "Time by lane"] + _table(header, rows, "lrrrr" + "rr" * (real is not None)) + note
+
+
+def _unit_section(plan: Plan) -> list[str]:
+    placement = plan.placement
+    param_tier = dict(placement.param_tier)
+    opt_tier = dict(placement.optimizer_tier)
+    rows = []
+    keys = []
     for unit, cost in zip(plan.units, plan.costs.units):
-        lines.append(f"{unit.name:<24}{format_bytes(cost.param_bytes):>12}{cost.fwd_flops / 1e9:>12.2f}"
-                     f"{format_bytes(cost.bwd_workspace):>16}")
-    lines.append(f"GPU peak {format_bytes(plan.memory.gpu_peak)} of {format_bytes(plan.budget_gpu)}; "
-                 f"host {format_bytes(plan.memory.host_total)}; predicted step {plan.times.total * 1e3:.1f} ms")
-    return "\n".join(lines)
+        owned = [g for g in plan.groups if g.update_unit == unit.index]
+        params = sum(g.nbytes for g in owned)
+        grads = sum(g.nbytes for g in owned if g.trainable)
+        states = sum(optimizer_state_bytes(g) for g in owned if g.trainable)
+        ptiers = sorted({str(param_tier[g.name]) for g in owned})
+        otiers = sorted({str(opt_tier[g.name]) for g in owned if g.name in opt_tier})
+        outs = [a for a in placement.activations if a.producer == unit.index]
+        by_tier: dict[str, int] = {}
+        for act in outs:
+            by_tier[str(act.tier)] = by_tier.get(str(act.tier), 0) + act.nbytes
+        saved = ", ".join(f"{format_bytes(n)} {t}" for t, n in sorted(by_tier.items())) or "-"
+        cells = [_b(params), "/".join(ptiers) or "-", _b(grads), _b(states), "/".join(otiers) or "-", saved,
+                 _b(cost.fwd_workspace), _b(cost.bwd_workspace), format_flops(cost.fwd_flops),
+                 format_flops(cost.bwd_flops)]
+        keys.append((unit.kind, tuple(cells)))
+        rows.append((unit.name, cells))
+    out_rows = []
+    for run in _merge_runs(keys, rows):
+        out_rows.append([short_range([name for name, _ in run])] + run[0][1])
+    total = [sum(g.nbytes for g in plan.groups), sum(g.nbytes for g in plan.groups if g.trainable),
+             sum(optimizer_state_bytes(g) for g in plan.groups if g.trainable)]
+    out_rows.append(["total", _b(total[0]), "", _b(total[1]), _b(total[2]), "",
+                     _b(sum(a.nbytes for a in placement.activations if a.producer >= 0)), "", "",
+                     format_flops(plan.costs.total_fwd_flops), format_flops(plan.costs.total_bwd_flops)])
+    header = ["unit", "params", "home", "grads", "opt states", "home", "outputs kept", "fwd work", "bwd work",
+              "fwd FLOP", "bwd FLOP"]
+    note = ["  params: the compute-dtype copy streamed to the GPU ring; opt states: Adam m, v and the fp32 master",
+            "  (for fp32 models the master is the params copy); a group read by several units belongs to the first;",
+            "  outputs kept: the unit's boundary activations and where they wait for backward; work: GPU workspace",
+            "  of the unit's forward, and of its recompute + backward"]
+    return ["", "Per unit"] + _table(header, out_rows, "lrlrrllrrrr") + note
+
+
+def _step_section(plan: Plan, measured: StepRecord | None, figures: list[StepFigures]) -> list[str]:
+    real = measured_by_step(plan, measured) if measured is not None else None
+    largest = max(max((f.length for f in figures), default=0.0), max((f.seconds["optimizer"] for f in figures),
+                                                                      default=0.0))
+    if real is not None:
+        largest = max([largest] + [v for lanes in real.values() for v in lanes.values()])
+    unit, scale = _time_unit(largest)
+    show_ssd = any(f.nbytes["ssd"] for f in figures) or bool(real and any(v["ssd"] for v in real.values()))
+    lanes = [lane for lane in LANES if lane != "ssd" or show_ssd]
+    keys, items = [], []
+    for f, step in zip(figures, plan.steps):
+        cells = ([_b(f.gpu)] + [_b(f.nbytes[lane]) for lane in lanes if lane not in ("compute", "optimizer")]
+                 + [_t(f.seconds[lane], scale) for lane in lanes] + [f.bound])
+        unit_kind = plan.units[step.unit].kind
+        # Only repeated blocks merge: the embedding and head rows stay visible whatever their figures.
+        keys.append((step.phase, unit_kind, tuple(cells)) if unit_kind == "block" else (step.index,))
+        items.append((f, step, cells))
+    rows = []
+    for run in _merge_runs(keys, items):
+        first, last = run[0], run[-1]
+        step_text = str(first[1].index) if len(run) == 1 else f"{first[1].index}..{last[1].index}"
+        label = f"{first[1].phase} {short_range([plan.units[s.unit].name for _, s, _ in run])}"
+        row = [step_text, label] + first[2]
+        if real is not None:
+            n = len(run)
+            peaks = measured.gpu_peak_by_step
+            peak = [peaks[s.index] for _, s, _ in run if s.index < len(peaks)]
+            row += ["|", _b(sum(peak) // len(peak)) if peak else "-"]
+            for lane in lanes:
+                row.append(_t(sum(real.get(s.index, {}).get(lane, 0.0) for _, s, _ in run) / n, scale))
+        rows.append(row)
+    moved = [lane for lane in lanes if lane not in ("compute", "optimizer")]
+    header = (["step", "unit", "GPU"] + [f"{LANE_TITLES[lane]} bytes" for lane in moved]
+              + [("optim" if lane == "optimizer" else LANE_TITLES[lane]) + f" {unit}" for lane in lanes] + ["bound"])
+    align = "rl" + "r" * (1 + len(moved) + len(lanes)) + "l"
+    if real is not None:
+        header += ["|", "meas. GPU"] + [("optim" if lane == "optimizer" else LANE_TITLES[lane]) + f" {unit}"
+                                     for lane in lanes]
+        align += "l" + "r" * (1 + len(lanes))
+    title = "Per step (predicted; a step lasts its longest GPU lane, the CPU optimizer runs beside"
+    title += "; measured figures on merged rows are means)" if real is not None else ")"
+    lines = ["", title] + _table(header, rows, align)
+    if real is not None and -1 in real:
+        outside = real[-1]
+        lines.append("  outside the timeline: " + ", ".join(f"{LANE_TITLES[k]} {_t(v, scale)} {unit}"
+                                                              for k, v in outside.items() if v))
+    return lines
+
+
+def plan_summary(plan: Plan, measured: StepRecord | None = None) -> str:
+    """The summary text of ``plan``; with ``measured`` the measured figures beside the predicted ones."""
+    figures = step_figures(plan)
+    lines = (_header(plan, measured) + _tier_section(plan, measured) + _lane_section(plan, measured, figures)
+             + _unit_section(plan) + _step_section(plan, measured, figures))
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["CATEGORIES", "LANES", "StepFigures", "gpu_category", "host_category", "measured_by_step",
+           "memory_by_tier", "plan_summary", "predicted_breakdown", "step_figures", "tail_name"]

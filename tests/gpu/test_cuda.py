@@ -88,3 +88,33 @@ def test_peak_gpu_memory_stays_within_a_budget_smaller_than_the_model():
     engine.close()
     print(f"\n[peak] model {model_bytes} B, budget {budget} B, measured peak {peak} B")
     assert peak <= budget, f"measured {peak} > budget {budget}"
+
+
+def test_bf16_with_optimizer_states_on_ssd_equals_pytorch_mixed_precision(tmp_path):
+    from ratel.ir import Tier
+    from ratel.passes.plan_placement import host_usage, uses_torch_adam
+    model = make_model("gpt_untied", dropout=0.0, layers=4, dtype=torch.bfloat16)
+    data = batches(6, batch=4, seq=32)
+    ref_losses, ref_masters = mixed_precision_reference(model, data, 1e-3, 0.1)
+    probe = ratel.compile(model, budget="2GiB", example_inputs=(data[0][0],), device="cuda", progress=False)
+    plan = probe.plan
+    probe.close()
+    tiers = {g.name: Tier.SSD for g in plan.groups if g.trainable}
+    host = sum(b for _, b in host_usage(plan.groups, tiers, plan.placement.activations, uses_torch_adam()))
+    engine = ratel.compile(model, budget=ratel.Budget(gpu="2GiB", host=host, ssd_dir=str(tmp_path)),
+                           optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1), example_inputs=(data[0][0],),
+                           device="cuda", progress=False)
+    assert any(t == Tier.SSD for _, t in engine.plan.placement.optimizer_tier)
+    losses = []
+    for step, (ids, labels) in enumerate(data):
+        torch.manual_seed(1000 + step)
+        loss = engine(ids, labels=labels).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    state = engine.state_dict()
+    assert engine.host_bytes_allocated() <= host
+    engine.close()
+    assert losses == ref_losses
+    for name, master in ref_masters.items():
+        assert torch.equal(state[name], master.detach()), name

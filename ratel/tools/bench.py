@@ -1,0 +1,200 @@
+"""Throughput benchmark: Ratel against GPU-resident PyTorch on the reference GPT, in the same run.
+
+For one shape (layers, hidden, heads, batch, sequence) it measures, after one warm-up step, the mean step
+time of Ratel under a GPU budget (by default the smallest the planner accepts) and of plain PyTorch with
+everything on the device (the model in its dtype, fp32 master weights and fused AdamW), when that fits.
+It reports step time, tokens/s and model TFLOPS by DESIGN.md's convention:
+
+    model FLOPs per step = 6 * N * tokens + 12 * L * h * s^2 * sequences     (recompute not counted)
+
+with N every parameter counted once (tied embeddings once). With ``engine.profile`` available, one more
+step is recorded and its summary (measured beside predicted) and plots are written to ``out``.
+On a machine without CUDA it runs on the CPU, where the "GPU" tier is host memory: useful at tiny shapes to
+check the path end to end, not as a performance figure.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ratel.ir import format_bytes
+
+
+def model_flops(n_params: int, layers: int, hidden: int, batch: int, seq: int) -> float:
+    """FLOPs of one training step (forward + backward), DESIGN.md's convention."""
+    return 6.0 * n_params * batch * seq + 12.0 * layers * hidden * seq * seq * batch
+
+
+@dataclass
+class BenchResult:
+    rows: list[tuple[str, str]]
+    ratel_step: float
+    baseline_step: float | None
+    plan: object
+    measured: object | None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(step, steps: int, device: torch.device) -> float:
+    step()                                   # warm-up: allocator, kernels, the first plan
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def _baseline(cfg, dtype, ids, steps: int, device: torch.device) -> tuple[float | None, str, int]:
+    """Mean step time of GPU-resident PyTorch (None when it does not fit), a note, and its peak bytes."""
+    from ratel.models import GPT
+
+    n_params = cfg.num_parameters()
+    if device.type == "cpu":
+        from ratel.hardware import _host_memory
+        # weights + grads in dtype, fp32 master + Adam states: refuse before the OOM killer does.
+        need = n_params * (2 * dtype.itemsize + 12 + (4 if dtype != torch.float32 else 0))
+        if need > 0.6 * _host_memory():
+            return None, f"needs ~{format_bytes(need)} of host memory", 0
+    try:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = GPT(cfg).to(dtype).train()
+        params = list(model.parameters())
+        masters = [p.detach().float().requires_grad_() for p in params] if dtype != torch.float32 else params
+        fused = device.type == "cuda" or hasattr(torch, "_fused_adamw_")
+        opt = torch.optim.AdamW(masters, lr=1e-5, fused=fused)
+
+        def step():
+            model(ids, labels=ids).loss.backward()
+            if masters is not params:
+                for m, p in zip(masters, params):
+                    m.grad = p.grad.float()
+                    p.grad = None
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if masters is not params:
+                with torch.no_grad():
+                    for m, p in zip(masters, params):
+                        p.copy_(m)
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = _time(step, steps, device)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+        return seconds, "", peak
+    except torch.OutOfMemoryError:
+        return None, "does not fit in GPU memory", 0
+    finally:
+        model = masters = params = opt = None   # noqa: F841 - drop references before emptying the cache
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run_bench(layers: int, hidden: int, heads: int, batch: int, seq: int, *, vocab: int = 50304,
+              budget=None, steps: int = 5, device: str = "auto", dtype: torch.dtype | None = None,
+              baseline: bool = True, out: str | Path | None = None, log=print) -> BenchResult:
+    """Run the benchmark and print its table with ``log``; returns the figures."""
+    import ratel
+    from ratel.hardware import HardwareProfile
+    from ratel.models import GPT, GPTConfig
+    from ratel.tools.explain import explain
+
+    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                          "cpu" if device == "auto" else device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    cfg = GPTConfig(vocab_size=vocab, n_layer=layers, n_head=heads, d_model=hidden, max_seq_len=seq)
+    n_params = cfg.num_parameters()
+    tokens = batch * seq
+    flops = model_flops(n_params, layers, hidden, batch, seq)
+    hardware = HardwareProfile.detect(device)
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+
+    with torch.device("meta"):
+        meta_model = GPT(cfg).to(dtype).train()
+    if budget is None:
+        # The smallest budget the planner accepts for this shape: everything that can stream, streams.
+        budget = explain(meta_model, "1TiB", (ids,), hardware=hardware, device=device).memory.gpu_peak
+    log(f"Ratel bench on {hardware.name} ({device}): GPT {layers}L h={hidden} {heads} heads "
+        f"({n_params / 1e6:,.1f} M params, {str(dtype).replace('torch.', '')}), batch {batch} x seq {seq}")
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        base_alloc = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    engine = ratel.compile(meta_model, budget=budget, optimizer=ratel.AdamW(lr=1e-5), example_inputs=(ids,),
+                           device=device, hardware=hardware, progress=False)
+    measured = None
+    try:
+        def ratel_step():
+            engine.backward(engine(ids, labels=ids).loss)
+            engine.step()
+
+        ratel_seconds = _time(ratel_step, steps, device)
+        ratel_peak = torch.cuda.max_memory_allocated(device) - base_alloc if device.type == "cuda" else 0
+        plan = engine.plan
+        if hasattr(engine, "profile"):
+            # One recorded step for the measured-beside-predicted summary and plots (not timed above).
+            engine.profile = True
+            ratel_step()
+            engine.profile = False
+            measured = getattr(engine, "last_step", None)
+    finally:
+        engine.close()
+        del engine
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    baseline_seconds, why, baseline_peak = (None, "skipped (--no-baseline)", 0)
+    if baseline:
+        baseline_seconds, why, baseline_peak = _baseline(cfg, dtype, ids, steps, device)
+
+    def speed(seconds: float) -> str:
+        return f"{seconds * 1e3:,.1f} ms, {tokens / seconds:,.0f} tokens/s, {flops / seconds / 1e12:,.2f} model TFLOPS"
+
+    rows = [
+        ("parameters", f"{n_params:,} ({format_bytes(n_params * dtype.itemsize)} in {str(dtype).replace('torch.', '')})"),
+        ("GPU budget", format_bytes(int(ratel.parse_bytes(budget)))),
+        ("planned GPU peak", format_bytes(plan.memory.gpu_peak)),
+    ]
+    if device.type == "cuda":
+        rows.append(("measured GPU peak", format_bytes(ratel_peak)))
+    rows += [
+        ("Ratel step", speed(ratel_seconds)),
+        ("Ratel predicted step", f"{plan.times.total * 1e3:,.1f} ms"),
+        ("GPU-resident PyTorch step", speed(baseline_seconds) if baseline_seconds else why),
+    ]
+    if baseline_seconds:
+        if baseline_peak:
+            rows.append(("GPU-resident PyTorch peak", format_bytes(baseline_peak)))
+        rows.append(("Ratel / PyTorch step time", f"{ratel_seconds / baseline_seconds:.2f}x"))
+    rows.append(("steps timed", f"{steps} (after 1 warm-up)"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        log(f"  {key:<{width}}  {value}")
+
+    if out is not None:
+        from ratel.tools.plots import save_plots
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.txt").write_text(plan.summary(measured))
+        paths = save_plots(plan, out, measured)
+        log(f"wrote {out / 'summary.txt'}, " + ", ".join(str(p) for p in paths)
+            + ("" if measured is not None else " (predicted only: this engine records no measured step)"))
+    return BenchResult(rows=rows, ratel_step=ratel_seconds, baseline_step=baseline_seconds, plan=plan,
+                       measured=measured)
+
+
+__all__ = ["BenchResult", "model_flops", "run_bench"]

@@ -1,0 +1,89 @@
+"""``ratel.explain``: the Plan for a model, budget and machine, without running or allocating anything.
+
+It is ``ratel.compile`` stopped before the parameter store: the model is captured with torch.export and the
+pass pipeline plans it, exactly as the Engine would plan its first call (same keyword defaults, same
+budget resolution), so the Plan it returns is the one ``compile`` would execute. Nothing is materialised:
+a model created on the ``meta`` device stays there, and the passes measure memory on fake tensors, so a
+175B plan is made on a laptop CPU in seconds.
+
+The target need not be this machine: ``device="cuda"`` (the default) plans for a GPU with the hardware
+profile given, or, with none given, this machine's cached GPU profile when it has a GPU and the project's
+H100 figures otherwise.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from ratel.hardware import HardwareProfile
+from ratel.ir import Plan
+
+
+def target_device(device: str | torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:N`` as ``compile`` names it (``cuda:0`` when planning for a GPU this machine lacks)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        device = torch.device("cuda", index)
+    return device
+
+
+def target_hardware(device: torch.device, hardware: HardwareProfile | None) -> HardwareProfile:
+    """The profile predictions are made with. Never measures: explaining must not run anything."""
+    if hardware is not None:
+        return hardware
+    if device.type != "cuda":
+        return HardwareProfile.cpu()
+    if torch.cuda.is_available():
+        return HardwareProfile.detect(device, measure=False)
+    return HardwareProfile.h100()
+
+
+def call_arguments(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None) -> dict[str, Any]:
+    """The keyword arguments of a training call, as ``compile`` and the Engine complete and order them."""
+    params = inspect.signature(model.forward).parameters
+    kwargs = dict(example_kwargs or {})
+    if example_kwargs is None and "labels" in params and example_inputs:
+        kwargs["labels"] = example_inputs[0]
+    # NOTE: mirrors Engine._program: HF models are traced without a KV cache and keywords are sorted, so
+    # the graph (and every dump) is the one the Engine plans.
+    if "use_cache" in params:
+        kwargs = {"use_cache": False, **kwargs}
+    return dict(sorted(kwargs.items()))
+
+
+def explain(model: nn.Module, budget, example_inputs, example_kwargs: dict | None = None, *,
+            hardware: HardwareProfile | None = None, device: str | torch.device = "cuda", depth: int = 2) -> Plan:
+    """Plan ``model`` for training under ``budget`` and return the Plan; nothing runs, nothing is allocated.
+
+    model           an nn.Module, on the meta device (nothing is materialised) or the CPU
+    budget          GPU bytes ("24GiB", an int) or a ``ratel.Budget``; the host budget defaults to 90% of
+                    the target's host memory, as in ``compile``
+    example_inputs  the positional inputs of one training call (a tensor or a tuple; any device: only shapes
+                    and dtypes are read). ``labels`` defaults to the first input for models that take labels.
+    hardware        the profile times are predicted with (default: see the module docstring)
+    device          the device the plan is for (default "cuda", whether or not this machine has one)
+
+    Raises ``BudgetError`` (with the minimum needed) when the budget cannot hold the plan, as ``compile`` does.
+    """
+    from ratel.api import Budget, plan_program
+    from ratel.trace import trace_model
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"ratel.explain expects an nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    device = target_device(device)
+    hardware = target_hardware(device, hardware)
+    budget = (budget if isinstance(budget, Budget) else Budget(gpu=budget)).resolved(hardware)
+    kwargs = call_arguments(model, example_inputs, example_kwargs)
+    traced = trace_model(model, example_inputs, kwargs)
+    _, plan = plan_program(traced, budget, hardware, device, depth)
+    return plan
+
+
+__all__ = ["explain"]
