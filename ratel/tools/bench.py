@@ -124,8 +124,9 @@ def run_bench(layers: int, hidden: int, heads: int, batch: int, seq: int, *, voc
     with torch.device("meta"):
         meta_model = GPT(cfg).to(dtype).train()
     if budget is None:
-        # The smallest budget the planner accepts for this shape: everything that can stream, streams.
-        budget = explain(meta_model, "1TiB", (ids,), hardware=hardware, device=device).memory.gpu_peak
+        # The smallest budget the planner accepts for this shape: every unit recomputed from its inputs.
+        budget = explain(meta_model, "1TiB", (ids,), hardware=hardware, device=device,
+                         activations="recompute").memory.gpu_peak
     log(f"Ratel bench on {hardware.name} ({device}): GPT {layers}L h={hidden} {heads} heads "
         f"({n_params / 1e6:,.1f} M params, {str(dtype).replace('torch.', '')}), batch {batch} x seq {seq}")
 
@@ -164,8 +165,9 @@ def run_bench(layers: int, hidden: int, heads: int, batch: int, seq: int, *, voc
     def speed(seconds: float) -> str:
         return f"{seconds * 1e3:,.1f} ms, {tokens / seconds:,.0f} tokens/s, {flops / seconds / 1e12:,.2f} model TFLOPS"
 
+    dtype_name = str(dtype).replace("torch.", "")
     rows = [
-        ("parameters", f"{n_params:,} ({format_bytes(n_params * dtype.itemsize)} in {str(dtype).replace('torch.', '')})"),
+        ("parameters", f"{n_params:,} ({format_bytes(n_params * dtype.itemsize)} in {dtype_name})"),
         ("GPU budget", format_bytes(int(ratel.parse_bytes(budget)))),
         ("planned GPU peak", format_bytes(plan.memory.gpu_peak)),
     ]

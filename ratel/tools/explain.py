@@ -12,14 +12,17 @@ H100 figures otherwise.
 """
 from __future__ import annotations
 
-import inspect
+import logging
+import time
 from typing import Any
 
 import torch
 from torch import nn
 
 from ratel.hardware import HardwareProfile
-from ratel.ir import Plan
+from ratel.ir import Plan, format_bytes
+
+log = logging.getLogger("ratel.tools")
 
 
 def target_device(device: str | torch.device) -> torch.device:
@@ -43,20 +46,14 @@ def target_hardware(device: torch.device, hardware: HardwareProfile | None) -> H
 
 
 def call_arguments(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None) -> dict[str, Any]:
-    """The keyword arguments of a training call, as ``compile`` and the Engine complete and order them."""
-    params = inspect.signature(model.forward).parameters
-    kwargs = dict(example_kwargs or {})
-    if example_kwargs is None and "labels" in params and example_inputs:
-        kwargs["labels"] = example_inputs[0]
-    # NOTE: mirrors Engine._program: HF models are traced without a KV cache and keywords are sorted, so
-    # the graph (and every dump) is the one the Engine plans.
-    if "use_cache" in params:
-        kwargs = {"use_cache": False, **kwargs}
-    return dict(sorted(kwargs.items()))
+    """The keyword arguments of a training call, completed and ordered exactly as ``compile`` does."""
+    from ratel.api import _default_kwargs, call_kwargs
+    return call_kwargs(model, _default_kwargs(model, example_inputs, example_kwargs))
 
 
 def explain(model: nn.Module, budget, example_inputs, example_kwargs: dict | None = None, *,
-            hardware: HardwareProfile | None = None, device: str | torch.device = "cuda", depth: int = 2) -> Plan:
+            hardware: HardwareProfile | None = None, device: str | torch.device = "cuda", depth: int = 2,
+            activations: str = "auto") -> Plan:
     """Plan ``model`` for training under ``budget`` and return the Plan; nothing runs, nothing is allocated.
 
     model           an nn.Module, on the meta device (nothing is materialised) or the CPU
@@ -66,6 +63,7 @@ def explain(model: nn.Module, budget, example_inputs, example_kwargs: dict | Non
                     and dtypes are read). ``labels`` defaults to the first input for models that take labels.
     hardware        the profile times are predicted with (default: see the module docstring)
     device          the device the plan is for (default "cuda", whether or not this machine has one)
+    activations     the activation policy, as in ``compile`` ("auto", "recompute", "keep", "host", "ssd")
 
     Raises ``BudgetError`` (with the minimum needed) when the budget cannot hold the plan, as ``compile`` does.
     """
@@ -81,8 +79,12 @@ def explain(model: nn.Module, budget, example_inputs, example_kwargs: dict | Non
     hardware = target_hardware(device, hardware)
     budget = (budget if isinstance(budget, Budget) else Budget(gpu=budget)).resolved(hardware)
     kwargs = call_arguments(model, example_inputs, example_kwargs)
+    start = time.perf_counter()
     traced = trace_model(model, example_inputs, kwargs)
-    _, plan = plan_program(traced, budget, hardware, device, depth)
+    _, plan = plan_program(traced, budget, hardware, device, depth, activations)
+    log.info("explained %s for %s in %.1f s: GPU peak %s of %s, host %s, predicted step %.3g s",
+             type(model).__name__, device, time.perf_counter() - start, format_bytes(plan.memory.gpu_peak),
+             format_bytes(plan.budget_gpu), format_bytes(plan.memory.host_total), plan.times.total)
     return plan
 
 

@@ -110,7 +110,7 @@ def unit_ticks(plan: Plan, max_per_phase: int = 12) -> tuple[list[int], list[str
 def declutter(xs: list[float], labels: list[str], px_per_x: float, fontsize: float) -> tuple[list[float], list[str]]:
     """Keep labels in the given (priority) order unless they would overlap one already kept; sorted by x."""
     def half_width(label: str) -> float:
-        return len(label) * fontsize * 0.62 / 2 + 3      # px, DejaVu Sans averages ~0.6 em per character
+        return len(label) * fontsize * 0.62 / 2 + 5      # px, DejaVu Sans averages ~0.6 em per character
 
     kept: list[tuple[float, str]] = []
     for x, label in zip(xs, labels):
@@ -120,14 +120,16 @@ def declutter(xs: list[float], labels: list[str], px_per_x: float, fontsize: flo
     return [x for x, _ in kept], [label for _, label in kept]
 
 
-def _phase_marks(ax, plan: Plan, x_of_step, y: float = 1.0, va: str = "bottom") -> None:
-    """Shade the backward half and name both halves (``y`` in axes fraction)."""
+def _phase_marks(ax, plan: Plan, x_of_step, y: float = 1.0, va: str = "bottom", px_per_x: float = 0.0) -> None:
+    """Shade the backward half and name both halves (``y`` in axes fraction) where the names fit."""
     first_bwd = next((s.index for s in plan.steps if s.phase == Phase.BWD), None)
     if first_bwd is None:
         return
     start, end = x_of_step(first_bwd), x_of_step(len(plan.steps))
     ax.axvspan(start, end, color="#EEEEEE", zorder=0, lw=0)
-    for x, text in ((x_of_step(0), " forward"), (start, " backward")):
+    for x, x_end, text in ((x_of_step(0), start, " forward"), (start, end, " backward")):
+        if px_per_x and (x_end - x) * px_per_x < len(text) * 9 * 0.62:
+            continue    # too narrow to name (a step dominated by the optimizer's tail); the shading remains
         ax.text(x, y, text, transform=ax.get_xaxis_transform(), ha="left", va=va, fontsize=9, color="#555555")
 
 
@@ -158,7 +160,8 @@ def plot_memory(plan: Plan, measured: StepRecord | None = None, path: str | Path
     n = len(plan.steps)
     series = gpu_series(plan)
     peak = plan.memory.gpu_peak
-    measured_peaks = list(measured.gpu_peak_by_step[:n]) if measured is not None else []
+    # A CPU run records no GPU peaks (all zero): nothing to draw.
+    measured_peaks = list(measured.gpu_peak_by_step[:n]) if measured is not None and measured.gpu_peak else []
     top = max([peak] + measured_peaks) * 1.18 or 1
     # A budget within a few times the peak is drawn (the headroom is the message); a far larger one would
     # flatten the plot into a line, so it is written instead.
@@ -207,7 +210,7 @@ def plot_memory(plan: Plan, measured: StepRecord | None = None, path: str | Path
     ax.set_ylabel(f"GPU memory ({unit})")
     ax.set_title(f"GPU memory over one training step (planned peak {_fmt_bytes(peak)} of "
                  f"{_fmt_bytes(plan.budget_gpu)} budget)" + (f"; measured peak {_fmt_bytes(measured.gpu_peak)}"
-                                                            if measured is not None else ""),
+                                                            if measured_peaks else ""),
                  loc="left", fontsize=11, pad=16)
     ax.grid(axis="y", color="#DDDDDD", lw=0.6, zorder=1)
     ax.set_axisbelow(True)
@@ -226,7 +229,10 @@ def plot_memory(plan: Plan, measured: StepRecord | None = None, path: str | Path
                          color=CATEGORY_COLORS.get(category, "#BBBBBB"), zorder=2)
                 bottom += nbytes / side_scale
         total = plan.memory.host_total if tier == "host" else plan.memory.ssd_total
-        side.text(x, bottom, _fmt_bytes(total), ha="center", va="bottom", fontsize=8.5)
+        label_at = bottom
+        if tier == "host" and host_budget_on_scale and abs(plan.budget_host - total) < 0.06 * side_top:
+            label_at = max(bottom, plan.budget_host / side_scale) + 0.02 * side_top / side_scale  # clear the line
+        side.text(x, label_at, _fmt_bytes(total), ha="center", va="bottom", fontsize=8.5)
     if host_budget_on_scale:
         side.hlines(plan.budget_host / side_scale, -0.4, 0.4, color="#C00000", ls="--", lw=1.3, zorder=4)
         side.text(0.42, plan.budget_host / side_scale, "budget", color="#C00000", va="center", fontsize=8)
@@ -317,6 +323,42 @@ def _end_marker(ax, x: float, text: str, color: str, right: bool) -> None:
             zorder=5, bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=0.5))
 
 
+def _draw_predicted(ax, plan: Plan, bars, starts: list[float], end: float, title: str) -> None:
+    """One panel of predicted lanes from 0 to ``end`` seconds."""
+    n = len(plan.steps)
+    phase_of = {s.index: s.phase for s in plan.steps}
+    prefix = _block_prefix(plan)
+    total = plan.times.total
+    unit, scale = _time_unit(end)
+    span = end / scale
+    rows = _lane_axis(ax, list(LANES))
+    for lane, items in bars.items():
+        for start, duration, step in items:
+            if start / scale > span:
+                continue
+            color = BACKWARD_COMPUTE if lane == "compute" and phase_of[step] == Phase.BWD else LANE_COLORS[lane]
+            # At least ~1 px wide, so short copies on a long timeline stay visible.
+            width = max(duration / scale, span / _AXIS_PX)
+            ax.broken_barh([(start / scale, width)], (rows[lane] - 0.36, 0.72), facecolors=color,
+                           edgecolor="white" if n <= 60 else "none", linewidth=0.5, zorder=2)
+            name = _short(plan, plan.steps[step].unit, prefix)
+            # Name a compute bar only where the name fits inside it.
+            if lane == "compute" and duration / scale * _AXIS_PX / span > len(name) * 7.5 * 0.62 + 6:
+                ax.text((start + duration / 2) / scale, rows[lane], name, ha="center", va="center", fontsize=7.5,
+                        color="white", clip_on=True, zorder=3)
+    _phase_marks(ax, plan, lambda i: starts[i] / scale, y=0.99, va="top", px_per_x=_AXIS_PX / span)
+    if n <= 40:
+        for x in starts[1:-1]:
+            ax.axvline(x / scale, color="#D5D5D5", lw=0.5, zorder=1)
+    if total / scale <= span:
+        _end_marker(ax, total / scale, f"step ends {format_seconds(total)}", "#C00000", right=True)
+    ax.set_title(title, loc="left", fontsize=11)
+    _unit_labels_on_top(ax, plan, {i: (starts[i] + starts[i + 1]) / 2 for i in range(n)}, scale, span)
+    ax.set_xlim(0, span)
+    ax.set_xlabel(f"predicted time since the step's forward began ({unit})", fontsize=9)
+    ax.grid(axis="x", color="#E0E0E0", lw=0.6, zorder=0)
+
+
 def plot_timeline(plan: Plan, measured: StepRecord | None = None, path: str | Path | None = None):
     """The step's lanes over time: predicted, and measured in a second panel. Returns the Figure.
 
@@ -327,45 +369,25 @@ def plot_timeline(plan: Plan, measured: StepRecord | None = None, path: str | Pa
 
     bars, starts = predicted_lanes(plan)
     total = plan.times.total
-    lanes = list(LANES)
-    panels = 2 if measured is not None else 1
+    gpu_end = starts[-1]
+    # When the CPU optimizer / SSD tail dwarfs the GPU's part, a second panel zooms into the GPU's part.
+    zoom = 0 < gpu_end < 0.3 * total
+    panels = 1 + zoom + (measured is not None)
     fig, axes = plt.subplots(panels, 1, figsize=(13, 3.1 * panels + 0.7), layout="constrained", squeeze=False)
+    split = predicted_breakdown(plan)
+    _draw_predicted(axes[0][0], plan, bars, starts, total * 1.02,
+                    f"Predicted step {format_seconds(total)} = compute {format_seconds(split['compute'])}"
+                    f" + GPU waiting for copies {format_seconds(split['copy stalls'])}"
+                    f" + {tail_name(plan)} {format_seconds(split['optimizer tail'])}")
+    if zoom:
+        _draw_predicted(axes[1][0], plan, bars, starts, gpu_end * 1.02,
+                        f"Predicted, the GPU's part ({format_seconds(gpu_end)}) enlarged")
+    lanes = list(LANES)
     phase_of = {s.index: s.phase for s in plan.steps}
     n = len(plan.steps)
 
-    ax = axes[0][0]
-    unit, scale = _time_unit(total)
-    span = total * 1.02 / scale
-    rows = _lane_axis(ax, lanes)
-    for lane, items in bars.items():
-        for start, duration, step in items:
-            color = BACKWARD_COMPUTE if lane == "compute" and phase_of[step] == Phase.BWD else LANE_COLORS[lane]
-            # At least ~1 px wide, so short copies on a long timeline stay visible.
-            width = max(duration / scale, span / _AXIS_PX)
-            ax.broken_barh([(start / scale, width)], (rows[lane] - 0.36, 0.72), facecolors=color,
-                           edgecolor="white" if n <= 60 else "none", linewidth=0.5, zorder=2)
-            name = _short(plan, plan.steps[step].unit, _block_prefix(plan))
-            # Name a compute bar only where the name fits inside it.
-            if lane == "compute" and duration / scale * _AXIS_PX / span > len(name) * 7.5 * 0.62 + 6:
-                ax.text((start + duration / 2) / scale, rows[lane], name, ha="center", va="center", fontsize=7.5,
-                        color="white", clip_on=True, zorder=3)
-    _phase_marks(ax, plan, lambda i: starts[i] / scale, y=0.99, va="top")
-    if n <= 40:
-        for x in starts[1:-1]:
-            ax.axvline(x / scale, color="#D5D5D5", lw=0.5, zorder=1)
-    _end_marker(ax, total / scale, f"step ends {format_seconds(total)}", "#C00000", right=True)
-    split = predicted_breakdown(plan)
-    ax.set_title(f"Predicted step {format_seconds(total)} = compute {format_seconds(split['compute'])}"
-                 f" + GPU waiting for copies {format_seconds(split['copy stalls'])}"
-                 f" + {tail_name(plan)} {format_seconds(split['optimizer tail'])}",
-                 loc="left", fontsize=11)
-    _unit_labels_on_top(ax, plan, {i: (starts[i] + starts[i + 1]) / 2 for i in range(n)}, scale, span)
-    ax.set_xlim(0, span)
-    ax.set_xlabel(f"predicted time since the step's forward began ({unit})", fontsize=9)
-    ax.grid(axis="x", color="#E0E0E0", lw=0.6, zorder=0)
-
     if measured is not None:
-        mx = axes[1][0]
+        mx = axes[-1][0]
         end = max([measured.wall, total] + [s.end for s in measured.spans])
         munit, mscale = _time_unit(end)
         mspan = end * 1.02 / mscale
@@ -388,7 +410,8 @@ def plot_timeline(plan: Plan, measured: StepRecord | None = None, path: str | Pa
         step_starts = {k: min(v) for k, v in centers.items() if 0 <= k < n}
         bwd_start = min((t for k, t in step_starts.items() if phase_of[k] == Phase.BWD), default=None)
         if bwd_start is not None:
-            mx.axvspan(bwd_start / mscale, end / mscale, color="#EEEEEE", zorder=0, lw=0)
+            bwd_end = max(max(v) for k, v in centers.items() if 0 <= k < n and phase_of[k] == Phase.BWD)
+            mx.axvspan(bwd_start / mscale, bwd_end / mscale, color="#EEEEEE", zorder=0, lw=0)
             mx.text(bwd_start / mscale, 0.99, " backward", transform=mx.get_xaxis_transform(), va="top",
                     fontsize=9, color="#555555")
         mx.text(0, 0.99, " forward", transform=mx.get_xaxis_transform(), va="top", fontsize=9, color="#555555")

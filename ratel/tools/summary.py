@@ -291,9 +291,11 @@ def _header(plan: Plan, measured: StepRecord | None) -> list[str]:
     ]
     if measured is not None:
         ratio = f", {measured.wall / split['total']:.2f}x predicted" if split["total"] else ""
-        peak_ratio = f", {measured.gpu_peak / plan.memory.gpu_peak:.2f}x planned" if plan.memory.gpu_peak else ""
-        lines.append(f"  measured     step {format_seconds(measured.wall)}{ratio}; GPU peak "
-                     f"{format_bytes(measured.gpu_peak)}{peak_ratio}")
+        peak = "GPU peak not recorded (no CUDA device)"
+        if measured.gpu_peak:
+            peak = f"GPU peak {format_bytes(measured.gpu_peak)}"
+            peak += f", {measured.gpu_peak / plan.memory.gpu_peak:.2f}x planned" if plan.memory.gpu_peak else ""
+        lines.append(f"  measured     step {format_seconds(measured.wall)}{ratio}; {peak}")
     return lines
 
 
@@ -305,7 +307,7 @@ def _tier_section(plan: Plan, measured: StepRecord | None) -> list[str]:
     totals = [sum(tiers[t].values()) for t in ("gpu", "host", "ssd")]
     rows.append(["total"] + [format_bytes(n) for n in totals])
     rows.append(["budget", format_bytes(plan.budget_gpu), format_bytes(plan.budget_host), "-"])
-    if measured is not None:
+    if measured is not None and measured.gpu_peak:
         rows.append(["measured peak", format_bytes(measured.gpu_peak), "", ""])
     peak = plan.steps[plan.memory.gpu_peak_step]
     return (["", f"Memory by tier (GPU: at its peak, step {peak.index} {peak.label(plan.units)})"]

@@ -1,0 +1,58 @@
+"""``python -m ratel plan|bench``: the summary prints, the plots are written, the benchmark runs on a CPU."""
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ratel.cli import main
+
+ROOT = Path(__file__).parents[2]
+
+
+def run(argv):
+    out = io.StringIO()
+    return main(argv, out=out), out.getvalue()
+
+
+def test_python_m_ratel_plan_prints_the_summary_and_writes_the_plots(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "ratel", "plan", "--model", "gpt-tiny", "--budget", "1GiB", "--host", "8GiB",
+         "--batch", "2", "--seq", "32", "--device", "cpu", "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for text in ("gpt-tiny: GPT: 4 layers", "Memory by tier", "Time by lane", "Per unit", "Per step",
+                 "Predicted throughput", "tokens/s"):
+        assert text in result.stdout
+    for name in ("memory.png", "timeline.png"):
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_budget_too_small_exits_2_with_what_it_needs(tmp_path):
+    code, out = run(["plan", "--model", "gpt-tiny", "--budget", "64KiB", "--host", "8GiB", "--seq", "32",
+                     "--device", "cpu", "--no-plots"])
+    assert code == 2
+    assert "does not fit" in out and "at least" in out and "--budget" in out
+
+
+def test_plan_lists_presets_and_refuses_what_it_cannot_plan(capsys):
+    code, out = run(["plan", "--list"])
+    assert code == 0 and "gpt-175b" in out and "llama-70b" in out
+    code, _ = run(["plan", "--model", "gpt-tiny", "--seq", "4096", "--device", "cpu"])
+    assert code == 1 and "learned positions" in capsys.readouterr().err
+
+
+def test_bench_runs_a_tiny_shape_on_the_cpu(tmp_path):
+    code, out = run(["bench", "--layers", "2", "--hidden", "64", "--heads", "2", "--vocab", "128", "--batch", "2",
+                     "--seq", "32", "--steps", "2", "--device", "cpu", "--out", str(tmp_path)])
+    assert code == 0
+    assert "Ratel step" in out and "tokens/s" in out and "model TFLOPS" in out
+    assert "GPU-resident PyTorch step" in out and "Ratel / PyTorch step time" in out
+    assert (tmp_path / "summary.txt").read_text().startswith("Ratel plan for cpu")
+    assert (tmp_path / "timeline.png").exists()
+
+
+def test_model_flops_follow_the_design_convention():
+    from ratel.tools.bench import model_flops
+    # 6·N·tokens + 12·L·h·s² per sequence
+    assert model_flops(1000, 2, 64, batch=3, seq=16) == 6 * 1000 * 48 + 12 * 2 * 64 * 16 ** 2 * 3

@@ -1,0 +1,60 @@
+"""plan.summary(): golden text for the tiny GPT, predicted and beside a measured step; deterministic."""
+import pytest
+from plan_util import assert_golden, fake_record, tiny_plan
+
+from ratel.ir import format_bytes
+from ratel.tools.summary import memory_by_tier, predicted_breakdown, step_figures
+
+
+def test_summary_matches_golden():
+    assert_golden("tiny_summary.txt", tiny_plan().summary())
+
+
+def test_summary_with_a_measured_step_matches_golden():
+    plan = tiny_plan()
+    assert_golden("tiny_summary_measured.txt", plan.summary(fake_record(plan)))
+
+
+def test_summary_is_deterministic_and_shows_every_section():
+    first, second = tiny_plan().summary(), tiny_plan().summary()
+    assert first == second
+    for heading in ("Memory by tier", "Time by lane", "Per unit", "Per step"):
+        assert heading in first
+    for unit in ("embed", "blocks.0", "blocks.1", "head"):
+        assert unit in first
+
+
+def test_the_tier_table_adds_up_to_the_planned_totals():
+    plan = tiny_plan()
+    tiers = memory_by_tier(plan)
+    assert sum(tiers["gpu"].values()) == plan.memory.gpu_peak
+    assert sum(tiers["host"].values()) == plan.memory.host_total
+    assert sum(tiers["ssd"].values()) == plan.memory.ssd_total
+    total_row = next(line for line in plan.summary().splitlines() if line.strip().startswith("total "))
+    assert total_row.split()[1:3] == format_bytes(plan.memory.gpu_peak).split()
+
+
+def test_the_predicted_step_splits_into_compute_stalls_and_tail():
+    plan = tiny_plan()
+    split = predicted_breakdown(plan)
+    assert split["compute"] + split["copy stalls"] + split["optimizer tail"] == pytest.approx(plan.times.total)
+    assert split["compute"] == pytest.approx(plan.times.compute)
+    figures = step_figures(plan)
+    assert [f.step for f in figures] == [s.index for s in plan.steps]
+    assert all(f.bound in ("compute", "h2d", "d2h", "") for f in figures)
+
+
+def test_measured_figures_stand_beside_the_predicted():
+    plan = tiny_plan()
+    record = fake_record(plan, slowdown=3.0)
+    text = plan.summary(record)
+    assert f"{record.wall / plan.times.total:.2f}x predicted" in text
+    assert f"GPU peak {format_bytes(record.gpu_peak)}" in text
+    assert "meas. GPU" in text
+
+
+def test_a_cpu_run_without_gpu_peaks_says_so():
+    plan = tiny_plan()
+    record = fake_record(plan, gpu_extra=0)
+    record = type(record)(spans=record.spans, gpu_peak_by_step=(0,) * len(plan.steps), gpu_peak=0, wall=record.wall)
+    assert "GPU peak not recorded" in plan.summary(record)
