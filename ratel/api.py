@@ -9,12 +9,12 @@ by all of them.
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import logging
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -29,6 +29,7 @@ from ratel.runtime.engine import Runtime
 from ratel.runtime.memory import ALIGN, Lanes, PinnedPool
 from ratel.runtime.optimizer import AdamW, CPUOptimizer
 from ratel.runtime.recorder import Recorder
+from ratel.runtime.saved import SavedActivations, SsdSaved, saved_pool_bytes
 from ratel.runtime.ssd import SsdStates, model_key
 from ratel.runtime.swapper import Swapper
 from ratel.runtime.param_store import ParamStore, host_pool_bytes
@@ -91,6 +92,7 @@ def _as_budget(budget) -> Budget:
 
 
 def _default_kwargs(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None) -> dict:
+    """Keywords of an example training call: ``labels`` defaults to the first input for models taking labels."""
     params = inspect.signature(model.forward).parameters
     kwargs = dict(example_kwargs or {})
     if example_kwargs is None and "labels" in params and example_inputs:
@@ -98,12 +100,19 @@ def _default_kwargs(model: nn.Module, example_inputs: tuple, example_kwargs: dic
     return kwargs
 
 
+def call_kwargs(model: nn.Module, kwargs: dict) -> dict:
+    """The keywords a call is traced and run with: transformers models without a KV cache, keys sorted so
+    the same call with keywords in another order is the same program."""
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    return dict(sorted({**extra, **kwargs}.items()))
+
+
 class Engine:
     """Trains a compiled model: ``engine(**batch).loss``, ``engine.backward(loss)``, ``engine.step()``."""
 
     def __init__(self, model: nn.Module, budget: Budget, optimizer: AdamW, device: torch.device,
                  hardware: HardwareProfile, weights=None, depth: int = 2, max_programs: int = 4,
-                 progress: bool = True, keep_swap_files: bool = False):
+                 progress: bool = True, keep_swap_files: bool = False, activations: str = "auto"):
         self.model = model
         self.device = device
         self.hardware = hardware
@@ -114,7 +123,6 @@ class Engine:
         self.progress = progress
         self._weights = weights
         self._training = model.training
-        self._extra_kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
         self._programs: OrderedDict[tuple, tuple[torch.fx.GraphModule, Plan, Runtime, PinnedPool | None]] = OrderedDict()
         self._store: ParamStore | None = None
         self._store_pool: PinnedPool | None = None
@@ -122,6 +130,7 @@ class Engine:
         self._swapper: Swapper | None = None
         self._ssd: SsdStates | None = None
         self.keep_swap_files = keep_swap_files
+        self.activations = activations
         self._buffers: dict[str, torch.Tensor] | None = None
         self._lanes = Lanes(device)
         self._latest: tuple | None = None
@@ -136,8 +145,7 @@ class Engine:
         return (self._training, str(spec), shapes)
 
     def _program(self, args: tuple, kwargs: dict):
-        # Sorted keys: the same call with keywords in another order reuses the program.
-        kwargs = dict(sorted({**self._extra_kwargs, **kwargs}.items()))
+        kwargs = call_kwargs(self.model, kwargs)
         flat, spec = pytree.tree_flatten((args, kwargs))
         key = self._key(flat, spec)
         if key in self._programs:
@@ -147,6 +155,8 @@ class Engine:
         self._programs[key] = program
         while len(self._programs) > self.max_programs:
             _, (_, _, old_runtime, old_pool) = self._programs.popitem(last=False)
+            if old_runtime.saved.ssd is not None:
+                old_runtime.saved.ssd.close()
             if old_pool is not None:
                 old_pool.close()
         return program, flat
@@ -160,25 +170,36 @@ class Engine:
             traced = trace_model(self.model, args, kwargs)
         finally:
             self.model.train(was_training)
-        gm, plan = plan_program(traced, self.budget, self.hardware, self.device, self.depth)
+        gm, plan = plan_program(traced, self.budget, self.hardware, self.device, self.depth, self.activations)
         if self._store is None:
             self._create_store(plan, traced)
         elif tuple(g.params for g in plan.groups) != tuple(g.params for g in self._store.groups):
             raise RatelError("a new input shape changed how parameters are grouped; this is a Ratel bug")
-        act_bytes = activation_pool_bytes(plan)
+        act_bytes = activation_pool_bytes(plan) + saved_pool_bytes(plan)
         pool = PinnedPool(act_bytes, pin=self.device.type == "cuda") if act_bytes else None
         activations = ActivationStore(self._lanes, pool, self.device)
-        runtime = Runtime(gm, plan, self._store, self._buffers, self._lanes, activations, self._optimizer)
+        ssd_saved = None
+        if any(d.tier == Tier.SSD for u in plan.activations.units for d in u.decisions):
+            layout = tuple((u.unit, d.key, d.nbytes) for u in plan.activations.units for d in u.decisions
+                           if d.tier == Tier.SSD)
+            name = f"{model_key(self.model)}/activations-{hashlib.sha1(repr(layout).encode()).hexdigest()[:10]}"
+            ssd_saved = SsdSaved(self._ensure_swapper(), plan.activations, pool, name)
+        saved = SavedActivations(self._lanes, pool, self.device, ssd_saved)
+        runtime = Runtime(gm, plan, self._store, self._buffers, self._lanes, activations, self._optimizer, saved)
         log.info("ratel: planned %s (peak GPU %s of %s, host %s)", [tuple(a.shape) for a in args
                  if isinstance(a, torch.Tensor)], format_bytes(plan.memory.gpu_peak),
                  format_bytes(plan.budget_gpu), format_bytes(plan.memory.host_total))
         return gm, plan, runtime, pool
 
+    def _ensure_swapper(self) -> Swapper:
+        if self._swapper is None:
+            self._swapper = Swapper(dirs=ssd_dirs(self.budget.ssd_dir))
+        return self._swapper
+
     def _create_store(self, plan: Plan, traced: TracedModel) -> None:
         ssd_groups = [g for g in plan.groups if g.trainable and plan.placement.optimizer_tier_of(g.name) == Tier.SSD]
         if ssd_groups:
-            self._swapper = Swapper(dirs=ssd_dirs(self.budget.ssd_dir))
-            self._ssd = SsdStates(self._swapper, ssd_groups, model_key(self.model))
+            self._ssd = SsdStates(self._ensure_swapper(), ssd_groups, model_key(self.model))
         self._store_pool = PinnedPool(host_pool_bytes(plan.groups), pin=self.device.type == "cuda")
         self._store = ParamStore(plan, self.device, self._store_pool, ssd=self._ssd)
         self._store.load(self.model, self._weights, progress=self.progress)
@@ -304,6 +325,8 @@ class Engine:
             attempt(self._optimizer.close)
         for _, _, runtime, pool in self._programs.values():
             attempt(runtime.finish_step)
+            if runtime.saved.ssd is not None:
+                attempt(runtime.saved.ssd.close)
             if pool is not None:
                 attempt(pool.close)
         self._programs.clear()
@@ -314,8 +337,10 @@ class Engine:
             self._store_pool = None
         if self._ssd is not None:
             attempt(self._ssd.close)
+            self._ssd = None
+        if self._swapper is not None:
             attempt(lambda: self._swapper.close(remove=not self.keep_swap_files))
-            self._ssd = self._swapper = None
+            self._swapper = None
         if errors:
             raise errors[0]
 
@@ -382,13 +407,13 @@ def _rebuild_meta_buffer(model: nn.Module, name: str) -> torch.Tensor:
 
 
 def plan_program(traced: TracedModel, budget: Budget, hardware: HardwareProfile, device: torch.device,
-                 depth: int = 2):
+                 depth: int = 2, activations: str = "auto"):
     """Run the pass pipeline on a traced model; returns the rewritten GraphModule and its Plan."""
     dtypes = {p.dtype for p in traced.param_info}
     compute_dtype = max(dtypes, key=lambda d: sum(p.numel for p in traced.param_info if p.dtype == d)) \
         if dtypes else torch.float32
     ctx = PassContext(traced=traced, budget=budget, hardware=hardware, compute_dtype=compute_dtype,
-                      device=str(device), depth=depth)
+                      device=str(device), depth=depth, activation_policy=activations)
     gm = default_pass_manager().run(traced.gm, ctx)
     gm.meta["ratel.out_spec"] = traced.out_spec
     return gm, ctx.get(Plan)
@@ -398,7 +423,7 @@ def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | Non
             example_inputs: tuple | None = None, example_kwargs: dict | None = None, *,
             device: str | torch.device | None = None, hardware: HardwareProfile | None = None,
             weights: str | None = None, depth: int = 2, progress: bool = True,
-            keep_swap_files: bool = False) -> Engine:
+            keep_swap_files: bool = False, activations: str = "auto") -> Engine:
     """Compile ``model`` for training under ``budget``.
 
     model           an nn.Module with repeated blocks (a ``ratel.models.GPT`` or a transformers causal LM),
@@ -410,6 +435,8 @@ def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | Non
                     small refused) now. ``labels`` defaults to the first input for models that take labels.
     weights         a local .safetensors file or a folder of them, read by parameter name
     keep_swap_files leave the SSD swap files in place on close (they are named after the model)
+    activations     "auto" (plan every saved tensor: keep / host / SSD / recompute), or a fixed policy:
+                    "recompute" (checkpoint unit inputs only), "keep", "host", "ssd"
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"ratel.compile expects an nn.Module, got {type(model).__name__}")
@@ -418,7 +445,7 @@ def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | Non
         device = torch.device("cuda", torch.cuda.current_device())
     hardware = hardware or HardwareProfile.detect(device)
     engine = Engine(model, _as_budget(budget), optimizer or AdamW(), device, hardware, weights=weights,
-                    depth=depth, progress=progress, keep_swap_files=keep_swap_files)
+                    depth=depth, progress=progress, keep_swap_files=keep_swap_files, activations=activations)
     if example_inputs is not None:
         example_inputs = tuple(example_inputs)
         kwargs = _default_kwargs(model, example_inputs, example_kwargs)

@@ -34,6 +34,7 @@ class HardwareProfile:
     host_bytes: int                # host memory available to Ratel
     gpu_bytes: int                 # GPU memory of the device
     matmul_efficiency: float = 0.6  # fraction of the matrix rate a transformer layer reaches
+    hbm_gbps: float = 3000.0        # device memory bandwidth: the cost of recomputing element-wise ops
     min_offload_bytes: int = 1 << 20  # below this a PCIe round trip costs more in latency than the bytes free
 
     @classmethod
@@ -48,7 +49,7 @@ class HardwareProfile:
         """A nominal CPU-only machine: the 'GPU tier' is another host buffer."""
         return cls(name="cpu", gpu_tflops=0.2, h2d_gbps=10.0, d2h_gbps=10.0, ssd_read_gbps=1.0,
                    ssd_write_gbps=1.0, cpu_adam_gparams=0.5, host_bytes=_host_memory(),
-                   gpu_bytes=_host_memory(), min_offload_bytes=0)
+                   gpu_bytes=_host_memory(), min_offload_bytes=0, hbm_gbps=20.0)
 
     @classmethod
     def detect(cls, device: str | torch.device, measure: bool = True) -> "HardwareProfile":
@@ -57,7 +58,8 @@ class HardwareProfile:
             return cls.cpu()
         key = f"{platform.node()}|{torch.cuda.get_device_name(device)}"
         cached = _load_cache().get(key)
-        if cached:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if cached and fields >= set(cached):
             return cls(**cached)
         if not measure:
             return dataclasses.replace(cls.h100(), name=torch.cuda.get_device_name(device),
@@ -125,7 +127,9 @@ def measure_cuda(device: torch.device) -> HardwareProfile:
 
     h2d = rate(lambda: dev.copy_(host, non_blocking=True))
     d2h = rate(lambda: host.copy_(dev, non_blocking=True))
-    del host, dev
+    other = torch.empty_like(dev)
+    hbm = 2 * rate(lambda: other.copy_(dev))   # bytes read plus bytes written
+    host = dev = other = None   # free the 1.5 GiB before the optimizer measurement
 
     numel = 32 << 20
     p, g, m, v = (torch.randn(numel) for _ in range(4))
@@ -139,4 +143,4 @@ def measure_cuda(device: torch.device) -> HardwareProfile:
     props = torch.cuda.get_device_properties(device)
     return HardwareProfile(name=props.name, gpu_tflops=tflops, h2d_gbps=h2d, d2h_gbps=d2h, ssd_read_gbps=1.5,
                            ssd_write_gbps=2.0, cpu_adam_gparams=adam, host_bytes=_host_memory(),
-                           gpu_bytes=props.total_memory)
+                           gpu_bytes=props.total_memory, hbm_gbps=hbm)

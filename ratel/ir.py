@@ -219,8 +219,37 @@ class UnitCall:
 
 
 @dataclass(frozen=True)
+class SavedValue:
+    """A storage autograd keeps from a unit's forward for its backward (views of it share the record)."""
+
+    key: str                       # the producing node's name, or "internal:<n>" for an op's hidden output
+    node: str | None               # producing node (None: saved by an op but not a graph value, e.g. an lse)
+    nbytes: int
+    recompute_flops: int           # FLOPs of re-running the producing node (0 for element-wise ops)
+    recompute_bytes: int           # bytes the producing node reads and writes (element-wise cost)
+    recomputable: bool             # a graph value of a non-random op (internal values never are)
+    shape: tuple[int, ...] = ()    # geometry of the producing node's output within the storage
+    stride: tuple[int, ...] = ()
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class PackRef:
+    """One tensor autograd saves, in the order it saves them: what it is a view of, and the view."""
+
+    index: int
+    source: str                    # "param" | "input" | "buffer" | "value"
+    name: str                      # canonical parameter / input value / buffer name / SavedValue key
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int                    # storage offset in elements
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
 class UnitCost:
-    """What one unit costs: FLOPs, and the GPU bytes its compute needs beyond parameters and boundaries."""
+    """What one unit costs: FLOPs, the GPU bytes its compute needs beyond parameters and boundaries, and
+    what autograd saves when its forward runs with autograd on."""
 
     unit: int
     fwd_flops: int
@@ -230,6 +259,51 @@ class UnitCost:
     saved_bytes: int               # bytes autograd keeps between the recomputed forward and its backward
     bwd_workspace: int             # peak transient bytes of recompute + backward (excluding inputs, params)
     output_bytes: int
+    grad_fwd_workspace: int = 0    # peak transient bytes of a forward with autograd, saved values included
+    bwd_only_workspace: int = 0    # peak bytes of the backward alone, given every saved value
+    saved: tuple[SavedValue, ...] = ()
+    packs: tuple[PackRef, ...] = ()
+
+
+@dataclass(frozen=True)
+class SavedDecision:
+    """Where one saved value of a unit waits between its forward and its backward."""
+
+    key: str
+    nbytes: int
+    tier: Tier | None              # GPU: kept; HOST / SSD: swapped out and fetched back; None: recomputed
+    recompute_seconds: float       # predicted cost of recomputing it (what storing it saves)
+
+
+@dataclass(frozen=True)
+class UnitActivations:
+    """A unit's activation strategy. "recompute": only the unit's inputs are checkpointed and the whole unit
+    runs again in backward. "saved": the forward runs with autograd and every saved value has a decision."""
+
+    unit: int
+    mode: str
+    decisions: tuple[SavedDecision, ...] = ()
+
+    def bytes_on(self, tier: Tier | None) -> int:
+        return sum(d.nbytes for d in self.decisions if d.tier == tier)
+
+    def decision(self, key: str) -> SavedDecision:
+        for d in self.decisions:
+            if d.key == key:
+                return d
+        raise KeyError(key)
+
+
+@dataclass(frozen=True)
+class ActivationPlan:
+    """plan_activations' decisions for every unit, and how it chose (predicted step time per candidate)."""
+
+    policy: str                    # "auto" | "recompute" | "keep" | "host" | "ssd"
+    units: tuple[UnitActivations, ...]
+    search: tuple[tuple[int, float, int], ...] = ()   # (values stored, predicted seconds, GPU peak) per candidate
+
+    def of(self, unit: int) -> UnitActivations:
+        return self.units[unit]
 
 
 @dataclass(frozen=True)
@@ -380,6 +454,7 @@ class Plan:
     costs: CostModel
     memory: MemoryProfile
     times: "TimeProfile"
+    activations: "ActivationPlan"
     budget_gpu: int
     budget_host: int
     compute_dtype: torch.dtype

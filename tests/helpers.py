@@ -77,8 +77,10 @@ def run_side_by_side(kind: str, steps: int = 10, dropout: float = 0.0, fused_ref
 
 
 def minimum_budget(model, ids) -> int:
-    """The smallest GPU budget Ratel accepts for this model and batch (its planned peak)."""
-    probe = ratel.compile(model, budget="1TiB", example_inputs=(ids,), device="cpu", progress=False)
+    """The smallest GPU budget Ratel accepts for this model and batch: the peak of its most frugal plan
+    (every unit recomputed from its checkpointed inputs)."""
+    probe = ratel.compile(model, budget="1TiB", example_inputs=(ids,), device="cpu", progress=False,
+                          activations="recompute")
     peak = probe.plan.memory.gpu_peak
     probe.close()
     return peak

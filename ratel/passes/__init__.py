@@ -7,6 +7,7 @@ from ratel.passes.insert_releases import insert_releases
 from ratel.passes.insert_transfers import insert_transfers
 from ratel.passes.manager import PassContext, PassManager, PassResult, check_pipeline, graph_pass
 from ratel.passes.outline_units import outline_units
+from ratel.passes.plan_activations import plan_activations
 from ratel.passes.plan_placement import plan_placement
 from ratel.passes.verify_plan import check_plan_invariants, verify_plan
 
@@ -17,6 +18,7 @@ PIPELINE = [
     estimate_costs,
     build_lifetimes,
     plan_placement,
+    plan_activations,
     insert_transfers,
     insert_releases,
     verify_plan,

@@ -16,8 +16,10 @@ holds one ``UnitCost`` per unit.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -25,7 +27,8 @@ import torch.utils._pytree as pytree
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ratel.ir import META_COST, META_TENSOR, META_UNIT_CALL, CostModel, NodeCost, UnitCall, UnitCost
+from ratel.ir import (META_COST, META_TENSOR, META_UNIT_CALL, CostModel, NodeCost, PackRef, SavedValue, UnitCall,
+                      UnitCost)
 from ratel.passes.manager import PassContext, PassResult, graph_pass
 
 log = logging.getLogger("ratel.passes")
@@ -116,15 +119,42 @@ class PeakMemory(TorchDispatchMode):
         return out
 
 
-def measure_unit_memory(sub: fx.GraphModule, device: str) -> tuple[int, int, int, int]:
-    """(fwd_workspace, saved_bytes, bwd_workspace, output_bytes) of one unit graph, measured on fake tensors."""
+@dataclass(frozen=True)
+class UnitProfile:
+    """Everything measured by running one unit graph on fake tensors (see ``profile_unit``)."""
+
+    fwd_workspace: int
+    saved_bytes: int
+    bwd_workspace: int
+    output_bytes: int
+    grad_fwd_workspace: int
+    bwd_only_workspace: int
+    saved: tuple[SavedValue, ...]
+    packs: tuple[PackRef, ...]
+
+
+def _random_node(node: fx.Node) -> bool:
+    from ratel.trace import _is_random
+    return _is_random(node)
+
+
+def profile_unit(sub: fx.GraphModule, call: UnitCall, device: str) -> UnitProfile:
+    """Run a unit graph on fake tensors: with and without autograd, recording what autograd saves.
+
+    Placeholders are the unit's activations, then parameters, then buffers (``UnitCall`` order). Each saved
+    tensor is traced to the graph value owning its storage (an fx Interpreter records node outputs), so
+    the planner can recompute it from its node or move it as a whole storage, views rebuilt on the way back.
+    """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
     metas = [n.meta.get(META_TENSOR) for n in placeholders]
+    sources = (["input"] * len(call.inputs) + ["param"] * len(call.params) + ["buffer"] * len(call.buffers))
+    names = list(call.inputs) + list(call.params) + list(call.buffers)
     output_node = next(n for n in sub.graph.nodes if n.op == "output")
     out_metas = [n.meta.get(META_TENSOR) for n in output_node.args[0]]
     output_bytes = sum(m.nbytes for m in out_metas if m is not None)
+    nodes = {n.name: n for n in sub.graph.nodes}
     fake_device = device if (not device.startswith("cuda") or torch.cuda.is_available()) else "cpu"
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         args = _fake_inputs(mode, metas, fake_device, requires_grad=False)
@@ -135,27 +165,99 @@ def measure_unit_memory(sub: fx.GraphModule, device: str) -> tuple[int, int, int
             del outs
         fwd_peak = tracker.peak
 
+        # Forward with autograd, recording every saved tensor and which graph value owns its storage.
         grad_args = _fake_inputs(mode, metas, fake_device, requires_grad=True)
         grad_args = [a if a is not None else n.meta.get("val") for a, n in zip(grad_args, placeholders)]
         leaves = [a for a in grad_args if isinstance(a, torch.Tensor) and a.requires_grad]
-        input_storages = {StorageWeakRef(a.untyped_storage()) for a in grad_args if isinstance(a, torch.Tensor)}
-        saved: dict[StorageWeakRef, int] = {}
+        owner: dict[StorageWeakRef, tuple[str, str]] = {}
+        for source, name, a in zip(sources, names, grad_args):
+            if isinstance(a, torch.Tensor):
+                owner[StorageWeakRef(a.untyped_storage())] = (source, name)
+        input_storages = set(owner)
+
+        class _Owners(fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                for t in pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        owner.setdefault(StorageWeakRef(t.untyped_storage()), ("value", n.name))
+                return out
+
+        raw: list[tuple[StorageWeakRef, torch.Tensor]] = []
 
         def pack(t):
-            key = StorageWeakRef(t.untyped_storage())
-            if key not in input_storages:
-                saved[key] = t.untyped_storage().nbytes()
+            # Resolved after the forward: an op saves its output before the Interpreter sees it returned.
+            raw.append((StorageWeakRef(t.untyped_storage()), t))
             return t
 
         with PeakMemory(input_storages) as tracker:
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                outs = sub(*grad_args)
+                outs = _Owners(sub).run(*grad_args)
+        grad_fwd_peak = tracker.peak
+        packs: list[PackRef] = []
+        values: dict[str, SavedValue] = {}
+        for key, t in raw:
+            source, name = owner.get(key, ("value", None))
+            if name is None:
+                name = f"internal:{len(packs)}"
+                owner[key] = ("value", name)
+            if source == "value" and name not in values:
+                node = nodes.get(name)
+                recomputable = node is not None and node.op == "call_function" and not _random_node(node)
+                cost = node_flops(node) if node is not None else NodeCost(0, 0)
+                touched = t.untyped_storage().nbytes() + sum(
+                    a.meta[META_TENSOR].value_bytes for a in (node.all_input_nodes if node is not None else ())
+                    if a.meta.get(META_TENSOR) is not None)
+                val = node.meta.get("val") if node is not None else None
+                geometry = ((tuple(val.shape), tuple(val.stride()), int(val.storage_offset()))
+                            if isinstance(val, torch.Tensor) else ((), (), 0))
+                values[name] = SavedValue(key=name, node=node.name if node is not None else None,
+                                          nbytes=t.untyped_storage().nbytes(), recompute_flops=cost.fwd_flops,
+                                          recompute_bytes=touched, recomputable=recomputable and bool(geometry[0]),
+                                          shape=geometry[0], stride=geometry[1], offset=geometry[2])
+            packs.append(PackRef(index=len(packs), source=source, name=name, shape=tuple(t.shape),
+                                 stride=tuple(t.stride()), offset=int(t.storage_offset()), dtype=t.dtype))
+        raw.clear()   # the fake tensors it holds are no longer needed
+        # The backward alone, given every saved value (what a unit that kept its activations runs).
+        existing = set(owner) | {StorageWeakRef(o.untyped_storage()) for o in outs if isinstance(o, torch.Tensor)}
+        with PeakMemory(existing) as tracker:
+            diff = [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
+            if diff and leaves:
+                torch.autograd.backward(diff, [torch.ones_like(o) for o in diff], inputs=leaves)
+            del diff
+        bwd_only_peak = tracker.peak
+        del outs
+
+        # Recompute + backward, as a checkpointed unit runs it.
+        grad_args = _fake_inputs(mode, metas, fake_device, requires_grad=True)
+        grad_args = [a if a is not None else n.meta.get("val") for a, n in zip(grad_args, placeholders)]
+        leaves = [a for a in grad_args if isinstance(a, torch.Tensor) and a.requires_grad]
+        input_storages = {StorageWeakRef(a.untyped_storage()) for a in grad_args if isinstance(a, torch.Tensor)}
+        with PeakMemory(input_storages) as tracker:
+            outs = sub(*grad_args)
             diff = [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
             if diff and leaves:
                 torch.autograd.backward(diff, [torch.ones_like(o) for o in diff], inputs=leaves)
             del outs, diff
         bwd_peak = tracker.peak
-    return fwd_peak, sum(saved.values()), bwd_peak, output_bytes
+    return UnitProfile(fwd_workspace=fwd_peak, saved_bytes=sum(v.nbytes for v in values.values()),
+                       bwd_workspace=bwd_peak, output_bytes=output_bytes, grad_fwd_workspace=grad_fwd_peak,
+                       bwd_only_workspace=bwd_only_peak, saved=tuple(values.values()), packs=tuple(packs))
+
+
+def _rename(profile: UnitProfile, old: UnitCall, new: UnitCall, old_sub: fx.GraphModule,
+            new_sub: fx.GraphModule) -> UnitProfile:
+    """A profile measured on a unit of identical structure, with parameter, input and node names mapped
+    (nodes correspond by position: ``structure_key`` matched them)."""
+    names = {**dict(zip(old.inputs, new.inputs)), **dict(zip(old.params, new.params)),
+             **dict(zip(old.buffers, new.buffers))}
+    nodes = {a.name: b.name for a, b in zip(old_sub.graph.nodes, new_sub.graph.nodes)}
+    packs = tuple(dataclasses.replace(p, name=(nodes.get(p.name, p.name) if p.source == "value"
+                                               else names.get(p.name, p.name))) for p in profile.packs)
+    saved = tuple(dataclasses.replace(v, key=nodes.get(v.key, v.key),
+                                      node=nodes.get(v.node) if v.node is not None else None)
+                  for v in profile.saved)
+    return dataclasses.replace(profile, packs=packs, saved=saved)
 
 
 def structure_key(sub: fx.GraphModule) -> tuple:
@@ -199,14 +301,19 @@ def estimate_costs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 bwd += cost.bwd_flops
         key = structure_key(sub)
         if key not in cache:
-            cache[key] = measure_unit_memory(sub, ctx.device)
-        fwd_ws, saved, bwd_ws, out_bytes = cache[key]
+            cache[key] = (profile_unit(sub, call, ctx.device), call, sub)
+        profile, measured_call, measured_sub = cache[key]
+        if measured_call is not call:   # same structure, other names: rename what the profile refers to
+            profile = _rename(profile, measured_call, call, measured_sub, sub)
         param_bytes = sum(ctx.traced.param_nbytes(name) for name in set(call.params))
         costs.append(UnitCost(unit=call.unit, fwd_flops=fwd, bwd_flops=bwd, param_bytes=param_bytes,
-                              fwd_workspace=workspace_bound(fwd_ws, ctx.device),
-                              saved_bytes=saved,
-                              bwd_workspace=workspace_bound(bwd_ws, ctx.device),
-                              output_bytes=out_bytes))
+                              fwd_workspace=workspace_bound(profile.fwd_workspace, ctx.device),
+                              saved_bytes=profile.saved_bytes,
+                              bwd_workspace=workspace_bound(profile.bwd_workspace, ctx.device),
+                              output_bytes=profile.output_bytes,
+                              grad_fwd_workspace=workspace_bound(profile.grad_fwd_workspace, ctx.device),
+                              bwd_only_workspace=workspace_bound(profile.bwd_only_workspace, ctx.device),
+                              saved=profile.saved, packs=profile.packs))
     model = CostModel(units=tuple(costs), total_fwd_flops=sum(c.fwd_flops for c in costs),
                       total_bwd_flops=sum(c.bwd_flops for c in costs))
     return PassResult(gm, modified=False, analysis=model)

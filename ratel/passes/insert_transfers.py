@@ -11,6 +11,8 @@ Stages:
      ``optimizer_step`` for each group whose gradient is then complete.
   3. SSD-resident optimizer states: ``ssd_read_states`` ahead of each update, ``ssd_write_states`` after it
      (the runtime's sequencer orders them, reads first).
+  4. Saved activations (plan_activations): ``offload_saved`` (and ``ssd_write_saved``) in the unit's forward,
+     ``ssd_read_saved`` and ``fetch_saved`` one step before its backward.
 
 Before / after::
 
@@ -27,8 +29,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ratel.ir import (META_PROVENANCE, META_TRANSFER, META_UNIT_CALL, Lifetimes, Phase, PlacementPlan,
-                      Provenance, Schedule, Tier, Transfer)
+from ratel.ir import (META_PROVENANCE, META_TRANSFER, ActivationPlan, Lifetimes, Phase, PlacementPlan, Provenance,
+                      Schedule, Tier, Transfer)
 from ratel.passes.build_lifetimes import unit_calls
 from ratel.passes.manager import PassContext, PassResult, graph_pass
 from ratel.runtime import ops
@@ -55,80 +57,113 @@ def unit_bytes(plan: PlacementPlan, unit: int) -> int:
     return plan.layouts[unit].nbytes
 
 
-@graph_pass(requires=("analysis:PlacementPlan",), ensures=("analysis:Schedule", "graph:transfers"))
+def plan_transfers(ctx: PassContext, plan: PlacementPlan, lifetimes: Lifetimes,
+                   acts: ActivationPlan | None) -> list[Transfer]:
+    """Every movement of one step, in issue order (pure: plan_activations prices candidates with it)."""
+    units = ctx.traced.units
+    steps = lifetimes.steps
+    bwd = {s.unit: s.index for s in steps if s.phase == Phase.BWD}
+    num_units = len(units)
+    out: list[Transfer] = []
+    for step in steps:
+        t = step.index
+        unit = units[step.unit]
+        for fetch in sorted((f for f in plan.fetches if f.issue == t), key=lambda f: f.first):
+            out.append(Transfer("fetch_params", units[fetch.unit].name, unit_bytes(plan, fetch.unit), Tier.HOST,
+                                Tier.GPU, step=t, needed_by=fetch.first, slot=fetch.slot))
+        if step.phase == Phase.FWD:
+            for act in plan.activations:
+                if act.producer == step.unit and act.tier == Tier.HOST:
+                    out.append(Transfer("offload_activation", act.value, act.nbytes, Tier.GPU, Tier.HOST, step=t,
+                                        needed_by=bwd[min(act.consumers)]))
+            out.extend(_saved_out(acts, step.unit, unit.name, t, bwd[step.unit]))
+            continue
+        for act in plan.activations:
+            if act.tier == Tier.HOST:
+                for consumer in act.consumers:
+                    if max(bwd[consumer] - 1, num_units) == t:
+                        out.append(Transfer("fetch_activation", act.value, act.nbytes, Tier.HOST, Tier.GPU, step=t,
+                                            needed_by=bwd[consumer]))
+        # Saved values are read from SSD two steps ahead of their backward and fetched to the GPU one ahead.
+        if t == num_units:
+            out.extend(_saved_in(acts, step.unit, unit.name, t, t, fetch=True, read=True))
+            if step.unit > 0:
+                out.extend(_saved_in(acts, step.unit - 1, units[step.unit - 1].name, t, t + 1, fetch=False, read=True))
+        if step.unit > 0:
+            out.extend(_saved_in(acts, step.unit - 1, units[step.unit - 1].name, t, t + 1, fetch=True, read=False))
+        if step.unit > 1:
+            out.extend(_saved_in(acts, step.unit - 2, units[step.unit - 2].name, t, t + 2, fetch=False, read=True))
+        trainable = [g for g in lifetimes.groups if g.trainable and step.unit in g.users]
+        if trainable:
+            out.append(Transfer("flush_grads", unit.name, sum(g.nbytes for g in trainable), Tier.GPU, Tier.HOST,
+                                step=t, needed_by=t))
+        for group in trainable:
+            if group.update_unit == step.unit:
+                out.append(Transfer("optimizer_step", group.name, group.numel * 16, Tier.HOST, Tier.HOST, step=t,
+                                    needed_by=len(steps)))
+    out.extend(ssd_transfers(lifetimes, plan, bwd, len(steps)))
+    return out
+
+
+def _saved_out(acts, unit: int, name: str, step: int, needed_by: int) -> list[Transfer]:
+    if acts is None or acts.of(unit).mode != "saved":
+        return []
+    out = []
+    for d in acts.of(unit).decisions:
+        if d.tier in (Tier.HOST, Tier.SSD):
+            out.append(Transfer("offload_saved", f"{name}/{d.key}", d.nbytes, Tier.GPU, Tier.HOST, step=step,
+                                needed_by=needed_by))
+        if d.tier == Tier.SSD:
+            out.append(Transfer("ssd_write_saved", f"{name}/{d.key}", d.nbytes, Tier.HOST, Tier.SSD, step=step,
+                                needed_by=needed_by))
+    return out
+
+
+def _saved_in(acts, unit: int, name: str, step: int, needed_by: int, fetch: bool, read: bool) -> list[Transfer]:
+    if acts is None or acts.of(unit).mode != "saved":
+        return []
+    out = []
+    for d in acts.of(unit).decisions:
+        if read and d.tier == Tier.SSD:
+            out.append(Transfer("ssd_read_saved", f"{name}/{d.key}", d.nbytes, Tier.SSD, Tier.HOST, step=step,
+                                needed_by=needed_by))
+        if fetch and d.tier in (Tier.HOST, Tier.SSD):
+            out.append(Transfer("fetch_saved", f"{name}/{d.key}", d.nbytes, Tier.HOST, Tier.GPU, step=step,
+                                needed_by=needed_by))
+    return out
+
+
+@graph_pass(requires=("analysis:PlacementPlan", "analysis:ActivationPlan"),
+            ensures=("analysis:Schedule", "graph:transfers"))
 def insert_transfers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     plan = ctx.get(PlacementPlan)
     lifetimes = ctx.get(Lifetimes)
-    units = ctx.traced.units
-    steps = lifetimes.steps
-    fwd = {s.unit: s.index for s in steps if s.phase == Phase.FWD}
-    bwd = {s.unit: s.index for s in steps if s.phase == Phase.BWD}
+    transfers = plan_transfers(ctx, plan, lifetimes, ctx.get(ActivationPlan))
+    fwd = {s.unit: s.index for s in lifetimes.steps if s.phase == Phase.FWD}
     graph = gm.graph
     runtime = next(n for n in graph.nodes if n.op == "placeholder" and n.name == "runtime")
     values = {n.name: n for n in graph.nodes}
-    transfers: list[Transfer] = []
-
-    def fetch_transfer(fetch) -> Transfer:
-        return Transfer("fetch_params", units[fetch.unit].name, unit_bytes(plan, fetch.unit), Tier.HOST, Tier.GPU,
-                        step=fetch.issue, needed_by=fetch.first, slot=fetch.slot)
-
     calls = unit_calls(gm)
-    first_call = calls[0][0]
     for act in plan.activations:
         if act.producer < 0:
-            with graph.inserting_before(first_call):
+            with graph.inserting_before(calls[0][0]):
                 _insert(graph, ops.keep_activation, (runtime, act.value, values[act.value]), None, act.reason)
-
+    offloads = {t.subject: t for t in transfers if t.kind == "offload_activation"}
     for call_node, call in calls:
         step = fwd[call.unit]
         with graph.inserting_before(call_node):
-            issued = sorted((f for f in plan.fetches if f.issue == step), key=lambda f: f.first)
-            for fetch in issued:
-                transfer = fetch_transfer(fetch)
-                transfers.append(transfer)
-                _insert(graph, ops.prefetch_params, (runtime, units[fetch.unit].name, fetch.slot), transfer,
+            for transfer in (t for t in transfers if t.step == step and t.kind == "fetch_params"):
+                _insert(graph, ops.prefetch_params, (runtime, transfer.subject, transfer.slot), transfer,
                         "one residency ahead")
             _insert(graph, ops.wait_params, (runtime, call.name), None, "parameters needed now")
         anchor = last_output_node(call_node)
         for act in plan.activations:
             if act.producer != call.unit:
                 continue
-            if act.tier == Tier.HOST:
-                transfer = Transfer("offload_activation", act.value, act.nbytes, Tier.GPU, Tier.HOST, step=step,
-                                    needed_by=bwd[min(act.consumers)])
-                transfers.append(transfer)
-                fn = ops.offload_activation
-            else:
-                transfer, fn = None, ops.keep_activation
+            transfer = offloads.get(act.value)
+            fn = ops.offload_activation if transfer is not None else ops.keep_activation
             with graph.inserting_after(anchor):
                 anchor = _insert(graph, fn, (runtime, act.value, values[act.value]), transfer, act.reason)
-
-    num_units = len(units)
-    for step in steps:
-        if step.phase != Phase.BWD:
-            continue
-        unit = units[step.unit]
-        for fetch in sorted((f for f in plan.fetches if f.issue == step.index and f.first > step.index),
-                            key=lambda f: f.first):
-            transfers.append(fetch_transfer(fetch))
-        for act in plan.activations:
-            if act.tier != Tier.HOST:
-                continue
-            for consumer in act.consumers:
-                needed = bwd[consumer]
-                issue = max(needed - 1, num_units)
-                if issue == step.index:
-                    transfers.append(Transfer("fetch_activation", act.value, act.nbytes, Tier.HOST, Tier.GPU,
-                                              step=issue, needed_by=needed))
-        trainable = [g for g in lifetimes.groups if g.trainable and step.unit in g.users]
-        if trainable:
-            transfers.append(Transfer("flush_grads", unit.name, sum(g.nbytes for g in trainable), Tier.GPU,
-                                      Tier.HOST, step=step.index, needed_by=step.index))
-        for group in trainable:
-            if group.update_unit == step.unit:
-                transfers.append(Transfer("optimizer_step", group.name, group.numel * 16, Tier.HOST, Tier.HOST,
-                                          step=step.index, needed_by=len(steps)))
-    transfers.extend(ssd_transfers(lifetimes, plan, bwd, len(steps)))
     gm.recompile()
     return PassResult(gm, modified=True, analysis=Schedule(transfers=tuple(transfers)))
 

@@ -52,6 +52,7 @@ class PassContext:
     compute_dtype: torch.dtype
     device: str
     depth: int = 2                              # GPU parameter ring slots
+    activation_policy: str = "auto"             # plan_activations: auto | recompute | keep | host | ssd
     debug: bool = field(default_factory=lambda: os.environ.get("RATEL_DEBUG", "") not in ("", "0"))
     dump_dir: Path | None = field(default_factory=lambda: Path(os.environ["RATEL_DUMP_DIR"])
                                   if os.environ.get("RATEL_DUMP_DIR") else None)

@@ -16,15 +16,12 @@ Before / after: the graph is unchanged; the ``Plan`` analysis is the contract th
 """
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 
 from ratel.errors import BudgetError, PlanViolation
-from ratel.ir import (META_TENSOR, CostModel, Lifetimes, MemoryProfile, Phase, Plan, PlacementPlan, Schedule,
-                      StepMemory, StepTime, Tier, TimeProfile, format_bytes)
-from ratel.passes.build_lifetimes import boundary_values, unit_calls
+from ratel.ir import ActivationPlan, CostModel, Lifetimes, MemoryProfile, Phase, Plan, PlacementPlan, Schedule, Tier, format_bytes
 from ratel.passes.manager import PassContext, PassResult, graph_pass
-from ratel.passes.plan_placement import host_usage, ssd_state_bytes, uses_torch_adam
+from ratel.passes.simulate import predict_times, simulate_memory
 from ratel.runtime import ops
 
 
@@ -78,128 +75,6 @@ def check_plan_invariants(gm: fx.GraphModule, ctx: PassContext) -> None:
                                 f"(step {t.needed_by})")
 
 
-def _user_outputs(gm: fx.GraphModule, boundary: dict) -> list[tuple[str, int]]:
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    out = []
-    for node in output.all_input_nodes:
-        meta = node.meta.get(META_TENSOR)
-        if meta is not None and node.name not in boundary and node.op != "placeholder":
-            out.append((node.name, meta.value_bytes))
-    return out
-
-
-def resident_buffer_bytes(gm: fx.GraphModule) -> int:
-    """Buffers and constants stay on the GPU for the whole run (rotary tables, masks: small)."""
-    sizes: dict[str, int] = {}
-    for _, call in unit_calls(gm):
-        placeholders = [n for n in getattr(gm, call.module).graph.nodes if n.op == "placeholder"]
-        start = len(call.inputs) + len(call.params)
-        for name, node in zip(call.buffers, placeholders[start:]):
-            meta = node.meta.get(META_TENSOR)
-            sizes[name] = meta.value_bytes if meta else 0
-    return sum(sizes.values())
-
-
-def simulate_memory(gm: fx.GraphModule, ctx: PassContext) -> MemoryProfile:
-    placement = ctx.get(PlacementPlan)
-    lifetimes = ctx.get(Lifetimes)
-    costs = {c.unit: c for c in ctx.get(CostModel).units}
-    steps = lifetimes.steps
-    fwd = {s.unit: s.index for s in steps if s.phase == Phase.FWD}
-    bwd = {s.unit: s.index for s in steps if s.phase == Phase.BWD}
-    boundary = boundary_values(gm)
-    ring = placement.depth * placement.slot_bytes
-    resident = resident_buffer_bytes(gm)
-    user_outputs = _user_outputs(gm, boundary)
-    grad_bytes = {u.index: sum(g.nbytes for g in lifetimes.groups if g.trainable and u.index in g.users)
-                  for u in ctx.traced.units}
-    # A group read by several units accumulates its gradient on the GPU from its first backward to its last.
-    shared = [(bwd[max(g.users)], bwd[min(g.users)], g.nbytes) for g in lifetimes.groups
-              if g.trainable and len(g.users) > 1]
-
-    profile = []
-    for step in steps:
-        t = step.index
-        acts = 0
-        for act in placement.activations:
-            produced = fwd[act.producer] if act.producer >= 0 else 0
-            if step.phase == Phase.FWD and act.producer == step.unit:
-                continue   # counted inside the unit's forward workspace
-            if act.tier == Tier.GPU:
-                alive = produced <= t <= bwd[min(act.consumers)]
-            else:
-                alive = produced <= t <= max(fwd[c] for c in act.consumers) or any(
-                    bwd[c] - 1 <= t <= bwd[c] for c in act.consumers)
-            acts += act.nbytes if alive else 0
-        cost = costs[step.unit]
-        if step.phase == Phase.FWD:
-            workspace = cost.fwd_workspace
-            held = 0   # the user's outputs come from the last unit, inside its workspace
-            in_flight = 0
-        else:
-            workspace = cost.bwd_workspace
-            held = sum(b for _, b in user_outputs)
-            previous = steps[t - 1]
-            in_flight = grad_bytes[previous.unit] if previous.phase == Phase.BWD else 0
-        accumulating = sum(b for first, last, b in shared if first <= t <= last)
-        parts = (("param ring", ring), ("resident buffers", resident), ("activations", acts),
-                 ("unit workspace", workspace), ("gradients in flight", in_flight),
-                 ("shared gradients", accumulating), ("user outputs", held))
-        profile.append(StepMemory(step=t, gpu=sum(b for _, b in parts), breakdown=parts))
-    peak = max(profile, key=lambda s: s.gpu)
-
-    host = host_usage(lifetimes.groups, dict(placement.optimizer_tier), placement.activations, uses_torch_adam())
-    ssd_total = sum(ssd_state_bytes(g) for g in lifetimes.groups
-                    if g.trainable and placement.optimizer_tier_of(g.name) == Tier.SSD)
-    return MemoryProfile(steps=tuple(profile), gpu_peak=peak.gpu, gpu_peak_step=peak.step,
-                         host_bytes=host, host_total=sum(b for _, b in host), ssd_total=ssd_total)
-
-
-def predict_times(ctx: PassContext, schedule: Schedule) -> TimeProfile:
-    """Seconds per step on each lane. A step lasts as long as its longest GPU-side lane (compute, H2D, D2H);
-    the CPU optimizer and the SSD are queues of their own: an update starts when its gradient has landed and
-    its states are read, and the step ends when the GPU lanes and the optimizer are both done."""
-    hw = ctx.hardware
-    lifetimes = ctx.get(Lifetimes)
-    costs = {c.unit: c for c in ctx.get(CostModel).units}
-    rate = hw.gpu_tflops * 1e12 * hw.matmul_efficiency
-    by_step: dict[int, list] = {}
-    for t in schedule.transfers:
-        by_step.setdefault(t.step, []).append(t)
-    read_done: dict[str, float] = {}
-    times = []
-    gpu_clock = optimizer_clock = ssd_clock = 0.0
-    for step in lifetimes.steps:
-        cost = costs[step.unit]
-        flops = cost.fwd_flops if step.phase == Phase.FWD else cost.fwd_flops + cost.bwd_flops
-        at = by_step.get(step.index, [])
-        h2d = sum(t.nbytes for t in at if t.kind in ("fetch_params", "fetch_activation")) / (hw.h2d_gbps * 1e9)
-        d2h = sum(t.nbytes for t in at if t.kind in ("offload_activation", "flush_grads")) / (hw.d2h_gbps * 1e9)
-        ssd = 0.0
-        for t in at:
-            if t.kind == "ssd_read_states":
-                seconds = t.nbytes / (hw.ssd_read_gbps * 1e9)
-                ssd_clock = max(ssd_clock, gpu_clock) + seconds
-                read_done[t.subject] = ssd_clock
-                ssd += seconds
-        compute = flops / rate
-        gpu_clock += max(compute, h2d, d2h)
-        opt = 0.0
-        for t in at:
-            if t.kind == "optimizer_step":
-                seconds = t.nbytes / 16 / (hw.cpu_adam_gparams * 1e9)
-                optimizer_clock = max(optimizer_clock, gpu_clock, read_done.get(t.subject, 0.0)) + seconds
-                opt += seconds
-        for t in at:
-            if t.kind == "ssd_write_states":
-                seconds = t.nbytes / (hw.ssd_write_gbps * 1e9)
-                ssd_clock = max(ssd_clock, optimizer_clock) + seconds
-                ssd += seconds
-        times.append(StepTime(step.index, compute, h2d, d2h, opt, ssd))
-    # Write-backs may finish during the next forward; reads of the next step wait for them.
-    return TimeProfile(steps=tuple(times), total=max(gpu_clock, optimizer_clock))
-
-
 def _budget_message(ctx: PassContext, memory: MemoryProfile, budget: int) -> str:
     units = ctx.traced.units
     step = ctx.get(Lifetimes).steps[memory.gpu_peak_step]
@@ -238,6 +113,7 @@ def verify_plan(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     lifetimes = ctx.get(Lifetimes)
     plan = Plan(units=ctx.traced.units, groups=lifetimes.groups, steps=lifetimes.steps,
                 placement=ctx.get(PlacementPlan), transfers=schedule.transfers, costs=ctx.get(CostModel),
-                memory=memory, times=predict_times(ctx, schedule), budget_gpu=budget_gpu,
+                memory=memory, times=predict_times(ctx, schedule.transfers, ctx.analyses.get(ActivationPlan)),
+                activations=ctx.analyses.get(ActivationPlan), budget_gpu=budget_gpu,
                 budget_host=budget_host, compute_dtype=ctx.compute_dtype, device=ctx.device)
     return PassResult(gm, modified=False, analysis=plan)

@@ -29,6 +29,7 @@ from ratel.runtime.activations import ActivationStore
 from ratel.runtime.memory import Lanes
 from ratel.runtime.optimizer import CPUOptimizer
 from ratel.runtime.param_store import ParamStore
+from ratel.runtime.saved import SavedActivations
 
 log = logging.getLogger("ratel.runtime")
 
@@ -70,13 +71,15 @@ class Runtime:
     """The state of one program (one traced shape): its plan, units and per-step bookkeeping."""
 
     def __init__(self, gm: fx.GraphModule, plan: Plan, store: ParamStore, buffers: dict[str, torch.Tensor],
-                 lanes: Lanes, activations: ActivationStore, optimizer: CPUOptimizer | None):
+                 lanes: Lanes, activations: ActivationStore, optimizer: CPUOptimizer | None,
+                 saved: SavedActivations | None = None):
         self.gm = gm
         self.plan = plan
         self.store = store
         self.buffers = buffers
         self.lanes = lanes
         self.activations = activations
+        self.saved = saved or SavedActivations(lanes, None, lanes.device)
         self.optimizer = optimizer
         self.device = lanes.device
         self.calls: dict[int, UnitCall] = {}
@@ -107,6 +110,8 @@ class Runtime:
         """Start a forward: drop whatever an unfinished previous step left behind."""
         self.recorder = recorder
         self.activations.recorder = recorder
+        self.saved.recorder = recorder
+        self.saved.clear()
         self._set_step(0)
         self.generation += 1
         self._slot_of.clear()
@@ -121,6 +126,7 @@ class Runtime:
     def _set_step(self, step: int) -> None:
         self._step = step
         self.activations.step = step
+        self.saved.step = step
         if self.recorder is not None:
             self.recorder.enter_step(step)
 
@@ -176,8 +182,21 @@ class Runtime:
     def _buffers(self, index: int) -> list[torch.Tensor]:
         return [self.buffers[name] for name in self.calls[index].buffers]
 
+    def _saved_mode(self, index: int) -> bool:
+        acts = self.plan.activations
+        return acts is not None and acts.of(index).mode == "saved"
+
+    def _trainable(self, index: int) -> set[str]:
+        return {name for g in self.plan.groups if g.trainable and index in g.users for name in g.params}
+
     def forward_unit(self, index: int, inputs: tuple):
         self._set_step(self.fwd_step[index])
+        if self.pending_backward and self._saved_mode(index):
+            cost = self.plan.costs.units[index]
+            with self._span("compute", f"fwd {self.calls[index].name}"):
+                return self.saved.run_forward(index, self.calls[index], self.modules[index],
+                                              self.plan.activations.of(index), cost.packs, inputs,
+                                              self._params(index), self._trainable(index), self._buffers(index))
         if self.plan.units[index].has_random_ops:
             self._rng[index] = _RngState(
                 torch.get_rng_state(),
@@ -192,6 +211,8 @@ class Runtime:
         call = self.calls[index]
         if index in self._ready:
             self.wait_params(index)
+        if index in self.saved.runs:
+            return self._backward_saved(index, step, grad_outputs)
         inputs = [self.activations.get(name) for name in call.inputs]
         leaves = [x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x
                   for x in inputs]
@@ -223,6 +244,37 @@ class Runtime:
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], inputs=wrt)
         input_grads = [x.grad if isinstance(x, torch.Tensor) and x.requires_grad else None for x in leaves]
         del outputs, pairs, param_leaves, wrt
+        self._flush_grads(index)
+        self._run_transfers(step, before=False)
+        if index == 0:
+            self.pending_backward = False
+        return input_grads
+
+    def _backward_saved(self, index: int, step: int, grad_outputs: tuple) -> list[torch.Tensor | None]:
+        """Backward of a unit whose forward kept its saved values: no recompute of the unit, only of the values
+        the plan chose to recompute (inside the unpack hooks)."""
+        call = self.calls[index]
+        views = self.store.unit_views(index, self._slot_of[index])
+        inputs = {name: self.activations.get(name) for name in call.inputs}
+        buffers = {name: self.buffers[name] for name in call.buffers}
+        run = self.saved.prepare_backward(index, views, inputs, buffers)
+        pairs = [(o, g) for o, g in zip(run.outputs, grad_outputs)
+                 if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
+        input_wrt = [x for x in run.input_leaves if isinstance(x, torch.Tensor) and x.requires_grad]
+        param_wrt = [(name, p) for name, p in zip(call.params, run.param_leaves) if p.requires_grad]
+        grads: list = []
+        with self._span("compute", f"bwd {call.name}"):
+            if pairs and (input_wrt or param_wrt):
+                grads = list(torch.autograd.grad([o for o, _ in pairs], input_wrt + [p for _, p in param_wrt],
+                                                 [g for _, g in pairs], allow_unused=True))
+            grad_views = self._grad_views(index)
+            for (name, _), g in zip(param_wrt, grads[len(input_wrt):]):
+                if g is not None:
+                    grad_views[name].add_(g)
+        by_leaf = {id(x): g for x, g in zip(input_wrt, grads[:len(input_wrt)])}
+        input_grads = [by_leaf.get(id(x)) if isinstance(x, torch.Tensor) else None for x in run.input_leaves]
+        del grads, pairs, run
+        self.saved.release(index)
         self._flush_grads(index)
         self._run_transfers(step, before=False)
         if index == 0:
@@ -263,6 +315,10 @@ class Runtime:
                 self.prefetch_params(fetch.unit, fetch.slot)
             elif before and t.kind == "fetch_activation":
                 self.activations.fetch(t.subject)
+            elif before and t.kind == "fetch_saved":
+                self.saved.fetch(self.unit_index[t.subject.split("/", 1)[0]])
+            elif before and t.kind == "ssd_read_saved":
+                self.saved.read_ahead(self.unit_index[t.subject.split("/", 1)[0]])
             elif not before and t.kind == "release_params":
                 self.release_params(t.subject)
             elif not before and t.kind == "release_activation":
@@ -275,4 +331,5 @@ class Runtime:
         self._ready.clear()
         self._grad_buffers.clear()
         self.activations.clear()
+        self.saved.clear()
         self._rng.clear()

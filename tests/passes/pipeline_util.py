@@ -24,19 +24,20 @@ def tiny_model():
     return GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, max_seq_len=16)).train()
 
 
-def tiny_inputs():
+def tiny_inputs(batch=2, seq=8):
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 64, (2, 8), generator=g)
-    return ids, torch.randint(0, 64, (2, 8), generator=g)
+    ids = torch.randint(0, 64, (batch, seq), generator=g)
+    return ids, torch.randint(0, 64, (batch, seq), generator=g)
 
 
-def run_until(name: str | None, model=None, dump_dir=None, budget="1GiB"):
+def run_until(name: str | None, model=None, dump_dir=None, budget="1GiB", activations="auto", batch=2, seq=8):
     """Trace the tiny model and run the pipeline up to and including pass ``name`` (None: trace only)."""
     model = model or tiny_model()
-    ids, labels = tiny_inputs()
+    ids, labels = tiny_inputs(batch, seq)
     traced = trace_model(model, (ids,), {"labels": labels})
     ctx = PassContext(traced=traced, budget=Budget(gpu=budget, host="64GiB"), hardware=HardwareProfile.cpu(),
-                      compute_dtype=torch.float32, device="cpu", debug=True, dump_dir=dump_dir)
+                      compute_dtype=torch.float32, device="cpu", debug=True, dump_dir=dump_dir,
+                      activation_policy=activations)
     count = 0 if name is None else NAMES.index(name) + 1
     gm = PassManager(PIPELINE[:count], verifiers=[check_plan_invariants]).run(traced.gm, ctx) if count else traced.gm
     return gm, ctx, model, (ids, labels)

@@ -61,11 +61,11 @@ def test_dumps_are_numbered_per_changing_pass_and_identical_across_runs(tmp_path
     run_until(NAMES[-1], dump_dir=second)
     files = sorted(p.name for p in first.iterdir())
     assert files[0] == "000_traced.py"
-    assert "001_canonicalize_graph.py" in files and "007_insert_transfers.py" in files
+    assert "001_canonicalize_graph.py" in files and "008_insert_transfers.py" in files
     assert files == sorted(p.name for p in second.iterdir())
     match, mismatch, errors = filecmp.cmpfiles(first, second, files, shallow=False)
     assert not mismatch and not errors
-    text = (first / "007_insert_transfers.py").read_text()
+    text = (first / "008_insert_transfers.py").read_text()
     assert 'f32[2, 8, 32]' in text and "unit=blocks.0" in text and "slot=1" in text
 
 

@@ -52,6 +52,9 @@ class _Store:
         self.compute = {0: self.master[0]}
         self.steps = {0: torch.zeros(())}
 
+    def on_ssd(self, group):
+        return False
+
 
 def _group(numel=8):
     return ParamGroup(0, "g", ("w",), ((numel,),), (0,), numel, torch.float32, (0,), True)

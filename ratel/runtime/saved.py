@@ -1,0 +1,428 @@
+"""Saved activations of units that run their forward with autograd ("saved" mode, see plan_activations).
+
+While such a unit's forward runs, ``saved_tensors_hooks`` see every tensor autograd keeps, in the order
+the plan enumerated them (``UnitCost.packs``), and store each as the plan decided:
+  parameter       a reference (the backward reads the parameter from whatever ring slot holds it then);
+  unit input      a reference to the boundary value (checkpointed or kept by the activation store);
+  kept (GPU)      the tensor itself;
+  host / SSD      its whole storage copied out on the D2H lane into a pinned buffer (and on to SSD), once
+                  per storage however many views autograd saved; fetched back one step before the backward;
+  recompute       a recipe: the unit graph evaluates the value's node again from values it can rebuild.
+Views are rebuilt with the geometry seen at pack time, so the backward gets exactly what autograd saved.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ratel.errors import RatelError
+from ratel.ir import PackRef, Tier, UnitActivations, UnitCall
+from ratel.runtime.memory import Lanes, PinnedPool
+
+
+@dataclass
+class _Stored:
+    host: torch.Tensor | None = None      # pinned bytes of the storage (for SSD values: in a staging region)
+    nbytes: int = 0
+    saved: Any = None                     # event: the copy out is done
+    device: torch.Tensor | None = None    # flat device bytes (kept storage, or fetched back)
+    ready: Any = None                     # event: the fetch is done
+    ssd_offset: int | None = None         # where the value lives in its unit's swap file (SSD tier)
+
+
+@dataclass
+class UnitRun:
+    """Everything a saved-mode unit's backward needs from its forward."""
+
+    unit: int
+    call: UnitCall
+    module: fx.GraphModule
+    outputs: tuple
+    input_leaves: list
+    param_leaves: list
+    nodes: dict[str, fx.Node] = field(default_factory=dict)
+    geometry: dict[str, tuple] = field(default_factory=dict)    # node -> (shape, stride, offset, dtype)
+    stored: dict[str, _Stored] = field(default_factory=dict)     # value key -> storage copy
+    # Filled in at backward time:
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    placeholder_values: dict[str, Any] = field(default_factory=dict)
+    memo: dict[str, Any] = field(default_factory=dict)
+
+
+def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The whole storage under ``t`` as a flat uint8 tensor."""
+    storage = t.untyped_storage()
+    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage, 0, (storage.nbytes(),), (1,))
+
+
+def _view(flat: torch.Tensor, shape, stride, offset, dtype) -> torch.Tensor:
+    storage = flat.untyped_storage()
+    return torch.empty(0, dtype=dtype, device=flat.device).set_(storage, offset, shape, stride)
+
+
+class SavedActivations:
+    """Per program: the pinned pool for swapped saved values and the pack/unpack hooks."""
+
+    def __init__(self, lanes: Lanes, pool: PinnedPool | None, device: torch.device, ssd: "SsdSaved | None" = None):
+        self.lanes = lanes
+        self.pool = pool
+        self.device = device
+        self.ssd = ssd
+        self._buffers: dict[tuple[int, str], torch.Tensor] = {}
+        self.runs: dict[int, UnitRun] = {}
+        self.recorder = None
+        self.step = -1
+
+    def clear(self) -> None:
+        self.runs.clear()
+        if self.ssd is not None:
+            self.ssd.begin_step()
+
+    # ------------------------------------------------------------------ forward
+    def run_forward(self, unit: int, call: UnitCall, module: fx.GraphModule, plan: UnitActivations,
+                    packs: tuple[PackRef, ...], inputs: tuple, params: list[torch.Tensor],
+                    trainable: set[str], buffers: list[torch.Tensor]):
+        """Run the unit with autograd, storing what it saves as planned; returns detached outputs."""
+        decisions = {d.key: d for d in plan.decisions}
+        input_leaves = [x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x
+                        for x in inputs]
+        param_leaves = [p.detach().requires_grad_(name in trainable) for name, p in zip(call.params, params)]
+        run = UnitRun(unit=unit, call=call, module=module, outputs=(), input_leaves=input_leaves,
+                      param_leaves=param_leaves, nodes={n.name: n for n in module.graph.nodes})
+        owners: dict[int, tuple[str, str, torch.Tensor]] = {}
+        for name, leaf in zip(call.inputs, input_leaves):
+            if isinstance(leaf, torch.Tensor):
+                owners[leaf.untyped_storage().data_ptr()] = ("input", name, leaf)
+        for name, leaf in zip(call.params, param_leaves):
+            owners.setdefault(leaf.untyped_storage().data_ptr(), ("ring", "", leaf))
+        param_base = {name: leaf for name, leaf in zip(call.params, param_leaves)}
+        counter = iter(range(1 << 62))
+
+        def pack(t: torch.Tensor):
+            i = next(counter)
+            ref = packs[i] if i < len(packs) else None
+            if ref is None or tuple(t.shape) != ref.shape or t.dtype != ref.dtype:
+                raise RatelError(f"unit {call.name}: autograd saved tensor #{i} {tuple(t.shape)} {t.dtype}, the plan "
+                                 f"expected {ref.shape if ref else 'nothing'}; the plan was made for another device "
+                                 "or torch version: compile again on this machine, or use activations='recompute'")
+            geometry = (tuple(t.shape), tuple(t.stride()), int(t.storage_offset()), t.dtype)
+            if ref.source == "param":
+                base = param_base[ref.name]
+                return ("param", ref.name, geometry[:2] + (geometry[2] - base.storage_offset(),) + geometry[3:])
+            if ref.source == "input":
+                base = owners[t.untyped_storage().data_ptr()][2]
+                return ("input", ref.name, geometry[:2] + (geometry[2] - base.storage_offset(),) + geometry[3:])
+            if ref.source == "buffer":
+                return ("tensor", t)
+            decision = decisions[ref.name]
+            if decision.tier == Tier.GPU:
+                run.stored.setdefault(ref.name, _Stored(device=_flat_bytes(t)))
+                return ("tensor", t)
+            if decision.tier is None:
+                return ("recompute", ref.name, geometry)
+            if ref.name not in run.stored:
+                if decision.tier == Tier.SSD:
+                    run.stored[ref.name] = self.ssd.copy_out(unit, ref.name, t, self.lanes, self.recorder, self.step)
+                else:
+                    run.stored[ref.name] = self._copy_out(unit, ref.name, t)
+            return ("stored", ref.name, geometry)
+
+        def unpack(packed):
+            kind = packed[0]
+            if kind == "tensor":
+                return packed[1]
+            shape, stride, offset, dtype = packed[2]
+            if kind == "param":
+                base = run.params[packed[1]]
+                return base.as_strided(shape, stride, base.storage_offset() + offset)
+            if kind == "input":
+                base = run.inputs[packed[1]]
+                return base.as_strided(shape, stride, base.storage_offset() + offset)
+            if kind == "stored":
+                return _view(self._device_bytes(run, packed[1]), shape, stride, offset, dtype)
+            value = self._recompute(run, packed[1])
+            return _view(_flat_bytes(value), shape, stride, offset, dtype)
+
+        recorder = _Geometry(module, run, set(decisions))
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            outputs = recorder.run(*input_leaves, *param_leaves, *buffers)
+        run.outputs = tuple(outputs)
+        # The backward reads unit inputs from the activation store: drop the forward's references, so a value
+        # checkpointed to host leaves the GPU as planned.
+        for leaf in input_leaves:
+            if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                leaf.data = torch.empty(0, dtype=leaf.dtype, device=leaf.device)
+        self.runs[unit] = run
+        if self.ssd is not None:
+            self.ssd.write_behind(unit, [s for s in run.stored.values() if s.ssd_offset is not None])
+        return tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outputs)
+
+    def _copy_out(self, unit: int, key: str, t: torch.Tensor) -> _Stored:
+        flat = _flat_bytes(t)
+        n = flat.numel()
+        buffer = self._buffers.get((unit, key))
+        if buffer is None or buffer.numel() < n:
+            buffer = self.pool.take(n) if self.pool is not None else torch.empty(n, dtype=torch.uint8)
+            self._buffers[(unit, key)] = buffer
+        host = buffer[:n]
+        saved = self.lanes.copy(host, flat, self.lanes.d2h, after=self.lanes.event(),
+                                span=(self.recorder, "d2h", f"saved {key}", self.step))
+        return _Stored(host=host, nbytes=n, saved=saved)
+
+    # ------------------------------------------------------------------ backward
+    def read_ahead(self, unit: int) -> None:
+        """Start reading a unit's SSD-resident values into host staging (two steps before its backward)."""
+        run = self.runs.get(unit)
+        if run is not None and self.ssd is not None:
+            self.ssd.read_ahead(unit, [s for s in run.stored.values() if s.ssd_offset is not None])
+
+    def fetch(self, unit: int) -> None:
+        """Start copying a unit's swapped values back to the device (one step before its backward)."""
+        run = self.runs.get(unit)
+        if run is None:
+            return
+        on_ssd = [s for s in run.stored.values() if s.ssd_offset is not None and s.device is None]
+        if on_ssd:
+            self.ssd.wait_read(unit, on_ssd)
+        last = None
+        for key, stored in run.stored.items():
+            if stored.host is not None and stored.device is None:
+                flat = torch.empty(stored.nbytes, dtype=torch.uint8, device=self.device)
+                stored.ready = self.lanes.copy(flat, stored.host, self.lanes.h2d, after=stored.saved,
+                                               span=(self.recorder, "h2d", f"saved {key}", self.step))
+                stored.device = flat
+                last = stored if stored.ssd_offset is not None else last
+        if last is not None:
+            self.ssd.region_read_out(unit, last.ready)
+
+    def _device_bytes(self, run: UnitRun, key: str) -> torch.Tensor:
+        stored = run.stored[key]
+        if stored.device is None:
+            self.fetch(run.unit)
+        self.lanes.wait_compute(stored.ready)
+        stored.ready = None
+        return stored.device
+
+    def _recompute(self, run: UnitRun, key: str):
+        """Evaluate a node of the unit graph again, from values that are stored or recomputable."""
+        placeholders = run.placeholder_values
+
+        def value(n: fx.Node):
+            if n.name in run.memo:
+                return run.memo[n.name]
+            if n.op == "placeholder":
+                return placeholders[n.name]
+            if n.op == "get_attr":
+                return getattr(run.module, n.target)
+            if n.name in run.stored and n.name in run.geometry:
+                shape, stride, offset, dtype = run.geometry[n.name]
+                result = _view(self._device_bytes(run, n.name), shape, stride, offset, dtype)
+            else:
+                args = fx.node.map_arg(n.args, value)
+                kwargs = fx.node.map_arg(n.kwargs, value)
+                with torch.no_grad():
+                    result = n.target(*args, **kwargs)
+            run.memo[n.name] = result
+            return result
+
+        return value(run.nodes[key])
+
+    def prepare_backward(self, unit: int, params: dict[str, torch.Tensor], inputs: dict[str, Any],
+                         buffers: dict[str, torch.Tensor]) -> UnitRun:
+        run = self.runs[unit]
+        run.params = params
+        run.inputs = inputs
+        run.buffers = buffers
+        placeholders = [n for n in run.module.graph.nodes if n.op == "placeholder"]
+        values = ([inputs[name] for name in run.call.inputs] + [params[name] for name in run.call.params]
+                  + [buffers[name] for name in run.call.buffers])
+        run.placeholder_values = {n.name: v for n, v in zip(placeholders, values)}
+        return run
+
+    def release(self, unit: int) -> None:
+        self.runs.pop(unit, None)
+
+
+class _Geometry(fx.Interpreter):
+    """Runs the unit graph and records the layout of the nodes whose values the plan stores or recomputes:
+    the backward rebuilds them from their storage bytes."""
+
+    def __init__(self, module: fx.GraphModule, run: UnitRun, keys: set[str]):
+        super().__init__(module)
+        self._unit_run = run
+        self._keys = keys
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n.name in self._keys and isinstance(out, torch.Tensor):
+            self._unit_run.geometry[n.name] = (tuple(out.shape), tuple(out.stride()), int(out.storage_offset()),
+                                               out.dtype)
+        return out
+
+
+def _page(n: int) -> int:
+    return (n + 4095) // 4096 * 4096
+
+
+def ssd_layout(acts) -> dict[int, dict[str, int]]:
+    """Offset of every SSD-resident saved value in its unit's swap file (page aligned for O_DIRECT)."""
+    layout: dict[int, dict[str, int]] = {}
+    for unit in acts.units:
+        offset = 0
+        for d in unit.decisions:
+            if d.tier == Tier.SSD:
+                layout.setdefault(unit.unit, {})[d.key] = offset
+                offset += _page(d.nbytes)
+    return layout
+
+
+def saved_host_bytes(acts) -> tuple[int, int]:
+    """(pinned bytes for host-resident saved values, pinned bytes of the SSD staging regions)."""
+    host = sum(_page(d.nbytes) + 4096 for u in acts.units for d in u.decisions if d.tier == Tier.HOST)
+    per_unit = [sum(_page(d.nbytes) for d in u.decisions if d.tier == Tier.SSD) for u in acts.units]
+    staging = SsdSaved.REGIONS * (max(per_unit, default=0) + 4096) if any(per_unit) else 0
+    return host, staging
+
+
+def saved_pool_bytes(plan) -> int:
+    """Pinned bytes the saved values take: a copy per host-resident storage, plus the SSD staging regions."""
+    if plan.activations is None:
+        return 0
+    return sum(saved_host_bytes(plan.activations))
+
+
+class SsdSaved:
+    """Saved values on SSD: one swap file per unit, staged through a ring of pinned regions.
+
+    Forward: a unit's SSD values are copied (D2H) into region ``unit % REGIONS`` and written behind to the
+    unit's file by a worker thread; the region is reused only after that write is done. Backward: the worker
+    reads a unit's values back into its region two steps ahead (after the region's previous contents went
+    to the GPU), and the H2D fetch waits for that read. A region still holding a unit's values from the
+    forward (the last units) is fetched without any read.
+    """
+
+    REGIONS = 3
+
+    def __init__(self, swapper, acts, pool: PinnedPool, name: str):
+        import queue
+        import threading
+
+        self.swapper = swapper
+        self.layout = ssd_layout(acts)
+        sizes = {u: (max(offs.values()) if offs else 0) for u, offs in self.layout.items()}
+        unit_bytes = {u.unit: sum(_page(d.nbytes) for d in u.decisions if d.tier == Tier.SSD) for u in acts.units}
+        region = max(unit_bytes.values(), default=0)
+        self.regions = [pool.take(region) for _ in range(self.REGIONS)]
+        self.files = {u: swapper.file(f"{name}/{u:04d}.act", unit_bytes[u]) for u in self.layout if unit_bytes[u]}
+        del sizes
+        self.owner: list[int | None] = [None] * self.REGIONS
+        self.written = [threading.Event() for _ in range(self.REGIONS)]
+        for event in self.written:
+            event.set()
+        self.read_out: list[Any] = [None] * self.REGIONS      # event: the region's contents reached the GPU
+        self.reads: dict[int, Any] = {}
+        self._claimed: set[int] = set()       # units that took their region in this step's forward
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="ratel-ssd-activations", daemon=True)
+        self._thread.start()
+
+    def _region(self, unit: int) -> int:
+        return unit % self.REGIONS
+
+    def begin_step(self) -> None:
+        self._claimed.clear()
+        self.reads.clear()
+
+    def copy_out(self, unit: int, key: str, t: torch.Tensor, lanes: Lanes, recorder, step: int) -> _Stored:
+        r = self._region(unit)
+        if unit not in self._claimed:
+            self.written[r].wait()       # whatever the region held is on SSD (or was never needed again)
+            self._raise()
+            if self.read_out[r] is not None:
+                self.read_out[r].synchronize()   # and its last fetch to the GPU has completed
+                self.read_out[r] = None
+            self.owner[r] = unit
+            self._claimed.add(unit)
+        flat = _flat_bytes(t)
+        offset = self.layout[unit][key]
+        host = self.regions[r][offset: offset + flat.numel()]
+        saved = lanes.copy(host, flat, lanes.d2h, after=lanes.event(), span=(recorder, "d2h", f"saved {key}", step))
+        return _Stored(host=host, nbytes=flat.numel(), saved=saved, ssd_offset=offset)
+
+    def write_behind(self, unit: int, stored: list[_Stored]) -> None:
+        if not stored:
+            return
+        r = self._region(unit)
+        self.written[r].clear()
+        self._queue.put(("write", unit, r, stored))
+
+    def read_ahead(self, unit: int, stored: list[_Stored]) -> None:
+        import threading
+        if not stored or unit in self.reads:
+            return
+        r = self._region(unit)
+        done = threading.Event()
+        self.reads[unit] = done
+        if self.owner[r] == unit:    # still in the region since the forward
+            done.set()
+            return
+        self._queue.put(("read", unit, r, stored, self.read_out[r], done))
+
+    def wait_read(self, unit: int, stored: list[_Stored]) -> None:
+        if unit not in self.reads:
+            self.read_ahead(unit, stored)
+        self.reads[unit].wait()
+        self._raise()
+
+    def region_read_out(self, unit: int, event) -> None:
+        self.read_out[self._region(unit)] = event
+        self.reads.pop(unit, None)
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            try:
+                if job[0] == "write":
+                    _, unit, r, stored = job
+                    for s in stored:
+                        if s.saved is not None:
+                            s.saved.synchronize()
+                    handles = [self.swapper.write(self.files[unit], s.ssd_offset, s.host) for s in stored]
+                    for h in handles:
+                        h.wait()
+                    self.written[r].set()
+                else:
+                    _, unit, r, stored, previous_out, done = job
+                    self.written[r].wait()
+                    if previous_out is not None:
+                        previous_out.synchronize()
+                    self.owner[r] = unit
+                    handles = [self.swapper.read(self.files[unit], s.ssd_offset, s.host) for s in stored]
+                    for h in handles:
+                        h.wait()
+                    done.set()
+            except BaseException as exc:  # noqa: BLE001 - raised on the training thread
+                self._error = exc
+                for event in self.written:
+                    event.set()
+                if job[0] == "read":
+                    job[-1].set()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+
