@@ -130,7 +130,7 @@ class Engine:
         self._swapper: Swapper | None = None
         self._ssd: SsdStates | None = None
         self.keep_swap_files = keep_swap_files
-        self.activations = activations
+        self._activations = activations
         self._buffers: dict[str, torch.Tensor] | None = None
         self._lanes = Lanes(device)
         self._latest: tuple | None = None
@@ -170,7 +170,7 @@ class Engine:
             traced = trace_model(self.model, args, kwargs)
         finally:
             self.model.train(was_training)
-        gm, plan = plan_program(traced, self.budget, self.hardware, self.device, self.depth, self.activations)
+        gm, plan = plan_program(traced, self.budget, self.hardware, self.device, self.depth, self._activations)
         if self._store is None:
             self._create_store(plan, traced)
         elif tuple(g.params for g in plan.groups) != tuple(g.params for g in self._store.groups):
@@ -238,6 +238,28 @@ class Engine:
         if self._recorder is not None:
             self.last_step = self._recorder.finish()
             self._recorder = None
+
+    @property
+    def activations(self) -> str:
+        """The activation policy ("auto", "recompute", "keep", "host", "ssd"). Setting it replans every shape
+        on its next call; parameters and optimizer states stay where they are."""
+        return self._activations
+
+    @activations.setter
+    def activations(self, policy: str) -> None:
+        from ratel.passes.plan_activations import POLICIES
+        if policy not in POLICIES:
+            raise ValueError(f"activations={policy!r}: choose one of {POLICIES}")
+        self.step()
+        for _, _, runtime, pool in self._programs.values():
+            runtime.finish_step()
+            if runtime.saved.ssd is not None:
+                runtime.saved.ssd.close()
+            if pool is not None:
+                pool.close()
+        self._programs.clear()
+        self._latest = None
+        self._activations = policy
 
     @property
     def lr(self) -> float:

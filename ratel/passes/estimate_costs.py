@@ -16,6 +16,7 @@ holds one ``UnitCost`` per unit.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -156,6 +157,13 @@ def profile_unit(sub: fx.GraphModule, call: UnitCall, device: str) -> UnitProfil
     output_bytes = sum(m.nbytes for m in out_metas if m is not None)
     nodes = {n.name: n for n in sub.graph.nodes}
     fake_device = device if (not device.startswith("cuda") or torch.cuda.is_available()) else "cpu"
+    if fake_device != device:
+        # Planning for a GPU this machine lacks: fake CUDA tensors cannot run autograd without CUDA, so the
+        # unit is measured as CPU kernels would run it (its device arguments retargeted on a copy).
+        from ratel.passes.canonicalize_graph import _canonicalize
+        sub = copy.deepcopy(sub)
+        for module in [m for m in sub.modules() if isinstance(m, fx.GraphModule)]:
+            _canonicalize(module, torch.device(device), torch.device(fake_device))
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         args = _fake_inputs(mode, metas, fake_device, requires_grad=False)
         args = [a if a is not None else n.meta.get("val") for a, n in zip(args, placeholders)]

@@ -26,8 +26,8 @@ import torch
 from ratel.ir import Plan, StepRecord, Tier, format_bytes
 
 # Transfer kinds by the lane they occupy (ratel/passes/insert_transfers.py).
-H2D_KINDS = ("fetch_params", "fetch_activation")
-D2H_KINDS = ("offload_activation", "flush_grads")
+H2D_KINDS = ("fetch_params", "fetch_activation", "fetch_saved")
+D2H_KINDS = ("offload_activation", "flush_grads", "offload_saved")
 OPTIMIZER_KIND = "optimizer_step"
 
 LANES = ("compute", "h2d", "d2h", "ssd", "optimizer")
@@ -381,6 +381,32 @@ def _unit_section(plan: Plan) -> list[str]:
     return ["", "Per unit"] + _table(header, out_rows, "lrlrrllrrrr") + note
 
 
+def _activation_section(plan: Plan) -> list[str]:
+    """Per unit, where what autograd saves waits for the backward, and what recomputing the rest costs."""
+    acts = getattr(plan, "activations", None)
+    if acts is None:
+        return []
+    keys, items = [], []
+    for unit, ua in zip(plan.units, acts.units):
+        if ua.mode == "recompute":
+            cells = ["recompute unit", "-", "-", "-", "-", format_seconds(0.0)]
+        else:
+            seconds = sum(d.recompute_seconds for d in ua.decisions if d.tier is None)
+            cells = ["saved", _b(ua.bytes_on(Tier.GPU)), _b(ua.bytes_on(Tier.HOST)), _b(ua.bytes_on(Tier.SSD)),
+                     _b(ua.bytes_on(None)), format_seconds(seconds)]
+        keys.append((unit.kind, tuple(cells)))
+        items.append((unit.name, cells))
+    rows = [[short_range([name for name, _ in run])] + run[0][1] for run in _merge_runs(keys, items)]
+    header = ["unit", "mode", "kept on GPU", "swapped to host", "swapped to SSD", "recomputed", "recompute time"]
+    title = f"Activations (policy {acts.policy}"
+    if acts.search:
+        best = min(acts.search, key=lambda r: r[1])
+        title += f"; {len(acts.search)} candidate plans priced, fastest that fits stores {best[0]} values"
+    note = ["  saved: the unit's forward keeps what autograd saves, each value where the plan put it;",
+            "  recompute unit: only the unit's inputs are kept and the whole unit runs again in backward"]
+    return ["", title + ")"] + _table(header, rows, "llrrrrr") + note
+
+
 def _step_section(plan: Plan, measured: StepRecord | None, figures: list[StepFigures]) -> list[str]:
     real = measured_by_step(plan, measured) if measured is not None else None
     largest = max(max((f.length for f in figures), default=0.0), max((f.seconds["optimizer"] for f in figures),
@@ -434,7 +460,7 @@ def plan_summary(plan: Plan, measured: StepRecord | None = None) -> str:
     """The summary text of ``plan``; with ``measured`` the measured figures beside the predicted ones."""
     figures = step_figures(plan)
     lines = (_header(plan, measured) + _tier_section(plan, measured) + _lane_section(plan, measured, figures)
-             + _unit_section(plan) + _step_section(plan, measured, figures))
+             + _unit_section(plan) + _activation_section(plan) + _step_section(plan, measured, figures))
     return "\n".join(lines) + "\n"
 
 

@@ -40,13 +40,14 @@ def mixed_precision_reference(model_bf16, data, lr, weight_decay):
     return losses, dict(zip(names, masters))
 
 
-@pytest.mark.parametrize("kind", ["gpt", "llama", "gpt2"])
-def test_bf16_training_equals_pytorch_mixed_precision(kind):
+@pytest.mark.parametrize("kind,policy", [("gpt", "auto"), ("llama", "auto"), ("gpt2", "auto"), ("gpt", "recompute"),
+                                         ("gpt", "keep"), ("llama", "host"), ("gpt2", "host")])
+def test_bf16_training_equals_pytorch_mixed_precision(kind, policy):
     model = make_model(kind, dropout=0.0, layers=4, dtype=torch.bfloat16)
     data = batches(10, batch=4, seq=32)
     ref_losses, ref_masters = mixed_precision_reference(model, data, 1e-3, 0.1)
     engine = ratel.compile(model, budget="2GiB", optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1),
-                           example_inputs=(data[0][0],), device="cuda", progress=False)
+                           example_inputs=(data[0][0],), device="cuda", progress=False, activations=policy)
     losses = []
     for step, (ids, labels) in enumerate(data):
         torch.manual_seed(1000 + step)
@@ -58,13 +59,14 @@ def test_bf16_training_equals_pytorch_mixed_precision(kind):
     engine.close()
     loss_diff = max(abs(ours - theirs) / abs(theirs) for ours, theirs in zip(losses, ref_losses))
     param_diff = max(((state[n] - m.detach()).norm() / m.detach().norm()).item() for n, m in ref_masters.items())
-    print(f"\n[{kind} bf16 on {torch.cuda.get_device_name()}] max loss rel diff {loss_diff:.2e}, "
+    print(f"\n[{kind} bf16 {policy} on {torch.cuda.get_device_name()}] max loss rel diff {loss_diff:.2e}, "
           f"max parameter rel diff {param_diff:.2e}")
     assert loss_diff <= LOSS_RTOL
     assert param_diff <= PARAM_RTOL
 
 
-def test_peak_gpu_memory_stays_within_a_budget_smaller_than_the_model():
+@pytest.mark.parametrize("mix", [0.0, 0.5])
+def test_peak_gpu_memory_stays_within_a_budget_smaller_than_the_model(mix):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=512, intermediate_size=1536,
@@ -72,9 +74,10 @@ def test_peak_gpu_memory_stays_within_a_budget_smaller_than_the_model():
                                          bos_token_id=0, eos_token_id=0, pad_token_id=0)).to(torch.bfloat16)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     ids = torch.randint(0, VOCAB, (4, 32))
-    probe = ratel.compile(model, budget="1TiB", example_inputs=(ids,), device="cuda", progress=False)
-    budget = probe.plan.memory.gpu_peak
-    probe.close()
+    # mix 0: the smallest budget (every unit recomputed); 0.5: halfway to keeping everything (a mixed plan).
+    low = ratel.explain(model, "1TiB", (ids,), activations="recompute").memory.gpu_peak
+    high = ratel.explain(model, "1TiB", (ids,), activations="keep").memory.gpu_peak
+    budget = int(low + mix * (high - low))
     assert budget < model_bytes
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -86,7 +89,7 @@ def test_peak_gpu_memory_stays_within_a_budget_smaller_than_the_model():
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     engine.close()
-    print(f"\n[peak] model {model_bytes} B, budget {budget} B, measured peak {peak} B")
+    print(f"\n[peak mix={mix}] model {model_bytes} B, budget {budget} B, measured peak {peak} B")
     assert peak <= budget, f"measured {peak} > budget {budget}"
 
 
