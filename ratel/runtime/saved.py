@@ -117,8 +117,8 @@ class SavedActivations:
             if ref.source == "input":
                 base = owners[t.untyped_storage().data_ptr()][2]
                 return ("input", ref.name, geometry[:2] + (geometry[2] - base.storage_offset(),) + geometry[3:])
-            if ref.source == "buffer":
-                return ("tensor", t)
+            if ref.source == "buffer" or t.device != self.device:
+                return ("tensor", t)      # buffers stay resident; host-side scalars (RNG seeds) are tiny
             decision = decisions[ref.name]
             if decision.tier == Tier.GPU:
                 run.stored.setdefault(ref.name, _Stored(device=_flat_bytes(t)))
