@@ -192,16 +192,28 @@ def plan_activations(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     search = [(k, r[0], r[1]) for k, r in sorted(priced.items()) if r is not None]
     best = None
     for k, (seconds, peak, plan) in sorted((k, r) for k, r in priced.items() if r is not None):
-        if peak <= ctx.budget.gpu and (best is None or seconds < best[0] - 1e-12):
-            best = (seconds, plan)
+        if peak > ctx.budget.gpu:
+            continue
+        # Equal predicted steps (bound by the optimizer or by copies): prefer less recompute, then less moved.
+        key = (round(seconds, 9), _recompute_seconds(plan), _moved_bytes(plan))
+        if best is None or key < best[0]:
+            best = (key, plan)
     if best is None:
         fallback = _fixed("recompute", costs, subs, hw, ssd_ok)
         if simulate_memory(gm, ctx, fallback).gpu_peak <= ctx.budget.gpu:
-            best = (price(fallback)[0], fallback)
+            best = ((price(fallback)[0],), fallback)
         else:
             return PassResult(gm, modified=False, analysis=fallback)   # verify_plan names the minimum
     plan = ActivationPlan(policy="auto", units=best[1].units, search=tuple(search))
     return PassResult(gm, modified=False, analysis=plan)
+
+
+def _recompute_seconds(plan: ActivationPlan) -> float:
+    return sum(d.recompute_seconds for u in plan.units for d in u.decisions if d.tier is None)
+
+
+def _moved_bytes(plan: ActivationPlan) -> int:
+    return sum(d.nbytes for u in plan.units for d in u.decisions if d.tier in (Tier.HOST, Tier.SSD))
 
 
 def _assign(candidates, k: int, gpu_free: float, host_free: float, ssd_ok: bool):

@@ -261,18 +261,17 @@ class Runtime:
         pairs = [(o, g) for o, g in zip(run.outputs, grad_outputs)
                  if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
         input_wrt = [x for x in run.input_leaves if isinstance(x, torch.Tensor) and x.requires_grad]
-        param_wrt = [(name, p) for name, p in zip(call.params, run.param_leaves) if p.requires_grad]
-        grads: list = []
+        grad_views = self._grad_views(index)
+        param_wrt = []
+        for name, p in zip(call.params, run.param_leaves):
+            if p.requires_grad:
+                p.grad = grad_views[name]      # autograd accumulates in place, as in the recompute path
+                param_wrt.append(p)
         with self._span("compute", f"bwd {call.name}"):
             if pairs and (input_wrt or param_wrt):
-                grads = list(torch.autograd.grad([o for o, _ in pairs], input_wrt + [p for _, p in param_wrt],
-                                                 [g for _, g in pairs], allow_unused=True))
-            grad_views = self._grad_views(index)
-            for (name, _), g in zip(param_wrt, grads[len(input_wrt):]):
-                if g is not None:
-                    grad_views[name].add_(g)
-        by_leaf = {id(x): g for x, g in zip(input_wrt, grads[:len(input_wrt)])}
-        input_grads = [by_leaf.get(id(x)) if isinstance(x, torch.Tensor) else None for x in run.input_leaves]
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], inputs=input_wrt + param_wrt)
+        input_grads = [x.grad if isinstance(x, torch.Tensor) and x.requires_grad else None for x in run.input_leaves]
+        grads = None
         del grads, pairs, run
         self.saved.release(index)
         self._flush_grads(index)

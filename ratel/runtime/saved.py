@@ -52,6 +52,7 @@ class UnitRun:
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     placeholder_values: dict[str, Any] = field(default_factory=dict)
     memo: dict[str, Any] = field(default_factory=dict)
+    saved_keys: set[str] = field(default_factory=set)
 
 
 def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -79,7 +80,8 @@ class SavedActivations:
         self.step = -1
 
     def clear(self) -> None:
-        self.runs.clear()
+        for unit in list(self.runs):
+            self.release(unit)
         if self.ssd is not None:
             self.ssd.begin_step()
 
@@ -93,7 +95,8 @@ class SavedActivations:
                         for x in inputs]
         param_leaves = [p.detach().requires_grad_(name in trainable) for name, p in zip(call.params, params)]
         run = UnitRun(unit=unit, call=call, module=module, outputs=(), input_leaves=input_leaves,
-                      param_leaves=param_leaves, nodes={n.name: n for n in module.graph.nodes})
+                      param_leaves=param_leaves, nodes={n.name: n for n in module.graph.nodes},
+                      saved_keys=set(decisions))
         owners: dict[int, tuple[str, str, torch.Tensor]] = {}
         for name, leaf in zip(call.inputs, input_leaves):
             if isinstance(leaf, torch.Tensor):
@@ -122,7 +125,7 @@ class SavedActivations:
             decision = decisions[ref.name]
             if decision.tier == Tier.GPU:
                 run.stored.setdefault(ref.name, _Stored(device=_flat_bytes(t)))
-                return ("tensor", t)
+                return ("tensor", t.detach())   # its own handle: the forward's outputs are emptied below
             if decision.tier is None:
                 return ("recompute", ref.name, geometry)
             if ref.name not in run.stored:
@@ -151,16 +154,19 @@ class SavedActivations:
         recorder = _Geometry(module, run, set(decisions))
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             outputs = recorder.run(*input_leaves, *param_leaves, *buffers)
+        returned = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outputs)
         run.outputs = tuple(outputs)
-        # The backward reads unit inputs from the activation store: drop the forward's references, so a value
-        # checkpointed to host leaves the GPU as planned.
-        for leaf in input_leaves:
-            if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
-                leaf.data = torch.empty(0, dtype=leaf.dtype, device=leaf.device)
+        # Autograd needs the inputs and outputs of the unit only as graph nodes of the right shape: the backward
+        # reads inputs from the activation store, and the outputs live on in the tensors returned. Dropping the
+        # forward's references lets a value checkpointed to host leave the GPU as planned (a zero-stride stand-in
+        # keeps each shape for autograd's checks).
+        for t in list(input_leaves) + list(outputs):
+            if isinstance(t, torch.Tensor):
+                t.data = torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
         self.runs[unit] = run
         if self.ssd is not None:
             self.ssd.write_behind(unit, [s for s in run.stored.values() if s.ssd_offset is not None])
-        return tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outputs)
+        return returned
 
     def _copy_out(self, unit: int, key: str, t: torch.Tensor) -> _Stored:
         flat = _flat_bytes(t)
@@ -209,12 +215,18 @@ class SavedActivations:
         return stored.device
 
     def _recompute(self, run: UnitRun, key: str):
-        """Evaluate a node of the unit graph again, from values that are stored or recomputable."""
+        """Evaluate a node of the unit graph again, from values that are stored or recomputable.
+
+        Only saved values are kept (until the unit's backward ends: what the plan counts as recomputed
+        bytes); intermediate nodes on the way are dropped once this value is built."""
         placeholders = run.placeholder_values
+        local: dict[str, Any] = {}
 
         def value(n: fx.Node):
             if n.name in run.memo:
                 return run.memo[n.name]
+            if n.name in local:
+                return local[n.name]
             if n.op == "placeholder":
                 return placeholders[n.name]
             if n.op == "get_attr":
@@ -227,10 +239,15 @@ class SavedActivations:
                 kwargs = fx.node.map_arg(n.kwargs, value)
                 with torch.no_grad():
                     result = n.target(*args, **kwargs)
-            run.memo[n.name] = result
+            (run.memo if n.name in run.saved_keys else local)[n.name] = result
             return result
 
-        return value(run.nodes[key])
+        try:
+            return value(run.nodes[key])
+        finally:
+            # ``value`` refers to itself (recursion), so it and ``local`` form a cycle only the garbage
+            # collector would free: empty it now, or the intermediates outlive this unit's backward.
+            local.clear()
 
     def prepare_backward(self, unit: int, params: dict[str, torch.Tensor], inputs: dict[str, Any],
                          buffers: dict[str, torch.Tensor]) -> UnitRun:
@@ -245,7 +262,22 @@ class SavedActivations:
         return run
 
     def release(self, unit: int) -> None:
-        self.runs.pop(unit, None)
+        """Forget a unit after its backward. The hooks' closures reference the run, and the run's outputs
+        reference the autograd graph holding those closures: the cycle is cut here, or nodes autograd did
+        not execute would keep the run, its gradient buffers and its values alive."""
+        run = self.runs.pop(unit, None)
+        if run is None:
+            return
+        for leaf in run.param_leaves:
+            if isinstance(leaf, torch.Tensor):
+                leaf.grad = None
+        run.outputs = ()
+        run.input_leaves = []
+        run.param_leaves = []
+        run.memo.clear()
+        run.stored.clear()
+        run.placeholder_values.clear()
+        run.params = run.inputs = run.buffers = {}
 
 
 class _Geometry(fx.Interpreter):
