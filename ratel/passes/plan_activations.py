@@ -14,7 +14,8 @@ Stages:
      and optimizer lanes, and the GPU peak. The predicted time is convex in the amount swapped (more stored:
      less recompute, more transfer); every k is priced, which is cheap, and the fastest plan that fits wins.
   4. Fixed policies for comparison and tests: "recompute" (checkpoint unit inputs, rerun every unit),
-     "keep" (everything on the GPU), "host" / "ssd" (everything that can move, moved).
+     "keep" (everything on the GPU), "host" / "ssd" (everything that can move, moved), "selective" (rebuild
+     every value that can be rebuilt, keep the rest: selective activation checkpointing).
 
 Before / after: the graph is unchanged; the ``ActivationPlan`` analysis records a ``UnitActivations`` per
 unit, e.g. ``model.layers.3: saved, 1.2 GiB kept, 3.4 GiB host, 0.8 GiB recomputed``.
@@ -32,7 +33,7 @@ from ratel.passes.estimate_costs import node_flops
 from ratel.passes.manager import PassContext, PassResult, graph_pass
 from ratel.passes.plan_placement import host_usage, uses_torch_adam
 
-POLICIES = ("auto", "recompute", "keep", "host", "ssd")
+POLICIES = ("auto", "recompute", "keep", "host", "ssd", "selective")
 
 
 def node_seconds(node: fx.Node, hw) -> float:
@@ -105,6 +106,15 @@ def _fixed(policy: str, costs: CostModel, subs, hw, ssd_ok: bool) -> ActivationP
     for cost in costs.units:
         if policy == "recompute" or not cost.saved:
             units.append(UnitActivations(cost.unit, "recompute" if policy == "recompute" else "saved"))
+            continue
+        if policy == "selective":   # recompute what can be, keep the rest (selective activation checkpointing)
+            tiers = {v.key: None if v.recomputable else Tier.GPU for v in cost.saved}
+            decisions = _unit_decisions(subs[cost.unit], cost.saved, tiers, hw)
+            if decisions is None:   # a value depends on a random op: keep every value that cannot be rebuilt
+                tiers = {v.key: None if recompute_closure(subs[cost.unit], v.key, set()) else Tier.GPU
+                         for v in cost.saved}
+                decisions = _unit_decisions(subs[cost.unit], cost.saved, tiers, hw)
+            units.append(UnitActivations(cost.unit, "saved", decisions))
             continue
         tier = {"keep": Tier.GPU, "host": Tier.HOST, "ssd": Tier.SSD if ssd_ok else Tier.HOST}[policy]
         decisions = _unit_decisions(subs[cost.unit], cost.saved, {v.key: tier for v in cost.saved}, hw)

@@ -239,6 +239,17 @@ class SavedActivations:
                 kwargs = fx.node.map_arg(n.kwargs, value)
                 with torch.no_grad():
                     result = n.target(*args, **kwargs)
+                expected = run.geometry.get(n.name)
+                if expected is not None and isinstance(result, torch.Tensor) and (
+                        tuple(result.shape), tuple(result.stride()), int(result.storage_offset())) != expected[:3]:
+                    # A kernel chose another layout than in the forward (e.g. another attention backend without
+                    # autograd): rebuild the forward's layout, since saved views are addressed within it.
+                    shape, stride, offset, dtype = expected
+                    flat = torch.empty(offset + 1 + sum((s - 1) * st for s, st in zip(shape, stride)) if shape else 1,
+                                       dtype=dtype, device=result.device)
+                    laid_out = flat.as_strided(shape, stride, offset)
+                    laid_out.copy_(result)
+                    result = laid_out
             (run.memo if n.name in run.saved_keys else local)[n.name] = result
             return result
 

@@ -68,12 +68,14 @@ def _train(policy, kind, dropout, budget="1GiB", ssd_dir=None, steps=4):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no_dropout", "dropout"])
-@pytest.mark.parametrize("policy", ["recompute", "keep", "host", "ssd"])
+@pytest.mark.parametrize("policy", ["recompute", "keep", "host", "ssd", "selective"])
 def test_every_fixed_policy_trains_like_pytorch(policy, dropout, tmp_path):
     plan = _train(policy, "gpt", dropout, ssd_dir=str(tmp_path) if policy == "ssd" else None)
     tiers = {d.tier for u in plan.activations.units for d in u.decisions}
     if policy == "recompute":
         assert all(u.mode == "recompute" for u in plan.activations.units)
+    elif policy == "selective":
+        assert None in tiers
     else:
         assert tiers == {{"keep": Tier.GPU, "host": Tier.HOST, "ssd": Tier.SSD}[policy]}
     assert not any(os.scandir(tmp_path))     # swap files removed on close
