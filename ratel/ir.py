@@ -435,7 +435,8 @@ class TimeProfile:
     """Predicted seconds per step from the hardware profile; transfers overlap compute on their own lanes."""
 
     steps: tuple[StepTime, ...]
-    total: float        # predicted step time: per step, the longest lane, summed; plus the optimizer tail
+    total: float        # predicted step time: the GPU lanes and the optimizer queue simulated to the end
+    spans: tuple = ()   # the simulated schedule: a Span per piece of work, as a measured step records them
 
     @property
     def compute(self) -> float:

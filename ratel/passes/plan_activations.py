@@ -151,9 +151,10 @@ def plan_activations(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             candidates.append((-(seconds / max(v.nbytes, 1)), cost.unit, v))
     candidates.sort(key=lambda c: (c[0], c[1], c[2].key))
     must = sum(1 for c in candidates if c[0] == -math.inf)
+    last = len(ctx.traced.units) - 1
 
     # Capacities: GPU memory the rest of the plan leaves over, host memory left after parameters and states.
-    everything_host = _assign(candidates, len(candidates), 0, math.inf, ssd_ok)
+    everything_host = _assign(candidates, len(candidates), 0, math.inf, ssd_ok, last)
     base_plan = _plan(costs, subs, hw, everything_host)
     gpu_free = int(ctx.budget.gpu) - (simulate_memory(gm, ctx, base_plan).gpu_peak if base_plan else 0)
     host_fixed = sum(b for _, b in host_usage(lifetimes.groups, dict(placement.optimizer_tier),
@@ -166,7 +167,7 @@ def plan_activations(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if k in priced:
             return priced[k]
         result = None
-        tiers = _assign(candidates, k, max(gpu_free, 0), host_free, ssd_ok)
+        tiers = _assign(candidates, k, max(gpu_free, 0), host_free, ssd_ok, last)
         plan = _plan(costs, subs, hw, tiers) if tiers is not None else None
         if plan is not None:
             seconds, peak = price(plan)
@@ -174,7 +175,7 @@ def plan_activations(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             shrink = gpu_free
             while peak > ctx.budget.gpu and shrink > 0 and plan is not None:
                 shrink -= max(peak - int(ctx.budget.gpu), 1 << 20)
-                tiers = _assign(candidates, k, max(shrink, 0), host_free, ssd_ok)
+                tiers = _assign(candidates, k, max(shrink, 0), host_free, ssd_ok, last)
                 plan = _plan(costs, subs, hw, tiers) if tiers is not None else None
                 if plan is not None:
                     seconds, peak = price(plan)
@@ -226,15 +227,19 @@ def _moved_bytes(plan: ActivationPlan) -> int:
     return sum(d.nbytes for u in plan.units for d in u.decisions if d.tier in (Tier.HOST, Tier.SSD))
 
 
-def _assign(candidates, k: int, gpu_free: float, host_free: float, ssd_ok: bool):
-    """Tiers for the first k candidates (GPU, then host, then SSD); the rest recompute."""
+def _assign(candidates, k: int, gpu_free: float, host_free: float, ssd_ok: bool, last_unit: int = -1):
+    """Tiers for the first k candidates (GPU, then host, then SSD); the rest recompute. The last unit's
+    backward follows its forward at once: a copy out and back could not overlap anything, so its values
+    stay on the GPU or are recomputed."""
     tiers: dict[int, dict[str, Tier | None]] = {}
     gpu = host = 0
     for index, (_, unit, v) in enumerate(candidates):
         if index >= k:
             tier = None
-        elif gpu + v.nbytes <= gpu_free:
+        elif gpu + v.nbytes <= gpu_free or (unit == last_unit and not v.recomputable):
             tier, gpu = Tier.GPU, gpu + v.nbytes
+        elif unit == last_unit:
+            tier = None
         elif host + v.nbytes <= host_free:
             tier, host = Tier.HOST, host + v.nbytes
         elif ssd_ok:

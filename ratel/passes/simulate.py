@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ratel.ir import (META_TENSOR, ActivationPlan, CostModel, Lifetimes, MemoryProfile, Phase, PlacementPlan,
+from ratel.ir import (META_TENSOR, ActivationPlan, CostModel, Lifetimes, MemoryProfile, Phase, PlacementPlan, Span,
                       StepMemory, StepTime, Tier, TimeProfile)
 from ratel.passes.build_lifetimes import boundary_values, unit_calls
 from ratel.passes.manager import PassContext
@@ -121,22 +121,41 @@ def simulate_memory(gm: fx.GraphModule, ctx: PassContext, acts: ActivationPlan |
                          host_bytes=host, host_total=sum(b for _, b in host), ssd_total=ssd_total)
 
 
+H2D_KINDS = ("fetch_params", "fetch_activation", "fetch_saved")
+D2H_KINDS = ("offload_activation", "flush_grads", "offload_saved")
+
+
 def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = None) -> TimeProfile:
-    """Seconds per step on each lane. A step lasts as long as its longest GPU-side lane (compute with any
-    recompute, H2D, D2H); the CPU optimizer and the SSD are queues of their own: an update starts when its
-    gradient has landed and its states are read; a saved activation read from SSD must land before the H2D
-    copy that needs it. The step ends when the GPU lanes and the optimizer are both done."""
+    """Simulate one step: compute, the H2D and D2H copy lanes, the SSD and the CPU optimizer, each a queue.
+
+    Copies are issued when their step begins (fetches) or when its compute ends (copies out), run one after
+    another on their lane, and wait for what they depend on: an activation or saved value comes back only
+    after it went out, and after its SSD read; a step's compute starts when everything it needs has arrived.
+    An update starts when its gradient has landed and its states are read. The step ends when the GPU and
+    the optimizer are both done."""
     hw = ctx.hardware
     lifetimes = ctx.get(Lifetimes)
+    units = ctx.traced.units
     costs = {c.unit: c for c in ctx.get(CostModel).units}
     rate = hw.gpu_tflops * 1e12 * hw.matmul_efficiency
     by_step: dict[int, list] = {}
     for t in transfers:
         by_step.setdefault(t.step, []).append(t)
-    read_done: dict[str, float] = {}
+    arrived: dict[tuple[str, str, int], float] = {}   # (kind, subject, needed_by) -> when the copy lands
+    went_out: dict[str, float] = {}                    # subject -> when its copy out (or SSD write) ended
+    read_done: dict[str, float] = {}                   # subject -> when its SSD read ended
+    grads_out: dict[str, float] = {}                   # unit name -> when its gradients landed on the host
+    spans = []
     times = []
-    gpu_clock = optimizer_clock = ssd_clock = 0.0
+    gpu = h2d_lane = d2h_lane = ssd_lane = optimizer_lane = 0.0
+
+    def run(lane_end: float, ready: float, seconds: float, lane: str, label: str, step: int, nbytes: int):
+        begin = max(lane_end, ready)
+        spans.append(Span(lane, label, begin, begin + seconds, step, nbytes))
+        return begin + seconds
+
     for step in lifetimes.steps:
+        t = step.index
         cost = costs[step.unit]
         saved_mode = acts is not None and acts.of(step.unit).mode == "saved"
         if step.phase == Phase.FWD:
@@ -146,37 +165,49 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
                                                   if d.tier is None)
         else:
             compute = (cost.fwd_flops + cost.bwd_flops) / rate
-        at = by_step.get(step.index, [])
-        h2d = sum(t.nbytes for t in at if t.kind in ("fetch_params", "fetch_activation", "fetch_saved")) \
-            / (hw.h2d_gbps * 1e9)
-        d2h = sum(t.nbytes for t in at if t.kind in ("offload_activation", "flush_grads", "offload_saved")) \
-            / (hw.d2h_gbps * 1e9)
-        ssd = 0.0
-        start = gpu_clock
-        for t in at:
-            if t.kind in ("ssd_read_states", "ssd_read_saved"):
-                seconds = t.nbytes / (hw.ssd_read_gbps * 1e9)
-                ssd_clock = max(ssd_clock, start) + seconds
-                read_done[t.subject] = ssd_clock
+        at = by_step.get(t, [])
+        issue = gpu
+        h2d = d2h = ssd = opt = 0.0
+        for tr in at:      # SSD reads and host-to-GPU copies are issued as the step begins
+            if tr.kind in ("ssd_read_states", "ssd_read_saved"):
+                seconds = tr.nbytes / (hw.ssd_read_gbps * 1e9)
+                ssd_lane = run(ssd_lane, max(issue, went_out.get(tr.subject, 0.0)), seconds, "ssd",
+                               f"read {tr.subject}", t, tr.nbytes)
+                read_done[tr.subject] = ssd_lane
                 ssd += seconds
-        # An H2D copy of a saved activation read from SSD cannot start before the read lands.
-        waits = [read_done.get(t.subject, 0.0) for t in at if t.kind == "fetch_saved"]
-        begin = max([start] + waits)
-        gpu_clock = begin + max(compute, h2d, d2h)
-        opt = 0.0
-        for t in at:
-            if t.kind == "optimizer_step":
-                seconds = t.nbytes / 16 / (hw.cpu_adam_gparams * 1e9)
-                optimizer_clock = max(optimizer_clock, gpu_clock, read_done.get(t.subject, 0.0)) + seconds
+        for tr in at:
+            if tr.kind in H2D_KINDS:
+                seconds = tr.nbytes / (hw.h2d_gbps * 1e9)
+                ready = max(issue, went_out.get(tr.subject, 0.0), read_done.get(tr.subject, 0.0))
+                h2d_lane = run(h2d_lane, ready, seconds, "h2d", f"{tr.kind.split('_')[1]} {tr.subject}", t,
+                               tr.nbytes)
+                arrived[(tr.kind, tr.subject, tr.needed_by)] = h2d_lane
+                h2d += seconds
+        needed = [when for (kind, subject, by), when in arrived.items() if by == t]
+        start = max([gpu] + needed)
+        gpu = run(start, start, compute, "compute", f"{step.phase} {units[step.unit].name}", t, 0)
+        for tr in at:      # copies out take what this step's compute produced
+            if tr.kind in D2H_KINDS:
+                seconds = tr.nbytes / (hw.d2h_gbps * 1e9)
+                d2h_lane = run(d2h_lane, gpu, seconds, "d2h", f"{tr.kind.split('_')[0]} {tr.subject}", t, tr.nbytes)
+                went_out[tr.subject] = d2h_lane
+                if tr.kind == "flush_grads":
+                    grads_out[tr.subject] = d2h_lane
+                d2h += seconds
+        for tr in at:
+            if tr.kind == "optimizer_step":
+                seconds = tr.nbytes / 16 / (hw.cpu_adam_gparams * 1e9)
+                ready = max(grads_out.get(units[step.unit].name, gpu), read_done.get(tr.subject, 0.0))
+                optimizer_lane = run(optimizer_lane, ready, seconds, "optimizer", f"adamw {tr.subject}", t,
+                                     tr.nbytes)
+                went_out[tr.subject] = optimizer_lane
                 opt += seconds
-        for t in at:
-            if t.kind in ("ssd_write_states", "ssd_write_saved"):
-                seconds = t.nbytes / (hw.ssd_write_gbps * 1e9)
-                ready = optimizer_clock if t.kind == "ssd_write_states" else gpu_clock
-                ssd_clock = max(ssd_clock, ready) + seconds
+        for tr in at:
+            if tr.kind in ("ssd_write_states", "ssd_write_saved"):
+                seconds = tr.nbytes / (hw.ssd_write_gbps * 1e9)
+                ssd_lane = run(ssd_lane, went_out.get(tr.subject, gpu), seconds, "ssd", f"write {tr.subject}", t,
+                               tr.nbytes)
                 ssd += seconds
-        times.append(StepTime(step.index, compute, h2d, d2h, opt, ssd))
+        times.append(StepTime(t, compute, h2d, d2h, opt, ssd))
     # Write-backs of optimizer states may finish during the next forward; the next step's reads wait for them.
-    return TimeProfile(steps=tuple(times), total=max(gpu_clock, optimizer_clock))
-
-
+    return TimeProfile(steps=tuple(times), total=max(gpu, optimizer_lane), spans=tuple(spans))

@@ -61,10 +61,8 @@ def test_explain_a_175b_model_on_the_meta_device_in_seconds():
     n = sum(p.numel() for p in model.parameters())
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
-    # NOTE: device="cpu" with the H100 profile: planning for "cuda" on a machine without CUDA needs
-    # estimate_costs to measure fake tensors on the CPU with the graph's device arguments mapped there too.
     plan = ratel.explain(model, ratel.Budget(gpu="80GiB", host="4TiB"), torch.zeros(1, 2048, dtype=torch.long),
-                         hardware=HardwareProfile.h100(), device="cpu")
+                         hardware=HardwareProfile.h100(), device="cuda")
     seconds = time.perf_counter() - start
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
 
@@ -75,7 +73,8 @@ def test_explain_a_175b_model_on_the_meta_device_in_seconds():
     assert n == pytest.approx(175e9, rel=0.01)
     assert len(plan.units) == 98 and len(plan.steps) == 196
     assert sum(g.nbytes for g in plan.groups) == 2 * n                         # bf16 parameters, each once
-    assert plan.memory.gpu_peak < 0.1 * 2 * n                                   # streamed, not resident
+    ring = plan.placement.depth * plan.placement.slot_bytes
+    assert ring < 0.1 * 2 * n                                                   # streamed, not resident
     assert plan.memory.gpu_peak <= plan.budget_gpu
     assert plan.memory.host_total > 12 * n                                      # fp32 master + Adam states
     assert plan.costs.total_fwd_flops == pytest.approx(2 * n * 2048, rel=0.2)   # ~2·N·tokens forward
