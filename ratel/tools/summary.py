@@ -388,21 +388,28 @@ def _activation_section(plan: Plan) -> list[str]:
         return []
     keys, items = [], []
     for unit, ua in zip(plan.units, acts.units):
-        if ua.mode == "recompute":
-            cells = ["recompute unit", "-", "-", "-", "-", format_seconds(0.0)]
-        else:
-            seconds = sum(d.recompute_seconds for d in ua.decisions if d.tier is None)
-            cells = ["saved", _b(ua.bytes_on(Tier.GPU)), _b(ua.bytes_on(Tier.HOST)), _b(ua.bytes_on(Tier.SSD)),
-                     _b(ua.bytes_on(None)), format_seconds(seconds)]
-        keys.append((unit.kind, tuple(cells)))
-        items.append((unit.name, cells))
-    rows = [[short_range([name for name, _ in run])] + run[0][1] for run in _merge_runs(keys, items)]
+        tiers = tuple(sorted({str(d.tier) for d in ua.decisions}))
+        # Blocks merge by mode and by the tiers they use; their bytes and times add up over the run.
+        keys.append((unit.kind, ua.mode, tiers) if unit.kind == "block" else (unit.index,))
+        items.append((unit.name, ua))
+    rows = []
+    for run in _merge_runs(keys, items):
+        units = [ua for _, ua in run]
+        name = short_range([n for n, _ in run])
+        if units[0].mode == "recompute":
+            rows.append([name, "recompute unit", "-", "-", "-", "-", format_seconds(0.0)])
+            continue
+        total = lambda tier: sum(u.bytes_on(tier) for u in units)   # noqa: E731
+        seconds = sum(d.recompute_seconds for u in units for d in u.decisions if d.tier is None)
+        rows.append([name, "saved", _b(total(Tier.GPU)), _b(total(Tier.HOST)), _b(total(Tier.SSD)), _b(total(None)),
+                     format_seconds(seconds)])
     header = ["unit", "mode", "kept on GPU", "swapped to host", "swapped to SSD", "recomputed", "recompute time"]
     title = f"Activations (policy {acts.policy}"
     if acts.search:
         best = min(acts.search, key=lambda r: r[1])
         title += f"; {len(acts.search)} candidate plans priced, fastest that fits stores {best[0]} values"
-    note = ["  saved: the unit's forward keeps what autograd saves, each value where the plan put it;",
+    note = ["  saved: the unit's forward keeps what autograd saves, each value where the plan put it (merged blocks:",
+            "  totals over the run);",
             "  recompute unit: only the unit's inputs are kept and the whole unit runs again in backward"]
     return ["", title + ")"] + _table(header, rows, "llrrrrr") + note
 
@@ -416,14 +423,26 @@ def _step_section(plan: Plan, measured: StepRecord | None, figures: list[StepFig
     unit, scale = _time_unit(largest)
     show_ssd = any(f.nbytes["ssd"] for f in figures) or bool(real and any(v["ssd"] for v in real.values()))
     lanes = [lane for lane in LANES if lane != "ssd" or show_ssd]
+    def cells_of(fs: list[StepFigures]) -> list[str]:
+        n = len(fs)
+        gpu = max(f.gpu for f in fs)
+        nbytes = {lane: sum(f.nbytes[lane] for f in fs) // n for lane in LANES}
+        seconds = {lane: sum(f.seconds[lane] for f in fs) / n for lane in LANES}
+        return ([_b(gpu)] + [_b(nbytes[lane]) for lane in lanes if lane not in ("compute", "optimizer")]
+                + [_t(seconds[lane], scale) for lane in lanes] + [fs[0].bound])
+
     keys, items = [], []
     for f, step in zip(figures, plan.steps):
-        cells = ([_b(f.gpu)] + [_b(f.nbytes[lane]) for lane in lanes if lane not in ("compute", "optimizer")]
-                 + [_t(f.seconds[lane], scale) for lane in lanes] + [f.bound])
         unit_kind = plan.units[step.unit].kind
-        # Only repeated blocks merge: the embedding and head rows stay visible whatever their figures.
-        keys.append((step.phase, unit_kind, tuple(cells)) if unit_kind == "block" else (step.index,))
-        items.append((f, step, cells))
+        # Only repeated blocks merge, by phase and by the lane that bounds them (figures: means, GPU: max);
+        # the embedding and head rows stay visible whatever their figures.
+        keys.append((step.phase, unit_kind, f.bound) if unit_kind == "block" else (step.index,))
+        items.append((f, step, None))
+    runs = _merge_runs(keys, items)
+    items = []
+    for run in runs:
+        cells = cells_of([f for f, _, _ in run])
+        items.extend((f, step, cells) for f, step, _ in run)
     rows = []
     for run in _merge_runs(keys, items):
         first, last = run[0], run[-1]
