@@ -565,7 +565,7 @@ def test_wrong_size_file_is_recreated_not_reused(tmp_path):
 
 def test_stripe_geometry_is_part_of_the_name(tmp_path):
     dirs = make_dirs(tmp_path, 2)
-    with Swapper(dirs, stripe_size=MiB) as a, Swapper(dirs, stripe_size=2 * MiB) as b:
+    with Swapper(dirs, block_size=MiB, stripe_size=MiB) as a, Swapper(dirs, block_size=MiB, stripe_size=2 * MiB) as b:
         assert set(a.file("x", MiB).paths).isdisjoint(b.file("x", MiB).paths)
 
 
