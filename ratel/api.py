@@ -30,7 +30,7 @@ from ratel.runtime.memory import ALIGN, Lanes, PinnedPool
 from ratel.runtime.optimizer import AdamW, CPUOptimizer
 from ratel.runtime.recorder import Recorder
 from ratel.runtime.saved import SavedActivations, SsdSaved, saved_pool_bytes
-from ratel.runtime.ssd import SsdStates, model_key
+from ratel.runtime.ssd import SsdParams, SsdStates, model_key
 from ratel.runtime.swapper import Swapper
 from ratel.runtime.param_store import ParamStore, host_pool_bytes
 from ratel.trace import TracedModel, trace_model
@@ -200,8 +200,12 @@ class Engine:
         ssd_groups = [g for g in plan.groups if g.trainable and plan.placement.optimizer_tier_of(g.name) == Tier.SSD]
         if ssd_groups:
             self._ssd = SsdStates(self._ensure_swapper(), ssd_groups, model_key(self.model))
-        self._store_pool = PinnedPool(host_pool_bytes(plan.groups), pin=self.device.type == "cuda")
-        self._store = ParamStore(plan, self.device, self._store_pool, ssd=self._ssd)
+        params_on_ssd = [g for g in plan.groups if plan.placement.param_tier_of(g.name) == Tier.SSD]
+        self._store_pool = PinnedPool(host_pool_bytes(plan.groups, {g.name for g in params_on_ssd}),
+                                      pin=self.device.type == "cuda")
+        ssd_params = (SsdParams(self._ensure_swapper(), params_on_ssd, model_key(self.model), self._store_pool)
+                      if params_on_ssd else None)
+        self._store = ParamStore(plan, self.device, self._store_pool, ssd=self._ssd, ssd_params=ssd_params)
         self._store.load(self.model, self._weights, progress=self.progress)
         self._optimizer = CPUOptimizer(self._store, self.optimizer_config, ssd=self._ssd)
         self._buffers = load_buffers(self.model, traced, self.device)

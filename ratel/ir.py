@@ -383,6 +383,9 @@ class PlacementPlan:
     def optimizer_tier_of(self, group: str) -> Tier:
         return dict(self.optimizer_tier)[group]
 
+    def param_tier_of(self, group: str) -> Tier:
+        return dict(self.param_tier)[group]
+
     def tier_of(self, value: str) -> Tier:
         for act in self.activations:
             if act.value == value:

@@ -102,6 +102,28 @@ def plan_transfers(ctx: PassContext, plan: PlacementPlan, lifetimes: Lifetimes,
                 out.append(Transfer("optimizer_step", group.name, group.numel * 16, Tier.HOST, Tier.HOST, step=t,
                                     needed_by=len(steps)))
     out.extend(ssd_transfers(lifetimes, plan, bwd, len(steps)))
+    out.extend(ssd_param_transfers(ctx, lifetimes, plan, bwd, len(steps)))
+    return sorted(out, key=lambda t: t.step)
+
+
+def ssd_param_transfers(ctx, lifetimes: Lifetimes, plan: PlacementPlan, bwd: dict[int, int],
+                        num_steps: int) -> list[Transfer]:
+    """Parameter groups on SSD: read one residency ahead of their fetch, written back after their update."""
+    units = ctx.traced.units
+    on_ssd = {g.index: g for g in lifetimes.groups if plan.param_tier_of(g.name) == Tier.SSD}
+    if not on_ssd:
+        return []
+    out = []
+    for k, fetch in enumerate(plan.fetches):
+        groups = [on_ssd[i] for i in plan.layouts[fetch.unit].groups if i in on_ssd]
+        if groups:
+            issue = plan.fetches[k - 1].issue if k else 0
+            out.append(Transfer("ssd_read_params", units[fetch.unit].name, sum(g.nbytes for g in groups), Tier.SSD,
+                                Tier.HOST, step=issue, needed_by=fetch.issue))
+    for g in on_ssd.values():
+        if g.trainable:
+            out.append(Transfer("ssd_write_params", g.name, g.nbytes, Tier.HOST, Tier.SSD, step=bwd[g.update_unit],
+                                needed_by=num_steps))
     return out
 
 

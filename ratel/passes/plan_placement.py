@@ -2,7 +2,9 @@
 
 The first policy (DESIGN.md, "Tiers and the cost model"):
   parameters       the compute copy lives in pinned host memory and is streamed into a GPU ring of
-                   ``ctx.depth`` slots, one unit ahead of use, in forward and again in backward;
+                   ``ctx.depth`` slots, one unit ahead of use, in forward and again in backward; when host
+                   memory cannot hold it even with every optimizer state on SSD, the largest groups' copies
+                   go to SSD too, read back ahead of each fetch;
   gradients        leave for the host as each unit's backward finishes (no GPU residency beyond that);
   optimizer state  fp32 master, exp_avg, exp_avg_sq in host memory, updated by the CPU optimizer; when
                    they do not fit in ``Budget.host``, the states of the groups updated earliest in backward
@@ -40,6 +42,7 @@ from ratel.passes.manager import PassContext, PassResult, graph_pass
 SLOT_ALIGN = 256
 PAGE = 4096
 SSD_STAGING_BUFFERS = 3   # one being read, one being updated, one being written back
+SSD_PARAM_BUFFERS = 4     # parameter groups on SSD: two read ahead, one copying to the GPU, one written back
 
 
 def _page(n: int) -> int:
@@ -52,12 +55,16 @@ def ssd_state_bytes(group) -> int:
     return group.numel * 4 * (2 if group.dtype == torch.float32 else 3)
 
 
-def host_usage(groups, optimizer_tier: dict[str, Tier], activations, torch_adam: bool) -> tuple[tuple[str, int], ...]:
+def host_usage(groups, optimizer_tier: dict[str, Tier], activations, torch_adam: bool,
+               param_tier: dict[str, Tier] | None = None) -> tuple[tuple[str, int], ...]:
     """Every host buffer the runtime allocates for this placement, by name (pinned and pageable)."""
+    param_tier = param_tier or {}
     usage = []
     for g in groups:
+        params_on_ssd = param_tier.get(g.name) == Tier.SSD
         if not g.trainable:
-            usage.append((f"frozen parameters:{g.name}", _page(g.nbytes)))
+            if not params_on_ssd:
+                usage.append((f"frozen parameters:{g.name}", _page(g.nbytes)))
             continue
         on_host = optimizer_tier[g.name] == Tier.HOST
         if g.dtype == torch.float32:
@@ -65,10 +72,14 @@ def host_usage(groups, optimizer_tier: dict[str, Tier], activations, torch_adam:
             if on_host:
                 usage.append((f"adam states:{g.name}", g.numel * 8))
         else:
-            usage.append((f"compute copy:{g.name}", _page(g.nbytes)))
+            if not params_on_ssd:
+                usage.append((f"compute copy:{g.name}", _page(g.nbytes)))
             if on_host:
                 usage.append((f"fp32 master + adam states:{g.name}", g.numel * 12))
         usage.append((f"gradient staging:{g.name}", _page(g.nbytes)))
+    ssd_params = [g for g in groups if param_tier.get(g.name) == Tier.SSD]
+    if ssd_params:
+        usage.append(("parameter SSD staging", SSD_PARAM_BUFFERS * (max(_page(g.nbytes) for g in ssd_params) + PAGE)))
     if torch_adam:   # torch's fused AdamW needs the gradient in fp32; the native kernel reads it as it is
         scratch = max((g.numel * 4 for g in groups if g.trainable and g.dtype != torch.float32), default=0)
         if scratch:
@@ -102,6 +113,25 @@ def optimizer_tiers(groups, activations, budget, torch_adam: bool) -> dict[str, 
         trial = {**tiers, g.name: Tier.HOST}
         if sum(b for _, b in host_usage(groups, trial, activations, torch_adam)) <= budget.host:
             tiers = trial
+    return tiers
+
+
+def param_tiers(groups, optimizer_tier: dict[str, Tier], activations, budget, torch_adam: bool) -> dict[str, Tier]:
+    """Parameter compute copies on the host, unless even with every optimizer state on SSD the host is short:
+    then, largest group first, copies move to SSD (read back before every fetch: the last resort). Groups that
+    compute in fp32 stay: their compute copy is their master."""
+    tiers = {g.name: Tier.HOST for g in groups}
+
+    def fits(t):
+        return sum(b for _, b in host_usage(groups, optimizer_tier, activations, torch_adam, t)) <= budget.host
+
+    if fits(tiers) or not budget.ssd_dir:
+        return tiers
+    movable = [g for g in groups if g.dtype != torch.float32 and (not g.trainable or optimizer_tier[g.name] == Tier.SSD)]
+    for g in sorted(movable, key=lambda g: (-g.nbytes, g.index)):
+        tiers[g.name] = Tier.SSD
+        if fits(tiers):
+            break
     return tiers
 
 
@@ -167,8 +197,9 @@ def plan_placement(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
     layouts = slot_layouts(units, lifetimes.groups)
     tiers = optimizer_tiers(lifetimes.groups, activations, ctx.budget, uses_torch_adam())
+    params = param_tiers(lifetimes.groups, tiers, activations, ctx.budget, uses_torch_adam())
     plan = PlacementPlan(
-        param_tier=tuple((g.name, Tier.HOST) for g in lifetimes.groups),
+        param_tier=tuple((g.name, params[g.name]) for g in lifetimes.groups),
         optimizer_tier=tuple((g.name, tiers[g.name]) for g in lifetimes.groups if g.trainable),
         activations=tuple(activations),
         fetches=ring_schedule(lifetimes.steps, ctx.depth),

@@ -106,9 +106,11 @@ def simulate_memory(gm: fx.GraphModule, ctx: PassContext, acts: ActivationPlan |
         profile.append(StepMemory(step=t, gpu=sum(b for _, b in parts), breakdown=parts))
     peak = max(profile, key=lambda s: s.gpu)
 
-    host = host_usage(lifetimes.groups, dict(placement.optimizer_tier), placement.activations, uses_torch_adam())
+    host = host_usage(lifetimes.groups, dict(placement.optimizer_tier), placement.activations, uses_torch_adam(),
+                      dict(placement.param_tier))
     ssd_total = sum(ssd_state_bytes(g) for g in lifetimes.groups
                     if g.trainable and placement.optimizer_tier_of(g.name) == Tier.SSD)
+    ssd_total += sum(g.nbytes for g in lifetimes.groups if placement.param_tier_of(g.name) == Tier.SSD)
     if acts is not None:
         from ratel.runtime.saved import saved_host_bytes
         swapped, staging = saved_host_bytes(acts)
@@ -169,7 +171,7 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
         issue = gpu
         h2d = d2h = ssd = opt = 0.0
         for tr in at:      # SSD reads and host-to-GPU copies are issued as the step begins
-            if tr.kind in ("ssd_read_states", "ssd_read_saved"):
+            if tr.kind in ("ssd_read_states", "ssd_read_saved", "ssd_read_params"):
                 seconds = tr.nbytes / (hw.ssd_read_gbps * 1e9)
                 ssd_lane = run(ssd_lane, max(issue, went_out.get(tr.subject, 0.0)), seconds, "ssd",
                                f"read {tr.subject}", t, tr.nbytes)
@@ -203,7 +205,7 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
                 went_out[tr.subject] = optimizer_lane
                 opt += seconds
         for tr in at:
-            if tr.kind in ("ssd_write_states", "ssd_write_saved"):
+            if tr.kind in ("ssd_write_states", "ssd_write_saved", "ssd_write_params"):
                 seconds = tr.nbytes / (hw.ssd_write_gbps * 1e9)
                 ssd_lane = run(ssd_lane, went_out.get(tr.subject, gpu), seconds, "ssd", f"write {tr.subject}", t,
                                tr.nbytes)

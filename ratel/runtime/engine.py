@@ -104,11 +104,13 @@ class Runtime:
         self.fwd_step = {s.unit: s.index for s in plan.steps if s.phase == Phase.FWD}
         self.recorder = None
         self._step = -1
+        self._fetch_cursor = 0
 
     # ------------------------------------------------------------------ forward ops (called by the graph)
     def begin(self, recorder=None) -> None:
         """Start a forward: drop whatever an unfinished previous step left behind."""
         self.recorder = recorder
+        self._fetch_cursor = 0
         self.activations.recorder = recorder
         self.saved.recorder = recorder
         self.saved.clear()
@@ -143,11 +145,30 @@ class Runtime:
         ready = None
         free = self._slot_free.pop(slot, None)
         for group, view in self.store.slot_group_views(index, slot):
-            ready = self.lanes.copy(view, self.store.compute[group.index], self.lanes.h2d, after=free,
+            on_ssd = self.store.params_on_ssd(group)
+            source = self.store.ssd_params.acquire(group) if on_ssd else self.store.compute[group.index]
+            ready = self.lanes.copy(view, source, self.lanes.h2d, after=free,
                                     span=(self.recorder, "h2d", f"params {group.name}", self._step))
+            if on_ssd:
+                self.store.ssd_params.release(group, ready)
             free = None
         self._slot_of[index] = slot
         self._ready[index] = ready
+        self._read_ahead_after(index, slot)
+
+    def _read_ahead_after(self, unit: int, slot: int) -> None:
+        """Start reading from SSD the parameter groups of the residency after this one."""
+        if self.store.ssd_params is None:
+            return
+        fetches = self.plan.placement.fetches
+        for k, fetch in enumerate(fetches[self._fetch_cursor:], start=self._fetch_cursor):
+            if fetch.unit == unit and fetch.slot == slot:
+                self._fetch_cursor = k + 1
+                if k + 1 < len(fetches):
+                    for group, _ in self.store.slot_group_views(fetches[k + 1].unit, fetches[k + 1].slot):
+                        if self.store.params_on_ssd(group):
+                            self.store.ssd_params.read_ahead(group)
+                return
 
     def wait_params(self, unit: str | int) -> None:
         index = self.unit_index[unit] if isinstance(unit, str) else unit

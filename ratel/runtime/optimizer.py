@@ -128,7 +128,10 @@ class CPUOptimizer:
     def _update(self, group: ParamGroup) -> None:
         s = self.store
         i = group.index
-        out = s.compute[i] if group.dtype != torch.float32 else None
+        out = s.compute.get(i) if group.dtype != torch.float32 else None
+        slot = None
+        if s.params_on_ssd(group):
+            slot, out = s.ssd_params.write_buffer(group)
         if s.on_ssd(group):
             master, exp_avg, exp_avg_sq = self.ssd.acquire(group)
             master = s.master[i] if master is None else master
@@ -139,3 +142,5 @@ class CPUOptimizer:
                      num_threads=self.threads)
         if s.on_ssd(group):
             self.ssd.release(group)
+        if slot is not None:
+            s.ssd_params.commit_write(group, slot)

@@ -30,13 +30,19 @@ from ratel.runtime.memory import PinnedPool
 log = logging.getLogger("ratel.runtime")
 
 
-def host_pool_bytes(groups: tuple[ParamGroup, ...]) -> int:
-    """Pinned bytes the store takes: compute copies (fp32 masters double as them) and grad staging."""
+def host_pool_bytes(groups: tuple[ParamGroup, ...], params_on_ssd: set[str] = frozenset()) -> int:
+    """Pinned bytes the store takes: compute copies (fp32 masters double as them), gradient staging, and the
+    staging ring of parameter groups whose compute copies live on SSD."""
+    from ratel.passes.plan_placement import SSD_PARAM_BUFFERS
     total = 0
     for g in groups:
-        total += _round(g.nbytes)                          # compute copy (or fp32 master)
+        if g.name not in params_on_ssd:
+            total += _round(g.nbytes)                      # compute copy (or fp32 master)
         if g.trainable:
             total += _round(g.nbytes)                      # grad staging
+    ssd = [g for g in groups if g.name in params_on_ssd]
+    if ssd:
+        total += SSD_PARAM_BUFFERS * (_round(max(g.nbytes for g in ssd)) + 4096)
     return total
 
 
@@ -45,9 +51,10 @@ def _round(n: int) -> int:
 
 
 class ParamStore:
-    def __init__(self, plan: Plan, device: torch.device, pool: PinnedPool, ssd=None):
+    def __init__(self, plan: Plan, device: torch.device, pool: PinnedPool, ssd=None, ssd_params=None):
         self.plan = plan
-        self.ssd = ssd          # SsdStates holding the optimizer states of groups placed on SSD
+        self.ssd = ssd                  # SsdStates holding the optimizer states of groups placed on SSD
+        self.ssd_params = ssd_params    # SsdParams holding the compute copies of groups placed on SSD
         self.groups = plan.groups
         self.device = device
         self.master: dict[int, torch.Tensor] = {}
@@ -57,7 +64,8 @@ class ParamStore:
         self.grad_staging: dict[int, torch.Tensor] = {}
         self.steps: dict[int, torch.Tensor] = {}
         for g in self.groups:
-            self.compute[g.index] = pool.take(g.nbytes, g.dtype)
+            if not self.params_on_ssd(g):
+                self.compute[g.index] = pool.take(g.nbytes, g.dtype)
             if g.trainable:
                 on_ssd = self.on_ssd(g)
                 if g.dtype == torch.float32:
@@ -77,6 +85,9 @@ class ParamStore:
     def on_ssd(self, group: ParamGroup) -> bool:
         return self.ssd is not None and group.index in self.ssd.groups
 
+    def params_on_ssd(self, group: ParamGroup) -> bool:
+        return self.ssd_params is not None and group.index in self.ssd_params.groups
+
     # ------------------------------------------------------------------ values in
     def load(self, model: nn.Module, weights: str | os.PathLike | None = None, progress: bool = True) -> None:
         """Fill master and compute copies from ``weights`` files, the model's tensors, or its initialiser."""
@@ -91,6 +102,8 @@ class ParamStore:
             master = self.master.get(g.index)
             if master is None and g.trainable:
                 master = torch.empty(g.numel, dtype=torch.float32)
+            staged = torch.empty(g.numel, dtype=g.dtype) if self.params_on_ssd(g) else None
+            compute = staged if staged is not None else self.compute[g.index]
             for name, shape, offset in zip(g.params, g.shapes, g.offsets):
                 numel = _numel(shape)
                 if files is not None:
@@ -106,10 +119,12 @@ class ParamStore:
                 if g.trainable:
                     master[offset:offset + numel].copy_(flat)
                     if g.dtype != torch.float32:
-                        self.compute[g.index][offset:offset + numel].copy_(flat)
+                        compute[offset:offset + numel].copy_(flat)
                 else:
-                    self.compute[g.index][offset:offset + numel].copy_(flat)
+                    compute[offset:offset + numel].copy_(flat)
                 bar.update(numel)
+            if staged is not None:
+                self.ssd_params.initialize(g, staged)
             if g.trainable and self.on_ssd(g):
                 self.ssd.initialize(g, master if g.dtype != torch.float32 else None)
         bar.close()
@@ -121,7 +136,9 @@ class ParamStore:
         aliases = _aliases(model)
         for g in self.groups:
             if not g.trainable:
-                source = self.compute[g.index]
+                source = self.compute[g.index] if not self.params_on_ssd(g) else self.ssd_params.acquire(g).clone()
+                if self.params_on_ssd(g):
+                    self.ssd_params.release(g, None)
             elif g.index in self.master:
                 source = self.master[g.index]
             else:

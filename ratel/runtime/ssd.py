@@ -21,6 +21,7 @@ import heapq
 import itertools
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -203,3 +204,121 @@ class SsdStates:
                 self._closed = True
                 self._lock.notify()
             self._thread.join()
+
+
+class SsdParams:
+    """Parameter compute copies on SSD: each group in a swap file, read into a ring of pinned buffers ahead
+    of its fetch to the GPU, and written back from the ring after its optimizer update.
+
+    A buffer keeps the last data it read or wrote, so a group fetched again soon (the last unit's forward
+    and backward) or just updated is not read again. A buffer is reused only once the copy to the GPU or the
+    write that uses it is done, and never while a fetch still needs its data.
+    """
+
+    def __init__(self, swapper, groups: list[ParamGroup], key: str, pool):
+        from ratel.passes.plan_placement import SSD_PARAM_BUFFERS
+        self.swapper = swapper
+        self.groups = {g.index: g for g in groups}
+        self.files = {g.index: swapper.file(_file_name(key, g).replace(".adam", ".param"), g.nbytes) for g in groups}
+        size = max(g.nbytes for g in groups)
+        self.buffers = [pool.take(size) for _ in range(SSD_PARAM_BUFFERS)]
+        self.holds: list[int | None] = [None] * len(self.buffers)   # whose current data a buffer has
+        self.pending: list[Any] = [None] * len(self.buffers)        # read / write handle or copy event
+        self.needed: list[bool] = [False] * len(self.buffers)      # a fetch is waiting for this data
+        self._lock = threading.Lock()
+
+    def _view(self, i: int, group: ParamGroup) -> torch.Tensor:
+        return self.buffers[i][: group.nbytes].view(group.dtype)
+
+    @staticmethod
+    def _settle(pending) -> None:
+        if pending is None:
+            return
+        if hasattr(pending, "synchronize"):
+            pending.synchronize()
+        else:
+            pending.wait()
+
+    def _claim(self) -> int:
+        """A buffer no fetch needs, waiting for whatever still uses it; it then holds nothing."""
+        with self._lock:
+            free = [i for i in range(len(self.buffers)) if not self.needed[i]]
+            if not free:
+                raise RuntimeError(f"every SSD parameter buffer is awaiting a fetch (plan bug): holds {self.holds}, "
+                                   f"needed {self.needed}")
+            # Prefer a buffer holding nothing, then one whose data is oldest in the ring order.
+            i = next((j for j in free if self.holds[j] is None), free[0])
+            pending, self.pending[i] = self.pending[i], None
+            self.holds[i] = None
+            self.needed[i] = True      # reserved while we wait
+        self._settle(pending)
+        return i
+
+    def _holding(self, index: int) -> int | None:
+        for i, holder in enumerate(self.holds):
+            if holder == index:
+                return i
+        return None
+
+    def read_ahead(self, group: ParamGroup) -> None:
+        with self._lock:
+            i = self._holding(group.index)
+            if i is not None:
+                self.needed[i] = True
+                return
+        i = self._claim()
+        handle = self.swapper.read(self.files[group.index], 0, self.buffers[i][: group.nbytes])
+        with self._lock:
+            self.holds[i] = group.index
+            self.pending[i] = handle
+
+    def acquire(self, group: ParamGroup) -> torch.Tensor:
+        """The group's compute copy in a pinned buffer (read now if it was not read ahead)."""
+        with self._lock:
+            i = self._holding(group.index)
+            if i is not None:
+                self.needed[i] = True
+        if i is None:
+            self.read_ahead(group)
+            with self._lock:
+                i = self._holding(group.index)
+        pending = self.pending[i]
+        if pending is not None and not hasattr(pending, "synchronize"):
+            pending.wait()             # a read (or a write: then the data is already there) must be done
+        return self._view(i, group)
+
+    def release(self, group: ParamGroup, copied) -> None:
+        """The copy to the GPU is issued: the buffer may be reused once ``copied`` (an event) completes."""
+        with self._lock:
+            i = self._holding(group.index)
+            self.needed[i] = False
+            if copied is not None:
+                self.pending[i] = copied
+
+    def write_buffer(self, group: ParamGroup) -> tuple[int, torch.Tensor]:
+        """A buffer for the group's new compute copy (older copies of it in the ring are dropped)."""
+        with self._lock:
+            for j, holder in enumerate(self.holds):
+                if holder == group.index and not self.needed[j]:
+                    self.holds[j] = None
+        i = self._claim()
+        return i, self._view(i, group)
+
+    def commit_write(self, group: ParamGroup, i: int) -> None:
+        handle = self.swapper.write(self.files[group.index], 0, self.buffers[i][: group.nbytes])
+        with self._lock:
+            self.holds[i] = group.index
+            self.pending[i] = handle
+            self.needed[i] = False
+
+    def initialize(self, group: ParamGroup, values: torch.Tensor) -> None:
+        i, view = self.write_buffer(group)
+        view.copy_(values)
+        self.commit_write(group, i)
+        self._settle(self.pending[i])
+
+    def flush(self) -> None:
+        for i in range(len(self.buffers)):
+            pending = self.pending[i]
+            if pending is not None and not hasattr(pending, "synchronize"):
+                pending.wait()

@@ -55,6 +55,9 @@ class _Store:
     def on_ssd(self, group):
         return False
 
+    def params_on_ssd(self, group):
+        return False
+
 
 def _group(numel=8):
     return ParamGroup(0, "g", ("w",), ((numel,),), (0,), numel, torch.float32, (0,), True)

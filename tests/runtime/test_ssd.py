@@ -162,3 +162,46 @@ def test_ssd_budget_is_enforced(tmp_path):
         ratel.compile(model, budget=ratel.Budget(gpu="1GiB", host=host, ssd=4096, ssd_dir=str(tmp_path)),
                       example_inputs=(ids,), device="cpu")
     assert info.value.tier == "ssd"
+
+
+def test_parameters_on_ssd_when_host_memory_is_shorter_still(tmp_path):
+    """Host memory below even the all-states-on-SSD minimum: the compute copies go to SSD as well (read back
+    before every fetch), and training still equals plain PyTorch mixed precision bit for bit."""
+    from ratel.passes.plan_placement import param_tiers
+    model = make_model("gpt_untied", layers=12, dtype=torch.bfloat16)   # many groups: staging < copies
+    data = batches(4)
+    ref = copy.deepcopy(model)
+    params = list(ref.parameters())
+    masters = [p.detach().float().requires_grad_() for p in params]
+    opt = torch.optim.AdamW(masters, lr=1e-3, weight_decay=0.1, fused=True)
+    expected = []
+    for ids, labels in data:
+        loss = ref(ids, labels=labels).loss
+        loss.backward()
+        for m, p in zip(masters, params):
+            m.grad, p.grad = p.grad.float(), None
+        opt.step()
+        with torch.no_grad():
+            for m, p in zip(masters, params):
+                p.copy_(m)
+        expected.append(loss.item())
+    probe = ratel.compile(model, budget=ratel.Budget(gpu="1GiB", host="1TiB"), example_inputs=(data[0][0],),
+                          device="cpu", progress=False)
+    plan = probe.plan
+    probe.close()
+    states = {g.name: Tier.SSD for g in plan.groups if g.trainable}
+    everything = param_tiers(plan.groups, states, plan.placement.activations,
+                             ratel.Budget(gpu="1GiB", host=1, ssd_dir=str(tmp_path)), uses_torch_adam())
+    host = sum(b for _, b in host_usage(plan.groups, states, plan.placement.activations, uses_torch_adam(), everything))
+    engine = ratel.compile(model, budget=ratel.Budget(gpu="1GiB", host=host, ssd_dir=str(tmp_path)),
+                           optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1), example_inputs=(data[0][0],),
+                           device="cpu", progress=False)
+    on_ssd = [name for name, tier in engine.plan.placement.param_tier if tier == Tier.SSD]
+    assert on_ssd, "no parameter group was placed on SSD"
+    assert any(n.endswith(".param.swap") for _, _, fs in os.walk(tmp_path) for n in fs)
+    assert train(engine, data) == expected
+    assert engine.host_bytes_allocated() <= host
+    state = engine.state_dict()
+    engine.close()
+    for (name, _), master in zip(ref.named_parameters(), masters):
+        assert torch.equal(state[name], master.detach()), name
