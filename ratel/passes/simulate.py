@@ -144,9 +144,16 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
     for t in transfers:
         by_step.setdefault(t.step, []).append(t)
     arrived: dict[tuple[str, str, int], float] = {}   # (kind, subject, needed_by) -> when the copy lands
-    went_out: dict[str, float] = {}                    # subject -> when its copy out (or SSD write) ended
-    read_done: dict[str, float] = {}                   # subject -> when its SSD read ended
+    went_out: dict[tuple[str, str], float] = {}        # (what, subject) -> when its copy out / update / write ended
+    read_done: dict[tuple[str, str], float] = {}       # (what, subject) -> when its SSD read ended
     grads_out: dict[str, float] = {}                   # unit name -> when its gradients landed on the host
+
+    def what(kind: str) -> str:
+        """What a transfer moves, so dependencies match like with like (a unit and a group share names)."""
+        for family in ("params", "states", "saved", "activation"):
+            if kind.endswith(family) or kind.endswith(family + "s"):
+                return family
+        return "states" if kind == "optimizer_step" else "saved" if kind == "offload_saved" else kind
     spans = []
     times = []
     gpu = h2d_lane = d2h_lane = ssd_lane = optimizer_lane = 0.0
@@ -173,14 +180,16 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
         for tr in at:      # SSD reads and host-to-GPU copies are issued as the step begins
             if tr.kind in ("ssd_read_states", "ssd_read_saved", "ssd_read_params"):
                 seconds = tr.nbytes / (hw.ssd_read_gbps * 1e9)
-                ssd_lane = run(ssd_lane, max(issue, went_out.get(tr.subject, 0.0)), seconds, "ssd",
+                key = (what(tr.kind), tr.subject)
+                ssd_lane = run(ssd_lane, max(issue, went_out.get(key, 0.0)), seconds, "ssd",
                                f"read {tr.subject}", t, tr.nbytes)
-                read_done[tr.subject] = ssd_lane
+                read_done[key] = ssd_lane
                 ssd += seconds
         for tr in at:
             if tr.kind in H2D_KINDS:
                 seconds = tr.nbytes / (hw.h2d_gbps * 1e9)
-                ready = max(issue, went_out.get(tr.subject, 0.0), read_done.get(tr.subject, 0.0))
+                key = (what(tr.kind), tr.subject)
+                ready = max(issue, went_out.get(key, 0.0), read_done.get(key, 0.0))
                 h2d_lane = run(h2d_lane, ready, seconds, "h2d", f"{tr.kind.split('_')[1]} {tr.subject}", t,
                                tr.nbytes)
                 arrived[(tr.kind, tr.subject, tr.needed_by)] = h2d_lane
@@ -192,23 +201,24 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
             if tr.kind in D2H_KINDS:
                 seconds = tr.nbytes / (hw.d2h_gbps * 1e9)
                 d2h_lane = run(d2h_lane, gpu, seconds, "d2h", f"{tr.kind.split('_')[0]} {tr.subject}", t, tr.nbytes)
-                went_out[tr.subject] = d2h_lane
+                went_out[(what(tr.kind), tr.subject)] = d2h_lane
                 if tr.kind == "flush_grads":
                     grads_out[tr.subject] = d2h_lane
                 d2h += seconds
         for tr in at:
             if tr.kind == "optimizer_step":
                 seconds = tr.nbytes / 16 / (hw.cpu_adam_gparams * 1e9)
-                ready = max(grads_out.get(units[step.unit].name, gpu), read_done.get(tr.subject, 0.0))
+                ready = max(grads_out.get(units[step.unit].name, gpu), read_done.get(("states", tr.subject), 0.0))
                 optimizer_lane = run(optimizer_lane, ready, seconds, "optimizer", f"adamw {tr.subject}", t,
                                      tr.nbytes)
-                went_out[tr.subject] = optimizer_lane
+                went_out[("states", tr.subject)] = optimizer_lane
+                went_out[("params", tr.subject)] = optimizer_lane
                 opt += seconds
         for tr in at:
             if tr.kind in ("ssd_write_states", "ssd_write_saved", "ssd_write_params"):
                 seconds = tr.nbytes / (hw.ssd_write_gbps * 1e9)
-                ssd_lane = run(ssd_lane, went_out.get(tr.subject, gpu), seconds, "ssd", f"write {tr.subject}", t,
-                               tr.nbytes)
+                ssd_lane = run(ssd_lane, went_out.get((what(tr.kind), tr.subject), gpu), seconds, "ssd",
+                               f"write {tr.subject}", t, tr.nbytes)
                 ssd += seconds
         times.append(StepTime(t, compute, h2d, d2h, opt, ssd))
     # Write-backs of optimizer states may finish during the next forward; the next step's reads wait for them.

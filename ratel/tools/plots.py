@@ -288,10 +288,17 @@ def predicted_lanes(plan: Plan) -> tuple[dict[str, list[tuple[float, float, int]
     spans = getattr(plan.times, "spans", None)
     if spans:
         bars = {lane: [] for lane in LANES}
+        first: dict[int, float] = {}
+        gpu_end = 0.0
         for span in spans:
             lane = MEASURED_LANE.get(span.lane)
             if lane is not None:
                 bars[lane].append((span.start, span.end - span.start, span.step))
+            if span.lane == "compute":
+                first.setdefault(span.step, span.start)
+                gpu_end = max(gpu_end, span.end)
+        # Steps begin where the simulation started their compute; the last one ends with the GPU's work.
+        starts = [first.get(i, 0.0) for i in range(len(plan.steps))] + [gpu_end]
     return bars, starts
 
 

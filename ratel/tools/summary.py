@@ -34,7 +34,7 @@ LANES = ("compute", "h2d", "d2h", "ssd", "optimizer")
 LANE_TITLES = {"compute": "compute", "h2d": "H2D", "d2h": "D2H", "ssd": "SSD", "optimizer": "CPU optimizer"}
 # StepRecord lanes -> summary lanes (SSD reads and writes share one lane here).
 MEASURED_LANE = {"compute": "compute", "h2d": "h2d", "d2h": "d2h", "ssd_read": "ssd", "ssd_write": "ssd",
-                 "optimizer": "optimizer"}
+                 "ssd": "ssd", "optimizer": "optimizer"}
 
 CATEGORIES = ("parameters", "gradients", "optimizer states", "activations", "workspace", "buffers and outputs")
 # The planner names what it counts (``StepMemory.breakdown``, ``MemoryProfile.host_bytes``: "param ring",
