@@ -83,15 +83,15 @@ def main():
     torch.cuda.empty_cache()
 
     meta_model = llama(args, "meta")
-    probe = ratel.compile(meta_model, budget="1TiB", example_inputs=(ids,), progress=False)
-    budget = probe.plan.memory.gpu_peak
-    probe.close()
+    # The smallest budget the planner accepts: the peak of its most frugal plan (every unit recomputed).
+    budget = ratel.explain(meta_model, "1TiB", (ids,), activations="recompute").memory.gpu_peak
     torch.cuda.empty_cache()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     engine = ratel.compile(meta_model, budget=budget, optimizer=ratel.AdamW(lr=1e-5), example_inputs=(ids,))
+    plan_kind = ", ".join(sorted({u.mode for u in engine.plan.activations.units}))
     setup = time.perf_counter() - t0
 
     def ratel_step():
@@ -109,6 +109,7 @@ def main():
         ("model", f"Llama {args.layers}L h={args.hidden} ({n_params / 1e9:.2f}B params, bf16), batch {args.batch} x seq {args.seq}"),
         ("parameter bytes", format_bytes(param_bytes)),
         ("GPU budget (smallest accepted)", format_bytes(budget)),
+        ("activation plan (auto)", plan_kind),
         ("planned peak", format_bytes(plan.memory.gpu_peak)),
         ("measured peak (max_memory_allocated)", f"{format_bytes(peak)} ({peak / budget:.1%} of budget)"),
         ("GPU-resident PyTorch peak", format_bytes(baseline_peak)),
