@@ -22,6 +22,7 @@ unit, e.g. ``model.layers.3: saved, 1.2 GiB kept, 3.4 GiB host, 0.8 GiB recomput
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch.fx as fx
@@ -201,26 +202,31 @@ def plan_activations(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         for k in range(max(must, center - stride), min(len(candidates), center + stride) + 1):
             evaluate(k)
     search = [(k, r[0], r[1]) for k, r in sorted(priced.items()) if r is not None]
+    # Checkpointing whole units is a candidate too (k = -1 in the search record): at tight budgets rerunning
+    # each unit can beat rebuilding values one node at a time.
+    frugal = _fixed("recompute", costs, subs, hw, ssd_ok)
+    frugal_seconds, frugal_peak = price(frugal)
+    search.insert(0, (-1, frugal_seconds, frugal_peak))
+    priced[-1] = (frugal_seconds, frugal_peak, frugal)
     best = None
     for k, (seconds, peak, plan) in sorted((k, r) for k, r in priced.items() if r is not None):
         if peak > ctx.budget.gpu:
             continue
         # Equal predicted steps (bound by the optimizer or by copies): prefer less recompute, then less moved.
-        key = (round(seconds, 9), _recompute_seconds(plan), _moved_bytes(plan))
+        key = (round(seconds, 9), _recompute_seconds(plan, costs, hw), _moved_bytes(plan))
         if best is None or key < best[0]:
             best = (key, plan)
-    if best is None:
-        fallback = _fixed("recompute", costs, subs, hw, ssd_ok)
-        if simulate_memory(gm, ctx, fallback).gpu_peak <= ctx.budget.gpu:
-            best = ((price(fallback)[0],), fallback)
-        else:
-            return PassResult(gm, modified=False, analysis=fallback)   # verify_plan names the minimum
+    if best is None:   # nothing fits: verify_plan refuses the budget with the most frugal plan's peak
+        return PassResult(gm, modified=False, analysis=dataclasses.replace(frugal, search=tuple(search)))
     plan = ActivationPlan(policy="auto", units=best[1].units, search=tuple(search))
     return PassResult(gm, modified=False, analysis=plan)
 
 
-def _recompute_seconds(plan: ActivationPlan) -> float:
-    return sum(d.recompute_seconds for u in plan.units for d in u.decisions if d.tier is None)
+def _recompute_seconds(plan: ActivationPlan, costs: CostModel, hw) -> float:
+    """Predicted recompute time: values rebuilt one by one, or whole units run again."""
+    rate = hw.gpu_tflops * 1e12 * hw.matmul_efficiency
+    return sum(costs.units[u.unit].fwd_flops / rate if u.mode == "recompute" else
+               sum(d.recompute_seconds for d in u.decisions if d.tier is None) for u in plan.units)
 
 
 def _moved_bytes(plan: ActivationPlan) -> int:
