@@ -94,3 +94,30 @@ def max_relative_difference(state: dict, reference) -> tuple[float, str]:
         if diff > worst:
             worst, name = diff, n
     return worst, name
+
+
+def mixed_precision_reference(model_bf16, data, lr, weight_decay, device="cpu"):
+    """Plain PyTorch mixed precision: the bf16 model on ``device``, fp32 master weights and
+    torch.optim.AdamW(fused) on the CPU, the bf16 copy refreshed from the masters after every step.
+
+    Returns the losses and the final fp32 masters by parameter name."""
+    ref = copy.deepcopy(model_bf16).to(device)
+    params = list(ref.parameters())
+    masters = [p.detach().float().cpu().requires_grad_() for p in params]
+    opt = torch.optim.AdamW(masters, lr=lr, weight_decay=weight_decay, fused=True)
+    losses = []
+    for step, (ids, labels) in enumerate(data):
+        torch.manual_seed(1000 + step)
+        loss = ref(ids.to(device), labels=labels.to(device)).loss
+        loss.backward()
+        for m, p in zip(masters, params):
+            m.grad, p.grad = p.grad.float().cpu(), None
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            for m, p in zip(masters, params):
+                p.copy_(m)
+        losses.append(loss.item())
+    names = [n for n, _ in ref.named_parameters()]
+    return losses, dict(zip(names, masters))
+

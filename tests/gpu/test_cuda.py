@@ -1,11 +1,10 @@
 """On a CUDA device: bf16 training equals plain PyTorch mixed precision, within the GPU memory budget."""
-import copy
 
 import pytest
 import torch
 
 import ratel
-from helpers import VOCAB, batches, make_model
+from helpers import VOCAB, batches, make_model, mixed_precision_reference
 
 pytestmark = pytest.mark.gpu
 
@@ -16,37 +15,13 @@ LOSS_RTOL = 5e-3
 PARAM_RTOL = 5e-3
 
 
-def mixed_precision_reference(model_bf16, data, lr, weight_decay):
-    """Plain PyTorch: bf16 model on the GPU, fp32 master weights and torch.optim.AdamW(fused) on the CPU."""
-    ref = copy.deepcopy(model_bf16).cuda()
-    params = list(ref.parameters())
-    masters = [p.detach().float().cpu().requires_grad_() for p in params]
-    opt = torch.optim.AdamW(masters, lr=lr, weight_decay=weight_decay, fused=True)
-    losses = []
-    for step, (ids, labels) in enumerate(data):
-        torch.manual_seed(1000 + step)
-        loss = ref(ids.cuda(), labels=labels.cuda()).loss
-        loss.backward()
-        for m, p in zip(masters, params):
-            m.grad = p.grad.float().cpu()
-            p.grad = None
-        opt.step()
-        opt.zero_grad()
-        with torch.no_grad():
-            for m, p in zip(masters, params):
-                p.copy_(m)
-        losses.append(loss.item())
-    names = [n for n, _ in ref.named_parameters()]
-    return losses, dict(zip(names, masters))
-
-
 @pytest.mark.parametrize("kind,policy", [("gpt", "auto"), ("llama", "auto"), ("gpt2", "auto"), ("gpt", "recompute"),
                                          ("gpt", "keep"), ("llama", "host"), ("gpt2", "host"), ("gpt", "selective"),
                                          ("llama", "selective"), ("gpt2", "selective")])
 def test_bf16_training_equals_pytorch_mixed_precision(kind, policy):
     model = make_model(kind, dropout=0.0, layers=4, dtype=torch.bfloat16)
     data = batches(10, batch=4, seq=32)
-    ref_losses, ref_masters = mixed_precision_reference(model, data, 1e-3, 0.1)
+    ref_losses, ref_masters = mixed_precision_reference(model, data, 1e-3, 0.1, device="cuda")
     engine = ratel.compile(model, budget="2GiB", optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1),
                            example_inputs=(data[0][0],), device="cuda", progress=False, activations=policy)
     losses = []
@@ -100,7 +75,7 @@ def test_bf16_with_optimizer_states_on_ssd_equals_pytorch_mixed_precision(tmp_pa
     from ratel.passes.plan_placement import host_usage, uses_torch_adam
     model = make_model("gpt_untied", dropout=0.0, layers=4, dtype=torch.bfloat16)
     data = batches(6, batch=4, seq=32)
-    ref_losses, ref_masters = mixed_precision_reference(model, data, 1e-3, 0.1)
+    ref_losses, ref_masters = mixed_precision_reference(model, data, 1e-3, 0.1, device="cuda")
     probe = ratel.compile(model, budget="2GiB", example_inputs=(data[0][0],), device="cuda", progress=False)
     plan = probe.plan
     probe.close()

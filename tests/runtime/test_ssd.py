@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ratel
-from helpers import batches, make_model, max_relative_difference
+from helpers import batches, make_model, max_relative_difference, mixed_precision_reference
 from ratel.ir import Tier
 from ratel.passes.plan_placement import host_usage, uses_torch_adam
 
@@ -65,22 +65,7 @@ def test_bf16_masters_on_ssd_equal_mixed_precision_pytorch(tmp_path):
     # differently in bf16.)
     model = make_model("gpt_untied", layers=3, dtype=torch.bfloat16)
     data = batches(4)
-    # Plain PyTorch mixed precision: bf16 model, fp32 masters, torch.optim.AdamW(fused).
-    ref = copy.deepcopy(model)
-    params = list(ref.parameters())
-    masters = [p.detach().float().requires_grad_() for p in params]
-    opt = torch.optim.AdamW(masters, lr=1e-3, weight_decay=0.1, fused=True)
-    expected = []
-    for ids, labels in data:
-        loss = ref(ids, labels=labels).loss
-        loss.backward()
-        for m, p in zip(masters, params):
-            m.grad, p.grad = p.grad.float(), None
-        opt.step()
-        with torch.no_grad():
-            for m, p in zip(masters, params):
-                p.copy_(m)
-        expected.append(loss.item())
+    expected, masters = mixed_precision_reference(model, data, 1e-3, 0.1)
     host = host_minimum(model, data[0][0])
     engine = ratel.compile(model, budget=ratel.Budget(gpu="1GiB", host=host, ssd_dir=str(tmp_path)),
                            optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1), example_inputs=(data[0][0],),
@@ -89,7 +74,7 @@ def test_bf16_masters_on_ssd_equal_mixed_precision_pytorch(tmp_path):
     assert train(engine, data) == expected
     state = engine.state_dict()
     engine.close()
-    for (name, _), master in zip(ref.named_parameters(), masters):
+    for name, master in masters.items():
         assert torch.equal(state[name], master.detach()), name
 
 
@@ -170,21 +155,7 @@ def test_parameters_on_ssd_when_host_memory_is_shorter_still(tmp_path):
     from ratel.passes.plan_placement import param_tiers
     model = make_model("gpt_untied", layers=12, dtype=torch.bfloat16)   # many groups: staging < copies
     data = batches(4)
-    ref = copy.deepcopy(model)
-    params = list(ref.parameters())
-    masters = [p.detach().float().requires_grad_() for p in params]
-    opt = torch.optim.AdamW(masters, lr=1e-3, weight_decay=0.1, fused=True)
-    expected = []
-    for ids, labels in data:
-        loss = ref(ids, labels=labels).loss
-        loss.backward()
-        for m, p in zip(masters, params):
-            m.grad, p.grad = p.grad.float(), None
-        opt.step()
-        with torch.no_grad():
-            for m, p in zip(masters, params):
-                p.copy_(m)
-        expected.append(loss.item())
+    expected, masters = mixed_precision_reference(model, data, 1e-3, 0.1)
     probe = ratel.compile(model, budget=ratel.Budget(gpu="1GiB", host="1TiB"), example_inputs=(data[0][0],),
                           device="cpu", progress=False)
     plan = probe.plan
@@ -203,5 +174,5 @@ def test_parameters_on_ssd_when_host_memory_is_shorter_still(tmp_path):
     assert engine.host_bytes_allocated() <= host
     state = engine.state_dict()
     engine.close()
-    for (name, _), master in zip(ref.named_parameters(), masters):
+    for name, master in masters.items():
         assert torch.equal(state[name], master.detach()), name
