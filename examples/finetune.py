@@ -71,10 +71,8 @@ def main():
 
     budget = args.budget
     if budget is None:
-        # The smallest budget the planner accepts for this batch.
-        probe = ratel.compile(model, budget="1TiB", example_inputs=(example,), device=device, progress=False)
-        budget = max(probe.plan.memory.gpu_peak, 1)
-        probe.close()
+        # The smallest budget the planner accepts for this batch: its most frugal plan (every unit recomputed).
+        budget = ratel.explain(model, "1TiB", (example,), device=device, activations="recompute").memory.gpu_peak
     engine = ratel.compile(model, budget=budget, optimizer=ratel.AdamW(lr=args.lr, weight_decay=0.1),
                            example_inputs=(example,), device=device)
     plan = engine.plan
