@@ -8,7 +8,6 @@ by all of them.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import inspect
 import logging
@@ -32,7 +31,7 @@ from ratel.runtime.recorder import Recorder
 from ratel.runtime.saved import SavedActivations, SsdSaved, saved_pool_bytes
 from ratel.runtime.ssd import SsdParams, SsdStates, model_key
 from ratel.runtime.swapper import Swapper
-from ratel.runtime.param_store import ParamStore, host_pool_bytes
+from ratel.runtime.param_store import ParamStore, host_pool_bytes, materialise_module
 from ratel.trace import TracedModel, trace_model
 
 log = logging.getLogger("ratel")
@@ -155,10 +154,8 @@ class Engine:
         self._programs[key] = program
         while len(self._programs) > self.max_programs:
             _, (_, _, old_runtime, old_pool) = self._programs.popitem(last=False)
-            if old_runtime.saved.ssd is not None:
-                old_runtime.saved.ssd.close()
-            if old_pool is not None:
-                old_pool.close()
+            for release in _program_releases(old_runtime, old_pool):
+                release()
         return program, flat
 
     def _build(self, args: tuple, kwargs: dict):
@@ -256,11 +253,8 @@ class Engine:
             raise ValueError(f"activations={policy!r}: choose one of {POLICIES}")
         self.step()
         for _, _, runtime, pool in self._programs.values():
-            runtime.finish_step()
-            if runtime.saved.ssd is not None:
-                runtime.saved.ssd.close()
-            if pool is not None:
-                pool.close()
+            for release in _program_releases(runtime, pool):
+                release()
         self._programs.clear()
         self._latest = None
         self._activations = policy
@@ -350,11 +344,8 @@ class Engine:
             attempt(self._optimizer.wait_all)
             attempt(self._optimizer.close)
         for _, _, runtime, pool in self._programs.values():
-            attempt(runtime.finish_step)
-            if runtime.saved.ssd is not None:
-                attempt(runtime.saved.ssd.close)
-            if pool is not None:
-                attempt(pool.close)
+            for release in _program_releases(runtime, pool):
+                attempt(release)
         self._programs.clear()
         self._latest = None
         self._store = None
@@ -393,8 +384,17 @@ class Engine:
         return gm.meta["ratel.out_spec"]
 
 
+def _program_releases(runtime: Runtime, pool: PinnedPool | None) -> list:
+    """What freeing one program takes, in order: its step state, its SSD activation staging, its pinned pool."""
+    releases = [runtime.finish_step]
+    if runtime.saved.ssd is not None:
+        releases.append(runtime.saved.ssd.close)
+    if pool is not None:
+        releases.append(pool.close)
+    return releases
+
+
 def activation_pool_bytes(plan: Plan) -> int:
-    from ratel.ir import Tier
     return sum((a.nbytes + ALIGN - 1) // ALIGN * ALIGN + ALIGN for a in plan.placement.activations
                if a.tier == Tier.HOST)
 
@@ -425,11 +425,7 @@ def _rebuild_meta_buffer(model: nn.Module, name: str) -> torch.Tensor:
     if init is None or owner is None or leaf not in dict(owner.named_buffers(recurse=False)):
         raise RatelError(f"buffer {name} lives on the meta device and Ratel cannot rebuild it: create the model on "
                          "the CPU, or give it an _init_weights(module) method that initialises this buffer")
-    shell = copy.deepcopy(owner)
-    shell.to_empty(device="cpu", recurse=False)
-    with torch.no_grad():
-        init(shell)
-    return shell.get_buffer(leaf)
+    return materialise_module(model, module_path).get_buffer(leaf)
 
 
 def plan_program(traced: TracedModel, budget: Budget, hardware: HardwareProfile, device: torch.device,

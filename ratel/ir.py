@@ -386,12 +386,6 @@ class PlacementPlan:
     def param_tier_of(self, group: str) -> Tier:
         return dict(self.param_tier)[group]
 
-    def tier_of(self, value: str) -> Tier:
-        for act in self.activations:
-            if act.value == value:
-                return act.tier
-        raise KeyError(value)
-
     def fetch_at(self, step: int) -> ParamFetch:
         for fetch in self.fetches:
             if fetch.first <= step <= fetch.last:

@@ -34,7 +34,7 @@ import torch.fx as fx
 
 import torch
 
-from ratel.ir import (META_ACTIVATION, ActivationPlacement, Lifetimes, ParamFetch, Phase, PlacementPlan,
+from ratel.ir import (META_ACTIVATION, ActivationPlacement, Lifetimes, ParamFetch, PlacementPlan,
                       SlotLayout, Tier)
 from ratel.passes.build_lifetimes import boundary_values
 from ratel.passes.manager import PassContext, PassResult, graph_pass
@@ -213,11 +213,3 @@ def plan_placement(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 def uses_torch_adam() -> bool:
     from ratel.runtime.cpu_adam import _auto_backend
     return _auto_backend() == "torch"
-
-
-def forward_steps(lifetimes: Lifetimes) -> dict[int, int]:
-    return {s.unit: s.index for s in lifetimes.steps if s.phase == Phase.FWD}
-
-
-def backward_steps(lifetimes: Lifetimes) -> dict[int, int]:
-    return {s.unit: s.index for s in lifetimes.steps if s.phase == Phase.BWD}

@@ -238,7 +238,7 @@ class Runtime:
         leaves = [x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x
                   for x in inputs]
         params = self._params(index)
-        trainable = {name for g in self.plan.groups if g.trainable and index in g.users for name in g.params}
+        trainable = self._trainable(index)
         param_leaves = []
         grad_views = self._grad_views(index)
         for name, p in zip(call.params, params):

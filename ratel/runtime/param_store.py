@@ -207,23 +207,30 @@ def _read_safetensors(files: list[Path], names: list[str], shape) -> torch.Tenso
                      "the weights do not match the model's parameter names")
 
 
+def materialise_module(model: nn.Module, module_path: str) -> nn.Module:
+    """A CPU copy of a meta-device module, its own parameters and buffers filled by the model's initialiser
+    (``init_module`` or ``_init_weights``, else the module's ``reset_parameters``). Children stay on meta."""
+    owner = model.get_submodule(module_path) if module_path else model
+    shell = copy.deepcopy(owner)
+    shell.to_empty(device="cpu", recurse=False)   # only the owner's own tensors become real
+    init = getattr(model, "init_module", None) or getattr(model, "_init_weights", None)
+    with torch.no_grad():
+        if init is not None:
+            init(shell)
+        elif hasattr(shell, "reset_parameters"):
+            shell.reset_parameters()
+        else:
+            raise RatelError(f"cannot initialise {module_path or type(model).__name__} created on the meta "
+                             "device: give the model an init_module(module) or _init_weights(module) method, "
+                             "or pass weights=<safetensors path>")
+    return shell
+
+
 def _initialise(model: nn.Module, name: str, cache: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
     """Materialise the module owning ``name`` on the CPU, a copy at a time, and run the model's initialiser."""
     module_path, _, leaf = name.rpartition(".")
     if module_path not in cache:
-        owner = model.get_submodule(module_path) if module_path else model
-        shell = copy.deepcopy(owner)
-        shell.to_empty(device="cpu", recurse=False)   # only the owner's own parameters become real
-        init = (getattr(model, "init_module", None) or getattr(model, "_init_weights", None))
-        with torch.no_grad():
-            if init is not None:
-                init(shell)
-            elif hasattr(shell, "reset_parameters"):
-                shell.reset_parameters()
-            else:
-                raise RatelError(f"cannot initialise {module_path or type(model).__name__} created on the meta "
-                                 "device: give the model an init_module(module) or _init_weights(module) method, "
-                                 "or pass weights=<safetensors path>")
+        shell = materialise_module(model, module_path)
         cache.clear()   # modules come in order; keep one at a time
         cache[module_path] = {n: p.detach() for n, p in shell.named_parameters(recurse=False)}
     return cache[module_path][leaf]

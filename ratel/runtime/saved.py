@@ -357,12 +357,10 @@ class SsdSaved:
 
         self.swapper = swapper
         self.layout = ssd_layout(acts)
-        sizes = {u: (max(offs.values()) if offs else 0) for u, offs in self.layout.items()}
         unit_bytes = {u.unit: sum(_page(d.nbytes) for d in u.decisions if d.tier == Tier.SSD) for u in acts.units}
         region = max(unit_bytes.values(), default=0)
         self.regions = [pool.take(region) for _ in range(self.REGIONS)]
         self.files = {u: swapper.file(f"{name}/{u:04d}.act", unit_bytes[u]) for u in self.layout if unit_bytes[u]}
-        del sizes
         self.owner: list[int | None] = [None] * self.REGIONS
         self.written = [threading.Event() for _ in range(self.REGIONS)]
         for event in self.written:
