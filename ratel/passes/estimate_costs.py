@@ -75,13 +75,16 @@ def node_flops(node: fx.Node) -> NodeCost:
 
 
 def _fake_inputs(mode, metas, device, requires_grad):
+    """Fake placeholders; ``requires_grad``: False, or one flag per placeholder (frozen parameters save
+    less: autograd keeps nothing for a weight gradient nobody asks for)."""
     out = []
-    for meta in metas:
+    flags = requires_grad if isinstance(requires_grad, (list, tuple)) else [requires_grad] * len(metas)
+    for meta, wants_grad in zip(metas, flags):
         if meta is None:
             out.append(None)
             continue
         t = torch.empty(meta.shape, dtype=meta.dtype, device=device)
-        if requires_grad and meta.dtype.is_floating_point:
+        if wants_grad and meta.dtype.is_floating_point:
             t.requires_grad_(True)
         out.append(t)
     return out
@@ -139,7 +142,8 @@ def _random_node(node: fx.Node) -> bool:
     return _is_random(node)
 
 
-def profile_unit(sub: fx.GraphModule, call: UnitCall, device: str) -> UnitProfile:
+def profile_unit(sub: fx.GraphModule, call: UnitCall, device: str,
+                 trainable: frozenset[str] | None = None) -> UnitProfile:
     """Run a unit graph on fake tensors: with and without autograd, recording what autograd saves.
 
     Placeholders are the unit's activations, then parameters, then buffers (``UnitCall`` order). Each saved
@@ -150,6 +154,9 @@ def profile_unit(sub: fx.GraphModule, call: UnitCall, device: str) -> UnitProfil
 
     placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
     metas = [n.meta.get(META_TENSOR) for n in placeholders]
+    # As the runtime runs the unit: activations require grad, parameters only when trainable, buffers never.
+    wants_grad = ([True] * len(call.inputs)
+                  + [trainable is None or name in trainable for name in call.params] + [False] * len(call.buffers))
     sources = (["input"] * len(call.inputs) + ["param"] * len(call.params) + ["buffer"] * len(call.buffers))
     names = list(call.inputs) + list(call.params) + list(call.buffers)
     output_node = next(n for n in sub.graph.nodes if n.op == "output")
@@ -174,7 +181,7 @@ def profile_unit(sub: fx.GraphModule, call: UnitCall, device: str) -> UnitProfil
         fwd_peak = tracker.peak
 
         # Forward with autograd, recording every saved tensor and which graph value owns its storage.
-        grad_args = _fake_inputs(mode, metas, fake_device, requires_grad=True)
+        grad_args = _fake_inputs(mode, metas, fake_device, requires_grad=wants_grad)
         grad_args = [a if a is not None else n.meta.get("val") for a, n in zip(grad_args, placeholders)]
         leaves = [a for a in grad_args if isinstance(a, torch.Tensor) and a.requires_grad]
         owner: dict[StorageWeakRef, tuple[str, str]] = {}
@@ -237,7 +244,7 @@ def profile_unit(sub: fx.GraphModule, call: UnitCall, device: str) -> UnitProfil
         del outs
 
         # Recompute + backward, as a checkpointed unit runs it.
-        grad_args = _fake_inputs(mode, metas, fake_device, requires_grad=True)
+        grad_args = _fake_inputs(mode, metas, fake_device, requires_grad=wants_grad)
         grad_args = [a if a is not None else n.meta.get("val") for a, n in zip(grad_args, placeholders)]
         leaves = [a for a in grad_args if isinstance(a, torch.Tensor) and a.requires_grad]
         input_storages = {StorageWeakRef(a.untyped_storage()) for a in grad_args if isinstance(a, torch.Tensor)}
@@ -307,9 +314,10 @@ def estimate_costs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 node.meta[META_COST] = cost
                 fwd += cost.fwd_flops
                 bwd += cost.bwd_flops
-        key = structure_key(sub)
+        trainable = frozenset(name for name in call.params if ctx.traced.param(name).trainable)
+        key = (structure_key(sub), tuple(name in trainable for name in call.params))
         if key not in cache:
-            cache[key] = (profile_unit(sub, call, ctx.device), call, sub)
+            cache[key] = (profile_unit(sub, call, ctx.device, trainable), call, sub)
         profile, measured_call, measured_sub = cache[key]
         if measured_call is not call:   # same structure, other names: rename what the profile refers to
             profile = _rename(profile, measured_call, call, measured_sub, sub)

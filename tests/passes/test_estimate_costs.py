@@ -50,3 +50,22 @@ def test_peak_memory_tracker_on_a_synthetic_chain():
         c = b * 2           # a freed: b and c live, 8 KiB
         del b, c
     assert tracker.peak == 8192
+
+
+def test_frozen_parameters_are_profiled_as_the_runtime_runs_them():
+    """Autograd saves less when a weight needs no gradient; the profile must list exactly what it saves."""
+    from ratel.ir import META_UNIT_CALL
+    from ratel.passes.estimate_costs import profile_unit
+    gm, ctx, model, _ = run_until("estimate_costs")
+    node = next(n for n in gm.graph.nodes if META_UNIT_CALL in n.meta and n.meta[META_UNIT_CALL].unit == 1)
+    call = node.meta[META_UNIT_CALL]
+    sub = getattr(gm, call.module)
+    frozen = profile_unit(sub, call, "cpu", trainable=frozenset())
+    trained = profile_unit(sub, call, "cpu")
+    assert len(frozen.packs) < len(trained.packs)
+    x = torch.randn(2, 8, 32, requires_grad=True)
+    params = [p.detach().clone() for p in model.blocks[0].parameters()]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        sub(x, *params)
+    assert len(saved) == len(frozen.packs)
