@@ -216,3 +216,16 @@ def test_errors_name_the_argument(overrides, error, message):
 def test_unknown_isa_is_refused():
     with pytest.raises(ValueError, match="unknown ISA"):
         bad_call(backend="native", isa="neon")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("numel", [1, 63, 100_003])
+def test_accumulate_gives_the_bits_of_torch_add_and_copy(dtype, numel):
+    from ratel.runtime.cpu_adam import accumulate_
+    grad = torch.randn(numel).to(dtype)
+    acc = torch.randn(numel)
+    expected = acc.clone().add_(grad)
+    accumulate_(acc, grad, copy=False, num_threads=2)
+    assert torch.equal(acc, expected)
+    accumulate_(acc, grad, copy=True, num_threads=2)
+    assert torch.equal(acc, grad.float())
