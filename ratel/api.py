@@ -26,13 +26,14 @@ from ratel.passes import PassContext, default_pass_manager
 from ratel.runtime.activations import ActivationStore
 from ratel.runtime.engine import Runtime
 from ratel.runtime.memory import ALIGN, Lanes, PinnedPool
+from ratel.optim import EngineOptimizer, build_param_groups, norm_order, segments_of
 from ratel.runtime.optimizer import AdamW, CPUOptimizer
 from ratel.runtime.recorder import Recorder
 from ratel.runtime.saved import SavedActivations, SsdSaved, saved_pool_bytes
 from ratel.runtime.ssd import SsdParams, SsdStates, model_key
 from ratel.runtime.swapper import Swapper
 from ratel.runtime.param_store import ParamStore, host_pool_bytes, materialise_module
-from ratel.trace import TracedModel, trace_model
+from ratel.trace import TracedModel, canonical_parameter_names, capturing, trace_model
 
 log = logging.getLogger("ratel")
 
@@ -102,21 +103,36 @@ def _default_kwargs(model: nn.Module, example_inputs: tuple, example_kwargs: dic
 def call_kwargs(model: nn.Module, kwargs: dict) -> dict:
     """The keywords a call is traced and run with: transformers models without a KV cache, keys sorted so
     the same call with keywords in another order is the same program."""
-    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    params = inspect.signature(model.forward).parameters
+    # A wrapper forwarding **kwargs to a transformers model (peft's PeftModel) takes use_cache too.
+    forwards_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()) and hasattr(
+        getattr(model, "config", None), "use_cache")
+    extra = {"use_cache": False} if "use_cache" in params or forwards_kwargs else {}
     return dict(sorted({**extra, **kwargs}.items()))
 
 
 class Engine:
     """Trains a compiled model: ``engine(**batch).loss``, ``engine.backward(loss)``, ``engine.step()``."""
 
-    def __init__(self, model: nn.Module, budget: Budget, optimizer: AdamW, device: torch.device,
+    def __init__(self, model: nn.Module, budget: Budget, optimizer, device: torch.device,
                  hardware: HardwareProfile, weights=None, depth: int = 2, max_programs: int = 4,
-                 progress: bool = True, keep_swap_files: bool = False, activations: str = "auto"):
+                 progress: bool = True, keep_swap_files: bool = False, activations: str = "auto",
+                 accumulate: int = 1, max_grad_norm: float | None = None):
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+            raise ValueError(f"accumulate={accumulate!r}: give the number of micro-batches per update, an int >= 1")
+        if max_grad_norm is not None and not (float(max_grad_norm) > 0):
+            raise ValueError(f"max_grad_norm={max_grad_norm!r}: give a positive norm (e.g. 1.0), or None for no "
+                             "clipping")
         self.model = model
         self.device = device
         self.hardware = hardware
         self.budget = budget.resolved(hardware)
-        self.optimizer_config = optimizer
+        self.accumulate = accumulate
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        groups, defaults, self._group_of = build_param_groups(model, optimizer)
+        #: a torch.optim.Optimizer: its param_groups carry lr, betas, eps, weight_decay for the next update,
+        #: so torch LR schedulers drive it; ``engine.optimizer.step()`` is ``engine.step()``
+        self.optimizer = EngineOptimizer(groups, defaults, self._step)
         self.depth = depth
         self.max_programs = max_programs
         self.progress = progress
@@ -137,6 +153,7 @@ class Engine:
         self.profile = False               # record every step: engine.last_step, plan.summary(measured=...)
         self.last_step = None
         self._recorder = None
+        self._bound: list[tuple[nn.Parameter, torch.Tensor]] = []   # model parameters aliasing Ratel's copies
 
     # ------------------------------------------------------------------ programs
     def _key(self, flat: list, spec) -> tuple:
@@ -159,15 +176,15 @@ class Engine:
         return program, flat
 
     def _build(self, args: tuple, kwargs: dict):
-        if self._closed:
-            raise RatelError("the engine is closed")
+        self._check_open("run a forward")
         was_training = self.model.training
         self.model.train(self._training)
         try:
             traced = trace_model(self.model, args, kwargs)
         finally:
             self.model.train(was_training)
-        gm, plan = plan_program(traced, self.budget, self.hardware, self.device, self.depth, self._activations)
+        gm, plan = plan_program(traced, self.budget, self.hardware, self.device, self.depth, self._activations,
+                                accumulate=self.accumulate, clip=self.max_grad_norm is not None)
         if self._store is None:
             self._create_store(plan, traced)
         elif tuple(g.params for g in plan.groups) != tuple(g.params for g in self._store.groups):
@@ -196,7 +213,8 @@ class Engine:
     def _create_store(self, plan: Plan, traced: TracedModel) -> None:
         ssd_groups = [g for g in plan.groups if g.trainable and plan.placement.optimizer_tier_of(g.name) == Tier.SSD]
         if ssd_groups:
-            self._ssd = SsdStates(self._ensure_swapper(), ssd_groups, model_key(self.model))
+            self._ssd = SsdStates(self._ensure_swapper(), ssd_groups, model_key(self.model),
+                                  forward_order=self.max_grad_norm is not None)
         params_on_ssd = [g for g in plan.groups if plan.placement.param_tier_of(g.name) == Tier.SSD]
         self._store_pool = PinnedPool(host_pool_bytes(plan.groups, {g.name for g in params_on_ssd}),
                                       pin=self.device.type == "cuda")
@@ -204,11 +222,18 @@ class Engine:
                       if params_on_ssd else None)
         self._store = ParamStore(plan, self.device, self._store_pool, ssd=self._ssd, ssd_params=ssd_params)
         self._store.load(self.model, self._weights, progress=self.progress)
-        self._optimizer = CPUOptimizer(self._store, self.optimizer_config, ssd=self._ssd)
+        defaults = self.optimizer.defaults
+        self._optimizer = CPUOptimizer(
+            self._store, AdamW(lr=defaults["lr"], betas=tuple(defaults["betas"]), eps=defaults["eps"],
+                               weight_decay=defaults["weight_decay"]),
+            ssd=self._ssd, segments=segments_of(plan.groups, self._group_of), accumulate=self.accumulate,
+            max_grad_norm=self.max_grad_norm, norm_order=norm_order(self.model, plan.groups))
         self._buffers = load_buffers(self.model, traced, self.device)
+        self._bind_model()
 
     # ------------------------------------------------------------------ training
     def __call__(self, *args, **kwargs):
+        self._check_open("run a forward")
         args = tuple(self._to_device(a) for a in args)
         kwargs = {k: self._to_device(v) for k, v in kwargs.items()}
         (gm, plan, runtime, _), flat = self._program(args, kwargs)
@@ -223,22 +248,49 @@ class Engine:
         return pytree.tree_unflatten(list(out_flat), self._out_spec(gm))
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backpropagate ``loss``; each group's AdamW update starts on the CPU as soon as its gradient lands."""
+        """Backpropagate ``loss``: exactly the gradients ``loss.backward()`` computes. Without accumulation
+        (or at the ``accumulate``-th micro-batch) each group's AdamW update starts on the CPU as soon as its
+        gradient lands; before that, gradients are summed in host memory."""
+        self._check_open("call backward()")
         if self._latest is None:
             raise RatelError("backward() before any forward: call the engine on a batch first")
         if not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
             raise RatelError("backward() needs the loss returned by this engine's forward, computed with grad enabled "
                              "(call the engine with labels= so the model returns a loss)")
-        loss.backward()
-        self._latest[2].finish_step()
+        runtime = self._latest[2]
+        if not runtime.pending_backward:
+            raise RatelError("backward() was already called for the latest forward: Ratel frees a step's activations "
+                             "as its backward passes them, so each forward takes one backward. Run a new forward "
+                             "for the next micro-batch")
+        self._optimizer.begin_backward(self.optimizer.hypers())
+        try:
+            loss.backward()
+        finally:
+            self._optimizer.end_backward()
+            runtime.finish_step()
 
     def step(self) -> None:
-        """Barrier: wait until every parameter update of the last backward is applied."""
+        """Finish the update: every parameter update of this accumulation cycle is applied when it returns
+        (after fewer than ``accumulate`` micro-batches too, with the gradients summed so far), and the
+        model passed to ``compile`` holds the new weights. The same as ``engine.optimizer.step()``."""
+        self.optimizer.step()    # through the torch optimizer, so LR schedulers see the step
+
+    def _step(self) -> None:
+        self._check_open("call step()")
         if self._optimizer is not None:
-            self._optimizer.wait_all()
+            self._optimizer.finish_cycle()
         if self._recorder is not None:
             self.last_step = self._recorder.finish()
             self._recorder = None
+
+    @property
+    def grad_norm(self) -> float | None:
+        """With ``max_grad_norm``: the total gradient norm of the last update, before clipping (the value
+        ``torch.nn.utils.clip_grad_norm_`` returns); ``inf`` or ``nan`` when that step was skipped."""
+        if self._optimizer is None or self.max_grad_norm is None:
+            return None
+        self._optimizer.wait_all()
+        return self._optimizer.grad_norm
 
     @property
     def activations(self) -> str:
@@ -251,7 +303,9 @@ class Engine:
         from ratel.passes.plan_activations import POLICIES
         if policy not in POLICIES:
             raise ValueError(f"activations={policy!r}: choose one of {POLICIES}")
-        self.step()
+        self._check_open("change the activation policy")
+        if self._optimizer is not None:
+            self._optimizer.wait_all()
         for _, _, runtime, pool in self._programs.values():
             for release in _program_releases(runtime, pool):
                 release()
@@ -261,12 +315,14 @@ class Engine:
 
     @property
     def lr(self) -> float:
-        return self.optimizer_config.lr
+        """The learning rate of the first param group (``engine.optimizer.param_groups`` has them all)."""
+        return self.optimizer.param_groups[0]["lr"]
 
     @lr.setter
     def lr(self, value: float) -> None:
-        self.step()   # updates in flight keep the learning rate they started with
-        self.optimizer_config.lr = float(value)
+        self._check_open("set the learning rate")
+        for group in self.optimizer.param_groups:   # read by the next update, as a torch optimizer's
+            group["lr"] = float(value)
 
     def train(self, mode: bool = True) -> "Engine":
         self._training = mode
@@ -274,6 +330,50 @@ class Engine:
 
     def eval(self) -> "Engine":
         return self.train(False)
+
+    # ------------------------------------------------------------------ the user's model object
+    def _bind_model(self) -> None:
+        """Point the model's parameters at the host copies Ratel updates (no memory of their own), so after
+        ``step()`` the model holds the trained weights; where a parameter has no host copy (a meta-device
+        model, compute copies on SSD), using the model raises an error that says what to use instead."""
+        canonical = canonical_parameter_names(self.model)
+        unbound = []
+        for name, p in self.model.named_parameters():
+            view = self._store.host_view(canonical[name])
+            if p.is_meta or view is None or view.dtype != p.dtype:
+                unbound.append(name)
+                continue
+            with torch.no_grad():
+                p.data = view
+            self._bound.append((p, view))
+        if unbound:
+            why = ("it was created on the meta device" if any(p.is_meta for p in self.model.parameters())
+                   else f"the compute copies of {len(unbound)} parameters (first: {unbound[0]}) live on SSD")
+            self._guard_model(why)
+
+    def _guard_model(self, why: str) -> None:
+        def refuse(*_args, **_kwargs):
+            if capturing():      # Ratel itself tracing the model (a new shape, another engine)
+                return None
+            raise RatelError(f"the model passed to ratel.compile does not hold the trained weights ({why}): run it "
+                             "with the engine (engine(...)) and read its weights with engine.state_dict(), e.g. "
+                             "fresh_model.load_state_dict(engine.state_dict())")
+
+        self.model.register_forward_pre_hook(refuse)
+        self.model.register_state_dict_pre_hook(refuse)
+
+    def _unbind_model(self) -> None:
+        """On close: the model keeps the trained weights in memory of its own (Ratel's pools are freed)."""
+        bound, self._bound = self._bound, []
+        with torch.no_grad():
+            for p, view in bound:
+                if p.data.data_ptr() == view.data_ptr():
+                    p.data = view.clone()
+
+    def _check_open(self, action: str) -> None:
+        if self._closed:
+            raise RatelError(f"cannot {action}: the engine is closed. Read the weights before close() with "
+                             "engine.state_dict(), or compile the model again")
 
     # ------------------------------------------------------------------ inspection
     @property
@@ -290,14 +390,25 @@ class Engine:
         return format_graph(self._latest[0])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Current fp32 master parameters (and buffers) under the model's own names, as CPU tensors."""
+        """The model's persistent state under its own names, as CPU tensors: the fp32 master of every
+        parameter (frozen ones: their values) and the persistent buffers, so
+        ``fresh_model.load_state_dict(engine.state_dict())`` loads strictly. Waits for updates in flight."""
+        self._check_open("read the state_dict")
         if self._store is None:
             raise RatelError("no parameters yet: compile with example_inputs or run a forward first")
-        self.step()
-        out = self._store.state_dict(self.model)
-        for name, buf in self.model.named_buffers():
-            if name in (self._buffers or {}) and not buf.is_meta:
+        if self._optimizer is not None:
+            self._optimizer.wait_all()
+        params = self._store.state_dict(self.model)
+        out = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            out[name] = params[name] if name in params else p.detach().cpu().clone()
+        for name, buf in persistent_buffers(self.model):
+            if name in (self._buffers or {}):
                 out[name] = self._buffers[name].detach().cpu().clone()
+            elif buf.is_meta:
+                out[name] = _rebuild_meta_buffer(self.model, name).detach().clone()
+            else:
+                out[name] = buf.detach().cpu().clone()
         return out
 
     def host_bytes_allocated(self) -> int:
@@ -322,6 +433,9 @@ class Engine:
         if self._ssd is not None:
             for b in self._ssd.buffers:
                 add(b.data)
+        if self._optimizer is not None:
+            for t in self._optimizer.acc.values():
+                add(t)
         return sum(storages.values())
 
     def close(self) -> None:
@@ -343,6 +457,7 @@ class Engine:
         if self._optimizer is not None:
             attempt(self._optimizer.wait_all)
             attempt(self._optimizer.close)
+        attempt(self._unbind_model)
         for _, _, runtime, pool in self._programs.values():
             for release in _program_releases(runtime, pool):
                 attempt(release)
@@ -382,6 +497,16 @@ class Engine:
     @staticmethod
     def _out_spec(gm):
         return gm.meta["ratel.out_spec"]
+
+
+def persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Buffers ``model.state_dict()`` holds (``persistent=False`` ones, like rotary ``inv_freq``, are not)."""
+    out = []
+    for prefix, module in model.named_modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                out.append((f"{prefix}.{name}" if prefix else name, buf))
+    return out
 
 
 def _program_releases(runtime: Runtime, pool: PinnedPool | None) -> list:
@@ -429,13 +554,14 @@ def _rebuild_meta_buffer(model: nn.Module, name: str) -> torch.Tensor:
 
 
 def plan_program(traced: TracedModel, budget: Budget, hardware: HardwareProfile, device: torch.device,
-                 depth: int = 2, activations: str = "auto"):
+                 depth: int = 2, activations: str = "auto", accumulate: int = 1, clip: bool = False):
     """Run the pass pipeline on a traced model; returns the rewritten GraphModule and its Plan."""
     dtypes = {p.dtype for p in traced.param_info}
     compute_dtype = max(dtypes, key=lambda d: sum(p.numel for p in traced.param_info if p.dtype == d)) \
         if dtypes else torch.float32
     ctx = PassContext(traced=traced, budget=budget, hardware=hardware, compute_dtype=compute_dtype,
-                      device=str(device), depth=depth, activation_policy=activations)
+                      device=str(device), depth=depth, activation_policy=activations, accumulate=accumulate,
+                      clip=clip)
     gm = default_pass_manager().run(traced.gm, ctx)
     gm.meta["ratel.out_spec"] = traced.out_spec
     return gm, ctx.get(Plan)
@@ -445,14 +571,21 @@ def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | Non
             example_inputs: tuple | None = None, example_kwargs: dict | None = None, *,
             device: str | torch.device | None = None, hardware: HardwareProfile | None = None,
             weights: str | None = None, depth: int = 2, progress: bool = True,
-            keep_swap_files: bool = False, activations: str = "auto") -> Engine:
+            keep_swap_files: bool = False, activations: str = "auto", accumulate: int = 1,
+            max_grad_norm: float | None = None) -> Engine:
     """Compile ``model`` for training under ``budget``.
 
     model           an nn.Module with repeated blocks (a ``ratel.models.GPT`` or a transformers causal LM),
                     possibly created on the meta device (its parameters are then initialised or read from
                     ``weights``, one module at a time, straight into host memory)
     budget          GPU bytes ("24GiB") or a ``Budget(gpu=, host=, ssd=, ssd_dir=)``
-    optimizer       ``ratel.AdamW(lr=..., weight_decay=...)``; the update runs on the CPU during backward
+    optimizer       ``ratel.AdamW(lr=..., weight_decay=...)``, or ``torch.optim.AdamW(param_groups, ...)`` for
+                    per-group options; the update runs on the CPU during backward. ``engine.optimizer`` is a
+                    ``torch.optim.Optimizer`` for LR schedulers.
+    accumulate      micro-batches per update: ``engine.backward(loss)`` k times (the user divides the loss by
+                    k, as in PyTorch), then ``engine.step()``; gradients are summed in fp32 host memory
+    max_grad_norm   clip the global gradient norm as ``torch.nn.utils.clip_grad_norm_`` does before AdamW;
+                    ``engine.grad_norm`` is the norm before clipping; a non-finite norm skips the step
     example_inputs  positional inputs of a training call; with them the plan is made (and a budget too
                     small refused) now. ``labels`` defaults to the first input for models that take labels.
     weights         a local .safetensors file or a folder of them, read by parameter name
@@ -466,8 +599,9 @@ def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | Non
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     hardware = hardware or HardwareProfile.detect(device)
-    engine = Engine(model, _as_budget(budget), optimizer or AdamW(), device, hardware, weights=weights,
-                    depth=depth, progress=progress, keep_swap_files=keep_swap_files, activations=activations)
+    engine = Engine(model, _as_budget(budget), optimizer, device, hardware, weights=weights,
+                    depth=depth, progress=progress, keep_swap_files=keep_swap_files, activations=activations,
+                    accumulate=accumulate, max_grad_norm=max_grad_norm)
     if example_inputs is not None:
         example_inputs = tuple(example_inputs)
         kwargs = _default_kwargs(model, example_inputs, example_kwargs)

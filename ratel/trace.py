@@ -13,9 +13,11 @@ no module but sit between blocks to the block before them.
 """
 from __future__ import annotations
 
+import contextlib
 import linecache
 import re
 import sys
+import threading
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -144,13 +146,31 @@ def _failing_frame(exc: BaseException, model: nn.Module) -> str:
     return f'  File "{frame.f_code.co_filename}", line {lineno}, in {frame.f_code.co_name}{where}\n    {code}'
 
 
+_CAPTURE = threading.local()
+
+
+def capturing() -> bool:
+    """Whether this thread is inside ``capture`` (model hooks that refuse direct use let export through)."""
+    return getattr(_CAPTURE, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def _capturing():
+    _CAPTURE.depth = getattr(_CAPTURE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _CAPTURE.depth -= 1
+
+
 def capture(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.export.ExportedProgram:
     """torch.export the model as it is called for training; a failure names the module and the line."""
     device = _model_device(model)
     args = tuple(_trace_arg(a, device) for a in args)
     kwargs = {k: _trace_arg(v, device) for k, v in kwargs.items()}
     try:
-        return torch.export.export(model, args, kwargs=kwargs, strict=False)
+        with _capturing():
+            return torch.export.export(model, args, kwargs=kwargs, strict=False)
     except Exception as exc:  # noqa: BLE001 - re-raised with the location the user needs
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TraceError(

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
+import math
 
+import pytest
 import torch
 
 import ratel
@@ -30,6 +32,13 @@ def make_model(kind: str, dropout: float = 0.0, layers: int = 4, dtype=torch.flo
                                                  num_key_value_heads=2, max_position_embeddings=64,
                                                  attention_dropout=dropout, bos_token_id=0, eos_token_id=0,
                                                  pad_token_id=0))
+        elif kind == "qwen2":
+            from transformers import Qwen2Config, Qwen2ForCausalLM
+            model = Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                                 num_hidden_layers=layers, num_attention_heads=4,
+                                                 num_key_value_heads=2, max_position_embeddings=64,
+                                                 attention_dropout=dropout, bos_token_id=0, eos_token_id=0,
+                                                 pad_token_id=0, tie_word_embeddings=True))
         else:
             raise ValueError(kind)
     return model.to(dtype).train()
@@ -121,3 +130,81 @@ def mixed_precision_reference(model_bf16, data, lr, weight_decay, device="cpu"):
     names = [n for n, _ in ref.named_parameters()]
     return losses, dict(zip(names, masters))
 
+
+
+def no_decay_groups(model, weight_decay: float) -> list[dict]:
+    """Hugging Face Trainer's param groups: weight decay on matrices, none on biases and norm weights."""
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def train_like_pytorch(model, data, *, accumulate: int = 1, max_grad_norm=None, lr: float = 1e-3,
+                       weight_decay: float = 0.1, groups=None, scheduler=None, budget="1GiB", poison=(),
+                       **compile_kwargs):
+    """Train ``model`` with Ratel and a copy with plain PyTorch as a user writes the loop: ``accumulate``
+    micro-batches (loss divided by k) per update, ``clip_grad_norm_`` when ``max_grad_norm`` is set (a
+    non-finite norm skips the step), ``torch.optim.AdamW(fused=True)`` on ``groups(model)`` (default: every
+    trainable parameter) and ``scheduler(optimizer)`` stepped after each update. ``poison``: updates whose
+    first loss is multiplied by inf. ``data`` holds ``accumulate`` micro-batches per update.
+
+    Returns a dict: losses / ref_losses (per micro-batch), norms / ref_norms (per update), the engine and the
+    reference model."""
+    reference = copy.deepcopy(model)
+
+    def optimizer_for(m, fused):
+        params = groups(m) if groups is not None else [p for p in m.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
+
+    engine = ratel.compile(model, budget=budget, optimizer=optimizer_for(model, None), example_inputs=(data[0][0],),
+                           device="cpu", progress=False, accumulate=accumulate, max_grad_norm=max_grad_norm,
+                           **compile_kwargs)
+    opt = optimizer_for(reference, True)
+    ref_sched = scheduler(opt) if scheduler else None
+    our_sched = scheduler(engine.optimizer) if scheduler else None
+    out = {"losses": [], "ref_losses": [], "norms": [], "ref_norms": [], "lrs": [], "ref_lrs": [],
+           "engine": engine, "reference": reference}
+    updates = len(data) // accumulate
+    for u in range(updates):
+        for m in range(accumulate):
+            ids, labels = data[u * accumulate + m]
+            scale = float("inf") if (u in poison and m == 0) else 1.0
+            torch.manual_seed(1000 + u * accumulate + m)
+            loss = reference(ids, labels=labels).loss
+            (loss * scale / accumulate).backward()
+            out["ref_losses"].append(loss.item())
+            torch.manual_seed(1000 + u * accumulate + m)
+            loss = engine(ids, labels=labels).loss
+            engine.backward(loss * scale / accumulate)
+            out["losses"].append(loss.item())
+        if max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_([p for p in reference.parameters() if p.requires_grad],
+                                                  max_grad_norm)
+            out["ref_norms"].append(norm.item())
+            if torch.isfinite(norm):
+                opt.step()
+        else:
+            opt.step()
+        opt.zero_grad()
+        out["ref_lrs"].append(opt.param_groups[0]["lr"])
+        out["lrs"].append(engine.optimizer.param_groups[0]["lr"])
+        engine.step()
+        if max_grad_norm is not None:
+            out["norms"].append(engine.grad_norm)
+        if scheduler:
+            ref_sched.step()
+            our_sched.step()
+    return out
+
+
+def assert_trained_alike(result, rel: float = 1e-5) -> None:
+    """Losses, parameters and gradient norms of ``train_like_pytorch`` within ``rel`` of PyTorch's."""
+    for i, (a, b) in enumerate(zip(result["losses"], result["ref_losses"])):
+        assert a == pytest.approx(b, rel=rel), f"micro-batch {i}: loss {a} vs {b}"
+    for i, (a, b) in enumerate(zip(result["norms"], result["ref_norms"])):
+        if math.isfinite(b):
+            assert a == pytest.approx(b, rel=rel), f"update {i}: grad norm {a} vs {b}"
+        else:
+            assert not math.isfinite(a)
+    worst, name = max_relative_difference(result["engine"].state_dict(), result["reference"])
+    assert worst < rel, f"{name} differs by {worst:.2e}"

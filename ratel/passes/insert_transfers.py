@@ -98,10 +98,15 @@ def plan_transfers(ctx: PassContext, plan: PlacementPlan, lifetimes: Lifetimes,
             out.append(Transfer("flush_grads", unit.name, sum(g.nbytes for g in trainable), Tier.GPU, Tier.HOST,
                                 step=t, needed_by=t))
         for group in trainable:
-            if group.update_unit == step.unit:
+            if group.update_unit == step.unit and not ctx.clip:
                 out.append(Transfer("optimizer_step", group.name, group.numel * 16, Tier.HOST, Tier.HOST, step=t,
                                     needed_by=len(steps)))
-    out.extend(ssd_transfers(lifetimes, plan, bwd, len(steps)))
+    if ctx.clip:
+        # Clipping needs the global norm: every update waits for the last gradient, then runs in forward order.
+        for group in sorted((g for g in lifetimes.groups if g.trainable), key=lambda g: (g.update_unit, g.index)):
+            out.append(Transfer("optimizer_step", group.name, group.numel * 16, Tier.HOST, Tier.HOST,
+                                step=len(steps) - 1, needed_by=len(steps)))
+    out.extend(ssd_transfers(lifetimes, plan, bwd, len(steps), ctx.clip))
     out.extend(ssd_param_transfers(ctx, lifetimes, plan, bwd, len(steps)))
     return sorted(out, key=lambda t: t.step)
 
@@ -190,17 +195,20 @@ def insert_transfers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, modified=True, analysis=Schedule(transfers=tuple(transfers)))
 
 
-def ssd_transfers(lifetimes: Lifetimes, plan: PlacementPlan, bwd: dict[int, int], num_steps: int) -> list[Transfer]:
+def ssd_transfers(lifetimes: Lifetimes, plan: PlacementPlan, bwd: dict[int, int], num_steps: int,
+                  clip: bool = False) -> list[Transfer]:
     """Optimizer states on SSD, in update order: the first reads start with the forward, each later read when
-    the update two groups earlier finishes (a ring of staging buffers), and each write-back after its update."""
+    the update two groups earlier finishes (a ring of staging buffers), and each write-back after its update.
+    With clipping every update runs after the backward, in forward order."""
     from ratel.passes.plan_placement import SSD_STAGING_BUFFERS, ssd_state_bytes
+    sign = 1 if clip else -1
     ssd = sorted((g for g in lifetimes.groups if g.trainable and plan.optimizer_tier_of(g.name) == Tier.SSD),
-                 key=lambda g: (-g.update_unit, g.index))
+                 key=lambda g: (sign * g.update_unit, g.index))
     ahead = max(1, min(SSD_STAGING_BUFFERS, len(ssd)) - 1)
     out = []
     for k, g in enumerate(ssd):
-        update = bwd[g.update_unit]
-        issue = 0 if k < ahead else bwd[ssd[k - ahead].update_unit]
+        update = num_steps - 1 if clip else bwd[g.update_unit]
+        issue = 0 if k < ahead else (num_steps - 1 if clip else bwd[ssd[k - ahead].update_unit])
         out.append(Transfer("ssd_read_states", g.name, ssd_state_bytes(g), Tier.SSD, Tier.HOST, step=issue,
                             needed_by=update))
         out.append(Transfer("ssd_write_states", g.name, ssd_state_bytes(g), Tier.HOST, Tier.SSD, step=update,

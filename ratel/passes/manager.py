@@ -53,6 +53,8 @@ class PassContext:
     device: str
     depth: int = 2                              # GPU parameter ring slots
     activation_policy: str = "auto"             # plan_activations: auto | recompute | keep | host | ssd
+    accumulate: int = 1                         # micro-batches per update: > 1 plans fp32 gradient sums on host
+    clip: bool = False                          # global-norm clipping: every update waits for the whole gradient
     debug: bool = field(default_factory=lambda: os.environ.get("RATEL_DEBUG", "") not in ("", "0"))
     dump_dir: Path | None = field(default_factory=lambda: Path(os.environ["RATEL_DUMP_DIR"])
                                   if os.environ.get("RATEL_DUMP_DIR") else None)

@@ -56,10 +56,13 @@ def ssd_state_bytes(group) -> int:
 
 
 def host_usage(groups, optimizer_tier: dict[str, Tier], activations, torch_adam: bool,
-               param_tier: dict[str, Tier] | None = None) -> tuple[tuple[str, int], ...]:
+               param_tier: dict[str, Tier] | None = None, accumulate: int = 1) -> tuple[tuple[str, int], ...]:
     """Every host buffer the runtime allocates for this placement, by name (pinned and pageable)."""
     param_tier = param_tier or {}
-    usage = []
+    if accumulate > 1:   # fp32 sums of the micro-batches' gradients, as p.grad accumulates them
+        usage = [(f"gradient accumulation (fp32):{g.name}", g.numel * 4) for g in groups if g.trainable]
+    else:
+        usage = []
     for g in groups:
         params_on_ssd = param_tier.get(g.name) == Tier.SSD
         if not g.trainable:
@@ -95,7 +98,7 @@ def host_usage(groups, optimizer_tier: dict[str, Tier], activations, torch_adam:
     return tuple(usage)
 
 
-def optimizer_tiers(groups, activations, budget, torch_adam: bool) -> dict[str, Tier]:
+def optimizer_tiers(groups, activations, budget, torch_adam: bool, accumulate: int = 1) -> dict[str, Tier]:
     """Optimizer states on the host while they fit, the rest on SSD.
 
     Groups updated last in backward (the embedding, the first blocks) keep their states on the host: their
@@ -104,26 +107,28 @@ def optimizer_tiers(groups, activations, budget, torch_adam: bool) -> dict[str, 
     """
     trainable = [g for g in groups if g.trainable]
     tiers = {g.name: Tier.HOST for g in trainable}
-    if sum(b for _, b in host_usage(groups, tiers, activations, torch_adam)) <= budget.host:
+    if sum(b for _, b in host_usage(groups, tiers, activations, torch_adam, accumulate=accumulate)) <= budget.host:
         return tiers
     if not budget.ssd_dir:
         return tiers    # verify_plan refuses it, naming the host memory needed or an ssd_dir
     tiers = {g.name: Tier.SSD for g in trainable}
     for g in sorted(trainable, key=lambda g: (g.update_unit, g.index)):
         trial = {**tiers, g.name: Tier.HOST}
-        if sum(b for _, b in host_usage(groups, trial, activations, torch_adam)) <= budget.host:
+        if sum(b for _, b in host_usage(groups, trial, activations, torch_adam, accumulate=accumulate)) <= budget.host:
             tiers = trial
     return tiers
 
 
-def param_tiers(groups, optimizer_tier: dict[str, Tier], activations, budget, torch_adam: bool) -> dict[str, Tier]:
+def param_tiers(groups, optimizer_tier: dict[str, Tier], activations, budget, torch_adam: bool,
+                accumulate: int = 1) -> dict[str, Tier]:
     """Parameter compute copies on the host, unless even with every optimizer state on SSD the host is short:
     then, largest group first, copies move to SSD (read back before every fetch: the last resort). Groups that
     compute in fp32 stay: their compute copy is their master."""
     tiers = {g.name: Tier.HOST for g in groups}
 
     def fits(t):
-        return sum(b for _, b in host_usage(groups, optimizer_tier, activations, torch_adam, t)) <= budget.host
+        return sum(b for _, b in host_usage(groups, optimizer_tier, activations, torch_adam, t,
+                                            accumulate=accumulate)) <= budget.host
 
     if fits(tiers) or not budget.ssd_dir:
         return tiers
@@ -196,8 +201,8 @@ def plan_placement(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         activations.append(record)
 
     layouts = slot_layouts(units, lifetimes.groups)
-    tiers = optimizer_tiers(lifetimes.groups, activations, ctx.budget, uses_torch_adam())
-    params = param_tiers(lifetimes.groups, tiers, activations, ctx.budget, uses_torch_adam())
+    tiers = optimizer_tiers(lifetimes.groups, activations, ctx.budget, uses_torch_adam(), ctx.accumulate)
+    params = param_tiers(lifetimes.groups, tiers, activations, ctx.budget, uses_torch_adam(), ctx.accumulate)
     plan = PlacementPlan(
         param_tier=tuple((g.name, params[g.name]) for g in lifetimes.groups),
         optimizer_tier=tuple((g.name, tiers[g.name]) for g in lifetimes.groups if g.trainable),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -323,10 +324,15 @@ class Runtime:
         for g in self.plan.groups:
             if g.trainable and g.update_unit == index:
                 flat = self._grad_buffers.pop(g.index)
+                norms = None
+                if self.optimizer is not None and self.optimizer.norms_on_device:
+                    # clip_grad_norm_'s per-parameter norms, where the gradient is (free on a GPU)
+                    norms = torch._foreach_norm([flat[o:o + math.prod(s)].view(s)
+                                                 for s, o in zip(g.shapes, g.offsets)], 2.0)
                 copied = self.lanes.copy(self.store.grad_staging[g.index], flat, self.lanes.d2h, after=after,
                                          span=(self.recorder, "d2h", f"grads {g.name}", self._step))
                 if self.optimizer is not None:
-                    self.optimizer.submit(g, copied, self.recorder, self._step)
+                    self.optimizer.submit(g, copied, self.recorder, self._step, norms)
 
     def _run_transfers(self, step: int, before: bool) -> None:
         for t in self.transfers_at[step]:

@@ -1,23 +1,38 @@
 """The CPU optimizer: AdamW per parameter group, run on a worker thread while backward goes on.
 
 When a group's gradient is complete (after the backward of its lowest user unit) the runtime copies it to
-pinned host memory and submits the group here with the copy's event. The worker waits for that copy,
-updates the fp32 master and Adam states with the same arithmetic as ``torch.optim.AdamW``, and writes the
-compute copy (bf16 for bf16 models) that the next forward streams to the GPU. ``wait(group)`` blocks until
-a group's update is done: the next forward never reads a stale weight.
+pinned host memory and submits the group here with the copy's event. The worker waits for that copy and,
+depending on where the step is in its update cycle:
+
+  accumulating   (``accumulate=k``, micro-batches 1..k-1) adds the gradient into the group's fp32
+                 accumulation buffer (the first micro-batch copies), exactly as ``p.grad`` accumulates;
+  updating       (the k-th micro-batch) updates the fp32 master and Adam states with the arithmetic of
+                 ``torch.optim.AdamW`` and writes the compute copy the next forward streams to the GPU;
+  clipping       (``max_grad_norm``) the update needs the global norm, known only once every gradient has
+                 landed: the worker computes each parameter's norm as its group lands, and when the engine
+                 calls ``finalize`` (backward done) it forms the total norm exactly as
+                 ``torch.nn.utils.clip_grad_norm_`` does, then updates every group in forward order with the
+                 gradient scaled by the clip coefficient. A non-finite norm skips the step: no state changes.
+
+``wait(group)`` blocks until a group's work is done: the next forward never reads a stale weight.
+Hyper-parameters (lr, betas, eps, weight decay) come per parameter *segment*: a flat group may hold
+parameters of several user param groups (no weight decay on norms and biases), each updated with its own.
 """
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 
+from ratel.errors import RatelError
 from ratel.ir import ParamGroup
-from ratel.runtime.cpu_adam import adamw_step
+from ratel.runtime.cpu_adam import accumulate_, adamw_step
 
 log = logging.getLogger("ratel.runtime")
 
@@ -40,25 +55,68 @@ class AdamW:
             raise ValueError(f"AdamW(eps={self.eps}): eps must be >= 0")
 
 
+@dataclass(frozen=True)
+class Hyper:
+    """The hyper-parameters one update of one segment runs with (a snapshot of a user param group)."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+
+    @staticmethod
+    def of(group: dict) -> "Hyper":
+        beta1, beta2 = group["betas"]
+        return Hyper(float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
+                     float(group["weight_decay"]))
+
+
 def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                 step: torch.Tensor, cfg: AdamW, out: torch.Tensor | None = None, num_threads: int | None = None) -> str:
+                 step: torch.Tensor, cfg: AdamW | Hyper, out: torch.Tensor | None = None,
+                 num_threads: int | None = None, grad_scale: float = 1.0) -> str:
     """One AdamW step on flat fp32 buffers (``step`` already incremented); ``out`` gets the rounded copy.
 
     Runs the native one-pass kernel where it was measured faster than torch's fused CPU AdamW, else torch's
     (``ratel.runtime.cpu_adam``); both give the same bits as ``torch.optim.AdamW(fused=True)``.
     """
-    return adamw_step(master, grad, exp_avg, exp_avg_sq, int(step.item()), lr=cfg.lr, beta1=cfg.betas[0],
-                      beta2=cfg.betas[1], eps=cfg.eps, weight_decay=cfg.weight_decay, out=out,
-                      num_threads=num_threads)
+    hyper = cfg if isinstance(cfg, Hyper) else Hyper(cfg.lr, cfg.betas[0], cfg.betas[1], cfg.eps, cfg.weight_decay)
+    return adamw_step(master, grad, exp_avg, exp_avg_sq, int(step.item()), lr=hyper.lr, beta1=hyper.beta1,
+                      beta2=hyper.beta2, eps=hyper.eps, weight_decay=hyper.weight_decay, out=out,
+                      num_threads=num_threads, grad_scale=grad_scale)
 
 
 class CPUOptimizer:
-    """A worker thread applying AdamW to groups as their gradients land in host memory."""
+    """A worker thread applying AdamW to groups as their gradients land in host memory.
 
-    def __init__(self, store, cfg: AdamW, ssd=None):
+    segments   group index -> ((start, end, hyper index), ...) element ranges of the flat group and the user
+               param group each belongs to; default: the whole group, hyper-parameters ``cfg``
+    norm_order (group index, element offset, shape) of every trainable parameter in the order of
+               ``model.parameters()``, the order ``clip_grad_norm_`` stacks per-parameter norms in
+    """
+
+    def __init__(self, store, cfg: AdamW, ssd=None, *, segments: dict | None = None, accumulate: int = 1,
+                 max_grad_norm: float | None = None, norm_order: tuple = ()):
         self.store = store
         self.ssd = ssd
         self.cfg = cfg
+        self.accumulate = int(accumulate)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        trainable = [g for g in store.groups if g.trainable]
+        self.segments = segments or {g.index: ((0, g.numel, 0),) for g in trainable}
+        self.hypers: list[Hyper] = [Hyper(cfg.lr, cfg.betas[0], cfg.betas[1], cfg.eps, cfg.weight_decay)]
+        self.norm_order = tuple(norm_order) or tuple((g.index, o, s) for g in trainable
+                                                     for o, s in zip(g.offsets, g.shapes))
+        # fp32 gradient sums across micro-batches (planned as "gradient accumulation" host memory)
+        self.acc = {g.index: torch.empty(g.numel, dtype=torch.float32) for g in trainable} if self.accumulate > 1 else {}
+        self.forward_order = sorted(trainable, key=lambda g: (g.update_unit, g.index))
+        self.micro = 0                 # micro-batches whose backward ran in this update cycle
+        self.grad_norm: float | None = None
+        self.skipped_steps = 0
+        self._cycle_open = False
+        self._final = self.accumulate == 1
+        self._recorder = None
+        self._norms: dict[int, list[torch.Tensor]] = {}
         self._queue: queue.Queue = queue.Queue()
         self._done = {g.index: threading.Event() for g in store.groups}
         for event in self._done.values():
@@ -69,16 +127,69 @@ class CPUOptimizer:
         self._thread = threading.Thread(target=self._work, name="ratel-cpu-adamw", daemon=True)
         self._thread.start()
 
-    def begin_step(self) -> None:
-        """A forward starts: read the SSD-resident states of the first groups to be updated."""
-        if self.ssd is not None:
-            self._queue.put("begin")
+    @property
+    def deferred(self) -> bool:
+        """Updates wait for the whole gradient (clipping needs its global norm)."""
+        return self.max_grad_norm is not None
 
-    def submit(self, group: ParamGroup, copied, recorder=None, step: int = -1) -> None:
-        """Update ``group`` once the event ``copied`` (its gradient's D2H copy) has completed."""
+    # ------------------------------------------------------------------ the training thread's calls
+    def begin_step(self) -> None:
+        """A forward with autograd starts: at the start of an update cycle, read the SSD-resident states of
+        the first groups to be updated while the forward runs."""
+        if self._cycle_open:
+            return
+        self._cycle_open = True
+        if self.ssd is not None:
+            self._queue.put(("begin",))
+
+    def begin_backward(self, hypers: list[Hyper] | None = None) -> bool:
+        """A backward starts; returns whether it completes the update cycle (the k-th micro-batch). The
+        update of this cycle runs with ``hypers`` (one per user param group), read now."""
+        if self.micro >= self.accumulate:
+            raise RatelError(self._too_many_backwards())
+        if hypers is not None:
+            self.hypers = list(hypers)
+        self._final = self.micro + 1 == self.accumulate
+        return self._final
+
+    def end_backward(self) -> None:
+        """The backward returned: every group of it was submitted."""
+        self.micro += 1
+        if self._final and self.deferred:
+            self._queue.put(("finalize",))
+
+    def _too_many_backwards(self) -> str:
+        if self.accumulate == 1:
+            return ("backward() was called twice without engine.step() in between: Ratel applies the update "
+                    "during backward. To accumulate gradients over micro-batches, compile with accumulate=k and "
+                    "call engine.step() after every k backward() calls")
+        return (f"backward() was called {self.micro + 1} times since the last engine.step(), but the engine was "
+                f"compiled with accumulate={self.accumulate}: call engine.step() after every {self.accumulate} "
+                "micro-batches")
+
+    @property
+    def norms_on_device(self) -> bool:
+        """Whether the runtime computes per-parameter norms where the gradient is made (clipping without
+        accumulation: the device holds the whole gradient of each parameter, and the norms cost nothing there)."""
+        return self.deferred and self.accumulate == 1
+
+    def submit(self, group: ParamGroup, copied, recorder=None, step: int = -1, norms=None) -> None:
+        """Take ``group``'s gradient once the event ``copied`` (its D2H copy) has completed; ``norms``: its
+        parameters' gradient norms, computed on the device (see ``norms_on_device``)."""
         self._raise_pending()
         self._done[group.index].clear()
-        self._queue.put((group, copied, recorder, step))
+        self._queue.put(("grad", group, copied, recorder, step, self.micro, self._final, norms))
+
+    def finish_cycle(self) -> None:
+        """``engine.step()``: make sure this cycle's update is applied, even after fewer than k micro-batches
+        (the last, partial accumulation of an epoch), then wait for it."""
+        if 0 < self.micro < self.accumulate:
+            for g in self.forward_order:
+                self._done[g.index].clear()
+            self._queue.put(("partial",))
+        self.wait_all()
+        self.micro = 0
+        self._cycle_open = False
 
     def wait(self, group_index: int) -> None:
         self._done[group_index].wait()
@@ -99,33 +210,102 @@ class CPUOptimizer:
             error, self._error = self._error, None
             raise RuntimeError(f"the CPU optimizer failed ({type(error).__name__}): {error}") from error
 
+    # ------------------------------------------------------------------ the worker
     def _work(self) -> None:
         torch.set_num_threads(self.threads)
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            if item == "begin":
-                try:
-                    self.ssd.begin_step()
-                except BaseException as exc:  # noqa: BLE001 - surfaced on the training thread
-                    self._error = exc
-                continue
-            group, copied, recorder, step = item
             try:
-                if copied is not None:
-                    copied.synchronize()
-                start = time.perf_counter()
-                self._update(group)
-                if recorder is not None:
-                    recorder.cpu_span("optimizer", f"adamw {group.name}", step, start, time.perf_counter(),
-                                      group.numel * 4)
+                if item[0] == "begin":
+                    self.ssd.begin_step()
+                elif item[0] == "grad":
+                    self._take_grad(*item[1:])
+                elif item[0] == "finalize":
+                    self._clip_and_update(self.forward_order)
+                elif item[0] == "partial":
+                    if self.deferred:
+                        for g in self.forward_order:
+                            self._norms[g.index] = self._param_norms(g, self.acc[g.index])
+                        self._clip_and_update(self.forward_order)
+                    else:
+                        for g in self.forward_order:
+                            self._update(g, self.acc[g.index], 1.0)
+                            self._done[g.index].set()
             except BaseException as exc:  # noqa: BLE001 - surfaced on the training thread
                 self._error = exc
-            finally:
-                self._done[group.index].set()
+                for event in self._done.values():
+                    event.set()
 
-    def _update(self, group: ParamGroup) -> None:
+    def _take_grad(self, group: ParamGroup, copied, recorder, step: int, micro: int, final: bool,
+                   norms=None) -> None:
+        try:
+            if copied is not None:
+                copied.synchronize()
+            start = time.perf_counter()
+            grad = self.store.grad_staging[group.index]
+            if self.accumulate > 1:
+                acc = self.acc[group.index]
+                # PyTorch's first backward sets p.grad; later ones add to it
+                accumulate_(acc, grad, copy=micro == 0, num_threads=self.threads)
+                grad = acc
+            if final and self.deferred:
+                self._norms[group.index] = norms if norms is not None else self._param_norms(group, grad)
+                self._recorder = (recorder, step)
+                return                   # updated in _clip_and_update; stays "not done" until then
+            if final:
+                self._update(group, grad, 1.0)
+            if recorder is not None:
+                label = "adamw" if final else "accumulate"
+                recorder.cpu_span("optimizer", f"{label} {group.name}", step, start, time.perf_counter(),
+                                  group.numel * 4)
+            self._done[group.index].set()
+        except BaseException:
+            self._done[group.index].set()
+            raise
+
+    @staticmethod
+    def _param_norms(group: ParamGroup, grad: torch.Tensor) -> list[torch.Tensor]:
+        norms = []
+        for shape, offset in zip(group.shapes, group.offsets):
+            n = math.prod(shape)
+            norms.append(torch.linalg.vector_norm(grad[offset:offset + n].view(shape), 2.0))
+        return norms
+
+    def _clip_and_update(self, groups: list[ParamGroup]) -> None:
+        """The total norm as ``clip_grad_norm_`` forms it, then every update with the clipped gradient."""
+        position = {}
+        for g in groups:
+            for k, offset in enumerate(g.offsets):
+                position[(g.index, offset)] = self._norms[g.index][k]
+        norms = [position[(i, offset)] for i, offset, _ in self.norm_order]
+        # As clip_grad_norm_: the norm of the per-parameter norms, on the device they were computed on.
+        total = torch.linalg.vector_norm(torch.stack(norms), 2.0) if norms else torch.zeros(())
+        self._norms.clear()
+        self.grad_norm = float(total)
+        try:
+            if not math.isfinite(self.grad_norm):
+                self.skipped_steps += 1
+                warnings.warn(f"ratel: the gradient norm is {self.grad_norm}: this step is skipped, parameters and "
+                              "optimizer states are unchanged", RuntimeWarning, stacklevel=2)
+                if self.ssd is not None:
+                    self.ssd.abandon_step()
+                return
+            coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+            scale = float(coef)
+            recorder, step = self._recorder or (None, -1)
+            for g in groups:
+                start = time.perf_counter()
+                self._update(g, self.acc[g.index] if self.accumulate > 1 else self.store.grad_staging[g.index], scale)
+                if recorder is not None:
+                    recorder.cpu_span("optimizer", f"adamw {g.name}", step, start, time.perf_counter(), g.numel * 4)
+                self._done[g.index].set()
+        finally:
+            for g in groups:
+                self._done[g.index].set()
+
+    def _update(self, group: ParamGroup, grad: torch.Tensor, grad_scale: float) -> None:
         s = self.store
         i = group.index
         out = s.compute.get(i) if group.dtype != torch.float32 else None
@@ -138,8 +318,10 @@ class CPUOptimizer:
         else:
             master, exp_avg, exp_avg_sq = s.master[i], s.exp_avg[i], s.exp_avg_sq[i]
         s.steps[i] += 1
-        adamw_update(master, s.grad_staging[i], exp_avg, exp_avg_sq, s.steps[i], self.cfg, out=out,
-                     num_threads=self.threads)
+        for start, end, h in self.segments[i]:
+            adamw_update(master[start:end], grad[start:end], exp_avg[start:end], exp_avg_sq[start:end], s.steps[i],
+                         self.hypers[h], out=None if out is None else out[start:end], num_threads=self.threads,
+                         grad_scale=grad_scale)
         if s.on_ssd(group):
             self.ssd.release(group)
         if slot is not None:

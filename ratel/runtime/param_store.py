@@ -149,6 +149,19 @@ class ParamStore:
                     out[alias] = value
         return out
 
+    def host_view(self, name: str) -> torch.Tensor | None:
+        """The host copy of parameter ``name`` the GPU is fed from (for fp32 groups the master itself), shaped
+        like the parameter; None when the parameter is not read by the graph or its copy lives on SSD."""
+        location = self._param_location.get(name)
+        if location is None:
+            return None
+        g = self.groups[location[0]]
+        if self.params_on_ssd(g):
+            return None
+        k = location[1]
+        shape, offset = g.shapes[k], g.offsets[k]
+        return self.compute[g.index][offset:offset + _numel(shape)].view(shape)
+
     # ------------------------------------------------------------------ GPU ring
     def unit_views(self, unit: int, slot: int) -> dict[str, torch.Tensor]:
         """Every parameter of ``unit`` as a view into ring slot ``slot``."""

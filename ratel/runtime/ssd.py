@@ -54,10 +54,13 @@ class _Buffer:
 
 
 class SsdStates:
-    def __init__(self, swapper: Swapper, groups: list[ParamGroup], key: str):
+    def __init__(self, swapper: Swapper, groups: list[ParamGroup], key: str, forward_order: bool = False):
         self.swapper = swapper
         self.groups = {g.index: g for g in groups}
-        self.order = [g.index for g in sorted(groups, key=lambda g: (-g.update_unit, g.index))]  # update order
+        # Update order: as gradients complete in backward, or in forward order when updates wait for the
+        # whole gradient (clipping).
+        sign = 1 if forward_order else -1
+        self.order = [g.index for g in sorted(groups, key=lambda g: (sign * g.update_unit, g.index))]
         self.files = {g.index: swapper.file(_file_name(key, g), ssd_state_bytes(g)) for g in groups}
         biggest = max(ssd_state_bytes(g) for g in groups)
         self.buffers = [_Buffer(aligned_empty(biggest)) for _ in range(min(SSD_STAGING_BUFFERS, len(groups)))]
@@ -111,20 +114,33 @@ class SsdStates:
     # ------------------------------------------------------------------ the step
     def begin_step(self) -> None:
         """Start reading the first groups to be updated (while the forward and early backward run)."""
+        self.abandon_step()
         with self._lock:
             self._next = 0
         for _ in range(len(self.buffers) - 1 if len(self.buffers) > 1 else 1):
             self._read_next()
 
+    def abandon_step(self) -> None:
+        """Drop the states read ahead for updates that will not run (a skipped step): nothing changed them,
+        so nothing is written back."""
+        with self._lock:
+            held = list(self._where.values())
+            self._where.clear()
+        for buf in held:
+            buf.ready.wait()
+            buf.error = None
+
     def acquire(self, group: ParamGroup):
         """Wait until the group's states are in a staging buffer; returns (master or None, exp_avg, exp_avg_sq)."""
         with self._lock:
             if group.index not in self._where:      # not prefetched (out of order): read it now
-                while self.order[self._next] != group.index:
-                    self._next += 1
+                self._next = self.order.index(group.index)
         if group.index not in self._where:
             self._read_next()
-        buf = self._where[group.index]
+        buf = self._where.get(group.index)
+        if buf is None:
+            raise RuntimeError(f"no SSD staging buffer free for {group.name}: every buffer holds a group not yet "
+                               "updated (internal error)")
         buf.ready.wait()
         if buf.error is not None:
             error, buf.error = buf.error, None

@@ -53,7 +53,7 @@ def call_arguments(model: nn.Module, example_inputs: tuple, example_kwargs: dict
 
 def explain(model: nn.Module, budget, example_inputs, example_kwargs: dict | None = None, *,
             hardware: HardwareProfile | None = None, device: str | torch.device = "cuda", depth: int = 2,
-            activations: str = "auto") -> Plan:
+            activations: str = "auto", accumulate: int = 1, max_grad_norm: float | None = None) -> Plan:
     """Plan ``model`` for training under ``budget`` and return the Plan; nothing runs, nothing is allocated.
 
     model           an nn.Module, on the meta device (nothing is materialised) or the CPU
@@ -64,6 +64,7 @@ def explain(model: nn.Module, budget, example_inputs, example_kwargs: dict | Non
     hardware        the profile times are predicted with (default: see the module docstring)
     device          the device the plan is for (default "cuda", whether or not this machine has one)
     activations     the activation policy, as in ``compile`` ("auto", "recompute", "keep", "host", "ssd")
+    accumulate, max_grad_norm   as in ``compile``: accumulation buffers in host memory, updates after the norm
 
     Raises ``BudgetError`` (with the minimum needed) when the budget cannot hold the plan, as ``compile`` does.
     """
@@ -81,7 +82,8 @@ def explain(model: nn.Module, budget, example_inputs, example_kwargs: dict | Non
     kwargs = call_arguments(model, example_inputs, example_kwargs)
     start = time.perf_counter()
     traced = trace_model(model, example_inputs, kwargs)
-    _, plan = plan_program(traced, budget, hardware, device, depth, activations)
+    _, plan = plan_program(traced, budget, hardware, device, depth, activations, accumulate=accumulate,
+                           clip=max_grad_norm is not None)
     log.info("explained %s for %s in %.1f s: GPU peak %s of %s, host %s, predicted step %.3g s",
              type(model).__name__, device, time.perf_counter() - start, format_bytes(plan.memory.gpu_peak),
              format_bytes(plan.budget_gpu), format_bytes(plan.memory.host_total), plan.times.total)

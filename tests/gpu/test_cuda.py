@@ -98,3 +98,52 @@ def test_bf16_with_optimizer_states_on_ssd_equals_pytorch_mixed_precision(tmp_pa
     assert losses == ref_losses
     for name, master in ref_masters.items():
         assert torch.equal(state[name], master.detach()), name
+
+
+def test_bf16_accumulation_and_clipping_equal_pytorch_mixed_precision():
+    # The reference sums micro-batch gradients in fp32 as Ratel does (bf16 p.grad sums would round
+    # differently), and the model has no biases: a key bias has an exactly-zero true gradient, which Adam
+    # turns into full-size steps of whatever rounding noise either side has (see tests/test_api.py).
+    import copy
+    model = make_model("gpt_nobias", layers=4, dtype=torch.bfloat16)
+    data = batches(8, batch=4, seq=32)
+    ref = copy.deepcopy(model).cuda()
+    params = list(ref.parameters())
+    masters = [p.detach().float().requires_grad_() for p in params]
+    opt = torch.optim.AdamW(masters, lr=1e-3, weight_decay=0.1, fused=True)
+    engine = ratel.compile(model, budget="2GiB", optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1),
+                           example_inputs=(data[0][0],), device="cuda", progress=False, accumulate=2,
+                           max_grad_norm=0.05)
+    losses, ref_losses, norms, ref_norms = [], [], [], []
+    for step, (ids, labels) in enumerate(data):
+        torch.manual_seed(1000 + step)
+        loss = ref(ids.cuda(), labels=labels.cuda()).loss
+        (loss / 2).backward()
+        ref_losses.append(loss.item())
+        for m, p in zip(masters, params):
+            m.grad = p.grad.float() if m.grad is None else m.grad + p.grad.float()
+            p.grad = None
+        torch.manual_seed(1000 + step)
+        loss = engine(ids, labels=labels).loss
+        engine.backward(loss / 2)
+        losses.append(loss.item())
+        if step % 2 == 1:
+            ref_norms.append(torch.nn.utils.clip_grad_norm_(masters, 0.05).item())
+            opt.step()
+            opt.zero_grad()
+            with torch.no_grad():
+                for m, p in zip(masters, params):
+                    p.copy_(m)
+            engine.step()
+            norms.append(engine.grad_norm)
+    state = engine.state_dict()
+    engine.close()
+    names = [n for n, _ in ref.named_parameters()]
+    loss_diff = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
+    norm_diff = max(abs(a - b) / abs(b) for a, b in zip(norms, ref_norms))
+    param_diff = max(((state[n] - m.detach().cpu()).norm() / m.detach().norm().cpu()).item()
+                     for n, m in zip(names, masters))
+    print(f"\n[gpt bf16 accumulate=2 clip on {torch.cuda.get_device_name()}] loss {loss_diff:.2e}, "
+          f"grad norm {norm_diff:.2e}, parameters {param_diff:.2e}")
+    assert all(n > 0.05 for n in ref_norms)
+    assert loss_diff <= LOSS_RTOL and norm_diff <= LOSS_RTOL and param_diff <= PARAM_RTOL

@@ -46,3 +46,19 @@ def test_backward_schedule_fetches_each_host_activation_one_step_ahead():
     for node in gm.graph.nodes:
         if node.target is ops.prefetch_params:
             assert node.meta[META_TRANSFER].kind == "fetch_params"
+
+
+def test_clipping_moves_every_update_after_the_last_gradient_in_forward_order():
+    from ratel.ir import ActivationPlan, Lifetimes
+    from ratel.passes.insert_transfers import plan_transfers
+    gm, ctx, _, _ = run_until("plan_activations")
+    args = (ctx.get(PlacementPlan), ctx.get(Lifetimes), ctx.analyses.get(ActivationPlan))
+    lifetimes = args[1]
+    during = [t for t in plan_transfers(ctx, *args) if t.kind == "optimizer_step"]
+    assert len({t.step for t in during}) > 1                 # without clipping: as each gradient completes
+    ctx.clip = True
+    clipped = [t for t in plan_transfers(ctx, *args) if t.kind == "optimizer_step"]
+    last = len(lifetimes.steps) - 1
+    assert all(t.step == last for t in clipped) and len(clipped) == len(during)
+    update_unit = {g.name: g.update_unit for g in lifetimes.groups}
+    assert [update_unit[t.subject] for t in clipped] == sorted(update_unit[t.subject] for t in clipped)

@@ -63,3 +63,17 @@ def test_depth_below_two_is_refused():
         ctx.depth = 1
         from ratel.passes.plan_placement import plan_placement
         plan_placement(gm, ctx)
+
+
+def test_accumulation_plans_fp32_gradient_sums_on_the_host():
+    from ratel.ir import Lifetimes
+    from ratel.passes.plan_placement import host_usage
+    gm, ctx, *_ = run_until("plan_placement")
+    groups = ctx.get(Lifetimes).groups
+    placement = ctx.get(PlacementPlan)
+    tiers = dict(placement.optimizer_tier)
+    plain = dict(host_usage(groups, tiers, placement.activations, False))
+    accumulating = dict(host_usage(groups, tiers, placement.activations, False, accumulate=4))
+    extra = {k: v for k, v in accumulating.items() if k not in plain}
+    assert set(extra) == {f"gradient accumulation (fp32):{g.name}" for g in groups if g.trainable}
+    assert sum(extra.values()) == sum(4 * g.numel for g in groups if g.trainable)

@@ -81,3 +81,72 @@ def test_worker_errors_surface_on_the_training_thread():
     with pytest.raises(RuntimeError, match="CPU optimizer failed"):
         opt.wait_all()
     opt.close()
+
+
+def _segments_store(numel=6):
+    store = _Store(_group(numel))
+    store.grad_staging[0] = torch.randn(numel)
+    return store
+
+
+def test_accumulation_sums_micro_batches_and_updates_once():
+    store = _segments_store()
+    grads = [torch.randn(6) for _ in range(3)]
+    opt = CPUOptimizer(store, AdamW(lr=0.1, weight_decay=0.0), accumulate=3)
+    for g in grads:
+        opt.begin_backward()
+        store.grad_staging[0].copy_(g)
+        opt.submit(store.groups[0], None)
+        opt.wait(0)
+        opt.end_backward()
+    opt.finish_cycle()
+    ref = torch.zeros(6, requires_grad=True)
+    ref.grad = grads[0].clone() + grads[1] + grads[2]
+    torch.optim.AdamW([ref], lr=0.1, weight_decay=0.0, fused=True).step()
+    assert torch.equal(store.master[0], ref.detach()) and store.steps[0].item() == 1
+    opt.close()
+
+
+def test_clipping_scales_by_the_global_norm_and_skips_non_finite():
+    store = _segments_store()
+    opt = CPUOptimizer(store, AdamW(lr=0.1, weight_decay=0.0), max_grad_norm=0.5)
+    grad = store.grad_staging[0].clone()
+    opt.begin_backward()
+    opt.submit(store.groups[0], None)
+    opt.end_backward()
+    opt.finish_cycle()
+    ref = torch.zeros(6, requires_grad=True)
+    ref.grad = grad.clone()
+    norm = torch.nn.utils.clip_grad_norm_([ref], 0.5)
+    torch.optim.AdamW([ref], lr=0.1, weight_decay=0.0, fused=True).step()
+    assert opt.grad_norm == norm.item()
+    assert torch.equal(store.master[0], ref.detach())
+    before = store.master[0].clone()
+    store.grad_staging[0][2] = float("nan")
+    opt.begin_backward()
+    opt.submit(store.groups[0], None)
+    opt.end_backward()
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.finish_cycle()
+    assert torch.equal(store.master[0], before) and store.steps[0].item() == 1 and opt.skipped_steps == 1
+    opt.close()
+
+
+def test_segments_update_with_their_own_hyper_parameters():
+    from ratel.runtime.optimizer import Hyper
+    store = _segments_store()
+    grad = store.grad_staging[0].clone()
+    opt = CPUOptimizer(store, AdamW(), segments={0: ((0, 2, 0), (2, 6, 1))})
+    opt.begin_backward([Hyper(0.1, 0.9, 0.999, 1e-8, 0.0), Hyper(0.01, 0.8, 0.99, 1e-6, 0.5)])
+    store.master[0].fill_(1.0)
+    opt.submit(store.groups[0], None)
+    opt.end_backward()
+    opt.finish_cycle()
+    a = torch.ones(2, requires_grad=True)
+    b = torch.ones(4, requires_grad=True)
+    a.grad, b.grad = grad[:2].clone(), grad[2:].clone()
+    torch.optim.AdamW([{"params": [a], "lr": 0.1, "weight_decay": 0.0},
+                       {"params": [b], "lr": 0.01, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.5}],
+                      fused=True).step()
+    assert torch.equal(store.master[0], torch.cat([a.detach(), b.detach()]))
+    opt.close()

@@ -176,3 +176,66 @@ def test_parameters_on_ssd_when_host_memory_is_shorter_still(tmp_path):
     engine.close()
     for name, master in masters.items():
         assert torch.equal(state[name], master.detach()), name
+
+
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+@pytest.mark.parametrize("accumulate,max_norm", [(2, None), (1, 0.05), (3, 0.05)],
+                         ids=["accumulate", "clip", "accumulate_and_clip"])
+def test_accumulation_and_clipping_with_states_on_ssd_equal_pytorch(kind, accumulate, max_norm, tmp_path):
+    from helpers import assert_trained_alike, train_like_pytorch
+    model = make_model(kind, layers=4, dropout=0.1)
+    data = batches(4 * accumulate)
+    probe = ratel.compile(model, budget=ratel.Budget(gpu="1GiB", host="1TiB"), example_inputs=(data[0][0],),
+                          device="cpu", progress=False)
+    plan = probe.plan
+    probe.close()
+    states = {g.name: Tier.SSD for g in plan.groups if g.trainable}
+    host = sum(b for _, b in host_usage(plan.groups, states, plan.placement.activations, uses_torch_adam(),
+                                        accumulate=accumulate))
+    result = train_like_pytorch(model, data, accumulate=accumulate, max_grad_norm=max_norm,
+                                budget=ratel.Budget(gpu="1GiB", host=host, ssd_dir=str(tmp_path)))
+    engine = result["engine"]
+    tiers = dict(engine.plan.placement.optimizer_tier)
+    assert sum(t == Tier.SSD for t in tiers.values()) >= len(tiers) - 1
+    assert engine.host_bytes_allocated() <= host
+    assert_trained_alike(result)
+    engine.close()
+
+
+def test_clipping_with_parameters_on_ssd_equals_the_host_tier_bit_for_bit(tmp_path):
+    """bf16 compute copies and states on SSD, clipping and accumulation: the same bits as all on the host."""
+    from ratel.passes.plan_placement import param_tiers
+    model = make_model("gpt_untied", layers=12, dtype=torch.bfloat16)
+    data = batches(6)
+
+    def run(budget):
+        engine = ratel.compile(copy.deepcopy(model), budget=budget, optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1),
+                               example_inputs=(data[0][0],), device="cpu", progress=False, accumulate=2,
+                               max_grad_norm=0.05)
+        losses, norms = [], []
+        for step, (ids, labels) in enumerate(data):
+            torch.manual_seed(1000 + step)
+            loss = engine(ids, labels=labels).loss
+            engine.backward(loss / 2)
+            losses.append(loss.item())
+            if step % 2 == 1:
+                engine.step()
+                norms.append(engine.grad_norm)
+        return engine, losses, norms
+
+    host_engine, host_losses, host_norms = run(ratel.Budget(gpu="1GiB", host="1TiB"))
+    plan = host_engine.plan
+    states = {g.name: Tier.SSD for g in plan.groups if g.trainable}
+    everything = param_tiers(plan.groups, states, plan.placement.activations,
+                             ratel.Budget(gpu="1GiB", host=1, ssd_dir=str(tmp_path)), uses_torch_adam(), 2)
+    host = sum(b for _, b in host_usage(plan.groups, states, plan.placement.activations, uses_torch_adam(),
+                                        everything, accumulate=2))
+    ssd_engine, ssd_losses, ssd_norms = run(ratel.Budget(gpu="1GiB", host=host, ssd_dir=str(tmp_path)))
+    assert any(t == Tier.SSD for _, t in ssd_engine.plan.placement.param_tier)
+    assert ssd_losses == host_losses and ssd_norms == host_norms
+    assert all(n > 0.05 for n in host_norms)
+    ours, theirs = ssd_engine.state_dict(), host_engine.state_dict()
+    for name in theirs:
+        assert torch.equal(ours[name], theirs[name]), name
+    ssd_engine.close()
+    host_engine.close()
