@@ -86,6 +86,17 @@ def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
                       num_threads=num_threads, grad_scale=grad_scale)
 
 
+def _caller_outside_libraries() -> int:
+    """The ``stacklevel`` of the first caller outside ratel and torch (the user's ``step()`` line)."""
+    import os
+    import sys
+    libraries = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(libraries):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class CPUOptimizer:
     """A worker thread applying AdamW to groups as their gradients land in host memory.
 
@@ -116,6 +127,7 @@ class CPUOptimizer:
         self._cycle_open = False
         self._final = self.accumulate == 1
         self._recorder = None
+        self._skip_warning: str | None = None
         self._norms: dict[int, list[torch.Tensor]] = {}
         self._queue: queue.Queue = queue.Queue()
         self._done = {g.index: threading.Event() for g in store.groups}
@@ -190,6 +202,9 @@ class CPUOptimizer:
         self.wait_all()
         self.micro = 0
         self._cycle_open = False
+        if self._skip_warning is not None:     # warned here, on the training thread, where the user's step() is
+            message, self._skip_warning = self._skip_warning, None
+            warnings.warn(message, RuntimeWarning, stacklevel=_caller_outside_libraries())
 
     def wait(self, group_index: int) -> None:
         self._done[group_index].wait()
@@ -287,8 +302,8 @@ class CPUOptimizer:
         try:
             if not math.isfinite(self.grad_norm):
                 self.skipped_steps += 1
-                warnings.warn(f"ratel: the gradient norm is {self.grad_norm}: this step is skipped, parameters and "
-                              "optimizer states are unchanged", RuntimeWarning, stacklevel=2)
+                self._skip_warning = (f"ratel: the gradient norm is {self.grad_norm}: this step is skipped, "
+                                      "parameters and optimizer states are unchanged")
                 if self.ssd is not None:
                     self.ssd.abandon_step()
                 return
