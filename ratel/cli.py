@@ -37,6 +37,10 @@ def _plan_parser(sub) -> None:
                    help="profile that predicts times: auto (this machine's GPU if any, else h100 for cuda), "
                         "h100, cpu")
     p.add_argument("--depth", type=int, default=2, help="GPU parameter ring slots (default 2)")
+    p.add_argument("--accumulate", type=int, default=1,
+                   help="micro-batches per update: plans their fp32 gradient sums in host memory (default 1)")
+    p.add_argument("--max-grad-norm", type=float, default=None,
+                   help="plan global-norm clipping: every update runs after the backward (default: none)")
     p.add_argument("--out", default="runs/plan", help="folder for memory.png and timeline.png (default runs/plan)")
     p.add_argument("--no-plots", action="store_true", help="print the summary only")
 
@@ -45,12 +49,12 @@ def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="training throughput of Ratel against GPU-resident PyTorch",
                        description="Time training steps of the reference GPT with Ratel and with plain PyTorch "
                                    "(everything on the device) in the same run.")
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--vocab", type=int, default=50304)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=12, help="transformer blocks (default 12)")
+    p.add_argument("--hidden", type=int, default=768, help="model width (default 768)")
+    p.add_argument("--heads", type=int, default=12, help="attention heads (default 12)")
+    p.add_argument("--vocab", type=int, default=50304, help="vocabulary size (default 50304)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--seq", type=int, default=1024, help="sequence length (default 1024)")
     p.add_argument("--budget", help="GPU budget (default: the smallest the planner accepts)")
     p.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up (default 5)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda, cpu")
@@ -105,7 +109,8 @@ def cmd_plan(args, out=sys.stdout) -> int:
     print(f"{spec.name}: {spec.describe()} ({count} parameters, {args.dtype}); batch {args.batch} "
           f"x seq {args.seq}; predicted with the {hardware.name} profile", file=out)
     try:
-        plan = explain(model, budget, (ids,), hardware=hardware, device=device, depth=args.depth)
+        plan = explain(model, budget, (ids,), hardware=hardware, device=device, depth=args.depth,
+                       accumulate=args.accumulate, max_grad_norm=args.max_grad_norm)
     except BudgetError as exc:
         print(f"\nThe plan does not fit: {exc}\n(on the command line: --budget is the GPU budget; --host, --ssd "
               "and --ssd-dir set the other tiers)", file=out)

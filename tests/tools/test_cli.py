@@ -56,3 +56,18 @@ def test_model_flops_follow_the_design_convention():
     from ratel.tools.bench import model_flops
     # 6·N·tokens + 12·L·h·s² per sequence
     assert model_flops(1000, 2, 64, batch=3, seq=16) == 6 * 1000 * 48 + 12 * 2 * 64 * 16 ** 2 * 3
+
+
+def test_plan_shows_the_host_memory_of_accumulation_and_plans_clipping():
+    base = ["plan", "--model", "gpt-tiny", "--budget", "1GiB", "--host", "8GiB", "--seq", "32", "--device", "cpu",
+            "--no-plots"]
+    code, plain = run(base)
+    assert code == 0
+    code, accumulating = run(base + ["--accumulate", "4", "--max-grad-norm", "1.0"])
+    assert code == 0
+
+    def host_gradients(text):
+        row = next(line for line in text.splitlines() if line.strip().startswith("gradients"))
+        return row.split()[-3:-1]        # the host column: value and unit
+
+    assert host_gradients(plain) != host_gradients(accumulating)
