@@ -185,6 +185,8 @@ class Engine:
             self.model.train(was_training)
         gm, plan = plan_program(traced, self.budget, self.hardware, self.device, self.depth, self._activations,
                                 accumulate=self.accumulate, clip=self.max_grad_norm is not None)
+        if plan.memory.ssd_total and self._store is None:
+            check_ssd_space(plan.memory.ssd_total, ssd_dirs(self.budget.ssd_dir), model_key(self.model))
         if self._store is None:
             self._create_store(plan, traced)
         elif tuple(g.params for g in plan.groups) != tuple(g.params for g in self._store.groups):
@@ -497,6 +499,26 @@ class Engine:
     @staticmethod
     def _out_spec(gm):
         return gm.meta["ratel.out_spec"]
+
+
+def check_ssd_space(needed: int, dirs: list[str], key: str) -> None:
+    """Refuse, before any swap file is written, a plan whose SSD bytes do not fit the free space of its folders
+    (swap files are striped evenly; files a previous run of this model left there are reused)."""
+    import shutil
+    from pathlib import Path
+    share = -(-needed // max(1, len(dirs)))
+    for d in dirs:
+        if not Path(d).is_dir():
+            raise RatelError(f"Budget.ssd_dir {d} is not a folder: create it (on the SSD) or give another path")
+        reusable = sum(f.stat().st_size for f in (Path(d) / key).glob("*") if f.is_file()) \
+            if (Path(d) / key).is_dir() else 0
+        free = shutil.disk_usage(d).free + reusable
+        if share > free:
+            raise BudgetError(
+                f"the plan puts {format_bytes(needed)} on SSD ({format_bytes(share)} in each of {len(dirs)} "
+                f"folder(s)), but {d} has {format_bytes(free)} free. Free space there, add another SSD folder "
+                "(Budget(ssd_dir='a,b')), or raise Budget(host=...) so less goes to SSD",
+                tier="ssd", needed=needed, budget=free * len(dirs))
 
 
 def persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:

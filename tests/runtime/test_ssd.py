@@ -239,3 +239,19 @@ def test_clipping_with_parameters_on_ssd_equals_the_host_tier_bit_for_bit(tmp_pa
         assert torch.equal(ours[name], theirs[name]), name
     ssd_engine.close()
     host_engine.close()
+
+
+def test_an_ssd_folder_too_small_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    model = make_model("gpt", layers=4)
+    ids = batches(1)[0][0]
+    host = host_minimum(model, ids)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - 4096, 4096))
+    with pytest.raises(ratel.BudgetError) as info:
+        ratel.compile(model, budget=ratel.Budget(gpu="1GiB", host=host, ssd_dir=str(tmp_path)),
+                      example_inputs=(ids,), device="cpu", progress=False)
+    message = str(info.value)
+    assert info.value.tier == "ssd" and "on SSD" in message and "4.00 KiB free" in message
+    assert not any(files for _, _, files in os.walk(tmp_path)), "nothing may be written before the refusal"
