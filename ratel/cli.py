@@ -64,8 +64,10 @@ def _bench_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ratel", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m ratel",
+                                     description="Plan a model without running it (plan), or benchmark training "
+                                                 "throughput (bench). 'python -m ratel plan --help' shows the "
+                                                 "options of one command.")
     sub = parser.add_subparsers(dest="command", required=True)
     _plan_parser(sub)
     _bench_parser(sub)

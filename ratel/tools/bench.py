@@ -15,6 +15,7 @@ check the path end to end, not as a performance figure.
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,18 +44,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(step, steps: int, device: torch.device) -> float:
-    step()                                   # warm-up: allocator, kernels, the first plan
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per step over the timed steps: the median, and the fastest and slowest (the spread)."""
+
+    median: float
+    low: float
+    high: float
+    steps: int
+
+
+WARMUP_STEPS = 2
+
+
+def _time(step, steps: int, device: torch.device) -> Timing:
+    for _ in range(WARMUP_STEPS):            # allocator, kernels, the first plan, caches
         step()
     _sync(device)
-    return (time.perf_counter() - start) / steps
+    seconds = []
+    for _ in range(max(1, steps)):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    return Timing(statistics.median(seconds), min(seconds), max(seconds), len(seconds))
 
 
 def _baseline(cfg, dtype, ids, steps: int, device: torch.device) -> tuple[float | None, str, int]:
-    """Mean step time of GPU-resident PyTorch (None when it does not fit), a note, and its peak bytes."""
+    """Step timing of device-resident PyTorch (None when it does not fit), a note, and its peak bytes."""
     from ratel.models import GPT
 
     n_params = cfg.num_parameters()
@@ -162,27 +179,33 @@ def run_bench(layers: int, hidden: int, heads: int, batch: int, seq: int, *, voc
     if baseline:
         baseline_seconds, why, baseline_peak = _baseline(cfg, dtype, ids, steps, device)
 
-    def speed(seconds: float) -> str:
-        return f"{seconds * 1e3:,.1f} ms, {tokens / seconds:,.0f} tokens/s, {flops / seconds / 1e12:,.2f} model TFLOPS"
+    tier = "GPU" if device.type == "cuda" else "device"     # on a CPU run, host memory stands in for the GPU
+    resident = f"{'GPU' if device.type == 'cuda' else device.type.upper()}-resident PyTorch"
+
+    def speed(timing: Timing) -> str:
+        seconds = timing.median
+        return (f"{seconds * 1e3:,.1f} ms (median; {timing.low * 1e3:,.1f}-{timing.high * 1e3:,.1f} ms over "
+                f"{timing.steps} steps), {tokens / seconds:,.0f} tokens/s, {flops / seconds / 1e12:,.2f} model TFLOPS")
 
     dtype_name = str(dtype).replace("torch.", "")
     rows = [
         ("parameters", f"{n_params:,} ({format_bytes(n_params * dtype.itemsize)} in {dtype_name})"),
-        ("GPU budget", format_bytes(int(ratel.parse_bytes(budget)))),
-        ("planned GPU peak", format_bytes(plan.memory.gpu_peak)),
+        (f"{tier} budget", format_bytes(int(ratel.parse_bytes(budget)))),
+        (f"planned {tier} peak", format_bytes(plan.memory.gpu_peak)),
     ]
     if device.type == "cuda":
         rows.append(("measured GPU peak", format_bytes(ratel_peak)))
     rows += [
         ("Ratel step", speed(ratel_seconds)),
         ("Ratel predicted step", f"{plan.times.total * 1e3:,.1f} ms"),
-        ("GPU-resident PyTorch step", speed(baseline_seconds) if baseline_seconds else why),
+        (f"{resident} step", speed(baseline_seconds) if baseline_seconds else why),
     ]
     if baseline_seconds:
         if baseline_peak:
-            rows.append(("GPU-resident PyTorch peak", format_bytes(baseline_peak)))
-        rows.append(("Ratel / PyTorch step time", f"{ratel_seconds / baseline_seconds:.2f}x"))
-    rows.append(("steps timed", f"{steps} (after 1 warm-up)"))
+            rows.append((f"{resident} peak", format_bytes(baseline_peak)))
+        rows.append(("Ratel / PyTorch step time", f"{ratel_seconds.median / baseline_seconds.median:.2f}x (medians; "
+                     f"fastest to fastest {ratel_seconds.low / baseline_seconds.low:.2f}x)"))
+    rows.append(("steps timed", f"{steps} each, after {WARMUP_STEPS} warm-up steps"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         log(f"  {key:<{width}}  {value}")
@@ -195,8 +218,9 @@ def run_bench(layers: int, hidden: int, heads: int, batch: int, seq: int, *, voc
         paths = save_plots(plan, out, measured)
         log(f"wrote {out / 'summary.txt'}, " + ", ".join(str(p) for p in paths)
             + ("" if measured is not None else " (predicted only: this engine records no measured step)"))
-    return BenchResult(rows=rows, ratel_step=ratel_seconds, baseline_step=baseline_seconds, plan=plan,
+    return BenchResult(rows=rows, ratel_step=ratel_seconds.median,
+                       baseline_step=baseline_seconds.median if baseline_seconds else None, plan=plan,
                        measured=measured)
 
 
-__all__ = ["BenchResult", "model_flops", "run_bench"]
+__all__ = ["BenchResult", "Timing", "model_flops", "run_bench"]

@@ -47,7 +47,8 @@ def test_bench_runs_a_tiny_shape_on_the_cpu(tmp_path):
                      "--seq", "32", "--steps", "2", "--device", "cpu", "--out", str(tmp_path)])
     assert code == 0
     assert "Ratel step" in out and "tokens/s" in out and "model TFLOPS" in out
-    assert "GPU-resident PyTorch step" in out and "Ratel / PyTorch step time" in out
+    assert "CPU-resident PyTorch step" in out and "GPU" not in out.split("\n", 1)[1]   # a CPU run: no GPU labels
+    assert "median" in out and "over 2 steps" in out and "Ratel / PyTorch step time" in out
     assert (tmp_path / "summary.txt").read_text().startswith("Ratel plan for cpu")
     assert (tmp_path / "timeline.png").exists()
 
@@ -71,3 +72,15 @@ def test_plan_shows_the_host_memory_of_accumulation_and_plans_clipping():
         return row.split()[-3:-1]        # the host column: value and unit
 
     assert host_gradients(plain) != host_gradients(accumulating)
+
+
+def test_help_is_plain_text_and_every_bench_flag_says_what_it_is(capsys):
+    import pytest
+    for argv in (["--help"], ["plan", "--help"], ["bench", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = capsys.readouterr().out
+        assert "``" not in text and "usage:" in text
+    from ratel.cli import build_parser
+    bench = build_parser()._subparsers._group_actions[0].choices["bench"]
+    assert all(a.help for a in bench._actions), [a.dest for a in bench._actions if not a.help]
