@@ -173,13 +173,21 @@ def capture(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.expo
             return torch.export.export(model, args, kwargs=kwargs, strict=False)
     except Exception as exc:  # noqa: BLE001 - re-raised with the location the user needs
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TraceError(
+        if re.search(r"scalar type|dtype|Expected tensor|shape|size mismatch|must match", message):
+            advice = ("the inputs do not fit the model: check their dtype and shape against a plain PyTorch call "
+                      "(token ids are integer tensors of shape (batch, sequence))")
+        else:
+            advice = ("make this line traceable (no data-dependent Python control flow on tensor values, no "
+                      ".item()/.tolist() in forward), or pass inputs of the form used in training")
+        error = TraceError(
             f"Ratel could not capture {type(model).__name__} as a graph (torch.export, non-strict).\n"
             f"The failing line:\n{_failing_frame(exc, model)}\n"
             f"Cause: {type(exc).__name__}: {message}\n"
-            "What to change: make this line traceable (no data-dependent Python control flow on tensor "
-            "values, no .item()/.tolist() in forward), or pass inputs of the form used in training."
-        ) from exc
+            f"What to change: {advice}.")
+        # The message holds what the user needs; export's own chain of tracebacks runs to hundreds of lines
+        # of torch internals, so it is kept on the error (``error.original``) but not printed.
+        error.original = exc
+        raise error from None
 
 
 _BLOCK_RE_CACHE: dict[str, re.Pattern] = {}

@@ -112,3 +112,20 @@ def test_untraceable_model_names_the_module_and_line():
     assert "blocks.0" in message and "Branchy" in message
     assert "if x.sum().item() > 0" in message
     assert "test_trace.py" in message and "What to change" in message
+
+
+def test_a_wrong_dtype_input_gives_a_short_error_with_the_users_line():
+    import traceback
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from helpers import batches, make_model
+    model = make_model("gpt", layers=2)
+    ids, labels = batches(1)[0]
+    engine = ratel.compile(model, budget="1GiB", example_inputs=(ids,), device="cpu", progress=False)
+    with pytest.raises(ratel.TraceError) as info:
+        engine(ids.float(), labels=labels)
+    text = "".join(traceback.format_exception(info.value))
+    assert "direct cause" not in text and len(text.splitlines()) < 40, text
+    assert "self.wte(input_ids)" in str(info.value) and "dtype and shape" in str(info.value)
+    assert info.value.original is not None            # export's own error is kept for whoever debugs
+    engine.close()
