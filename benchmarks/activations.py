@@ -6,7 +6,7 @@ batch size, one engine trains with:
   recompute   only unit inputs checkpointed, every unit recomputed in backward;
   auto        Ratel's plan: every saved tensor kept, swapped to host or recomputed, by predicted step time;
   keep        nothing recomputed, everything kept on the GPU (where it fits the budget).
-Prints model TFLOPS (DESIGN.md: 6·N·tokens + 12·L·h·s² per sequence, recompute not counted), the measured
+Prints model TFLOPS (docs/architecture.md: 6·N·tokens + 12·L·h·s² per sequence, recompute not counted), the measured
 GPU peak, what the automatic plan decided and how it compares, and appends the table to RESULTS.md.
 
     python benchmarks/activations.py [--layers 4 --batches 1,2,4,8,16 --budget 24GiB --steps 3]

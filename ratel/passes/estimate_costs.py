@@ -2,7 +2,7 @@
 
 Stages:
   1. FLOPs per node (``node.meta["ratel.cost"] = NodeCost``), for the matrix-class ops that dominate time.
-     Counting follows DESIGN.md: a (m×k)·(k×n) product is 2·m·k·n; attention is 4·b·heads·s_q·s_k·d forward
+     Counting follows docs/architecture.md: a (m×k)·(k×n) product is 2·m·k·n; attention is 4·b·heads·s_q·s_k·d forward
      (causal not halved); backward is 2× forward. Element-wise ops count 0: their cost is memory traffic.
   2. Memory per unit, by running the unit's graph once under FakeTensorMode with a storage-level peak
      tracker (``PeakMemory``; no real allocation, so a 175B plan is made on a laptop): the peak of a no-grad forward

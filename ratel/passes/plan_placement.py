@@ -1,6 +1,6 @@
 """plan_placement: decide the tier of every tensor and the GPU parameter ring schedule.
 
-The first policy (DESIGN.md, "Tiers and the cost model"):
+The first policy (docs/architecture.md, "Tiers and the cost model"):
   parameters       the compute copy lives in pinned host memory and is streamed into a GPU ring of
                    ``ctx.depth`` slots, one unit ahead of use, in forward and again in backward; when host
                    memory cannot hold it even with every optimizer state on SSD, the largest groups' copies

@@ -3,7 +3,7 @@
 For one shape (layers, hidden, heads, batch, sequence) it measures, after one warm-up step, the mean step
 time of Ratel under a GPU budget (by default the smallest the planner accepts) and of plain PyTorch with
 everything on the device (the model in its dtype, fp32 master weights and fused AdamW), when that fits.
-It reports step time, tokens/s and model TFLOPS by DESIGN.md's convention:
+It reports step time, tokens/s and model TFLOPS by the convention of docs/architecture.md:
 
     model FLOPs per step = 6 * N * tokens + 12 * L * h * s^2 * sequences     (recompute not counted)
 
@@ -26,7 +26,7 @@ from ratel.ir import format_bytes
 
 
 def model_flops(n_params: int, layers: int, hidden: int, batch: int, seq: int) -> float:
-    """FLOPs of one training step (forward + backward), DESIGN.md's convention."""
+    """FLOPs of one training step (forward + backward), the convention of docs/architecture.md."""
     return 6.0 * n_params * batch * seq + 12.0 * layers * hidden * seq * seq * batch
 
 
