@@ -105,6 +105,12 @@ def cmd_plan(args, out=sys.stdout) -> int:
     device = target_device(args.device)
     hardware = target_hardware(device, _hardware(args.hardware, device))
     budget = Budget(gpu=args.budget, host=args.host, ssd=args.ssd, ssd_dir=args.ssd_dir)
+    if args.ssd_dir:
+        from ratel.api import ssd_dirs
+        for d in ssd_dirs(args.ssd_dir):
+            if not Path(d).is_dir():   # planning for another machine is fine; saying nothing is not
+                print(f"note: --ssd-dir {d} is not a folder on this machine: the plan assumes it exists (and has "
+                      "the space) where training runs; compile refuses it if it does not", file=out)
     ids = torch.zeros(args.batch, args.seq, dtype=torch.long)
     n_params = sum(p.numel() for p in model.parameters())
     count = f"{n_params / 1e9:.2f} B" if n_params >= 1e9 else f"{n_params / 1e6:.2f} M"

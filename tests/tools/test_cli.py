@@ -84,3 +84,12 @@ def test_help_is_plain_text_and_every_bench_flag_says_what_it_is(capsys):
     from ratel.cli import build_parser
     bench = build_parser()._subparsers._group_actions[0].choices["bench"]
     assert all(a.help for a in bench._actions), [a.dest for a in bench._actions if not a.help]
+
+
+def test_plan_says_when_the_ssd_folder_does_not_exist_here(tmp_path):
+    base = ["plan", "--model", "gpt-tiny", "--budget", "1GiB", "--host", "8GiB", "--seq", "32", "--device", "cpu",
+            "--no-plots"]
+    code, out = run(base + ["--ssd-dir", str(tmp_path / "missing")])
+    assert code == 0 and "is not a folder on this machine" in out
+    code, out = run(base + ["--ssd-dir", str(tmp_path)])
+    assert code == 0 and "not a folder" not in out
