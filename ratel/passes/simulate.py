@@ -222,4 +222,7 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
                 ssd += seconds
         times.append(StepTime(t, compute, h2d, d2h, opt, ssd))
     # Write-backs of optimizer states may finish during the next forward; the next step's reads wait for them.
-    return TimeProfile(steps=tuple(times), total=max(gpu, optimizer_lane), spans=tuple(spans))
+    # In steady state every lane must also fit its own work into one step: a lane busier than the GPU and
+    # the optimizer together (the SSD, when states outgrow host memory) sets the step's period.
+    busiest = max(sum(t.ssd for t in times), sum(t.h2d for t in times), sum(t.d2h for t in times))
+    return TimeProfile(steps=tuple(times), total=max(gpu, optimizer_lane, busiest), spans=tuple(spans))

@@ -91,10 +91,11 @@ class StepFigures:
 
     @property
     def bound(self) -> str:
-        if self.length == 0:
+        """The lane with the most work in this step (the SSD and the CPU optimizer included)."""
+        if not any(self.seconds.values()):
             return ""
         # Ties go to compute: a step whose copies exactly match its compute is not waiting on them.
-        return max(("compute", "h2d", "d2h"), key=lambda lane: (self.seconds[lane], lane == "compute"))
+        return max(LANES, key=lambda lane: (self.seconds[lane], lane == "compute"))
 
 
 def _lane_of(kind: str, src, dst) -> str | None:
@@ -405,9 +406,12 @@ def _activation_section(plan: Plan) -> list[str]:
                      format_seconds(seconds)])
     header = ["unit", "mode", "kept on GPU", "swapped to host", "swapped to SSD", "recomputed", "recompute time"]
     title = f"Activations (policy {acts.policy}"
-    if acts.search:
-        best = min(acts.search, key=lambda r: r[1])
-        title += f"; {len(acts.search)} candidate plans priced, fastest that fits stores {best[0]} values"
+    fitting = [r for r in acts.search if r[2] <= plan.budget_gpu]
+    if fitting:
+        best = min(fitting, key=lambda r: r[1])
+        chosen = ("checkpoints whole units (recompute)" if best[0] < 0
+                  else f"stores {best[0]} of the values autograd saves")
+        title += f"; {len(acts.search)} candidate plans priced, the fastest that fits {chosen}"
     note = ["  saved: the unit's forward keeps what autograd saves, each value where the plan put it (merged blocks:",
             "  totals over the run);",
             "  recompute unit: only the unit's inputs are kept and the whole unit runs again in backward"]

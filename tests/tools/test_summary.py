@@ -41,7 +41,7 @@ def test_the_predicted_step_splits_into_compute_stalls_and_tail():
     assert split["compute"] == pytest.approx(plan.times.compute)
     figures = step_figures(plan)
     assert [f.step for f in figures] == [s.index for s in plan.steps]
-    assert all(f.bound in ("compute", "h2d", "d2h", "") for f in figures)
+    assert all(f.bound in ("compute", "h2d", "d2h", "ssd", "optimizer", "") for f in figures)
 
 
 def test_measured_figures_stand_beside_the_predicted():
