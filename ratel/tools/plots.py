@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 from ratel.ir import Phase, Plan, StepRecord
-from ratel.tools.summary import (CATEGORIES, LANE_TITLES, LANES, MEASURED_LANE, format_seconds, gpu_category,
+from ratel.tools.summary import (CATEGORIES, LANE_TITLES, accelerator, LANES, MEASURED_LANE, format_seconds, gpu_category,
                                  memory_by_tier, predicted_breakdown, step_figures, tail_name)
 
 # One colour per memory category, shared by the GPU area and the host/SSD bars so one legend reads both.
@@ -191,10 +191,10 @@ def plot_memory(plan: Plan, measured: StepRecord | None = None, path: str | Path
                 va="bottom", fontsize=8.5, arrowprops=dict(arrowstyle="-", color="#333333", lw=0.8), zorder=5)
     if budget_on_scale:
         ax.axhline(plan.budget_gpu / scale, color="#C00000", ls="--", lw=1.3, zorder=4)
-        ax.text(n - 0.2, plan.budget_gpu / scale, f"GPU budget {_fmt_bytes(plan.budget_gpu)}", color="#C00000",
+        ax.text(n - 0.2, plan.budget_gpu / scale, f"{accelerator(plan)} budget {_fmt_bytes(plan.budget_gpu)}", color="#C00000",
                 va="bottom", ha="right", fontsize=9, zorder=5)
     else:
-        ax.text(0.005, 0.985, f"GPU budget {_fmt_bytes(plan.budget_gpu)} (off the scale: the plan uses "
+        ax.text(0.005, 0.985, f"{accelerator(plan)} budget {_fmt_bytes(plan.budget_gpu)} (off the scale: the plan uses "
                 f"{100 * peak / plan.budget_gpu:.2g}% of it)", transform=ax.transAxes, color="#C00000",
                 va="top", fontsize=9)
     if measured_peaks:
@@ -207,8 +207,8 @@ def plot_memory(plan: Plan, measured: StepRecord | None = None, path: str | Path
     ticks, labels = declutter([p + 0.5 for p in positions], labels, px_per_x=1080 / n, fontsize=8.5)
     ax.set_xticks(ticks, labels, fontsize=8.5)
     ax.set_xlabel(caption)
-    ax.set_ylabel(f"GPU memory ({unit})")
-    ax.set_title(f"GPU memory over one training step (planned peak {_fmt_bytes(peak)} of "
+    ax.set_ylabel(f"{accelerator(plan)} memory ({unit})")
+    ax.set_title(f"{accelerator(plan)} memory over one training step (planned peak {_fmt_bytes(peak)} of "
                  f"{_fmt_bytes(plan.budget_gpu)} budget)" + (f"; measured peak {_fmt_bytes(measured.gpu_peak)}"
                                                             if measured_peaks else ""),
                  loc="left", fontsize=11, pad=16)
@@ -384,7 +384,7 @@ def plot_timeline(plan: Plan, measured: StepRecord | None = None, path: str | Pa
     split = predicted_breakdown(plan)
     _draw_predicted(axes[0][0], plan, bars, starts, total * 1.02,
                     f"Predicted step {format_seconds(total)} = compute {format_seconds(split['compute'])}"
-                    f" + GPU waiting for copies {format_seconds(split['copy stalls'])}"
+                    f" + {accelerator(plan)} waiting for copies {format_seconds(split['copy stalls'])}"
                     f" + {tail_name(plan)} {format_seconds(split['optimizer tail'])}")
     if zoom:
         _draw_predicted(axes[1][0], plan, bars, starts, gpu_end * 1.02,

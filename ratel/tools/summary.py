@@ -270,6 +270,11 @@ def _merge_runs(keys: list, items: list) -> list[list]:
 # ---------------------------------------------------------------------------------------------------------
 # Sections
 # ---------------------------------------------------------------------------------------------------------
+def accelerator(plan: Plan) -> str:
+    """What the "GPU tier" is called for this plan: a plan for the CPU runs its "GPU" tier in host memory."""
+    return "GPU" if str(plan.device).startswith("cuda") else "device"
+
+
 def _header(plan: Plan, measured: StepRecord | None) -> list[str]:
     units = plan.units
     names = [u.name for u in units]
@@ -285,16 +290,16 @@ def _header(plan: Plan, measured: StepRecord | None) -> list[str]:
         f"  step time    {format_seconds(split['total'])} predicted = compute {format_seconds(split['compute'])}"
         f" + waiting for copies {format_seconds(split['copy stalls'])}"
         f" + {tail_name(plan)} {format_seconds(split['optimizer tail'])}",
-        f"  GPU peak     {format_bytes(plan.memory.gpu_peak)} of {format_bytes(plan.budget_gpu)} budget "
+        f"  {accelerator(plan) + ' peak':<13}{format_bytes(plan.memory.gpu_peak)} of {format_bytes(plan.budget_gpu)} budget "
         f"({_pct(plan.memory.gpu_peak, plan.budget_gpu)}) at step {peak_step.index} ({peak_step.label(units)})",
         f"  host         {format_bytes(plan.memory.host_total)} of {format_bytes(plan.budget_host)} budget "
         f"({_pct(plan.memory.host_total, plan.budget_host)}); SSD {format_bytes(plan.memory.ssd_total)}",
     ]
     if measured is not None:
         ratio = f", {measured.wall / split['total']:.2f}x predicted" if split["total"] else ""
-        peak = "GPU peak not recorded (no CUDA device)"
+        peak = "device peak not recorded (no CUDA device)"
         if measured.gpu_peak:
-            peak = f"GPU peak {format_bytes(measured.gpu_peak)}"
+            peak = f"{accelerator(plan)} peak {format_bytes(measured.gpu_peak)}"
             peak += f", {measured.gpu_peak / plan.memory.gpu_peak:.2f}x planned" if plan.memory.gpu_peak else ""
         lines.append(f"  measured     step {format_seconds(measured.wall)}{ratio}; {peak}")
     return lines
@@ -311,8 +316,9 @@ def _tier_section(plan: Plan, measured: StepRecord | None) -> list[str]:
     if measured is not None and measured.gpu_peak:
         rows.append(["measured peak", format_bytes(measured.gpu_peak), "", ""])
     peak = plan.steps[plan.memory.gpu_peak_step]
-    return (["", f"Memory by tier (GPU: at its peak, step {peak.index} {peak.label(plan.units)})"]
-            + _table(["", "GPU", "host", "SSD"], rows, "lrrr"))
+    gpu = accelerator(plan)
+    return (["", f"Memory by tier ({gpu}: at its peak, step {peak.index} {peak.label(plan.units)})"]
+            + _table(["", gpu, "host", "SSD"], rows, "lrrr"))
 
 
 def _lane_section(plan: Plan, measured: StepRecord | None, figures: list[StepFigures]) -> list[str]:
@@ -375,9 +381,10 @@ def _unit_section(plan: Plan) -> list[str]:
                      format_flops(plan.costs.total_fwd_flops), format_flops(plan.costs.total_bwd_flops)])
     header = ["unit", "params", "home", "grads", "opt states", "home", "outputs kept", "fwd work", "bwd work",
               "fwd FLOP", "bwd FLOP"]
-    note = ["  params: the compute-dtype copy streamed to the GPU ring; opt states: Adam m, v and the fp32 master",
+    gpu = accelerator(plan)
+    note = [f"  params: the compute-dtype copy streamed to the {gpu} ring; opt states: Adam m, v and the fp32 master",
             "  (for fp32 models the master is the params copy); a group read by several units belongs to the first;",
-            "  outputs kept: the unit's boundary activations and where they wait for backward; work: GPU workspace",
+            f"  outputs kept: the unit's boundary activations and where they wait for backward; work: {gpu} workspace",
             "  of the unit's forward, and of its recompute + backward"]
     return ["", "Per unit"] + _table(header, out_rows, "lrlrrllrrrr") + note
 
@@ -404,7 +411,8 @@ def _activation_section(plan: Plan) -> list[str]:
         seconds = sum(d.recompute_seconds for u in units for d in u.decisions if d.tier is None)
         rows.append([name, "saved", _b(total(Tier.GPU)), _b(total(Tier.HOST)), _b(total(Tier.SSD)), _b(total(None)),
                      format_seconds(seconds)])
-    header = ["unit", "mode", "kept on GPU", "swapped to host", "swapped to SSD", "recomputed", "recompute time"]
+    header = ["unit", "mode", f"kept on {accelerator(plan)}", "swapped to host", "swapped to SSD", "recomputed",
+              "recompute time"]
     title = f"Activations (policy {acts.policy}"
     fitting = [r for r in acts.search if r[2] <= plan.budget_gpu]
     if fitting:
@@ -462,14 +470,15 @@ def _step_section(plan: Plan, measured: StepRecord | None, figures: list[StepFig
                 row.append(_t(sum(real.get(s.index, {}).get(lane, 0.0) for _, s, _ in run) / n, scale))
         rows.append(row)
     moved = [lane for lane in lanes if lane not in ("compute", "optimizer")]
-    header = (["step", "unit", "GPU"] + [f"{LANE_TITLES[lane]} bytes" for lane in moved]
+    gpu = accelerator(plan)
+    header = (["step", "unit", gpu] + [f"{LANE_TITLES[lane]} bytes" for lane in moved]
               + [("optim" if lane == "optimizer" else LANE_TITLES[lane]) + f" {unit}" for lane in lanes] + ["bound"])
     align = "rl" + "r" * (1 + len(moved) + len(lanes)) + "l"
     if real is not None:
-        header += ["|", "meas. GPU"] + [("optim" if lane == "optimizer" else LANE_TITLES[lane]) + f" {unit}"
+        header += ["|", f"meas. {gpu}"] + [("optim" if lane == "optimizer" else LANE_TITLES[lane]) + f" {unit}"
                                      for lane in lanes]
         align += "l" + "r" * (1 + len(lanes))
-    title = "Per step (predicted; a step lasts its longest GPU lane, the CPU optimizer runs beside"
+    title = f"Per step (predicted; a step lasts its longest {gpu} lane, the CPU optimizer runs beside"
     title += "; measured figures on merged rows are means)" if real is not None else ")"
     lines = ["", title] + _table(header, rows, align)
     if real is not None and -1 in real:

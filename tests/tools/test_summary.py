@@ -49,12 +49,12 @@ def test_measured_figures_stand_beside_the_predicted():
     record = fake_record(plan, slowdown=3.0)
     text = plan.summary(record)
     assert f"{record.wall / plan.times.total:.2f}x predicted" in text
-    assert f"GPU peak {format_bytes(record.gpu_peak)}" in text
-    assert "meas. GPU" in text
+    assert f"device peak {format_bytes(record.gpu_peak)}" in text     # a plan for the CPU: its "GPU" is host memory
+    assert "meas. device" in text
 
 
 def test_a_cpu_run_without_gpu_peaks_says_so():
     plan = tiny_plan()
     record = fake_record(plan, gpu_extra=0)
     record = type(record)(spans=record.spans, gpu_peak_by_step=(0,) * len(plan.steps), gpu_peak=0, wall=record.wall)
-    assert "GPU peak not recorded" in plan.summary(record)
+    assert "device peak not recorded" in plan.summary(record)

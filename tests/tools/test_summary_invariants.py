@@ -57,3 +57,9 @@ def test_counts_are_never_negative_and_the_step_adds_up(plans):
         assert min(split.values()) >= 0
         assert split["compute"] + split["copy stalls"] + split["optimizer tail"] == pytest.approx(plan.times.total)
         assert "-1" not in plan.summary().split("Activations", 1)[-1].splitlines()[0], name
+
+
+def test_a_plan_for_the_cpu_names_no_gpu(plans):
+    for name, plan in plans:
+        if plan.device == "cpu":
+            assert "GPU" not in plan.summary(), name
