@@ -89,11 +89,11 @@ def cmd_plan(args, out=sys.stdout) -> int:
     from ratel.api import Budget
     from ratel.tools.bench import model_flops
     from ratel.tools.explain import explain, target_device, target_hardware
-    from ratel.tools.presets import GPT_PRESETS, LLAMA_PRESETS, build_model, parse_dtype, resolve
+    from ratel.tools.presets import build_model, describe_preset, parse_dtype, preset_names, resolve
 
     if args.list:
-        for name in list(GPT_PRESETS) + list(LLAMA_PRESETS):
-            print(f"{name:<12} {resolve(name).describe()}", file=out)
+        for name in preset_names():
+            print(f"{name:<12} {describe_preset(name)}", file=out)
         return 0
     if not args.model:
         raise RatelError("plan needs --model (a preset, a config.json, a model folder; --list shows the presets)")

@@ -83,6 +83,15 @@ def preset_names() -> list[str]:
     return list(GPT_PRESETS) + list(LLAMA_PRESETS)
 
 
+def describe_preset(name: str) -> str:
+    """A preset's one-line description without building its config (``plan --list`` imports no transformers)."""
+    if name in GPT_PRESETS:
+        return resolve(name).describe()
+    c = {**_LLAMA_COMMON, **LLAMA_PRESETS[name]}
+    return (f"Llama (llama): {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
+            f"{c['num_attention_heads']} heads, vocab {c['vocab_size']}")
+
+
 def _llama(fields: dict[str, Any]):
     from transformers import LlamaConfig
     return LlamaConfig(**{**_LLAMA_COMMON, **fields})

@@ -50,3 +50,15 @@ def test_unknown_models_name_what_is_accepted(tmp_path):
         resolve(str(bad))
     with pytest.raises(RatelError, match="local Hugging Face cache"):
         resolve("no-such-org/no-such-model")
+
+
+def test_listing_presets_describes_them_as_building_them_does_without_transformers():
+    import subprocess
+    import sys
+    from ratel.tools.presets import describe_preset, preset_names, resolve
+    for name in preset_names():
+        assert describe_preset(name) == resolve(name).describe()
+    code = ("import sys, io; from ratel.cli import main; main(['plan', '--list'], out=io.StringIO()); "
+            "print('transformers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().endswith("False"), result.stdout + result.stderr
