@@ -49,10 +49,10 @@ def test_accumulation_applies_one_update_of_the_summed_gradients(kind, k):
 
 def test_step_after_fewer_micro_batches_updates_with_the_sum_so_far():
     # The last, partial accumulation of an epoch: PyTorch's optimizer.step() uses whatever p.grad holds.
-    model = make_model("gpt")
+    model = make_model("gpt", layers=8)
     data = batches(3)
     reference = copy.deepcopy(model)
-    engine = ratel.compile(model, budget="1GiB", optimizer=ratel.AdamW(lr=1e-3), example_inputs=(data[0][0],),
+    engine = ratel.compile(model, budget=streaming_budget(model, data[0][0]), optimizer=ratel.AdamW(lr=1e-3), example_inputs=(data[0][0],),
                            device="cpu", progress=False, accumulate=4)
     opt = torch.optim.AdamW(reference.parameters(), lr=1e-3, fused=True)
     for ids, labels in data:
@@ -104,10 +104,11 @@ def test_clipping_with_accumulation_and_dropout():
 
 
 def test_a_non_finite_gradient_skips_the_step_and_leaves_everything_untouched():
-    model = make_model("gpt")
+    model = make_model("gpt", layers=8)
     data = batches(5)
     with pytest.warns(RuntimeWarning, match="skipped"):
-        result = train_like_pytorch(model, data, max_grad_norm=1.0, poison={2})
+        result = train_like_pytorch(model, data, max_grad_norm=1.0, poison={2},
+                                    budget=streaming_budget(model, data[0][0]))
     assert not math.isfinite(result["norms"][2])
     assert_trained_alike(result)
     engine = result["engine"]
@@ -178,14 +179,14 @@ def test_frozen_parameters_other_architectures(kind, pattern):
 
 def test_peft_lora_model_trains_like_pytorch():
     peft = pytest.importorskip("peft")
-    base = make_model("llama")
+    base = make_model("llama", layers=8)
     torch.manual_seed(3)
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                       lora_dropout=0.0, init_lora_weights="gaussian"))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     data = batches(5)
-    result = train_like_pytorch(model, data, max_grad_norm=1.0)
+    result = train_like_pytorch(model, data, max_grad_norm=1.0, budget=streaming_budget(model, data[0][0]))
     assert_trained_alike(result)
     engine = result["engine"]
     assert sum(g.numel for g in engine.plan.groups if g.trainable) == sum(
@@ -195,9 +196,10 @@ def test_peft_lora_model_trains_like_pytorch():
 
 # ---------------------------------------------------------------------------------------------- schedules and groups
 def test_lambda_lr_schedule_with_per_group_weight_decay():
-    model = make_model("llama")
+    model = make_model("llama", layers=8)
     data = batches(6)
     result = train_like_pytorch(model, data, groups=lambda m: no_decay_groups(m, 0.1), lr=3e-3,
+                                budget=streaming_budget(model, data[0][0]),
                                 scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
                                     opt, lambda s: min(1.0, (s + 1) / 3)))
     assert result["lrs"] == result["ref_lrs"] and len(set(result["lrs"])) == 3
@@ -207,9 +209,10 @@ def test_lambda_lr_schedule_with_per_group_weight_decay():
 
 
 def test_cosine_schedule_with_warmup_and_accumulation():
-    model = make_model("gpt2")
+    model = make_model("gpt2", layers=8)
     data = batches(12)
     result = train_like_pytorch(model, data, accumulate=2, groups=lambda m: no_decay_groups(m, 0.05),
+                                budget=streaming_budget(model, data[0][0]),
                                 scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=6))
     assert result["lrs"] == result["ref_lrs"]
     assert_trained_alike(result)
@@ -243,9 +246,9 @@ def test_unsupported_optimizers_are_refused_with_what_to_do():
 # ---------------------------------------------------------------------------------------------- the model object
 def test_the_model_object_holds_the_trained_weights():
     transformers = pytest.importorskip("transformers")
-    model = make_model("gpt2")
+    model = make_model("gpt2", layers=8)
     data = batches(5)
-    result = train_like_pytorch(model, data)
+    result = train_like_pytorch(model, data, budget=streaming_budget(model, data[0][0]))
     engine, reference = result["engine"], result["reference"]
     state = engine.state_dict()
     for name, p in model.named_parameters():
@@ -261,8 +264,9 @@ def test_the_model_object_holds_the_trained_weights():
 
 def test_save_pretrained_after_training_saves_the_trained_model(tmp_path):
     transformers = pytest.importorskip("transformers")
-    model = make_model("llama")
-    result = train_like_pytorch(model, batches(5))
+    model = make_model("llama", layers=8)
+    data = batches(5)
+    result = train_like_pytorch(model, data, budget=streaming_budget(model, data[0][0]))
     model.save_pretrained(tmp_path)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     for name, p in result["reference"].named_parameters():
@@ -287,11 +291,11 @@ def test_a_meta_model_cannot_be_used_directly():
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_state_dict_loads_strictly_into_a_fresh_model(kind):
-    model = make_model(kind)
+    model = make_model(kind, layers=8)
     data = batches(3)
-    result = train_like_pytorch(model, data)
+    result = train_like_pytorch(model, data, budget=streaming_budget(model, data[0][0]))
     state = result["engine"].state_dict()
-    fresh = make_model(kind)
+    fresh = make_model(kind, layers=8)
     assert set(state) == set(fresh.state_dict())
     fresh.load_state_dict(state, strict=True)
     for name, p in result["reference"].named_parameters():
