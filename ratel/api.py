@@ -12,8 +12,10 @@ import hashlib
 import inspect
 import logging
 import re
+import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.utils._pytree as pytree
@@ -27,7 +29,7 @@ from ratel.runtime.activations import ActivationStore
 from ratel.runtime.engine import Runtime
 from ratel.runtime.memory import ALIGN, Lanes, PinnedPool
 from ratel.optim import EngineOptimizer, build_param_groups, norm_order, segments_of
-from ratel.runtime.optimizer import AdamW, CPUOptimizer
+from ratel.runtime.optimizer import AdamW, CPUOptimizer, Hyper
 from ratel.runtime.recorder import Recorder
 from ratel.runtime.saved import SavedActivations, SsdSaved, saved_pool_bytes
 from ratel.runtime.ssd import SsdParams, SsdStates, model_key
@@ -224,11 +226,8 @@ class Engine:
                       if params_on_ssd else None)
         self._store = ParamStore(plan, self.device, self._store_pool, ssd=self._ssd, ssd_params=ssd_params)
         self._store.load(self.model, self._weights, progress=self.progress)
-        defaults = self.optimizer.defaults
         self._optimizer = CPUOptimizer(
-            self._store, AdamW(lr=defaults["lr"], betas=tuple(defaults["betas"]), eps=defaults["eps"],
-                               weight_decay=defaults["weight_decay"]),
-            ssd=self._ssd, segments=segments_of(plan.groups, self._group_of), accumulate=self.accumulate,
+            self._store, Hyper.of(self.optimizer.defaults), ssd=self._ssd, segments=segments_of(plan.groups, self._group_of), accumulate=self.accumulate,
             max_grad_norm=self.max_grad_norm, norm_order=norm_order(self.model, plan.groups))
         self._buffers = load_buffers(self.model, traced, self.device)
         self._bind_model()
@@ -504,8 +503,6 @@ class Engine:
 def check_ssd_space(needed: int, dirs: list[str], key: str) -> None:
     """Refuse, before any swap file is written, a plan whose SSD bytes do not fit the free space of its folders
     (swap files are striped evenly; files a previous run of this model left there are reused)."""
-    import shutil
-    from pathlib import Path
     share = -(-needed // max(1, len(dirs)))
     for d in dirs:
         if not Path(d).is_dir():

@@ -183,6 +183,16 @@ class ParamGroup:
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
 
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Each parameter of the group as a view of ``flat`` (any buffer with the group's element layout)."""
+        out = []
+        for shape, offset in zip(self.shapes, self.offsets):
+            numel = 1
+            for s in shape:
+                numel *= s
+            out.append(flat[offset:offset + numel].view(shape))
+        return out
+
     @property
     def update_unit(self) -> int:
         """Backward runs units in reverse, so the group's gradient is complete after its lowest user."""

@@ -12,6 +12,8 @@ gives one group of every trainable parameter.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -116,14 +118,11 @@ def segments_of(groups, group_of: dict[str, int]) -> dict[int, tuple[tuple[int, 
             continue
         runs: list[list[int]] = []
         for name, shape, offset in zip(g.params, g.shapes, g.offsets):
-            n = 1
-            for s in shape:
-                n *= s
-            h = group_of[name]
+            end, h = offset + math.prod(shape), group_of[name]
             if runs and runs[-1][2] == h and runs[-1][1] == offset:
-                runs[-1][1] = offset + n
+                runs[-1][1] = end
             else:
-                runs.append([offset, offset + n, h])
+                runs.append([offset, end, h])
         out[g.index] = tuple(tuple(r) for r in runs)
     return out
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -311,11 +310,7 @@ class Runtime:
             if flat is None:
                 flat = torch.zeros(g.numel, dtype=g.dtype, device=self.device)
                 self._grad_buffers[g.index] = flat
-            for name, shape, offset in zip(g.params, g.shapes, g.offsets):
-                n = 1
-                for s in shape:
-                    n *= s
-                views[name] = flat[offset:offset + n].view(shape)
+            views.update(zip(g.params, g.views(flat)))
         return views
 
     def _flush_grads(self, index: int) -> None:
@@ -327,8 +322,7 @@ class Runtime:
                 norms = None
                 if self.optimizer is not None and self.optimizer.norms_on_device:
                     # clip_grad_norm_'s per-parameter norms, where the gradient is (free on a GPU)
-                    norms = torch._foreach_norm([flat[o:o + math.prod(s)].view(s)
-                                                 for s, o in zip(g.shapes, g.offsets)], 2.0)
+                    norms = torch._foreach_norm(g.views(flat), 2.0)
                 copied = self.lanes.copy(self.store.grad_staging[g.index], flat, self.lanes.d2h, after=after,
                                          span=(self.recorder, "d2h", f"grads {g.name}", self._step))
                 if self.optimizer is not None:

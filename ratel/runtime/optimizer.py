@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
+import sys
 import threading
 import time
 import warnings
@@ -67,9 +69,16 @@ class Hyper:
 
     @staticmethod
     def of(group: dict) -> "Hyper":
+        """From a torch param group (or its defaults)."""
         beta1, beta2 = group["betas"]
         return Hyper(float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
                      float(group["weight_decay"]))
+
+    @staticmethod
+    def of_config(cfg: "AdamW | Hyper") -> "Hyper":
+        if isinstance(cfg, Hyper):
+            return cfg
+        return Hyper(float(cfg.lr), float(cfg.betas[0]), float(cfg.betas[1]), float(cfg.eps), float(cfg.weight_decay))
 
 
 def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
@@ -80,7 +89,7 @@ def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
     Runs the native one-pass kernel where it was measured faster than torch's fused CPU AdamW, else torch's
     (``ratel.runtime.cpu_adam``); both give the same bits as ``torch.optim.AdamW(fused=True)``.
     """
-    hyper = cfg if isinstance(cfg, Hyper) else Hyper(cfg.lr, cfg.betas[0], cfg.betas[1], cfg.eps, cfg.weight_decay)
+    hyper = Hyper.of_config(cfg)
     return adamw_step(master, grad, exp_avg, exp_avg_sq, int(step.item()), lr=hyper.lr, beta1=hyper.beta1,
                       beta2=hyper.beta2, eps=hyper.eps, weight_decay=hyper.weight_decay, out=out,
                       num_threads=num_threads, grad_scale=grad_scale)
@@ -88,8 +97,6 @@ def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
 
 def _caller_outside_libraries() -> int:
     """The ``stacklevel`` of the first caller outside ratel and torch (the user's ``step()`` line)."""
-    import os
-    import sys
     libraries = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(torch.__file__))
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_code.co_filename.startswith(libraries):
@@ -106,7 +113,7 @@ class CPUOptimizer:
                ``model.parameters()``, the order ``clip_grad_norm_`` stacks per-parameter norms in
     """
 
-    def __init__(self, store, cfg: AdamW, ssd=None, *, segments: dict | None = None, accumulate: int = 1,
+    def __init__(self, store, cfg: AdamW | Hyper, ssd=None, *, segments: dict | None = None, accumulate: int = 1,
                  max_grad_norm: float | None = None, norm_order: tuple = ()):
         self.store = store
         self.ssd = ssd
@@ -115,7 +122,7 @@ class CPUOptimizer:
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         trainable = [g for g in store.groups if g.trainable]
         self.segments = segments or {g.index: ((0, g.numel, 0),) for g in trainable}
-        self.hypers: list[Hyper] = [Hyper(cfg.lr, cfg.betas[0], cfg.betas[1], cfg.eps, cfg.weight_decay)]
+        self.hypers: list[Hyper] = [Hyper.of_config(cfg)]
         self.norm_order = tuple(norm_order) or tuple((g.index, o, s) for g in trainable
                                                      for o, s in zip(g.offsets, g.shapes))
         # fp32 gradient sums across micro-batches (planned as "gradient accumulation" host memory)
@@ -245,9 +252,7 @@ class CPUOptimizer:
                             self._norms[g.index] = self._param_norms(g, self.acc[g.index])
                         self._clip_and_update(self.forward_order)
                     else:
-                        for g in self.forward_order:
-                            self._update(g, self.acc[g.index], 1.0)
-                            self._done[g.index].set()
+                        self._update_all(self.forward_order, 1.0)
             except BaseException as exc:  # noqa: BLE001 - surfaced on the training thread
                 self._error = exc
                 for event in self._done.values():
@@ -282,11 +287,7 @@ class CPUOptimizer:
 
     @staticmethod
     def _param_norms(group: ParamGroup, grad: torch.Tensor) -> list[torch.Tensor]:
-        norms = []
-        for shape, offset in zip(group.shapes, group.offsets):
-            n = math.prod(shape)
-            norms.append(torch.linalg.vector_norm(grad[offset:offset + n].view(shape), 2.0))
-        return norms
+        return [torch.linalg.vector_norm(view, 2.0) for view in group.views(grad)]
 
     def _clip_and_update(self, groups: list[ParamGroup]) -> None:
         """The total norm as ``clip_grad_norm_`` forms it, then every update with the clipped gradient."""
@@ -299,20 +300,28 @@ class CPUOptimizer:
         total = torch.linalg.vector_norm(torch.stack(norms), 2.0) if norms else torch.zeros(())
         self._norms.clear()
         self.grad_norm = float(total)
+        if math.isfinite(self.grad_norm):
+            self._update_all(groups, float(torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)))
+            return
+        self.skipped_steps += 1
+        self._skip_warning = (f"ratel: the gradient norm is {self.grad_norm}: this step is skipped, "
+                              "parameters and optimizer states are unchanged")
         try:
-            if not math.isfinite(self.grad_norm):
-                self.skipped_steps += 1
-                self._skip_warning = (f"ratel: the gradient norm is {self.grad_norm}: this step is skipped, "
-                                      "parameters and optimizer states are unchanged")
-                if self.ssd is not None:
-                    self.ssd.abandon_step()
-                return
-            coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
-            scale = float(coef)
-            recorder, step = self._recorder or (None, -1)
+            if self.ssd is not None:
+                self.ssd.abandon_step()
+        finally:
+            for g in groups:
+                self._done[g.index].set()
+
+    def _update_all(self, groups: list[ParamGroup], grad_scale: float) -> None:
+        """The updates that wait for the end of the cycle, in this order; each group is released to the next
+        forward as soon as it is done (all of them, whatever happens)."""
+        recorder, step = self._recorder or (None, -1)
+        try:
             for g in groups:
                 start = time.perf_counter()
-                self._update(g, self.acc[g.index] if self.accumulate > 1 else self.store.grad_staging[g.index], scale)
+                self._update(g, self.acc[g.index] if self.accumulate > 1 else self.store.grad_staging[g.index],
+                             grad_scale)
                 if recorder is not None:
                     recorder.cpu_span("optimizer", f"adamw {g.name}", step, start, time.perf_counter(), g.numel * 4)
                 self._done[g.index].set()
