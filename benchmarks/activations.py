@@ -45,7 +45,7 @@ def main():
     n_params = sum(q.numel() for q in model.parameters())
     batches = [int(b) for b in args.batches.split(",")]
     policies = args.policies.split(",")
-    hardware = ratel.HardwareProfile.detect("cuda")
+    hardware = ratel.detect_hardware("cuda")
     print(f"{card}: GPT {args.layers}L h={cfg.d_model} ({n_params / 1e9:.2f}B params, bf16), seq {args.seq}, "
           f"budget {args.budget}; hardware {hardware.gpu_tflops:.0f} TFLOP/s, H2D {hardware.h2d_gbps:.0f} GB/s, "
           f"CPU AdamW {hardware.cpu_adam_gparams:.1f} G/s", flush=True)
@@ -113,7 +113,7 @@ def main():
                     engine.step()
                     engine.profile = False
                     plot_timeline(engine.plan, engine.last_step, Path(args.profile_dir) / f"timeline_b{batch}_{policy}.png")
-                    print(engine.plan.summary(engine.last_step), file=open(Path(args.profile_dir) /
+                    print(ratel.summary(engine.plan, engine.last_step), file=open(Path(args.profile_dir) /
                                                                             f"summary_b{batch}_{policy}.txt", "w"))
         rows.append(row)
     engine.close()

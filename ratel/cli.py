@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _hardware(choice: str, device):
-    from ratel.hardware import HardwareProfile
+    from ratel.ir.hardware import HardwareProfile
     if choice == "h100":
         return HardwareProfile.h100()
     if choice == "cpu":
@@ -86,10 +86,11 @@ def _hardware(choice: str, device):
 def cmd_plan(args, out=sys.stdout) -> int:
     import torch
 
-    from ratel.api import Budget
+    from ratel.ir.budget import Budget, ssd_dirs
     from ratel.tools.bench import model_flops
     from ratel.tools.explain import explain, target_device, target_hardware
     from ratel.tools.presets import build_model, describe_preset, parse_dtype, preset_names, resolve
+    from ratel.tools.summary import plan_summary
 
     if args.list:
         for name in preset_names():
@@ -106,7 +107,6 @@ def cmd_plan(args, out=sys.stdout) -> int:
     hardware = target_hardware(device, _hardware(args.hardware, device))
     budget = Budget(gpu=args.budget, host=args.host, ssd=args.ssd, ssd_dir=args.ssd_dir)
     if args.ssd_dir:
-        from ratel.api import ssd_dirs
         for d in ssd_dirs(args.ssd_dir):
             if not Path(d).is_dir():   # planning for another machine is fine; saying nothing is not
                 print(f"note: --ssd-dir {d} is not a folder on this machine: the plan assumes it exists (and has "
@@ -123,7 +123,7 @@ def cmd_plan(args, out=sys.stdout) -> int:
         print(f"\nThe plan does not fit: {exc}\n(on the command line: --budget is the GPU budget; --host, --ssd "
               "and --ssd-dir set the other tiers)", file=out)
         return 2
-    print(plan.summary(), file=out)
+    print(plan_summary(plan), file=out)
     tokens = args.batch * args.seq
     flops = model_flops(n_params, spec.layers, spec.hidden, args.batch, args.seq)
     if plan.times.total:

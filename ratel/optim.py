@@ -19,7 +19,7 @@ from torch import nn
 
 from ratel.errors import RatelError
 from ratel.runtime.optimizer import AdamW, Hyper
-from ratel.trace import canonical_parameter_names
+from ratel.ir import canonical_parameter_names
 
 _HYPER_KEYS = ("lr", "betas", "eps", "weight_decay")
 

@@ -14,7 +14,9 @@ no module but sit between blocks to the block before them.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import linecache
+import math
 import re
 import sys
 import threading
@@ -28,7 +30,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from ratel.errors import TraceError
-from ratel.ir import META_UNIT, Unit
+from ratel.ir import META_UNIT, Unit, canonical_parameter_names
 
 PRE_UNIT = "embed"
 POST_UNIT = "head"
@@ -43,10 +45,7 @@ class ParamInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -81,15 +80,6 @@ class TracedModel:
             index = {p.name: p for p in self.param_info}
             object.__setattr__(self, "_index", index)
         return index
-
-
-def canonical_parameter_names(model: nn.Module) -> dict[str, str]:
-    """Every parameter name (tied aliases included) -> the first name under which it appears."""
-    first_name: dict[int, str] = {}
-    canonical: dict[str, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        canonical[name] = first_name.setdefault(id(param), name)
-    return canonical
 
 
 def _structure(module: nn.Module) -> tuple:
@@ -203,7 +193,7 @@ def _block_index(node: fx.Node, block_path: str) -> int | None:
     return None
 
 
-def _is_random(node: fx.Node) -> bool:
+def is_random(node: fx.Node) -> bool:
     """Whether the op draws random numbers (so the recomputed forward must replay the RNG)."""
     target = node.target
     if not isinstance(target, torch._ops.OpOverload):
@@ -260,7 +250,7 @@ def discover_units(gm: fx.GraphModule, block_path: str | None, num_blocks: int,
                     buffers.append(buffer_of[inp.name])
         kind = "pre" if name == PRE_UNIT else "post" if name == POST_UNIT else "block"
         units.append(Unit(index=index, name=name, kind=kind, params=tuple(params), buffers=tuple(buffers),
-                          has_random_ops=any(_is_random(n) for n in members)))
+                          has_random_ops=any(is_random(n) for n in members)))
     return tuple(units)
 
 
@@ -303,3 +293,23 @@ def trace_model(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Traced
                        params=tuple(param_of.items()), buffers=tuple(buffer_of.items()), constants=constants,
                        user_inputs=tuple(user_inputs), param_info=tuple(param_info.values()), units=units, block_path=block_path,
                        trace_device=str(_model_device(model)))
+
+
+def default_kwargs(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None) -> dict:
+    """Keywords of an example training call: ``labels`` defaults to the first input for models taking labels."""
+    params = inspect.signature(model.forward).parameters
+    kwargs = dict(example_kwargs or {})
+    if example_kwargs is None and "labels" in params and example_inputs:
+        kwargs["labels"] = example_inputs[0]
+    return kwargs
+
+
+def call_kwargs(model: nn.Module, kwargs: dict) -> dict:
+    """The keywords a call is traced and run with: transformers models without a KV cache, keys sorted so
+    the same call with keywords in another order is the same program."""
+    params = inspect.signature(model.forward).parameters
+    # A wrapper forwarding **kwargs to a transformers model (peft's PeftModel) takes use_cache too.
+    forwards_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()) and hasattr(
+        getattr(model, "config", None), "use_cache")
+    extra = {"use_cache": False} if "use_cache" in params or forwards_kwargs else {}
+    return dict(sorted({**extra, **kwargs}.items()))

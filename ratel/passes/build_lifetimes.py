@@ -1,4 +1,4 @@
-"""build_lifetimes: when every tensor of a training step is made and read, as a networkx graph.
+"""build_lifetimes: when every tensor of a training step is made and read.
 
 Stages:
   1. Group parameters: parameters of one dtype and trainability read by the same set of units share a flat
@@ -13,18 +13,18 @@ Stages:
                         consumer's forward, and again by each consumer's backward (the recompute).
      Views are already resolved to their base by annotate_shapes; boundary values are measured by value.
 
-The graph: nodes ``("step", i)`` and ``("tensor", name)``; an edge step->tensor means "makes", tensor->step
-"reads". Insertion order follows the timeline, so iteration is deterministic.
+Each record keeps the steps that make and read the tensor; ``first``/``last`` span them. Downstream:
+plan_placement places the groups and boundary values, insert_releases frees a GPU-kept activation at its
+``last`` read. Records are in timeline order, so iteration is deterministic.
 
 Before / after: the graph is unchanged; the ``Lifetimes`` analysis holds the records, e.g.
 ``Lifetime(tensor="act:embedding", kind="activation", nbytes=2048, first=0, last=6, tier=gpu)``.
 """
 from __future__ import annotations
 
-import networkx as nx
 import torch.fx as fx
 
-from ratel.ir import (META_TENSOR, META_UNIT_CALL, CostModel, Lifetime, Lifetimes, ParamGroup, Phase, Tier, UnitCall,
+from ratel.ir import (step_index, META_TENSOR, META_UNIT_CALL, CostModel, Lifetime, Lifetimes, ParamGroup, Tier, UnitCall,
                       timeline)
 from ratel.passes.manager import PassContext, PassResult, graph_pass
 
@@ -86,23 +86,14 @@ def boundary_values(gm: fx.GraphModule) -> dict[str, tuple[int, tuple[int, ...],
 def build_lifetimes(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     units = ctx.traced.units
     steps = timeline(len(units))
-    fwd_step = {s.unit: s.index for s in steps if s.phase == Phase.FWD}
-    bwd_step = {s.unit: s.index for s in steps if s.phase == Phase.BWD}
+    fwd_step, bwd_step = step_index(steps)
     groups = group_parameters(ctx.traced, units)
 
-    graph = nx.DiGraph()
-    for step in steps:
-        graph.add_node(("step", step.index), label=step.label(units))
     records: list[Lifetime] = []
 
     def add(tensor: str, kind: str, nbytes: int, makes: list[int], reads: list[int], tier: Tier) -> None:
-        graph.add_node(("tensor", tensor), kind=kind, nbytes=nbytes)
-        for s in makes:
-            graph.add_edge(("step", s), ("tensor", tensor), relation="makes")
-        for s in reads:
-            graph.add_edge(("tensor", tensor), ("step", s), relation="reads")
         span = makes + reads
-        records.append(Lifetime(tensor, kind, nbytes, min(span), max(span), tier))
+        records.append(Lifetime(tensor, kind, nbytes, min(span), max(span), tier, tuple(makes), tuple(reads)))
 
     for group in groups:
         uses = sorted([fwd_step[u] for u in group.users] + [bwd_step[u] for u in group.users])
@@ -127,5 +118,5 @@ def build_lifetimes(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 [bwd_step[cost.unit]], [], Tier.GPU)
 
     return PassResult(gm, modified=False,
-                      analysis=Lifetimes(steps=steps, groups=groups, records=tuple(records), graph=graph))
+                      analysis=Lifetimes(steps=steps, groups=groups, records=tuple(records)))
 

@@ -41,11 +41,11 @@ def canonicalize_graph(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     modified = False
     graphs = [m for m in gm.modules() if isinstance(m, fx.GraphModule)]   # bodies of higher-order ops too
     for module in graphs:
-        modified |= _canonicalize(module, source, target)
+        modified |= canonicalize(module, source, target)
     return PassResult(gm, modified)
 
 
-def _canonicalize(gm: fx.GraphModule, source: torch.device, target: torch.device) -> bool:
+def canonicalize(gm: fx.GraphModule, source: torch.device, target: torch.device) -> bool:
     modified = False
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _ASSERTS and not node.users:

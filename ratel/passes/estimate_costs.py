@@ -30,7 +30,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ratel.ir import (META_COST, META_TENSOR, META_UNIT_CALL, CostModel, NodeCost, PackRef, SavedValue, UnitCall,
                       UnitCost)
+from ratel.passes.canonicalize_graph import canonicalize
 from ratel.passes.manager import PassContext, PassResult, graph_pass
+from ratel.trace import is_random
 
 log = logging.getLogger("ratel.passes")
 aten = torch.ops.aten
@@ -74,7 +76,7 @@ def node_flops(node: fx.Node) -> NodeCost:
     return NodeCost(int(fwd), int(2 * fwd))
 
 
-def _fake_inputs(mode, metas, device, requires_grad):
+def _fake_inputs(metas, device, requires_grad):
     """Fake placeholders; ``requires_grad``: False, or one flag per placeholder (frozen parameters save
     less: autograd keeps nothing for a weight gradient nobody asks for)."""
     out = []
@@ -138,8 +140,7 @@ class UnitProfile:
 
 
 def _random_node(node: fx.Node) -> bool:
-    from ratel.trace import _is_random
-    return _is_random(node)
+    return is_random(node)
 
 
 def profile_unit(sub: fx.GraphModule, call: UnitCall, device: str,
@@ -167,12 +168,11 @@ def profile_unit(sub: fx.GraphModule, call: UnitCall, device: str,
     if fake_device != device:
         # Planning for a GPU this machine lacks: fake CUDA tensors cannot run autograd without CUDA, so the
         # unit is measured as CPU kernels would run it (its device arguments retargeted on a copy).
-        from ratel.passes.canonicalize_graph import _canonicalize
         sub = copy.deepcopy(sub)
         for module in [m for m in sub.modules() if isinstance(m, fx.GraphModule)]:
-            _canonicalize(module, torch.device(device), torch.device(fake_device))
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        args = _fake_inputs(mode, metas, fake_device, requires_grad=False)
+            canonicalize(module, torch.device(device), torch.device(fake_device))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        args = _fake_inputs(metas, fake_device, requires_grad=False)
         args = [a if a is not None else n.meta.get("val") for a, n in zip(args, placeholders)]
         storages = [StorageWeakRef(a.untyped_storage()) for a in args if isinstance(a, torch.Tensor)]
         with torch.no_grad(), PeakMemory(storages) as tracker:
@@ -181,7 +181,7 @@ def profile_unit(sub: fx.GraphModule, call: UnitCall, device: str,
         fwd_peak = tracker.peak
 
         # Forward with autograd, recording every saved tensor and which graph value owns its storage.
-        grad_args = _fake_inputs(mode, metas, fake_device, requires_grad=wants_grad)
+        grad_args = _fake_inputs(metas, fake_device, requires_grad=wants_grad)
         grad_args = [a if a is not None else n.meta.get("val") for a, n in zip(grad_args, placeholders)]
         leaves = [a for a in grad_args if isinstance(a, torch.Tensor) and a.requires_grad]
         owner: dict[StorageWeakRef, tuple[str, str]] = {}
@@ -244,7 +244,7 @@ def profile_unit(sub: fx.GraphModule, call: UnitCall, device: str,
         del outs
 
         # Recompute + backward, as a checkpointed unit runs it.
-        grad_args = _fake_inputs(mode, metas, fake_device, requires_grad=wants_grad)
+        grad_args = _fake_inputs(metas, fake_device, requires_grad=wants_grad)
         grad_args = [a if a is not None else n.meta.get("val") for a, n in zip(grad_args, placeholders)]
         leaves = [a for a in grad_args if isinstance(a, torch.Tensor) and a.requires_grad]
         input_storages = {StorageWeakRef(a.untyped_storage()) for a in grad_args if isinstance(a, torch.Tensor)}

@@ -20,21 +20,20 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ratel.ir import (META_PROVENANCE, META_TRANSFER, Lifetimes, Phase, PlacementPlan, Provenance, Schedule, Tier,
+from ratel.ir import (step_index, META_PROVENANCE, META_TRANSFER, Lifetimes, PlacementPlan, Provenance, Schedule, Tier, TransferKind as K, schedule_order,
                       Transfer)
 from ratel.passes.build_lifetimes import unit_calls
 from ratel.passes.manager import PassContext, PassResult, graph_pass
-from ratel.runtime import ops
+from ratel.ir import ops
 
 
-@graph_pass(requires=("analysis:Schedule",), ensures=("analysis:Schedule", "graph:releases"))
+@graph_pass(requires=("analysis:Lifetimes", "analysis:PlacementPlan", "analysis:Schedule"), ensures=("analysis:Schedule", "graph:releases"))
 def insert_releases(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     plan = ctx.get(PlacementPlan)
     lifetimes = ctx.get(Lifetimes)
     schedule = ctx.get(Schedule)
     units = ctx.traced.units
-    fwd = {s.unit: s.index for s in lifetimes.steps if s.phase == Phase.FWD}
-    bwd = {s.unit: s.index for s in lifetimes.steps if s.phase == Phase.BWD}
+    fwd, bwd = step_index(lifetimes.steps)
     graph = gm.graph
     runtime = next(n for n in graph.nodes if n.op == "placeholder" and n.name == "runtime")
     releases: list[Transfer] = []
@@ -49,8 +48,8 @@ def insert_releases(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 anchor.next.args[:1] == (call_node,) or
                 anchor.next.target in (ops.offload_activation, ops.keep_activation)):
             anchor = anchor.next
-        transfer = Transfer("release_params", call.name, plan.layouts[call.unit].nbytes, Tier.GPU, None,
-                            step=step, needed_by=step, slot=fetch.slot)
+        transfer = Transfer(K.RELEASE_PARAMS, call.name, plan.layouts[call.unit].nbytes, Tier.GPU, None,
+                            step=step, needed_by=step, slot=fetch.slot, unit=call.unit)
         releases.append(transfer)
         with graph.inserting_after(anchor):
             node = graph.call_function(ops.release_params, (runtime, call.name))
@@ -59,17 +58,17 @@ def insert_releases(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
     for fetch in plan.fetches:
         if fetch.last >= len(units):
-            releases.append(Transfer("release_params", units[fetch.unit].name, plan.layouts[fetch.unit].nbytes,
-                                     Tier.GPU, None, step=fetch.last, needed_by=fetch.last, slot=fetch.slot))
+            releases.append(Transfer(K.RELEASE_PARAMS, units[fetch.unit].name, plan.layouts[fetch.unit].nbytes,
+                                     Tier.GPU, None, step=fetch.last, needed_by=fetch.last, slot=fetch.slot,
+                                     unit=fetch.unit))
     for act in plan.activations:
-        last_read = bwd[min(act.consumers)]
+        last_read = lifetimes.get(f"act:{act.value}").last    # the backward of its earliest consumer
         if act.tier == Tier.GPU:
-            releases.append(Transfer("release_activation", act.value, act.nbytes, Tier.GPU, None,
-                                     step=last_read, needed_by=last_read))
+            releases.append(Transfer(K.RELEASE_ACTIVATION, act.value, act.nbytes, Tier.GPU, None,
+                                     step=last_read, needed_by=last_read, value=act.value))
         else:
             for consumer in sorted(act.consumers, reverse=True):
-                releases.append(Transfer("release_activation", act.value, act.nbytes, Tier.GPU, None,
-                                         step=bwd[consumer], needed_by=bwd[consumer]))
+                releases.append(Transfer(K.RELEASE_ACTIVATION, act.value, act.nbytes, Tier.GPU, None,
+                                         step=bwd[consumer], needed_by=bwd[consumer], value=act.value))
     gm.recompile()
-    ordered = sorted(schedule.transfers + tuple(releases), key=lambda t: t.step)
-    return PassResult(gm, modified=True, analysis=Schedule(transfers=tuple(ordered)))
+    return PassResult(gm, modified=True, analysis=Schedule(transfers=schedule_order(schedule.transfers + tuple(releases))))

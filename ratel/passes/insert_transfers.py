@@ -27,13 +27,16 @@ Before / after::
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch.fx as fx
 
-from ratel.ir import (META_PROVENANCE, META_TRANSFER, ActivationPlan, Lifetimes, Phase, PlacementPlan, Provenance,
-                      Schedule, Tier, Transfer)
+from ratel.ir import (step_index, META_PROVENANCE, META_TRANSFER, ActivationPlan, Lifetimes, Phase, PlacementPlan, Provenance,
+                      Schedule, Tier, Transfer, TransferKind as K, schedule_order)
+from ratel.ir.layout import SSD_STAGING_BUFFERS, ssd_state_bytes
 from ratel.passes.build_lifetimes import unit_calls
 from ratel.passes.manager import PassContext, PassResult, graph_pass
-from ratel.runtime import ops
+from ratel.ir import ops
 
 
 def _insert(graph: fx.Graph, fn, args, transfer: Transfer | None, reason: str) -> fx.Node:
@@ -62,28 +65,36 @@ def plan_transfers(ctx: PassContext, plan: PlacementPlan, lifetimes: Lifetimes,
     """Every movement of one step, in issue order (pure: plan_activations prices candidates with it)."""
     units = ctx.traced.units
     steps = lifetimes.steps
-    bwd = {s.unit: s.index for s in steps if s.phase == Phase.BWD}
+    bwd = step_index(steps)[1]
     num_units = len(units)
     out: list[Transfer] = []
+    ssd_reads = ssd_param_reads(ctx, lifetimes, plan)
     for step in steps:
         t = step.index
         unit = units[step.unit]
         for fetch in sorted((f for f in plan.fetches if f.issue == t), key=lambda f: f.first):
-            out.append(Transfer("fetch_params", units[fetch.unit].name, unit_bytes(plan, fetch.unit), Tier.HOST,
-                                Tier.GPU, step=t, needed_by=fetch.first, slot=fetch.slot))
+            # SSD-resident parameters: each residency's read is issued right after the previous fetch (the
+            # first with its own fetch), so the ring holds one read ahead.
+            k = plan.fetches.index(fetch)
+            if k == 0 and k in ssd_reads:
+                out.append(dataclasses.replace(ssd_reads[k], step=t))
+            out.append(Transfer(K.FETCH_PARAMS, units[fetch.unit].name, unit_bytes(plan, fetch.unit), Tier.HOST,
+                                Tier.GPU, step=t, needed_by=fetch.first, slot=fetch.slot, unit=fetch.unit))
+            if k + 1 in ssd_reads:
+                out.append(dataclasses.replace(ssd_reads[k + 1], step=t))
         if step.phase == Phase.FWD:
             for act in plan.activations:
                 if act.producer == step.unit and act.tier == Tier.HOST:
-                    out.append(Transfer("offload_activation", act.value, act.nbytes, Tier.GPU, Tier.HOST, step=t,
-                                        needed_by=bwd[min(act.consumers)]))
+                    out.append(Transfer(K.OFFLOAD_ACTIVATION, act.value, act.nbytes, Tier.GPU, Tier.HOST, step=t,
+                                        needed_by=bwd[min(act.consumers)], value=act.value))
             out.extend(_saved_out(acts, step.unit, unit.name, t, bwd[step.unit]))
             continue
         for act in plan.activations:
             if act.tier == Tier.HOST:
                 for consumer in act.consumers:
                     if max(bwd[consumer] - 1, num_units) == t:
-                        out.append(Transfer("fetch_activation", act.value, act.nbytes, Tier.HOST, Tier.GPU, step=t,
-                                            needed_by=bwd[consumer]))
+                        out.append(Transfer(K.FETCH_ACTIVATION, act.value, act.nbytes, Tier.HOST, Tier.GPU, step=t,
+                                            needed_by=bwd[consumer], value=act.value))
         # Saved values are read from SSD two steps ahead of their backward and fetched to the GPU one ahead.
         if t == num_units:
             out.extend(_saved_in(acts, step.unit, unit.name, t, t, fetch=True, read=True))
@@ -95,41 +106,45 @@ def plan_transfers(ctx: PassContext, plan: PlacementPlan, lifetimes: Lifetimes,
             out.extend(_saved_in(acts, step.unit - 2, units[step.unit - 2].name, t, t + 2, fetch=False, read=True))
         trainable = [g for g in lifetimes.groups if g.trainable and step.unit in g.users]
         if trainable:
-            out.append(Transfer("flush_grads", unit.name, sum(g.nbytes for g in trainable), Tier.GPU, Tier.HOST,
-                                step=t, needed_by=t))
+            out.append(Transfer(K.FLUSH_GRADS, unit.name, sum(g.nbytes for g in trainable), Tier.GPU, Tier.HOST,
+                                step=t, needed_by=t, unit=step.unit))
         for group in trainable:
             if group.update_unit == step.unit and not ctx.clip:
-                out.append(Transfer("optimizer_step", group.name, group.numel * 16, Tier.HOST, Tier.HOST, step=t,
-                                    needed_by=len(steps)))
+                out.append(_optimizer_step(group, t, len(steps)))
     if ctx.clip:
         # Clipping needs the global norm: every update waits for the last gradient, then runs in forward order.
         for group in sorted((g for g in lifetimes.groups if g.trainable), key=lambda g: (g.update_unit, g.index)):
-            out.append(Transfer("optimizer_step", group.name, group.numel * 16, Tier.HOST, Tier.HOST,
-                                step=len(steps) - 1, needed_by=len(steps)))
+            out.append(_optimizer_step(group, len(steps) - 1, len(steps)))
     out.extend(ssd_transfers(lifetimes, plan, bwd, len(steps), ctx.clip))
-    out.extend(ssd_param_transfers(ctx, lifetimes, plan, bwd, len(steps)))
-    return sorted(out, key=lambda t: t.step)
+    out.extend(ssd_param_writes(lifetimes, plan, bwd, len(steps)))
+    return list(schedule_order(out))
 
 
-def ssd_param_transfers(ctx, lifetimes: Lifetimes, plan: PlacementPlan, bwd: dict[int, int],
-                        num_steps: int) -> list[Transfer]:
-    """Parameter groups on SSD: read one residency ahead of their fetch, written back after their update."""
+def _optimizer_step(group, step: int, num_steps: int) -> Transfer:
+    # nbytes: the bytes one update moves through host memory (master, m, v read and written; 16 B/param)
+    return Transfer(K.OPTIMIZER_STEP, group.name, group.numel * 16, Tier.HOST, Tier.HOST, step=step,
+                    needed_by=num_steps, group=group.index, elements=group.numel)
+
+
+def ssd_param_reads(ctx, lifetimes: Lifetimes, plan: PlacementPlan) -> dict[int, Transfer]:
+    """Residency k -> the SSD read of its SSD-resident parameter groups (issued with the fetch before it)."""
     units = ctx.traced.units
     on_ssd = {g.index: g for g in lifetimes.groups if plan.param_tier_of(g.name) == Tier.SSD}
-    if not on_ssd:
-        return []
-    out = []
+    out = {}
     for k, fetch in enumerate(plan.fetches):
         groups = [on_ssd[i] for i in plan.layouts[fetch.unit].groups if i in on_ssd]
         if groups:
-            issue = plan.fetches[k - 1].issue if k else 0
-            out.append(Transfer("ssd_read_params", units[fetch.unit].name, sum(g.nbytes for g in groups), Tier.SSD,
-                                Tier.HOST, step=issue, needed_by=fetch.issue))
-    for g in on_ssd.values():
-        if g.trainable:
-            out.append(Transfer("ssd_write_params", g.name, g.nbytes, Tier.HOST, Tier.SSD, step=bwd[g.update_unit],
-                                needed_by=num_steps))
+            out[k] = Transfer(K.SSD_READ_PARAMS, units[fetch.unit].name, sum(g.nbytes for g in groups), Tier.SSD,
+                              Tier.HOST, step=0, needed_by=fetch.issue, slot=fetch.slot, unit=fetch.unit)
     return out
+
+
+def ssd_param_writes(lifetimes: Lifetimes, plan: PlacementPlan, bwd: dict[int, int],
+                     num_steps: int) -> list[Transfer]:
+    """Trainable parameter groups on SSD are written back after their update."""
+    return [Transfer(K.SSD_WRITE_PARAMS, g.name, g.nbytes, Tier.HOST, Tier.SSD, step=bwd[g.update_unit],
+                     needed_by=num_steps, group=g.index)
+            for g in lifetimes.groups if g.trainable and plan.param_tier_of(g.name) == Tier.SSD]
 
 
 def _saved_out(acts, unit: int, name: str, step: int, needed_by: int) -> list[Transfer]:
@@ -138,11 +153,11 @@ def _saved_out(acts, unit: int, name: str, step: int, needed_by: int) -> list[Tr
     out = []
     for d in acts.of(unit).decisions:
         if d.tier in (Tier.HOST, Tier.SSD):
-            out.append(Transfer("offload_saved", f"{name}/{d.key}", d.nbytes, Tier.GPU, Tier.HOST, step=step,
-                                needed_by=needed_by))
+            out.append(Transfer(K.OFFLOAD_SAVED, f"{name}/{d.key}", d.nbytes, Tier.GPU, Tier.HOST, step=step,
+                                needed_by=needed_by, unit=unit, value=d.key))
         if d.tier == Tier.SSD:
-            out.append(Transfer("ssd_write_saved", f"{name}/{d.key}", d.nbytes, Tier.HOST, Tier.SSD, step=step,
-                                needed_by=needed_by))
+            out.append(Transfer(K.SSD_WRITE_SAVED, f"{name}/{d.key}", d.nbytes, Tier.HOST, Tier.SSD, step=step,
+                                needed_by=needed_by, unit=unit, value=d.key))
     return out
 
 
@@ -152,21 +167,21 @@ def _saved_in(acts, unit: int, name: str, step: int, needed_by: int, fetch: bool
     out = []
     for d in acts.of(unit).decisions:
         if read and d.tier == Tier.SSD:
-            out.append(Transfer("ssd_read_saved", f"{name}/{d.key}", d.nbytes, Tier.SSD, Tier.HOST, step=step,
-                                needed_by=needed_by))
+            out.append(Transfer(K.SSD_READ_SAVED, f"{name}/{d.key}", d.nbytes, Tier.SSD, Tier.HOST, step=step,
+                                needed_by=needed_by, unit=unit, value=d.key))
         if fetch and d.tier in (Tier.HOST, Tier.SSD):
-            out.append(Transfer("fetch_saved", f"{name}/{d.key}", d.nbytes, Tier.HOST, Tier.GPU, step=step,
-                                needed_by=needed_by))
+            out.append(Transfer(K.FETCH_SAVED, f"{name}/{d.key}", d.nbytes, Tier.HOST, Tier.GPU, step=step,
+                                needed_by=needed_by, unit=unit, value=d.key))
     return out
 
 
-@graph_pass(requires=("analysis:PlacementPlan", "analysis:ActivationPlan"),
+@graph_pass(requires=("analysis:Lifetimes", "analysis:PlacementPlan", "analysis:ActivationPlan"),
             ensures=("analysis:Schedule", "graph:transfers"))
 def insert_transfers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     plan = ctx.get(PlacementPlan)
     lifetimes = ctx.get(Lifetimes)
     transfers = plan_transfers(ctx, plan, lifetimes, ctx.get(ActivationPlan))
-    fwd = {s.unit: s.index for s in lifetimes.steps if s.phase == Phase.FWD}
+    fwd = step_index(lifetimes.steps)[0]
     graph = gm.graph
     runtime = next(n for n in graph.nodes if n.op == "placeholder" and n.name == "runtime")
     values = {n.name: n for n in graph.nodes}
@@ -175,11 +190,11 @@ def insert_transfers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if act.producer < 0:
             with graph.inserting_before(calls[0][0]):
                 _insert(graph, ops.keep_activation, (runtime, act.value, values[act.value]), None, act.reason)
-    offloads = {t.subject: t for t in transfers if t.kind == "offload_activation"}
+    offloads = {t.subject: t for t in transfers if t.kind == K.OFFLOAD_ACTIVATION}
     for call_node, call in calls:
         step = fwd[call.unit]
         with graph.inserting_before(call_node):
-            for transfer in (t for t in transfers if t.step == step and t.kind == "fetch_params"):
+            for transfer in (t for t in transfers if t.step == step and t.kind == K.FETCH_PARAMS):
                 _insert(graph, ops.prefetch_params, (runtime, transfer.subject, transfer.slot), transfer,
                         "one residency ahead")
             _insert(graph, ops.wait_params, (runtime, call.name), None, "parameters needed now")
@@ -200,7 +215,6 @@ def ssd_transfers(lifetimes: Lifetimes, plan: PlacementPlan, bwd: dict[int, int]
     """Optimizer states on SSD, in update order: the first reads start with the forward, each later read when
     the update two groups earlier finishes (a ring of staging buffers), and each write-back after its update.
     With clipping every update runs after the backward, in forward order."""
-    from ratel.passes.plan_placement import SSD_STAGING_BUFFERS, ssd_state_bytes
     sign = 1 if clip else -1
     ssd = sorted((g for g in lifetimes.groups if g.trainable and plan.optimizer_tier_of(g.name) == Tier.SSD),
                  key=lambda g: (sign * g.update_unit, g.index))
@@ -209,8 +223,8 @@ def ssd_transfers(lifetimes: Lifetimes, plan: PlacementPlan, bwd: dict[int, int]
     for k, g in enumerate(ssd):
         update = num_steps - 1 if clip else bwd[g.update_unit]
         issue = 0 if k < ahead else (num_steps - 1 if clip else bwd[ssd[k - ahead].update_unit])
-        out.append(Transfer("ssd_read_states", g.name, ssd_state_bytes(g), Tier.SSD, Tier.HOST, step=issue,
-                            needed_by=update))
-        out.append(Transfer("ssd_write_states", g.name, ssd_state_bytes(g), Tier.HOST, Tier.SSD, step=update,
-                            needed_by=num_steps))
+        out.append(Transfer(K.SSD_READ_STATES, g.name, ssd_state_bytes(g), Tier.SSD, Tier.HOST, step=issue,
+                            needed_by=update, group=g.index))
+        out.append(Transfer(K.SSD_WRITE_STATES, g.name, ssd_state_bytes(g), Tier.HOST, Tier.SSD, step=update,
+                            needed_by=num_steps, group=g.index))
     return out

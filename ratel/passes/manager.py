@@ -3,7 +3,10 @@
 A pass is a function ``(gm, ctx) -> PassResult`` decorated with ``@graph_pass(requires=..., ensures=...)``.
 ``requires``/``ensures`` are symbolic facts ("meta:ratel.tensor", "analysis:Lifetimes", "graph:outlined");
 ``check_pipeline`` proves at build time that each pass's requirements are ensured by an earlier pass, so an
-ordering mistake fails when the pipeline is declared, not halfway through a compile.
+ordering mistake fails when the pipeline is declared, not halfway through a compile. While a pass runs, the
+manager checks that the declarations are true: every analysis the pass reads (``ctx.get``) is in its
+``requires``, and after it every "analysis:X" it ensures exists and every "meta:key" it ensures is on some
+node. Dumps after the schedule exists end with the whole schedule, forward and backward.
 
 Debug mode (``RATEL_DEBUG=1`` or ``PassContext.debug``) lints the graph and runs the plan invariants after
 every pass. ``RATEL_DUMP_DIR`` writes ``NNN_<pass>.py`` after every pass whose printed graph changed.
@@ -21,6 +24,8 @@ import torch
 import torch.fx as fx
 
 from ratel.errors import BudgetError, NodeError, PassError, PlanViolation, RatelError
+from ratel.ir import format_bytes
+from ratel.ir.printer import format_graph
 
 log = logging.getLogger("ratel.passes")
 
@@ -60,8 +65,11 @@ class PassContext:
                                   if os.environ.get("RATEL_DUMP_DIR") else None)
     analyses: dict[type, Any] = field(default_factory=dict)
     records: list[PassRecord] = field(default_factory=list)
+    reads: set[str] | None = field(default=None, repr=False)   # analyses read by the running pass
 
     def get(self, kind: type):
+        if self.reads is not None:
+            self.reads.add(f"analysis:{kind.__name__}")
         try:
             return self.analyses[kind]
         except KeyError:
@@ -94,6 +102,34 @@ def check_pipeline(pipeline: Sequence[PassFn], given: Sequence[str] = ()) -> Non
         facts.update(getattr(p, "ensures", ()))
 
 
+def check_declarations(p: PassFn, gm: fx.GraphModule, ctx: PassContext, reads: set[str]) -> None:
+    """The pass read only what it requires, and produced what it ensures."""
+    undeclared = sorted(reads - set(p.requires) - set(p.ensures))
+    if undeclared:
+        raise RatelError(f"pass {p.__name__} reads {undeclared} without declaring them in requires=")
+    present = {f"analysis:{kind.__name__}" for kind in ctx.analyses}
+    keys = {f"meta:{key}" for module in gm.modules() if isinstance(module, fx.GraphModule)
+            for node in module.graph.nodes for key in node.meta}   # unit graphs included
+    for fact in p.ensures:
+        if (fact.startswith("analysis:") and fact not in present) or (fact.startswith("meta:") and fact not in keys):
+            raise RatelError(f"pass {p.__name__} ensures {fact} but did not produce it")
+
+
+def format_schedule(ctx: PassContext) -> str:
+    """The whole schedule (forward and backward) once insert_transfers made it, one transfer a line."""
+    schedule = next((a for kind, a in ctx.analyses.items() if kind.__name__ == "Schedule"), None)
+    if schedule is None:
+        return ""
+    lines = ["", "# schedule: step stage kind subject bytes src->dst needed_by [slot] (dynamic: who issues it)"]
+    for t in schedule.transfers:
+        where = f"{t.src or '-'}->{t.dst or '-'}"
+        slot = f" slot={t.slot}" if t.slot is not None else ""
+        owner = f"  # dynamic: {t.kind.spec.dynamic}" if t.kind.dynamic else ""
+        lines.append(f"#   {t.step:3d} {t.kind.stage.name.lower():6s} {t.kind} {t.subject} {format_bytes(t.nbytes)} "
+                     f"{where} needed_by={t.needed_by}{slot}{owner}")
+    return "\n".join(lines) + "\n"
+
+
 class PassManager:
     def __init__(self, pipeline: Sequence[PassFn], verifiers: Sequence[Callable[[fx.GraphModule, PassContext], None]] = (),
                  given: Sequence[str] = ("meta:ratel.unit",)):
@@ -102,8 +138,6 @@ class PassManager:
         self.verifiers = list(verifiers)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-        from ratel.tools.printer import format_graph
-
         previous_dump = format_graph(gm) if ctx.dump_dir else None
         if ctx.dump_dir:
             ctx.dump_dir.mkdir(parents=True, exist_ok=True)
@@ -112,12 +146,17 @@ class PassManager:
             name = p.__name__
             start = time.perf_counter()
             try:
-                result = p(gm, ctx)
+                ctx.reads = set()
+                try:
+                    result = p(gm, ctx)
+                finally:
+                    reads, ctx.reads = ctx.reads, None
                 if not isinstance(result, PassResult):
                     raise RatelError(f"pass {name} returned {type(result).__name__}, not a PassResult")
                 gm = result.gm
                 if result.analysis is not None:
                     ctx.analyses[type(result.analysis)] = result.analysis
+                check_declarations(p, gm, ctx, reads)
                 if ctx.debug:
                     gm.graph.lint()
                     for verify in self.verifiers:
@@ -132,7 +171,7 @@ class PassManager:
             ctx.records.append(PassRecord(index, name, seconds, result.modified))
             log.debug("pass %02d %s: %.3fs%s", index, name, seconds, " (modified)" if result.modified else "")
             if ctx.dump_dir:
-                text = format_graph(gm)
+                text = format_graph(gm) + format_schedule(ctx)
                 if text != previous_dump:
                     (ctx.dump_dir / f"{index:03d}_{name}.py").write_text(text)
                     previous_dump = text

@@ -31,7 +31,7 @@ import torch.fx as fx
 from ratel.errors import NodeError
 from ratel.ir import META_PROVENANCE, META_TENSOR, META_UNIT, META_UNIT_CALL, Provenance, UnitCall
 from ratel.passes.manager import PassContext, PassResult, graph_pass
-from ratel.runtime.ops import run_unit
+from ratel.ir.ops import run_unit
 
 
 def unit_attr(name: str) -> str:

@@ -31,8 +31,11 @@ from ratel.ir import (META_TENSOR, ActivationPlan, CostModel, Lifetimes, Placeme
                       UnitActivations, format_bytes)
 from ratel.passes.build_lifetimes import unit_calls
 from ratel.passes.estimate_costs import node_flops
+from ratel.passes.insert_transfers import plan_transfers
 from ratel.passes.manager import PassContext, PassResult, graph_pass
-from ratel.passes.plan_placement import host_usage, uses_torch_adam
+from ratel.passes.simulate import predict_times, simulate_memory
+from ratel.trace import is_random
+from ratel.ir.layout import host_usage
 
 POLICIES = ("auto", "recompute", "keep", "host", "ssd", "selective")
 
@@ -51,7 +54,6 @@ def node_seconds(node: fx.Node, hw) -> float:
 def recompute_closure(sub: fx.GraphModule, key: str, stored: set[str]) -> list[fx.Node] | None:
     """Nodes to run again to rebuild value ``key`` when ``stored`` values are available; None if a random op
     (or anything not a function call) would have to run again."""
-    from ratel.trace import _is_random
     nodes = {n.name: n for n in sub.graph.nodes}
     if key not in nodes:
         return None
@@ -61,7 +63,7 @@ def recompute_closure(sub: fx.GraphModule, key: str, stored: set[str]) -> list[f
         node = stack.pop()
         if node.name in needed:
             continue
-        if node.op != "call_function" or _is_random(node):
+        if node.op != "call_function" or is_random(node):
             return None
         needed[node.name] = node
         for inp in node.all_input_nodes:
@@ -123,10 +125,8 @@ def _fixed(policy: str, costs: CostModel, subs, hw, ssd_ok: bool) -> ActivationP
     return ActivationPlan(policy=policy, units=tuple(units))
 
 
-@graph_pass(requires=("analysis:PlacementPlan", "analysis:CostModel"), ensures=("analysis:ActivationPlan",))
+@graph_pass(requires=("analysis:Lifetimes", "analysis:PlacementPlan", "analysis:CostModel"), ensures=("analysis:ActivationPlan",))
 def plan_activations(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    from ratel.passes.insert_transfers import plan_transfers
-    from ratel.passes.simulate import predict_times, simulate_memory
 
     policy = ctx.activation_policy
     if policy not in POLICIES:
@@ -159,7 +159,7 @@ def plan_activations(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     base_plan = _plan(costs, subs, hw, everything_host)
     gpu_free = int(ctx.budget.gpu) - (simulate_memory(gm, ctx, base_plan).gpu_peak if base_plan else 0)
     host_fixed = sum(b for _, b in host_usage(lifetimes.groups, dict(placement.optimizer_tier),
-                                              placement.activations, uses_torch_adam(), dict(placement.param_tier),
+                                              placement.activations, ctx.hardware.torch_cpu_adam, dict(placement.param_tier),
                                               accumulate=ctx.accumulate))
     host_free = max(0, int(ctx.budget.host) - host_fixed)
 

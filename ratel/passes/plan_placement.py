@@ -36,67 +36,9 @@ import torch
 
 from ratel.ir import (META_ACTIVATION, ActivationPlacement, Lifetimes, ParamFetch, PlacementPlan,
                       SlotLayout, Tier)
+from ratel.ir.layout import SLOT_ALIGN, host_usage, round_up
 from ratel.passes.build_lifetimes import boundary_values
 from ratel.passes.manager import PassContext, PassResult, graph_pass
-
-SLOT_ALIGN = 256
-PAGE = 4096
-SSD_STAGING_BUFFERS = 3   # one being read, one being updated, one being written back
-SSD_PARAM_BUFFERS = 4     # parameter groups on SSD: two read ahead, one copying to the GPU, one written back
-
-
-def _page(n: int) -> int:
-    return (n + PAGE - 1) // PAGE * PAGE
-
-
-def ssd_state_bytes(group) -> int:
-    """Bytes of a group's optimizer state on SSD: exp_avg and exp_avg_sq, plus the fp32 master unless the
-    group computes in fp32 (then the master is its compute copy and stays in host memory)."""
-    return group.numel * 4 * (2 if group.dtype == torch.float32 else 3)
-
-
-def host_usage(groups, optimizer_tier: dict[str, Tier], activations, torch_adam: bool,
-               param_tier: dict[str, Tier] | None = None, accumulate: int = 1) -> tuple[tuple[str, int], ...]:
-    """Every host buffer the runtime allocates for this placement, by name (pinned and pageable)."""
-    param_tier = param_tier or {}
-    if accumulate > 1:   # fp32 sums of the micro-batches' gradients, as p.grad accumulates them
-        usage = [(f"gradient accumulation (fp32):{g.name}", g.numel * 4) for g in groups if g.trainable]
-    else:
-        usage = []
-    for g in groups:
-        params_on_ssd = param_tier.get(g.name) == Tier.SSD
-        if not g.trainable:
-            if not params_on_ssd:
-                usage.append((f"frozen parameters:{g.name}", _page(g.nbytes)))
-            continue
-        on_host = optimizer_tier[g.name] == Tier.HOST
-        if g.dtype == torch.float32:
-            usage.append((f"fp32 master (compute copy):{g.name}", _page(g.nbytes)))
-            if on_host:
-                usage.append((f"adam states:{g.name}", g.numel * 8))
-        else:
-            if not params_on_ssd:
-                usage.append((f"compute copy:{g.name}", _page(g.nbytes)))
-            if on_host:
-                usage.append((f"fp32 master + adam states:{g.name}", g.numel * 12))
-        usage.append((f"gradient staging:{g.name}", _page(g.nbytes)))
-    ssd_params = [g for g in groups if param_tier.get(g.name) == Tier.SSD]
-    if ssd_params:
-        usage.append(("parameter SSD staging", SSD_PARAM_BUFFERS * (max(_page(g.nbytes) for g in ssd_params) + PAGE)))
-    if torch_adam:   # torch's fused AdamW needs the gradient in fp32; the native kernel reads it as it is
-        scratch = max((g.numel * 4 for g in groups if g.trainable and g.dtype != torch.float32), default=0)
-        if scratch:
-            usage.append(("fp32 gradient scratch", scratch))
-    ssd = [g for g in groups if g.trainable and optimizer_tier[g.name] == Tier.SSD]
-    if ssd:
-        biggest = max(_page(ssd_state_bytes(g)) + PAGE for g in ssd)
-        usage.append(("SSD staging buffers", min(SSD_STAGING_BUFFERS, len(ssd)) * biggest))
-    pool = sum(_page(a.nbytes) + PAGE for a in activations if a.tier == Tier.HOST)
-    if pool:
-        usage.append(("activation pool", pool + PAGE))
-    usage.append(("pinned pool alignment", PAGE))
-    return tuple(usage)
-
 
 def optimizer_tiers(groups, activations, budget, torch_adam: bool, accumulate: int = 1) -> dict[str, Tier]:
     """Optimizer states on the host while they fit, the rest on SSD.
@@ -140,10 +82,6 @@ def param_tiers(groups, optimizer_tier: dict[str, Tier], activations, budget, to
     return tiers
 
 
-def _align(n: int) -> int:
-    return (n + SLOT_ALIGN - 1) // SLOT_ALIGN * SLOT_ALIGN
-
-
 def activation_tier(producer: int, consumers: tuple[int, ...], nbytes: int, num_units: int,
                     min_offload_bytes: int) -> tuple[Tier, str]:
     if producer < 0:
@@ -178,7 +116,7 @@ def slot_layouts(units, groups) -> tuple[SlotLayout, ...]:
         offsets, total = [], 0
         for g in members:
             offsets.append(total)
-            total = _align(total + g.nbytes)
+            total = round_up(total + g.nbytes, SLOT_ALIGN)
         layouts.append(SlotLayout(unit=unit.index, groups=tuple(g.index for g in members),
                                   byte_offsets=tuple(offsets), nbytes=total))
     return tuple(layouts)
@@ -201,8 +139,8 @@ def plan_placement(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         activations.append(record)
 
     layouts = slot_layouts(units, lifetimes.groups)
-    tiers = optimizer_tiers(lifetimes.groups, activations, ctx.budget, uses_torch_adam(), ctx.accumulate)
-    params = param_tiers(lifetimes.groups, tiers, activations, ctx.budget, uses_torch_adam(), ctx.accumulate)
+    tiers = optimizer_tiers(lifetimes.groups, activations, ctx.budget, ctx.hardware.torch_cpu_adam, ctx.accumulate)
+    params = param_tiers(lifetimes.groups, tiers, activations, ctx.budget, ctx.hardware.torch_cpu_adam, ctx.accumulate)
     plan = PlacementPlan(
         param_tier=tuple((g.name, params[g.name]) for g in lifetimes.groups),
         optimizer_tier=tuple((g.name, tiers[g.name]) for g in lifetimes.groups if g.trainable),
@@ -213,8 +151,3 @@ def plan_placement(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         slot_bytes=max((layout.nbytes for layout in layouts), default=0),
     )
     return PassResult(gm, modified=False, analysis=plan)
-
-
-def uses_torch_adam() -> bool:
-    from ratel.runtime.cpu_adam import _auto_backend
-    return _auto_backend() == "torch"

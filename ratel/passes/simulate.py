@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ratel.ir import (META_TENSOR, ActivationPlan, CostModel, Lifetimes, MemoryProfile, Phase, PlacementPlan, Span,
+from ratel.ir import (step_index, TransferKind as K, META_TENSOR, ActivationPlan, CostModel, Lifetimes, MemoryProfile, Phase, PlacementPlan, Span,
                       StepMemory, StepTime, Tier, TimeProfile)
 from ratel.passes.build_lifetimes import boundary_values, unit_calls
 from ratel.passes.manager import PassContext
-from ratel.passes.plan_placement import host_usage, ssd_state_bytes, uses_torch_adam
+from ratel.ir.layout import host_usage, saved_host_bytes, ssd_state_bytes
 
 
 def _user_outputs(gm: fx.GraphModule, boundary: dict) -> list[tuple[str, int]]:
@@ -59,8 +59,7 @@ def simulate_memory(gm: fx.GraphModule, ctx: PassContext, acts: ActivationPlan |
     lifetimes = ctx.get(Lifetimes)
     costs = {c.unit: c for c in ctx.get(CostModel).units}
     steps = lifetimes.steps
-    fwd = {s.unit: s.index for s in steps if s.phase == Phase.FWD}
-    bwd = {s.unit: s.index for s in steps if s.phase == Phase.BWD}
+    fwd, bwd = step_index(steps)
     boundary = boundary_values(gm)
     ring = placement.depth * placement.slot_bytes
     resident = resident_buffer_bytes(gm)
@@ -106,13 +105,12 @@ def simulate_memory(gm: fx.GraphModule, ctx: PassContext, acts: ActivationPlan |
         profile.append(StepMemory(step=t, gpu=sum(b for _, b in parts), breakdown=parts))
     peak = max(profile, key=lambda s: s.gpu)
 
-    host = host_usage(lifetimes.groups, dict(placement.optimizer_tier), placement.activations, uses_torch_adam(),
+    host = host_usage(lifetimes.groups, dict(placement.optimizer_tier), placement.activations, ctx.hardware.torch_cpu_adam,
                       dict(placement.param_tier), accumulate=ctx.accumulate)
     ssd_total = sum(ssd_state_bytes(g) for g in lifetimes.groups
                     if g.trainable and placement.optimizer_tier_of(g.name) == Tier.SSD)
     ssd_total += sum(g.nbytes for g in lifetimes.groups if placement.param_tier_of(g.name) == Tier.SSD)
     if acts is not None:
-        from ratel.runtime.saved import saved_host_bytes
         swapped, staging = saved_host_bytes(acts)
         if swapped:
             host = host + (("saved activations (pinned)", swapped),)
@@ -123,8 +121,18 @@ def simulate_memory(gm: fx.GraphModule, ctx: PassContext, acts: ActivationPlan |
                          host_bytes=host, host_total=sum(b for _, b in host), ssd_total=ssd_total)
 
 
-H2D_KINDS = ("fetch_params", "fetch_activation", "fetch_saved")
-D2H_KINDS = ("offload_activation", "flush_grads", "offload_saved")
+# What each transfer kind moves, so that dependencies match like with like (a unit and a group share names).
+_MOVES = {K.FETCH_PARAMS: "params", K.SSD_READ_PARAMS: "params", K.SSD_WRITE_PARAMS: "params",
+          K.OFFLOAD_ACTIVATION: "activation", K.FETCH_ACTIVATION: "activation",
+          K.OFFLOAD_SAVED: "saved", K.SSD_WRITE_SAVED: "saved", K.SSD_READ_SAVED: "saved", K.FETCH_SAVED: "saved",
+          K.FLUSH_GRADS: "grads", K.OPTIMIZER_STEP: "states", K.SSD_READ_STATES: "states",
+          K.SSD_WRITE_STATES: "states"}
+_H2D_LABEL = {K.FETCH_PARAMS: "params", K.FETCH_ACTIVATION: "activation", K.FETCH_SAVED: "saved"}
+_D2H_LABEL = {K.OFFLOAD_ACTIVATION: "offload", K.FLUSH_GRADS: "flush", K.OFFLOAD_SAVED: "offload"}
+
+
+def what(kind: K) -> str:
+    return _MOVES[kind]
 
 
 def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = None) -> TimeProfile:
@@ -143,17 +151,10 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
     by_step: dict[int, list] = {}
     for t in transfers:
         by_step.setdefault(t.step, []).append(t)
-    arrived: dict[tuple[str, str, int], float] = {}   # (kind, subject, needed_by) -> when the copy lands
-    went_out: dict[tuple[str, str], float] = {}        # (what, subject) -> when its copy out / update / write ended
-    read_done: dict[tuple[str, str], float] = {}       # (what, subject) -> when its SSD read ended
-    grads_out: dict[str, float] = {}                   # unit name -> when its gradients landed on the host
-
-    def what(kind: str) -> str:
-        """What a transfer moves, so dependencies match like with like (a unit and a group share names)."""
-        for family in ("params", "states", "saved", "activation"):
-            if kind.endswith(family) or kind.endswith(family + "s"):
-                return family
-        return "states" if kind == "optimizer_step" else "saved" if kind == "offload_saved" else kind
+    arrived: dict[tuple, float] = {}        # (kind, subject, needed_by) -> when the copy lands
+    went_out: dict[tuple, float] = {}       # (what, subject) -> when its copy out / update / write ended
+    read_done: dict[tuple, float] = {}      # (what, subject) -> when its SSD read ended
+    grads_out: dict[str, float] = {}        # unit name -> when its gradients landed on the host
     spans = []
     times = []
     gpu = h2d_lane = d2h_lane = ssd_lane = optimizer_lane = 0.0
@@ -178,7 +179,7 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
         issue = gpu
         h2d = d2h = ssd = opt = 0.0
         for tr in at:      # SSD reads and host-to-GPU copies are issued as the step begins
-            if tr.kind in ("ssd_read_states", "ssd_read_saved", "ssd_read_params"):
+            if tr.lane == "ssd" and tr.kind.spec.dst == Tier.HOST:
                 seconds = tr.nbytes / (hw.ssd_read_gbps * 1e9)
                 key = (what(tr.kind), tr.subject)
                 ssd_lane = run(ssd_lane, max(issue, went_out.get(key, 0.0)), seconds, "ssd",
@@ -186,11 +187,11 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
                 read_done[key] = ssd_lane
                 ssd += seconds
         for tr in at:
-            if tr.kind in H2D_KINDS:
+            if tr.lane == "h2d":
                 seconds = tr.nbytes / (hw.h2d_gbps * 1e9)
                 key = (what(tr.kind), tr.subject)
                 ready = max(issue, went_out.get(key, 0.0), read_done.get(key, 0.0))
-                h2d_lane = run(h2d_lane, ready, seconds, "h2d", f"{tr.kind.split('_')[1]} {tr.subject}", t,
+                h2d_lane = run(h2d_lane, ready, seconds, "h2d", f"{_H2D_LABEL[tr.kind]} {tr.subject}", t,
                                tr.nbytes)
                 arrived[(tr.kind, tr.subject, tr.needed_by)] = h2d_lane
                 h2d += seconds
@@ -198,16 +199,16 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
         start = max([gpu] + needed)
         gpu = run(start, start, compute, "compute", f"{step.phase} {units[step.unit].name}", t, 0)
         for tr in at:      # copies out take what this step's compute produced
-            if tr.kind in D2H_KINDS:
+            if tr.lane == "d2h":
                 seconds = tr.nbytes / (hw.d2h_gbps * 1e9)
-                d2h_lane = run(d2h_lane, gpu, seconds, "d2h", f"{tr.kind.split('_')[0]} {tr.subject}", t, tr.nbytes)
+                d2h_lane = run(d2h_lane, gpu, seconds, "d2h", f"{_D2H_LABEL[tr.kind]} {tr.subject}", t, tr.nbytes)
                 went_out[(what(tr.kind), tr.subject)] = d2h_lane
-                if tr.kind == "flush_grads":
+                if tr.kind == K.FLUSH_GRADS:
                     grads_out[tr.subject] = d2h_lane
                 d2h += seconds
         for tr in at:
-            if tr.kind == "optimizer_step":
-                seconds = tr.nbytes / 16 / (hw.cpu_adam_gparams * 1e9)
+            if tr.kind == K.OPTIMIZER_STEP:
+                seconds = tr.elements / (hw.cpu_adam_gparams * 1e9)
                 ready = max(grads_out.get(units[step.unit].name, gpu), read_done.get(("states", tr.subject), 0.0))
                 optimizer_lane = run(optimizer_lane, ready, seconds, "optimizer", f"adamw {tr.subject}", t,
                                      tr.nbytes)
@@ -215,7 +216,7 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
                 went_out[("params", tr.subject)] = optimizer_lane
                 opt += seconds
         for tr in at:
-            if tr.kind in ("ssd_write_states", "ssd_write_saved", "ssd_write_params"):
+            if tr.lane == "ssd" and tr.kind.spec.src == Tier.HOST:
                 seconds = tr.nbytes / (hw.ssd_write_gbps * 1e9)
                 ssd_lane = run(ssd_lane, went_out.get((what(tr.kind), tr.subject), gpu), seconds, "ssd",
                                f"write {tr.subject}", t, tr.nbytes)

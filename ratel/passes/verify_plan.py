@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ratel.errors import BudgetError, PlanViolation
-from ratel.ir import ActivationPlan, CostModel, Lifetimes, MemoryProfile, Phase, Plan, PlacementPlan, Schedule, Tier, format_bytes
+from ratel.ir import step_index, ActivationPlan, CostModel, Lifetimes, MemoryProfile, Plan, PlacementPlan, Schedule, Tier, format_bytes
 from ratel.passes.manager import PassContext, PassResult, graph_pass
 from ratel.passes.simulate import predict_times, simulate_memory
-from ratel.runtime import ops
+from ratel.ir import ops
 
 
 def check_plan_invariants(gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -60,7 +60,7 @@ def check_plan_invariants(gm: fx.GraphModule, ctx: PassContext) -> None:
             occupied.pop(slot_of.pop(unit), None)
     placement = ctx.get(PlacementPlan)
     lifetimes = ctx.get(Lifetimes)
-    bwd = {s.unit: s.index for s in lifetimes.steps if s.phase == Phase.BWD}
+    bwd = step_index(lifetimes.steps)[1]
     fetched = {(t.subject, t.needed_by) for t in schedule.transfers if t.kind == "fetch_activation"}
     for act in placement.activations:
         if act.tier != Tier.HOST:
@@ -86,7 +86,7 @@ def _budget_message(ctx: PassContext, memory: MemoryProfile, budget: int) -> str
             "or lower the batch size or sequence length to shrink the activations.")
 
 
-@graph_pass(requires=("analysis:Schedule", "analysis:CostModel"), ensures=("analysis:Plan",))
+@graph_pass(requires=("analysis:Lifetimes", "analysis:PlacementPlan", "analysis:Schedule", "analysis:CostModel"), ensures=("analysis:Plan",))
 def verify_plan(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     check_plan_invariants(gm, ctx)
     memory = simulate_memory(gm, ctx)

@@ -24,12 +24,13 @@ import torch
 import torch.fx as fx
 
 from ratel.errors import RatelError
-from ratel.ir import META_UNIT_CALL, Phase, Plan, UnitCall
+from ratel.ir import META_TRANSFER, META_UNIT_CALL, Plan, Stage, TransferKind as K, UnitCall, step_index
 from ratel.runtime.activations import ActivationStore
 from ratel.runtime.memory import Lanes
 from ratel.runtime.optimizer import CPUOptimizer
 from ratel.runtime.param_store import ParamStore
 from ratel.runtime.saved import SavedActivations
+from ratel.runtime.schedule import ScheduleExecutor
 
 log = logging.getLogger("ratel.runtime")
 
@@ -90,9 +91,7 @@ class Runtime:
                 self.calls[call.unit] = call
                 self.unit_index[call.name] = call.unit
         self.modules = {u: getattr(gm, c.module) for u, c in self.calls.items()}
-        self.bwd_step = {s.unit: s.index for s in plan.steps if s.phase == Phase.BWD}
-        self.transfers_at = {s.index: plan.transfers_at(s.index) for s in plan.steps}
-        self.fetch_by_unit_first = {(f.unit, f.first): f for f in plan.placement.fetches}
+        self.bwd_step = step_index(plan.steps)[1]
         self.generation = 0
         self._slot_of: dict[int, int] = {}
         self._ready: dict[int, Any] = {}
@@ -101,16 +100,35 @@ class Runtime:
         self._grad_buffers: dict[int, torch.Tensor] = {}
         self._anchor = torch.zeros((), requires_grad=True)
         self.pending_backward = False
-        self.fwd_step = {s.unit: s.index for s in plan.steps if s.phase == Phase.FWD}
+        self.fwd_step = step_index(plan.steps)[0]
         self.recorder = None
         self._step = -1
-        self._fetch_cursor = 0
+        self._flushed: dict[int, tuple] = {}      # group -> (D2H copy event, per-parameter norms)
+        index_of = {t: i for i, t in enumerate(plan.transfers)}
+        graph_bound = {index_of[n.meta[META_TRANSFER]] for n in gm.graph.nodes
+                       if n.meta.get(META_TRANSFER) in index_of}
+        self.schedule = ScheduleExecutor(plan, {
+            K.FETCH_PARAMS: lambda t: self._fetch_params(t.unit, t.slot),
+            K.RELEASE_PARAMS: lambda t: self._release_params(t.unit),
+            K.SSD_READ_PARAMS: self._read_params_from_ssd,
+            K.OFFLOAD_ACTIVATION: lambda t, value: self.activations.offload(t.value, value)
+            if torch.is_grad_enabled() else None,
+            K.FETCH_ACTIVATION: lambda t: self.activations.fetch(t.value),
+            K.RELEASE_ACTIVATION: lambda t: self.activations.release(t.value),
+            K.SSD_READ_SAVED: lambda t: self.saved.read_ahead(t.unit),     # per unit: the first of its values
+            K.FETCH_SAVED: lambda t: self.saved.fetch(t.unit),
+            K.FLUSH_GRADS: lambda t: self._flush_grads(t.unit),
+            K.OPTIMIZER_STEP: self._optimizer_step,
+        }, graph_bound)
+        self.saved.schedule = self.schedule
 
     # ------------------------------------------------------------------ forward ops (called by the graph)
     def begin(self, recorder=None) -> None:
         """Start a forward: drop whatever an unfinished previous step left behind."""
         self.recorder = recorder
-        self._fetch_cursor = 0
+        self.schedule.begin()
+        self._flushed.clear()
+        self._attach_schedule()
         self.activations.recorder = recorder
         self.saved.recorder = recorder
         self.saved.clear()
@@ -135,8 +153,18 @@ class Runtime:
     def _span(self, lane: str, label: str):
         return self.recorder.span(lane, label, self._step) if self.recorder is not None else contextlib.nullcontext()
 
+    def _attach_schedule(self) -> None:
+        """The owners of dynamic transfers (shared by every program) report to this program's executor."""
+        for owner in (self.optimizer, self.store.ssd):
+            if owner is not None:
+                owner.schedule = self.schedule
+
     def prefetch_params(self, unit: str | int, slot: int) -> None:
+        """The graph's ``ratel.prefetch_params`` node: the schedule issues it (and what comes before it)."""
         index = self.unit_index[unit] if isinstance(unit, str) else unit
+        self.schedule.run_through(K.FETCH_PARAMS, unit=index)
+
+    def _fetch_params(self, index: int, slot: int) -> None:
         if self._slot_of.get(index) == slot:
             return
         for group, view in self.store.slot_group_views(index, slot):
@@ -154,21 +182,14 @@ class Runtime:
             free = None
         self._slot_of[index] = slot
         self._ready[index] = ready
-        self._read_ahead_after(index, slot)
 
-    def _read_ahead_after(self, unit: int, slot: int) -> None:
-        """Start reading from SSD the parameter groups of the residency after this one."""
-        if self.store.ssd_params is None:
-            return
-        fetches = self.plan.placement.fetches
-        for k, fetch in enumerate(fetches[self._fetch_cursor:], start=self._fetch_cursor):
-            if fetch.unit == unit and fetch.slot == slot:
-                self._fetch_cursor = k + 1
-                if k + 1 < len(fetches):
-                    for group, _ in self.store.slot_group_views(fetches[k + 1].unit, fetches[k + 1].slot):
-                        if self.store.params_on_ssd(group):
-                            self.store.ssd_params.read_ahead(group)
-                return
+    def _read_params_from_ssd(self, t) -> None:
+        """Start reading a residency's SSD-resident parameter groups into the staging ring."""
+        if self._slot_of.get(t.unit) == t.slot:
+            return    # still resident in that slot: its fetch will not copy, so nothing to stage
+        for group, _ in self.store.slot_group_views(t.unit, t.slot):
+            if self.store.params_on_ssd(group):
+                self.store.ssd_params.read_ahead(group)
 
     def wait_params(self, unit: str | int) -> None:
         index = self.unit_index[unit] if isinstance(unit, str) else unit
@@ -177,13 +198,17 @@ class Runtime:
         self.lanes.wait_compute(self._ready.pop(index, None))
 
     def release_params(self, unit: str | int) -> None:
+        """The graph's ``ratel.release_params`` node."""
         index = self.unit_index[unit] if isinstance(unit, str) else unit
+        self.schedule.run_through(K.RELEASE_PARAMS, unit=index)
+
+    def _release_params(self, index: int) -> None:
         slot = self._slot_of.pop(index)
         self._slot_free[slot] = self.lanes.event()
 
     def offload_activation(self, name: str, value) -> None:
-        if torch.is_grad_enabled():
-            self.activations.offload(name, value)
+        """The graph's ``ratel.offload_activation`` node (a no-op without autograd: nothing will read it)."""
+        self.schedule.run_through(K.OFFLOAD_ACTIVATION, value, value=name)
 
     def keep_activation(self, name: str, value) -> None:
         if torch.is_grad_enabled():
@@ -212,6 +237,7 @@ class Runtime:
 
     def forward_unit(self, index: int, inputs: tuple):
         self._set_step(self.fwd_step[index])
+        self.schedule.run_until(self._step, Stage.BEFORE)
         if self.pending_backward and self._saved_mode(index):
             cost = self.plan.costs.units[index]
             with self._span("compute", f"fwd {self.calls[index].name}"):
@@ -228,7 +254,7 @@ class Runtime:
     def backward_unit(self, index: int, grad_outputs: tuple) -> list[torch.Tensor | None]:
         step = self.bwd_step[index]
         self._set_step(step)
-        self._run_transfers(step, before=True)
+        self.schedule.run_until(step, Stage.DURING)
         call = self.calls[index]
         if index in self._ready:
             self.wait_params(index)
@@ -265,8 +291,7 @@ class Runtime:
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], inputs=wrt)
         input_grads = [x.grad if isinstance(x, torch.Tensor) and x.requires_grad else None for x in leaves]
         del outputs, pairs, param_leaves, wrt
-        self._flush_grads(index)
-        self._run_transfers(step, before=False)
+        self.schedule.run_until(step, Stage.AFTER)     # gradients out, updates, releases
         if index == 0:
             self.pending_backward = False
         return input_grads
@@ -292,11 +317,9 @@ class Runtime:
             if pairs and (input_wrt or param_wrt):
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], inputs=input_wrt + param_wrt)
         input_grads = [x.grad if isinstance(x, torch.Tensor) and x.requires_grad else None for x in run.input_leaves]
-        grads = None
-        del grads, pairs, run
+        del pairs, run
         self.saved.release(index)
-        self._flush_grads(index)
-        self._run_transfers(step, before=False)
+        self.schedule.run_until(step, Stage.AFTER)
         if index == 0:
             self.pending_backward = False
         return input_grads
@@ -314,7 +337,8 @@ class Runtime:
         return views
 
     def _flush_grads(self, index: int) -> None:
-        """Send every group whose gradient is now complete to the host and on to the CPU optimizer."""
+        """Copy every group whose gradient is now complete to the host. Updates that wait for the whole
+        gradient (clipping) need each group's norms and sums now; the others go at their ``optimizer_step``."""
         after = self.lanes.event()
         for g in self.plan.groups:
             if g.trainable and g.update_unit == index:
@@ -325,29 +349,25 @@ class Runtime:
                     norms = torch._foreach_norm(g.views(flat), 2.0)
                 copied = self.lanes.copy(self.store.grad_staging[g.index], flat, self.lanes.d2h, after=after,
                                          span=(self.recorder, "d2h", f"grads {g.name}", self._step))
-                if self.optimizer is not None:
+                if self.optimizer is not None and self.optimizer.deferred:
                     self.optimizer.submit(g, copied, self.recorder, self._step, norms)
+                else:
+                    self._flushed[g.index] = (copied, norms)
 
-    def _run_transfers(self, step: int, before: bool) -> None:
-        for t in self.transfers_at[step]:
-            if before and t.kind == "fetch_params":
-                fetch = self.fetch_by_unit_first[(self.unit_index[t.subject], t.needed_by)]
-                self.prefetch_params(fetch.unit, fetch.slot)
-            elif before and t.kind == "fetch_activation":
-                self.activations.fetch(t.subject)
-            elif before and t.kind == "fetch_saved":
-                self.saved.fetch(self.unit_index[t.subject.split("/", 1)[0]])
-            elif before and t.kind == "ssd_read_saved":
-                self.saved.read_ahead(self.unit_index[t.subject.split("/", 1)[0]])
-            elif not before and t.kind == "release_params":
-                self.release_params(t.subject)
-            elif not before and t.kind == "release_activation":
-                self.activations.release(t.subject)
+    def _optimizer_step(self, t) -> None:
+        if self.optimizer is None:
+            return
+        group = self.plan.groups[t.group]
+        if self.optimizer.deferred:
+            self.optimizer.request_update(group)
+        else:
+            copied, norms = self._flushed.pop(group.index)
+            self.optimizer.submit(group, copied, self.recorder, self._step, norms)
 
     def finish_step(self) -> None:
         """After backward (or an inference forward): nothing of this step stays on the device."""
         for index in list(self._slot_of):
-            self.release_params(index)
+            self._release_params(index)
         self._ready.clear()
         self._grad_buffers.clear()
         self.activations.clear()

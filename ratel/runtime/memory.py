@@ -12,8 +12,10 @@ import logging
 
 import torch
 
+from ratel.ir.layout import PAGE, round_up
+
 log = logging.getLogger("ratel.runtime")
-ALIGN = 4096   # page alignment: also what O_DIRECT needs for the SSD tier
+ALIGN = PAGE   # page alignment: also what O_DIRECT needs for the SSD tier
 
 
 class PinnedPool:
@@ -36,7 +38,7 @@ class PinnedPool:
 
     def take(self, nbytes: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
         """An aligned view of ``nbytes`` bytes, typed as ``dtype`` (flat)."""
-        start = (self.used + ALIGN - 1) // ALIGN * ALIGN
+        start = round_up(self.used, ALIGN)
         end = start + int(nbytes)
         if end > self.capacity:
             raise MemoryError(f"pinned pool exhausted: {end} > {self.capacity} bytes (the plan under-counted host "

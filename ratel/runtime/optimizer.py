@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ratel.errors import RatelError
-from ratel.ir import ParamGroup
+from ratel.ir import ParamGroup, TransferKind as K
 from ratel.runtime.cpu_adam import accumulate_, adamw_step
 
 log = logging.getLogger("ratel.runtime")
@@ -136,6 +136,8 @@ class CPUOptimizer:
         self._recorder = None
         self._skip_warning: str | None = None
         self._norms: dict[int, list[torch.Tensor]] = {}
+        self._requested: list[ParamGroup] = []
+        self.schedule = None           # the executor of the running program: dynamic transfers are reported to it
         self._queue: queue.Queue = queue.Queue()
         self._done = {g.index: threading.Event() for g in store.groups}
         for event in self._done.values():
@@ -174,8 +176,6 @@ class CPUOptimizer:
     def end_backward(self) -> None:
         """The backward returned: every group of it was submitted."""
         self.micro += 1
-        if self._final and self.deferred:
-            self._queue.put(("finalize",))
 
     def _too_many_backwards(self) -> str:
         if self.accumulate == 1:
@@ -198,6 +198,16 @@ class CPUOptimizer:
         self._raise_pending()
         self._done[group.index].clear()
         self._queue.put(("grad", group, copied, recorder, step, self.micro, self._final, norms))
+
+    def request_update(self, group: ParamGroup) -> None:
+        """The plan's ``optimizer_step`` of a deferred update: once every group is requested (after the last
+        gradient), the worker forms the norm and updates the groups in this order."""
+        if not self._final:
+            return                       # a micro-batch before the k-th: its gradient was summed, no update
+        self._requested.append(group)
+        if len(self._requested) == len(self.forward_order):
+            self._queue.put(("finalize", tuple(self._requested)))
+            self._requested = []
 
     def finish_cycle(self) -> None:
         """``engine.step()``: make sure this cycle's update is applied, even after fewer than k micro-batches
@@ -245,7 +255,7 @@ class CPUOptimizer:
                 elif item[0] == "grad":
                     self._take_grad(*item[1:])
                 elif item[0] == "finalize":
-                    self._clip_and_update(self.forward_order)
+                    self._clip_and_update(list(item[1]))
                 elif item[0] == "partial":
                     if self.deferred:
                         for g in self.forward_order:
@@ -348,5 +358,11 @@ class CPUOptimizer:
                          grad_scale=grad_scale)
         if s.on_ssd(group):
             self.ssd.release(group)
+            self._report(K.SSD_WRITE_STATES, group)
         if slot is not None:
             s.ssd_params.commit_write(group, slot)
+            self._report(K.SSD_WRITE_PARAMS, group)
+
+    def _report(self, kind, group: ParamGroup) -> None:
+        if self.schedule is not None:
+            self.schedule.report(kind, group=group.index)

@@ -15,6 +15,7 @@ exists anywhere but in these buffers.
 from __future__ import annotations
 
 import copy
+import math
 import logging
 import os
 from pathlib import Path
@@ -24,30 +25,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ratel.errors import RatelError
-from ratel.ir import ParamGroup, Plan
+from ratel.ir import ParamGroup, Plan, canonical_parameter_names
 from ratel.runtime.memory import PinnedPool
 
 log = logging.getLogger("ratel.runtime")
-
-
-def host_pool_bytes(groups: tuple[ParamGroup, ...], params_on_ssd: set[str] = frozenset()) -> int:
-    """Pinned bytes the store takes: compute copies (fp32 masters double as them), gradient staging, and the
-    staging ring of parameter groups whose compute copies live on SSD."""
-    from ratel.passes.plan_placement import SSD_PARAM_BUFFERS
-    total = 0
-    for g in groups:
-        if g.name not in params_on_ssd:
-            total += _round(g.nbytes)                      # compute copy (or fp32 master)
-        if g.trainable:
-            total += _round(g.nbytes)                      # grad staging
-    ssd = [g for g in groups if g.name in params_on_ssd]
-    if ssd:
-        total += SSD_PARAM_BUFFERS * (_round(max(g.nbytes for g in ssd)) + 4096)
-    return total
-
-
-def _round(n: int) -> int:
-    return (n + 4095) // 4096 * 4096
 
 
 class ParamStore:
@@ -105,7 +86,7 @@ class ParamStore:
             staged = torch.empty(g.numel, dtype=g.dtype) if self.params_on_ssd(g) else None
             compute = staged if staged is not None else self.compute[g.index]
             for name, shape, offset in zip(g.params, g.shapes, g.offsets):
-                numel = _numel(shape)
+                numel = math.prod(shape)
                 if files is not None:
                     value = _read_safetensors(files, aliases.get(name, [name]), shape)
                 elif on_meta:
@@ -144,7 +125,7 @@ class ParamStore:
             else:
                 source = self.ssd.read_master(g)
             for name, shape, offset in zip(g.params, g.shapes, g.offsets):
-                value = source[offset:offset + _numel(shape)].view(shape).clone()
+                value = source[offset:offset + math.prod(shape)].view(shape).clone()
                 for alias in aliases.get(name, [name]):
                     out[alias] = value
         return out
@@ -160,7 +141,7 @@ class ParamStore:
             return None
         k = location[1]
         shape, offset = g.shapes[k], g.offsets[k]
-        return self.compute[g.index][offset:offset + _numel(shape)].view(shape)
+        return self.compute[g.index][offset:offset + math.prod(shape)].view(shape)
 
     # ------------------------------------------------------------------ GPU ring
     def unit_views(self, unit: int, slot: int) -> dict[str, torch.Tensor]:
@@ -172,7 +153,7 @@ class ParamStore:
             g = self.groups[group_index]
             flat = raw[byte_offset: byte_offset + g.nbytes].view(g.dtype)
             for name, shape, offset in zip(g.params, g.shapes, g.offsets):
-                views[name] = flat[offset: offset + _numel(shape)].view(shape)
+                views[name] = flat[offset: offset + math.prod(shape)].view(shape)
         return views
 
     def slot_group_views(self, unit: int, slot: int) -> list[tuple[ParamGroup, torch.Tensor]]:
@@ -182,15 +163,7 @@ class ParamStore:
                 for i, o in zip(layout.groups, layout.byte_offsets)]
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def _aliases(model: nn.Module) -> dict[str, list[str]]:
-    from ratel.trace import canonical_parameter_names
     out: dict[str, list[str]] = {}
     for name, canonical in canonical_parameter_names(model).items():
         out.setdefault(canonical, []).append(name)

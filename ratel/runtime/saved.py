@@ -12,6 +12,8 @@ Views are rebuilt with the geometry seen at pack time, so the backward gets exac
 """
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +21,8 @@ import torch
 import torch.fx as fx
 
 from ratel.errors import RatelError
-from ratel.ir import PackRef, Tier, UnitActivations, UnitCall
+from ratel.ir import PackRef, Tier, TransferKind, UnitActivations, UnitCall
+from ratel.ir.layout import SAVED_SSD_REGIONS, saved_region_bytes, saved_ssd_offsets, saved_unit_bytes
 from ratel.runtime.memory import Lanes, PinnedPool
 
 
@@ -78,6 +81,7 @@ class SavedActivations:
         self.runs: dict[int, UnitRun] = {}
         self.recorder = None
         self.step = -1
+        self.schedule = None      # the program's executor: the pack hook reports each value it copies out
 
     def clear(self) -> None:
         for unit in list(self.runs):
@@ -129,6 +133,8 @@ class SavedActivations:
             if decision.tier is None:
                 return ("recompute", ref.name, geometry)
             if ref.name not in run.stored:
+                if self.schedule is not None:
+                    self.schedule.report(TransferKind.OFFLOAD_SAVED, unit=unit, value=ref.name)
                 if decision.tier == Tier.SSD:
                     run.stored[ref.name] = self.ssd.copy_out(unit, ref.name, t, self.lanes, self.recorder, self.step)
                 else:
@@ -165,7 +171,11 @@ class SavedActivations:
                 t.data = torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
         self.runs[unit] = run
         if self.ssd is not None:
-            self.ssd.write_behind(unit, [s for s in run.stored.values() if s.ssd_offset is not None])
+            on_ssd = [key for key, s in run.stored.items() if s.ssd_offset is not None]
+            if self.schedule is not None:
+                for key in on_ssd:
+                    self.schedule.report(TransferKind.SSD_WRITE_SAVED, unit=unit, value=key)
+            self.ssd.write_behind(unit, [run.stored[key] for key in on_ssd])
         return returned
 
     def _copy_out(self, unit: int, key: str, t: torch.Tensor) -> _Stored:
@@ -308,37 +318,6 @@ class _Geometry(fx.Interpreter):
         return out
 
 
-def _page(n: int) -> int:
-    return (n + 4095) // 4096 * 4096
-
-
-def ssd_layout(acts) -> dict[int, dict[str, int]]:
-    """Offset of every SSD-resident saved value in its unit's swap file (page aligned for O_DIRECT)."""
-    layout: dict[int, dict[str, int]] = {}
-    for unit in acts.units:
-        offset = 0
-        for d in unit.decisions:
-            if d.tier == Tier.SSD:
-                layout.setdefault(unit.unit, {})[d.key] = offset
-                offset += _page(d.nbytes)
-    return layout
-
-
-def saved_host_bytes(acts) -> tuple[int, int]:
-    """(pinned bytes for host-resident saved values, pinned bytes of the SSD staging regions)."""
-    host = sum(_page(d.nbytes) + 4096 for u in acts.units for d in u.decisions if d.tier == Tier.HOST)
-    per_unit = [sum(_page(d.nbytes) for d in u.decisions if d.tier == Tier.SSD) for u in acts.units]
-    staging = SsdSaved.REGIONS * (max(per_unit, default=0) + 4096) if any(per_unit) else 0
-    return host, staging
-
-
-def saved_pool_bytes(plan) -> int:
-    """Pinned bytes the saved values take: a copy per host-resident storage, plus the SSD staging regions."""
-    if plan.activations is None:
-        return 0
-    return sum(saved_host_bytes(plan.activations))
-
-
 class SsdSaved:
     """Saved values on SSD: one swap file per unit, staged through a ring of pinned regions.
 
@@ -349,16 +328,13 @@ class SsdSaved:
     forward (the last units) is fetched without any read.
     """
 
-    REGIONS = 3
+    REGIONS = SAVED_SSD_REGIONS
 
     def __init__(self, swapper, acts, pool: PinnedPool, name: str):
-        import queue
-        import threading
-
         self.swapper = swapper
-        self.layout = ssd_layout(acts)
-        unit_bytes = {u.unit: sum(_page(d.nbytes) for d in u.decisions if d.tier == Tier.SSD) for u in acts.units}
-        region = max(unit_bytes.values(), default=0)
+        self.layout = saved_ssd_offsets(acts)
+        region = saved_region_bytes(acts)
+        unit_bytes = saved_unit_bytes(acts)
         self.regions = [pool.take(region) for _ in range(self.REGIONS)]
         self.files = {u: swapper.file(f"{name}/{u:04d}.act", unit_bytes[u]) for u in self.layout if unit_bytes[u]}
         self.owner: list[int | None] = [None] * self.REGIONS
@@ -404,7 +380,6 @@ class SsdSaved:
         self._queue.put(("write", unit, r, stored))
 
     def read_ahead(self, unit: int, stored: list[_Stored]) -> None:
-        import threading
         if not stored or unit in self.reads:
             return
         r = self._region(unit)

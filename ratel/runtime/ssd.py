@@ -26,8 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ratel.ir import ParamGroup
-from ratel.passes.plan_placement import SSD_STAGING_BUFFERS, ssd_state_bytes
+from ratel.errors import RatelError
+from ratel.ir import ParamGroup, TransferKind
+from ratel.ir.layout import SSD_PARAM_BUFFERS, SSD_STAGING_BUFFERS, ssd_state_bytes
 from ratel.runtime.swapper import Swapper, aligned_empty
 
 
@@ -54,13 +55,15 @@ class _Buffer:
 
 
 class SsdStates:
-    def __init__(self, swapper: Swapper, groups: list[ParamGroup], key: str, forward_order: bool = False):
+    def __init__(self, swapper: Swapper, groups: list[ParamGroup], key: str, order: tuple[int, ...]):
         self.swapper = swapper
         self.groups = {g.index: g for g in groups}
-        # Update order: as gradients complete in backward, or in forward order when updates wait for the
-        # whole gradient (clipping).
-        sign = 1 if forward_order else -1
-        self.order = [g.index for g in sorted(groups, key=lambda g: (sign * g.update_unit, g.index))]
+        # The Plan's order of ssd_read_states: the order updates run in (as gradients complete in backward,
+        # or in forward order when updates wait for the whole gradient).
+        self.order = list(order)
+        if sorted(self.order) != sorted(self.groups):
+            raise RatelError(f"the plan reads the SSD states of groups {self.order}, but {sorted(self.groups)} live "
+                             "on SSD (plan bug)")
         self.files = {g.index: swapper.file(_file_name(key, g), ssd_state_bytes(g)) for g in groups}
         biggest = max(ssd_state_bytes(g) for g in groups)
         self.buffers = [_Buffer(aligned_empty(biggest)) for _ in range(min(SSD_STAGING_BUFFERS, len(groups)))]
@@ -72,6 +75,7 @@ class SsdStates:
         self._queue: list = []                    # (priority, seq, kind, buffer, group)
         self._seq = itertools.count()
         self._closed = False
+        self.schedule = None      # the running program's executor: each read issued is reported to it
         self._thread = threading.Thread(target=self._sequence, name="ratel-ssd", daemon=True)
         self._thread.start()
 
@@ -169,6 +173,8 @@ class SsdStates:
                 return
             buf.ready.clear()
             self._where[index] = buf
+        if self.schedule is not None:
+            self.schedule.report(TransferKind.SSD_READ_STATES, group=index)
         self._submit(0, "read", buf, index)
 
     # ------------------------------------------------------------------ the sequencer
@@ -232,7 +238,6 @@ class SsdParams:
     """
 
     def __init__(self, swapper, groups: list[ParamGroup], key: str, pool):
-        from ratel.passes.plan_placement import SSD_PARAM_BUFFERS
         self.swapper = swapper
         self.groups = {g.index: g for g in groups}
         self.files = {g.index: swapper.file(_file_name(key, g).replace(".adam", ".param"), g.nbytes) for g in groups}

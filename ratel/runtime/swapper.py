@@ -71,6 +71,8 @@ import warnings
 
 import torch
 
+from ratel.ir.layout import PAGE, ceil_div, round_up
+
 try:
     from ratel import _swapper as _native
 except ImportError:  # not built: aligned_empty and the error types still work
@@ -80,7 +82,7 @@ __all__ = ["Swapper", "SwapFile", "IOHandle", "SwapIOError", "BufferInUseError",
            "uring_available", "ALIGNMENT", "BACKENDS"]
 
 # O_DIRECT alignment of offsets, lengths and addresses (covers 512e and 4Kn drives).
-ALIGNMENT = 4096
+ALIGNMENT = PAGE
 assert _native is None or _native.ALIGNMENT == ALIGNMENT
 BACKENDS = ("auto", "uring", "threads")
 
@@ -171,10 +173,6 @@ def uring_available() -> tuple[bool, str]:
     if _native is None:
         return False, "ratel._swapper is not built"
     return _native.uring_available()
-
-
-def _round_up(x: int, a: int) -> int:
-    return -(-x // a) * a
 
 
 def _size_label(n: int) -> str:
@@ -408,8 +406,8 @@ class Swapper:
     def _part_sizes(self, nbytes: int) -> list[int]:
         # Parts are padded to ALIGNMENT so that the last block can go O_DIRECT too.
         n, stripe = len(self.dirs), self.stripe_size
-        padded = _round_up(nbytes, ALIGNMENT)
-        units = -(-padded // stripe)
+        padded = round_up(nbytes, ALIGNMENT)
+        units = ceil_div(padded, stripe)
         sizes = [0] * n
         if units == 0:
             return sizes

@@ -22,7 +22,14 @@ from pathlib import Path
 
 import torch
 
+import ratel
 from ratel.ir import format_bytes
+from ratel.ir.hardware import host_memory
+from ratel.models import GPT, GPTConfig
+from ratel.runtime.calibrate import detect
+from ratel.tools.explain import explain
+from ratel.tools.plots import save_plots
+from ratel.tools.summary import plan_summary
 
 
 def model_flops(n_params: int, layers: int, hidden: int, batch: int, seq: int) -> float:
@@ -72,14 +79,12 @@ def _time(step, steps: int, device: torch.device) -> Timing:
 
 def _baseline(cfg, dtype, ids, steps: int, device: torch.device) -> tuple[float | None, str, int]:
     """Step timing of device-resident PyTorch (None when it does not fit), a note, and its peak bytes."""
-    from ratel.models import GPT
 
     n_params = cfg.num_parameters()
     if device.type == "cpu":
-        from ratel.hardware import _host_memory
         # weights + grads in dtype, fp32 master + Adam states: refuse before the OOM killer does.
         need = n_params * (2 * dtype.itemsize + 12 + (4 if dtype != torch.float32 else 0))
-        if need > 0.6 * _host_memory():
+        if need > 0.6 * host_memory():
             return None, f"needs ~{format_bytes(need)} of host memory", 0
     try:
         torch.manual_seed(0)
@@ -121,10 +126,6 @@ def run_bench(layers: int, hidden: int, heads: int, batch: int, seq: int, *, voc
               budget=None, steps: int = 5, device: str = "auto", dtype: torch.dtype | None = None,
               baseline: bool = True, out: str | Path | None = None, log=print) -> BenchResult:
     """Run the benchmark and print its table with ``log``; returns the figures."""
-    import ratel
-    from ratel.hardware import HardwareProfile
-    from ratel.models import GPT, GPTConfig
-    from ratel.tools.explain import explain
 
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           "cpu" if device == "auto" else device)
@@ -135,7 +136,7 @@ def run_bench(layers: int, hidden: int, heads: int, batch: int, seq: int, *, voc
     n_params = cfg.num_parameters()
     tokens = batch * seq
     flops = model_flops(n_params, layers, hidden, batch, seq)
-    hardware = HardwareProfile.detect(device)
+    hardware = detect(device)
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
 
     with torch.device("meta"):
@@ -211,10 +212,9 @@ def run_bench(layers: int, hidden: int, heads: int, batch: int, seq: int, *, voc
         log(f"  {key:<{width}}  {value}")
 
     if out is not None:
-        from ratel.tools.plots import save_plots
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.txt").write_text(plan.summary(measured))
+        (out / "summary.txt").write_text(plan_summary(plan, measured))
         paths = save_plots(plan, out, measured)
         log(f"wrote {out / 'summary.txt'}, " + ", ".join(str(p) for p in paths)
             + ("" if measured is not None else " (predicted only: this engine records no measured step)"))

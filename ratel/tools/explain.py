@@ -19,8 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ratel.hardware import HardwareProfile
 from ratel.ir import Plan, format_bytes
+from ratel.ir.budget import Budget
+from ratel.ir.hardware import HardwareProfile
+from ratel.passes import plan_call
+from ratel.runtime.calibrate import detect
+from ratel.trace import call_kwargs, default_kwargs
 
 log = logging.getLogger("ratel.tools")
 
@@ -38,17 +42,14 @@ def target_hardware(device: torch.device, hardware: HardwareProfile | None) -> H
     """The profile predictions are made with. Never measures: explaining must not run anything."""
     if hardware is not None:
         return hardware
-    if device.type != "cuda":
-        return HardwareProfile.cpu()
-    if torch.cuda.is_available():
-        return HardwareProfile.detect(device, measure=False)
+    if device.type != "cuda" or torch.cuda.is_available():
+        return detect(device, measure=False)
     return HardwareProfile.h100()
 
 
 def call_arguments(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None) -> dict[str, Any]:
     """The keyword arguments of a training call, completed and ordered exactly as ``compile`` does."""
-    from ratel.api import _default_kwargs, call_kwargs
-    return call_kwargs(model, _default_kwargs(model, example_inputs, example_kwargs))
+    return call_kwargs(model, default_kwargs(model, example_inputs, example_kwargs))
 
 
 def explain(model: nn.Module, budget, example_inputs, example_kwargs: dict | None = None, *,
@@ -68,9 +69,6 @@ def explain(model: nn.Module, budget, example_inputs, example_kwargs: dict | Non
 
     Raises ``BudgetError`` (with the minimum needed) when the budget cannot hold the plan, as ``compile`` does.
     """
-    from ratel.api import Budget, plan_program
-    from ratel.trace import trace_model
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"ratel.explain expects an nn.Module, got {type(model).__name__}")
     if isinstance(example_inputs, torch.Tensor):
@@ -81,8 +79,8 @@ def explain(model: nn.Module, budget, example_inputs, example_kwargs: dict | Non
     budget = (budget if isinstance(budget, Budget) else Budget(gpu=budget)).resolved(hardware)
     kwargs = call_arguments(model, example_inputs, example_kwargs)
     start = time.perf_counter()
-    traced = trace_model(model, example_inputs, kwargs)
-    _, plan = plan_program(traced, budget, hardware, device, depth, activations, accumulate=accumulate,
+    _, _, plan = plan_call(model, example_inputs, kwargs, budget, hardware, device, training=model.training,
+                           depth=depth, activations=activations, accumulate=accumulate,
                            clip=max_grad_norm is not None)
     log.info("explained %s for %s in %.1f s: GPU peak %s of %s, host %s, predicted step %.3g s",
              type(model).__name__, device, time.perf_counter() - start, format_bytes(plan.memory.gpu_peak),

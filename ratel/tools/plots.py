@@ -19,9 +19,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ratel.ir import Phase, Plan, StepRecord
+from ratel.ir import Phase, Plan, StepRecord, format_bytes
 from ratel.tools.summary import (CATEGORIES, LANE_TITLES, accelerator, LANES, MEASURED_LANE, format_seconds, gpu_category,
-                                 memory_by_tier, predicted_breakdown, step_figures, tail_name)
+                                 memory_by_tier, predicted_breakdown, tail_name)
 
 # One colour per memory category, shared by the GPU area and the host/SSD bars so one legend reads both.
 CATEGORY_COLORS = {"parameters": "#4C72B0", "gradients": "#DD8452", "optimizer states": "#937860",
@@ -258,48 +258,21 @@ def plot_memory(plan: Plan, measured: StepRecord | None = None, path: str | Path
 # Timeline
 # ---------------------------------------------------------------------------------------------------------
 def predicted_lanes(plan: Plan) -> tuple[dict[str, list[tuple[float, float, int]]], list[float]]:
-    """Bars per lane as (start, duration, step) in seconds, and the start of every step (plus the end).
-
-    If the plan's TimeProfile carries its predicted spans (``plan.times.spans``), those are drawn as they are.
-    Otherwise the lanes are laid out with predict_times' model: the GPU lanes of a step start together and
-    the step lasts its longest; SSD work queues from the step's start on its own lane, and the optimizer work
-    a step makes ready starts once the step has ended, the optimizer is free and that SSD work is done.
-    SSD reads and write-backs of one step are drawn as one bar (the plan keeps their sum per step).
-    """
+    """Bars per lane as (start, duration, step) in seconds, and the start of every step (plus the end): the
+    simulator's spans (``plan.times.spans``) as it scheduled them, the one timeline model the summary's
+    figures also come from."""
     bars: dict[str, list[tuple[float, float, int]]] = {lane: [] for lane in LANES}
-    starts = []
-    clock = optimizer_clock = ssd_clock = 0.0
-    for figure in step_figures(plan):
-        starts.append(clock)
-        for lane in ("compute", "h2d", "d2h"):
-            if figure.seconds[lane]:
-                bars[lane].append((clock, figure.seconds[lane], figure.step))
-        ssd_done = 0.0
-        if figure.seconds["ssd"]:
-            begin = max(ssd_clock, clock)
-            bars["ssd"].append((begin, figure.seconds["ssd"], figure.step))
-            ssd_clock = ssd_done = begin + figure.seconds["ssd"]
-        clock += figure.length
-        if figure.seconds["optimizer"]:
-            begin = max(optimizer_clock, clock, ssd_done)
-            bars["optimizer"].append((begin, figure.seconds["optimizer"], figure.step))
-            optimizer_clock = begin + figure.seconds["optimizer"]
-    starts.append(clock)
-    spans = getattr(plan.times, "spans", None)
-    if spans:
-        bars = {lane: [] for lane in LANES}
-        first: dict[int, float] = {}
-        gpu_end = 0.0
-        for span in spans:
-            lane = MEASURED_LANE.get(span.lane)
-            if lane is not None:
-                bars[lane].append((span.start, span.end - span.start, span.step))
-            if span.lane == "compute":
-                first.setdefault(span.step, span.start)
-                gpu_end = max(gpu_end, span.end)
-        # Steps begin where the simulation started their compute; the last one ends with the GPU's work.
-        starts = [first.get(i, 0.0) for i in range(len(plan.steps))] + [gpu_end]
-    return bars, starts
+    first: dict[int, float] = {}
+    gpu_end = 0.0
+    for span in plan.times.spans:
+        lane = MEASURED_LANE.get(span.lane)
+        if lane is not None:
+            bars[lane].append((span.start, span.end - span.start, span.step))
+        if span.lane == "compute":
+            first.setdefault(span.step, span.start)
+            gpu_end = max(gpu_end, span.end)
+    # Steps begin where the simulation started their compute; the last one ends with the GPU's work.
+    return bars, [first.get(i, 0.0) for i in range(len(plan.steps))] + [gpu_end]
 
 
 def _lane_axis(ax, lanes: list[str]) -> dict[str, int]:
@@ -438,7 +411,6 @@ def plot_timeline(plan: Plan, measured: StepRecord | None = None, path: str | Pa
 
 # ---------------------------------------------------------------------------------------------------------
 def _fmt_bytes(n: float) -> str:
-    from ratel.ir import format_bytes
     return format_bytes(n)
 
 

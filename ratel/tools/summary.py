@@ -25,11 +25,6 @@ import torch
 
 from ratel.ir import Plan, StepRecord, Tier, format_bytes
 
-# Transfer kinds by the lane they occupy (ratel/passes/insert_transfers.py).
-H2D_KINDS = ("fetch_params", "fetch_activation", "fetch_saved")
-D2H_KINDS = ("offload_activation", "flush_grads", "offload_saved")
-OPTIMIZER_KIND = "optimizer_step"
-
 LANES = ("compute", "h2d", "d2h", "ssd", "optimizer")
 LANE_TITLES = {"compute": "compute", "h2d": "H2D", "d2h": "D2H", "ssd": "SSD", "optimizer": "CPU optimizer"}
 # StepRecord lanes -> summary lanes (SSD reads and writes share one lane here).
@@ -98,25 +93,13 @@ class StepFigures:
         return max(LANES, key=lambda lane: (self.seconds[lane], lane == "compute"))
 
 
-def _lane_of(kind: str, src, dst) -> str | None:
-    if Tier.SSD in (src, dst) or kind.startswith("ssd"):
-        return "ssd"
-    if kind in H2D_KINDS:
-        return "h2d"
-    if kind in D2H_KINDS:
-        return "d2h"
-    if kind == OPTIMIZER_KIND:
-        return "optimizer"
-    return None
-
-
 def step_figures(plan: Plan) -> list[StepFigures]:
     out = []
     for step, memory, time in zip(plan.steps, plan.memory.steps, plan.times.steps):
         nbytes = dict.fromkeys(LANES, 0)
         count = dict.fromkeys(LANES, 0)
         for t in plan.transfers_at(step.index):
-            lane = _lane_of(t.kind, t.src, t.dst)
+            lane = t.lane
             if lane is not None:
                 nbytes[lane] += t.nbytes
                 count[lane] += 1

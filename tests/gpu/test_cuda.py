@@ -50,7 +50,7 @@ def test_peak_gpu_memory_stays_within_a_budget_smaller_than_the_model(mix):
                                          bos_token_id=0, eos_token_id=0, pad_token_id=0)).to(torch.bfloat16)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     ids = torch.randint(0, VOCAB, (4, 32))
-    ratel.HardwareProfile.detect("cuda")   # measured once up front: its buffers are not the engine's
+    ratel.detect_hardware("cuda")   # measured once up front: its buffers are not the engine's
     # mix 0: the smallest budget (every unit recomputed); 0.5: halfway to keeping everything (a mixed plan).
     low = ratel.explain(model, "1TiB", (ids,), activations="recompute").memory.gpu_peak
     high = ratel.explain(model, "1TiB", (ids,), activations="keep").memory.gpu_peak
@@ -72,7 +72,8 @@ def test_peak_gpu_memory_stays_within_a_budget_smaller_than_the_model(mix):
 
 def test_bf16_with_optimizer_states_on_ssd_equals_pytorch_mixed_precision(tmp_path):
     from ratel.ir import Tier
-    from ratel.passes.plan_placement import host_usage, uses_torch_adam
+    from ratel.ir.layout import host_usage
+    from ratel.runtime.calibrate import cpu_adam_kernel
     model = make_model("gpt_untied", dropout=0.0, layers=4, dtype=torch.bfloat16)
     data = batches(6, batch=4, seq=32)
     ref_losses, ref_masters = mixed_precision_reference(model, data, 1e-3, 0.1, device="cuda")
@@ -80,7 +81,7 @@ def test_bf16_with_optimizer_states_on_ssd_equals_pytorch_mixed_precision(tmp_pa
     plan = probe.plan
     probe.close()
     tiers = {g.name: Tier.SSD for g in plan.groups if g.trainable}
-    host = sum(b for _, b in host_usage(plan.groups, tiers, plan.placement.activations, uses_torch_adam()))
+    host = sum(b for _, b in host_usage(plan.groups, tiers, plan.placement.activations, (cpu_adam_kernel() == "torch")))
     engine = ratel.compile(model, budget=ratel.Budget(gpu="2GiB", host=host, ssd_dir=str(tmp_path)),
                            optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1), example_inputs=(data[0][0],),
                            device="cuda", progress=False)

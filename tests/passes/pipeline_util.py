@@ -6,13 +6,14 @@ from pathlib import Path
 
 import torch
 
-from ratel.api import Budget
-from ratel.hardware import HardwareProfile
+from ratel.ir.budget import Budget
+from ratel.ir.hardware import HardwareProfile
 from ratel.ir import META_UNIT_CALL
 from ratel.models import GPT, GPTConfig
 from ratel.passes import PIPELINE, PassContext, PassManager, check_plan_invariants
 from ratel.runtime.eager import EagerRuntime
-from ratel.tools.printer import format_graph
+from ratel.ir.printer import format_graph
+from ratel.passes.manager import format_schedule
 from ratel.trace import trace_model
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -64,8 +65,8 @@ def golden_text(name: str) -> str:
 
 
 def assert_matches_golden(name: str | None) -> None:
-    gm, *_ = run_until(name)
-    text = format_graph(gm)
+    gm, ctx, *_ = run_until(name)
+    text = format_graph(gm) + format_schedule(ctx)     # the dump RATEL_DUMP_DIR writes after the pass
     index = 0 if name is None else NAMES.index(name) + 1
     path = GOLDEN / f"{index:03d}_{name or 'traced'}.py"
     if os.environ.get("RATEL_UPDATE_GOLDEN"):

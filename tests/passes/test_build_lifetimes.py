@@ -24,9 +24,7 @@ def test_lifetime_graph_of_the_tiny_gpt():
     assert (act.first, act.last) == (1, 5)
     for record in lifetimes.records:
         assert 0 <= record.first <= record.last < len(lifetimes.steps)
-    graph = lifetimes.graph
-    assert graph.has_edge(("step", 1), ("tensor", "act:add_2"))
-    assert graph.has_edge(("tensor", "act:add_2"), ("step", 5))
+    assert act.makes == (1,) and act.reads == (2, 5)   # made in fwd blocks.0, read by fwd and bwd blocks.1
 
 
 def test_grouping_on_synthetic_units():

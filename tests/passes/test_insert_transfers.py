@@ -2,7 +2,7 @@ import torch
 
 from pipeline_util import assert_matches_golden, run_program, run_until
 from ratel.ir import META_TRANSFER, PlacementPlan, Schedule, Tier
-from ratel.runtime import ops
+from ratel.ir import ops
 
 
 def test_golden_before_after():

@@ -80,3 +80,26 @@ def test_debug_mode_lints_after_every_pass():
     ctx.debug = True
     with pytest.raises(PassError, match="breaks_the_graph"):
         PassManager([breaks_the_graph], given=()).run(gm, ctx)
+
+
+def test_a_pass_reading_an_analysis_it_does_not_require_is_refused():
+    from ratel.ir import Lifetimes
+
+    @graph_pass(requires=("meta:ratel.unit",), ensures=("meta:ratel.unit",))
+    def peeks_at_lifetimes(gm, ctx):
+        ctx.get(Lifetimes)
+        return PassResult(gm, False)
+
+    gm, ctx, _, _ = run_until("build_lifetimes")
+    with pytest.raises(PassError, match=r"peeks_at_lifetimes reads \['analysis:Lifetimes'\] without declaring"):
+        PassManager([peeks_at_lifetimes]).run(gm, ctx)
+
+
+def test_a_pass_that_does_not_produce_what_it_ensures_is_refused():
+    @graph_pass(requires=("meta:ratel.unit",), ensures=("analysis:Schedule",))
+    def promises_a_schedule(gm, ctx):
+        return PassResult(gm, False)
+
+    gm, ctx, _, _ = run_until(None)
+    with pytest.raises(PassError, match="ensures analysis:Schedule but did not produce it"):
+        PassManager([promises_a_schedule]).run(gm, ctx)

@@ -7,7 +7,7 @@ from pipeline_util import assert_matches_golden, run_program, run_until
 from ratel.ir import META_TENSOR, META_UNIT, META_UNIT_CALL, Unit
 from ratel.passes.annotate_shapes import annotate_shapes
 from ratel.passes.outline_units import outline_units
-from ratel.runtime import ops
+from ratel.ir import ops
 from ratel.runtime.eager import EagerRuntime
 
 

@@ -67,7 +67,7 @@ def test_depth_below_two_is_refused():
 
 def test_accumulation_plans_fp32_gradient_sums_on_the_host():
     from ratel.ir import Lifetimes
-    from ratel.passes.plan_placement import host_usage
+    from ratel.ir.layout import host_usage
     gm, ctx, *_ = run_until("plan_placement")
     groups = ctx.get(Lifetimes).groups
     placement = ctx.get(PlacementPlan)

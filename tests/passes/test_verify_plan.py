@@ -8,7 +8,7 @@ from pipeline_util import assert_matches_golden, run_until, tiny_inputs, tiny_mo
 from ratel.errors import BudgetError, PlanViolation
 from ratel.ir import Plan
 from ratel.passes.verify_plan import check_plan_invariants
-from ratel.runtime import ops
+from ratel.ir import ops
 
 
 def test_golden_graph_unchanged():
@@ -64,8 +64,9 @@ def test_invariants_catch_a_wait_without_prefetch():
 
 
 def test_peak_grows_with_the_batch():
-    from ratel.api import Budget, plan_program
-    from ratel.hardware import HardwareProfile
+    from ratel.ir.budget import Budget
+    from ratel.passes import plan_program
+    from ratel.ir.hardware import HardwareProfile
     from ratel.trace import trace_model
     peaks = []
     for batch in (1, 4, 16):

@@ -113,6 +113,7 @@ def test_clipping_scales_by_the_global_norm_and_skips_non_finite():
     grad = store.grad_staging[0].clone()
     opt.begin_backward()
     opt.submit(store.groups[0], None)
+    opt.request_update(store.groups[0])     # the plan's optimizer_step, after the last gradient
     opt.end_backward()
     opt.finish_cycle()
     ref = torch.zeros(6, requires_grad=True)
@@ -125,6 +126,7 @@ def test_clipping_scales_by_the_global_norm_and_skips_non_finite():
     store.grad_staging[0][2] = float("nan")
     opt.begin_backward()
     opt.submit(store.groups[0], None)
+    opt.request_update(store.groups[0])     # the plan's optimizer_step, after the last gradient
     opt.end_backward()
     with pytest.warns(RuntimeWarning, match="skipped"):
         opt.finish_cycle()

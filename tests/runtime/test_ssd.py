@@ -9,7 +9,8 @@ import torch
 import ratel
 from helpers import batches, make_model, max_relative_difference, mixed_precision_reference
 from ratel.ir import Tier
-from ratel.passes.plan_placement import host_usage, uses_torch_adam
+from ratel.ir.layout import host_usage
+from ratel.runtime.calibrate import cpu_adam_kernel
 
 
 def host_minimum(model, ids) -> int:
@@ -19,7 +20,7 @@ def host_minimum(model, ids) -> int:
     plan = probe.plan
     probe.close()
     tiers = {g.name: Tier.SSD for g in plan.groups if g.trainable}
-    return sum(b for _, b in host_usage(plan.groups, tiers, plan.placement.activations, uses_torch_adam()))
+    return sum(b for _, b in host_usage(plan.groups, tiers, plan.placement.activations, (cpu_adam_kernel() == "torch")))
 
 
 def train(engine, data):
@@ -162,8 +163,8 @@ def test_parameters_on_ssd_when_host_memory_is_shorter_still(tmp_path):
     probe.close()
     states = {g.name: Tier.SSD for g in plan.groups if g.trainable}
     everything = param_tiers(plan.groups, states, plan.placement.activations,
-                             ratel.Budget(gpu="1GiB", host=1, ssd_dir=str(tmp_path)), uses_torch_adam())
-    host = sum(b for _, b in host_usage(plan.groups, states, plan.placement.activations, uses_torch_adam(), everything))
+                             ratel.Budget(gpu="1GiB", host=1, ssd_dir=str(tmp_path)), (cpu_adam_kernel() == "torch"))
+    host = sum(b for _, b in host_usage(plan.groups, states, plan.placement.activations, (cpu_adam_kernel() == "torch"), everything))
     engine = ratel.compile(model, budget=ratel.Budget(gpu="1GiB", host=host, ssd_dir=str(tmp_path)),
                            optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1), example_inputs=(data[0][0],),
                            device="cpu", progress=False)
@@ -190,7 +191,7 @@ def test_accumulation_and_clipping_with_states_on_ssd_equal_pytorch(kind, accumu
     plan = probe.plan
     probe.close()
     states = {g.name: Tier.SSD for g in plan.groups if g.trainable}
-    host = sum(b for _, b in host_usage(plan.groups, states, plan.placement.activations, uses_torch_adam(),
+    host = sum(b for _, b in host_usage(plan.groups, states, plan.placement.activations, (cpu_adam_kernel() == "torch"),
                                         accumulate=accumulate))
     result = train_like_pytorch(model, data, accumulate=accumulate, max_grad_norm=max_norm,
                                 budget=ratel.Budget(gpu="1GiB", host=host, ssd_dir=str(tmp_path)))
@@ -227,8 +228,8 @@ def test_clipping_with_parameters_on_ssd_equals_the_host_tier_bit_for_bit(tmp_pa
     plan = host_engine.plan
     states = {g.name: Tier.SSD for g in plan.groups if g.trainable}
     everything = param_tiers(plan.groups, states, plan.placement.activations,
-                             ratel.Budget(gpu="1GiB", host=1, ssd_dir=str(tmp_path)), uses_torch_adam(), 2)
-    host = sum(b for _, b in host_usage(plan.groups, states, plan.placement.activations, uses_torch_adam(),
+                             ratel.Budget(gpu="1GiB", host=1, ssd_dir=str(tmp_path)), (cpu_adam_kernel() == "torch"), 2)
+    host = sum(b for _, b in host_usage(plan.groups, states, plan.placement.activations, (cpu_adam_kernel() == "torch"),
                                         everything, accumulate=2))
     ssd_engine, ssd_losses, ssd_norms = run(ratel.Budget(gpu="1GiB", host=host, ssd_dir=str(tmp_path)))
     assert any(t == Tier.SSD for _, t in ssd_engine.plan.placement.param_tier)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ratel
-from ratel.hardware import HardwareProfile
+from ratel.ir.hardware import HardwareProfile
 from ratel.models import GPT, GPTConfig
 
 
@@ -23,7 +23,7 @@ def test_explain_gives_the_plan_compile_executes():
     plan = ratel.explain(_tiny("meta"), budget, (ids,), device="cpu")
     engine = ratel.compile(_tiny(), budget=budget, example_inputs=(ids,), device="cpu", progress=False)
     try:
-        assert plan.summary() == engine.plan.summary()
+        assert ratel.summary(plan) == ratel.summary(engine.plan)
         assert plan.transfers == engine.plan.transfers and plan.memory == engine.plan.memory
     finally:
         engine.close()
@@ -79,6 +79,6 @@ def test_explain_a_175b_model_on_the_meta_device_in_seconds():
     assert plan.memory.host_total > 12 * n                                      # fp32 master + Adam states
     assert plan.costs.total_fwd_flops == pytest.approx(2 * n * 2048, rel=0.2)   # ~2·N·tokens forward
     assert 1 < plan.times.total < 3600
-    text = plan.summary()
+    text = ratel.summary(plan)
     assert "blocks.0..94" in text or "blocks.1..94" in text                    # repeated blocks merge
     assert len(text.splitlines()) < 80

@@ -1,4 +1,5 @@
-"""plan.summary(): golden text for the tiny GPT, predicted and beside a measured step; deterministic."""
+"""ratel.summary(plan): golden text for the tiny GPT, predicted and beside a measured step; deterministic."""
+import ratel
 import pytest
 from plan_util import assert_golden, fake_record, tiny_plan
 
@@ -7,16 +8,16 @@ from ratel.tools.summary import memory_by_tier, predicted_breakdown, step_figure
 
 
 def test_summary_matches_golden():
-    assert_golden("tiny_summary.txt", tiny_plan().summary())
+    assert_golden("tiny_summary.txt", ratel.summary(tiny_plan()))
 
 
 def test_summary_with_a_measured_step_matches_golden():
     plan = tiny_plan()
-    assert_golden("tiny_summary_measured.txt", plan.summary(fake_record(plan)))
+    assert_golden("tiny_summary_measured.txt", ratel.summary(plan, fake_record(plan)))
 
 
 def test_summary_is_deterministic_and_shows_every_section():
-    first, second = tiny_plan().summary(), tiny_plan().summary()
+    first, second = ratel.summary(tiny_plan()), ratel.summary(tiny_plan())
     assert first == second
     for heading in ("Memory by tier", "Time by lane", "Per unit", "Per step"):
         assert heading in first
@@ -30,7 +31,7 @@ def test_the_tier_table_adds_up_to_the_planned_totals():
     assert sum(tiers["gpu"].values()) == plan.memory.gpu_peak
     assert sum(tiers["host"].values()) == plan.memory.host_total
     assert sum(tiers["ssd"].values()) == plan.memory.ssd_total
-    total_row = next(line for line in plan.summary().splitlines() if line.strip().startswith("total "))
+    total_row = next(line for line in ratel.summary(plan).splitlines() if line.strip().startswith("total "))
     assert total_row.split()[1:3] == format_bytes(plan.memory.gpu_peak).split()
 
 
@@ -47,7 +48,7 @@ def test_the_predicted_step_splits_into_compute_stalls_and_tail():
 def test_measured_figures_stand_beside_the_predicted():
     plan = tiny_plan()
     record = fake_record(plan, slowdown=3.0)
-    text = plan.summary(record)
+    text = ratel.summary(plan, record)
     assert f"{record.wall / plan.times.total:.2f}x predicted" in text
     assert f"device peak {format_bytes(record.gpu_peak)}" in text     # a plan for the CPU: its "GPU" is host memory
     assert "meas. device" in text
@@ -57,4 +58,4 @@ def test_a_cpu_run_without_gpu_peaks_says_so():
     plan = tiny_plan()
     record = fake_record(plan, gpu_extra=0)
     record = type(record)(spans=record.spans, gpu_peak_by_step=(0,) * len(plan.steps), gpu_peak=0, wall=record.wall)
-    assert "device peak not recorded" in plan.summary(record)
+    assert "device peak not recorded" in ratel.summary(plan, record)

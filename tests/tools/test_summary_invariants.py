@@ -36,7 +36,7 @@ def test_no_lane_is_busier_than_the_step(plans):
         for lane in LANES:
             busy = sum(f.seconds[lane] for f in figures)
             assert busy <= plan.times.total * (1 + 1e-9), f"{name}: {lane} busy {busy} > step {plan.times.total}"
-        text = plan.summary()
+        text = ratel.summary(plan)
         lanes = text.split("Time by lane", 1)[1].split("\n\n", 1)[0]
         for share in re.findall(r"([0-9.]+)%", lanes):
             assert float(share) <= 100.0, f"{name}: a lane busy {share}% of the step"
@@ -56,10 +56,10 @@ def test_counts_are_never_negative_and_the_step_adds_up(plans):
         split = predicted_breakdown(plan)
         assert min(split.values()) >= 0
         assert split["compute"] + split["copy stalls"] + split["optimizer tail"] == pytest.approx(plan.times.total)
-        assert "-1" not in plan.summary().split("Activations", 1)[-1].splitlines()[0], name
+        assert "-1" not in ratel.summary(plan).split("Activations", 1)[-1].splitlines()[0], name
 
 
 def test_a_plan_for_the_cpu_names_no_gpu(plans):
     for name, plan in plans:
         if plan.device == "cpu":
-            assert "GPU" not in plan.summary(), name
+            assert "GPU" not in ratel.summary(plan), name

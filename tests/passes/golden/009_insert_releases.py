@@ -104,3 +104,37 @@ def forward(self, add_4: "f32[2, 8, 32]", labels: "i64[2, 8]", p_ln_f_weight: "f
     reshape_3: "i64[14]" = aten.reshape.default(slice_2, [-1])  # unit=head
     cross_entropy_loss: "f32[]" = aten.cross_entropy_loss.default(to, reshape_3)  # unit=head
     return (linear_8, cross_entropy_loss)
+
+# schedule: step stage kind subject bytes src->dst needed_by [slot] (dynamic: who issues it)
+#     0 before fetch_params embed 10.00 KiB host->gpu needed_by=0 slot=0
+#     0 before fetch_params blocks.0 49.75 KiB host->gpu needed_by=1 slot=1
+#     0 after  offload_activation dropout 2.00 KiB gpu->host needed_by=6
+#     0 after  release_params embed 10.00 KiB gpu->- needed_by=0 slot=0
+#     1 before fetch_params blocks.1 49.75 KiB host->gpu needed_by=2 slot=0
+#     1 after  offload_activation add_2 2.00 KiB gpu->host needed_by=5
+#     1 after  release_params blocks.0 49.75 KiB gpu->- needed_by=1 slot=1
+#     2 before fetch_params head 8.25 KiB host->gpu needed_by=3 slot=1
+#     2 after  release_params blocks.1 49.75 KiB gpu->- needed_by=2 slot=0
+#     3 before fetch_params blocks.1 49.75 KiB host->gpu needed_by=5 slot=0
+#     4 before fetch_activation add_2 2.00 KiB host->gpu needed_by=5
+#     4 after  flush_grads head 8.25 KiB gpu->host needed_by=4
+#     4 after  optimizer_step head 1.00 KiB host->host needed_by=8
+#     4 after  release_params head 8.25 KiB gpu->- needed_by=4 slot=1
+#     4 after  release_activation add_4 2.00 KiB gpu->- needed_by=4
+#     4 after  release_activation labels 128 B gpu->- needed_by=4
+#     5 before fetch_params blocks.0 49.75 KiB host->gpu needed_by=6 slot=1
+#     5 before fetch_activation dropout 2.00 KiB host->gpu needed_by=6
+#     5 after  flush_grads blocks.1 49.62 KiB gpu->host needed_by=5
+#     5 after  optimizer_step blocks.1 198.50 KiB host->host needed_by=8
+#     5 after  release_params blocks.1 49.75 KiB gpu->- needed_by=5 slot=0
+#     5 after  release_activation add_2 2.00 KiB gpu->- needed_by=5
+#     6 before fetch_params embed 10.00 KiB host->gpu needed_by=7 slot=0
+#     6 after  flush_grads blocks.0 49.62 KiB gpu->host needed_by=6
+#     6 after  optimizer_step blocks.0 198.50 KiB host->host needed_by=8
+#     6 after  release_params blocks.0 49.75 KiB gpu->- needed_by=6 slot=1
+#     6 after  release_activation dropout 2.00 KiB gpu->- needed_by=6
+#     7 after  flush_grads embed 10.00 KiB gpu->host needed_by=7
+#     7 after  optimizer_step embed 8.00 KiB host->host needed_by=8
+#     7 after  optimizer_step embed+head 32.00 KiB host->host needed_by=8
+#     7 after  release_params embed 10.00 KiB gpu->- needed_by=7 slot=0
+#     7 after  release_activation input_ids 128 B gpu->- needed_by=7

@@ -10,10 +10,11 @@ backward of every unit in reverse. A tensor's lifetime and every transfer are ex
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import Any
+import math
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 # ---------------------------------------------------------------------------------------------------------
 # node.meta keys. One key per record type; nothing else under the "ratel." prefix.
@@ -27,19 +28,19 @@ META_PROVENANCE = "ratel.provenance"
 META_UNIT_CALL = "ratel.unit_call"
 
 META_KEYS: dict[str, tuple[str, str, str]] = {
-    # key: (record type, written by, read by)
-    META_UNIT: ("str: name of the unit the node belongs to", "trace.discover_units",
-                "estimate_costs, outline_units, printer"),
+    # key: (record type, written by, read by) -- tests/test_layers.py checks them against the code
+    META_UNIT: ("str: name of the unit the node belongs to", "trace.discover_units", "outline_units, printer"),
     META_TENSOR: ("TensorMeta", "annotate_shapes (and outline_units for the nodes it creates)",
-                  "estimate_costs, outline_units, build_lifetimes, printer"),
-    META_COST: ("NodeCost", "estimate_costs", "tools.summary, printer"),
+                  "estimate_costs, outline_units, build_lifetimes, plan_activations, simulate, printer"),
+    META_COST: ("NodeCost", "estimate_costs", "printer"),
     META_ACTIVATION: ("ActivationPlacement, on unit-output getitem nodes of the outlined graph",
-                      "plan_placement", "insert_transfers, insert_releases, printer"),
+                      "plan_placement", "printer"),
     META_TRANSFER: ("Transfer, on nodes inserted by insert_transfers / insert_releases",
-                    "insert_transfers, insert_releases", "verify_plan, printer"),
-    META_PROVENANCE: ("Provenance: which pass created the node and why", "transform passes", "printer"),
+                    "insert_transfers, insert_releases", "runtime.engine (graph-bound transfers), printer"),
+    META_PROVENANCE: ("Provenance: which pass created the node and why",
+                      "outline_units, insert_transfers, insert_releases", "printer"),
     META_UNIT_CALL: ("UnitCall, on the run_unit nodes of the outlined graph", "outline_units",
-                     "estimate_costs, build_lifetimes, plan_placement, runtime"),
+                     "estimate_costs, build_lifetimes, runtime.engine, runtime.eager, printer"),
 }
 
 
@@ -125,18 +126,141 @@ class ActivationPlacement:
     reason: str
 
 
+class Stage(enum.IntEnum):
+    """When, within its step, a transfer is issued: before the step's compute, during it (by autograd's
+    pack hooks, as values are saved), or after it."""
+
+    BEFORE = 0
+    DURING = 1
+    AFTER = 2
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """What a transfer kind is: the lane it occupies (None: a release, no lane), where it moves bytes from
+    and to, what its subject names, when in its step it is issued, and — for a kind whose moment the
+    runtime decides — who decides (empty: the schedule executor issues it at its step, in plan order)."""
+
+    lane: str | None          # "h2d" | "d2h" | "ssd" | "optimizer" | None
+    src: Tier | None
+    dst: Tier | None
+    subject: str              # "unit" | "group" | "value" (a unit-boundary activation) | "saved" (unit/key)
+    stage: Stage
+    dynamic: str = ""
+
+
+class TransferKind(str, enum.Enum):
+    """Every movement or release the plan schedules. Its properties come from ``KIND_SPECS``."""
+
+    FETCH_PARAMS = "fetch_params"
+    RELEASE_PARAMS = "release_params"
+    SSD_READ_PARAMS = "ssd_read_params"
+    SSD_WRITE_PARAMS = "ssd_write_params"
+    OFFLOAD_ACTIVATION = "offload_activation"
+    FETCH_ACTIVATION = "fetch_activation"
+    RELEASE_ACTIVATION = "release_activation"
+    OFFLOAD_SAVED = "offload_saved"
+    SSD_WRITE_SAVED = "ssd_write_saved"
+    SSD_READ_SAVED = "ssd_read_saved"
+    FETCH_SAVED = "fetch_saved"
+    FLUSH_GRADS = "flush_grads"
+    OPTIMIZER_STEP = "optimizer_step"
+    SSD_READ_STATES = "ssd_read_states"
+    SSD_WRITE_STATES = "ssd_write_states"
+
+    def __str__(self) -> str:  # dumps print "fetch_params", not "TransferKind.FETCH_PARAMS"
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @property
+    def spec(self) -> KindSpec:
+        return KIND_SPECS[self]
+
+    @property
+    def lane(self) -> str | None:
+        return KIND_SPECS[self].lane
+
+    @property
+    def stage(self) -> Stage:
+        return KIND_SPECS[self].stage
+
+    @property
+    def dynamic(self) -> bool:
+        return bool(KIND_SPECS[self].dynamic)
+
+
+K = TransferKind
+KIND_SPECS: dict[TransferKind, KindSpec] = {
+    K.FETCH_PARAMS: KindSpec("h2d", Tier.HOST, Tier.GPU, "unit", Stage.BEFORE),
+    K.RELEASE_PARAMS: KindSpec(None, Tier.GPU, None, "unit", Stage.AFTER),
+    K.SSD_READ_PARAMS: KindSpec("ssd", Tier.SSD, Tier.HOST, "unit", Stage.BEFORE),
+    K.SSD_WRITE_PARAMS: KindSpec("ssd", Tier.HOST, Tier.SSD, "group", Stage.AFTER,
+                                 dynamic="the CPU optimizer, once the group's update is written"),
+    K.OFFLOAD_ACTIVATION: KindSpec("d2h", Tier.GPU, Tier.HOST, "value", Stage.AFTER),
+    K.FETCH_ACTIVATION: KindSpec("h2d", Tier.HOST, Tier.GPU, "value", Stage.BEFORE),
+    K.RELEASE_ACTIVATION: KindSpec(None, Tier.GPU, None, "value", Stage.AFTER),
+    K.OFFLOAD_SAVED: KindSpec("d2h", Tier.GPU, Tier.HOST, "saved", Stage.DURING,
+                              dynamic="autograd's pack hook, when the unit's forward saves the value"),
+    K.SSD_WRITE_SAVED: KindSpec("ssd", Tier.HOST, Tier.SSD, "saved", Stage.DURING,
+                                dynamic="the saved-activation stager, once the unit's values are copied out"),
+    K.SSD_READ_SAVED: KindSpec("ssd", Tier.SSD, Tier.HOST, "saved", Stage.BEFORE),
+    K.FETCH_SAVED: KindSpec("h2d", Tier.HOST, Tier.GPU, "saved", Stage.BEFORE),
+    K.FLUSH_GRADS: KindSpec("d2h", Tier.GPU, Tier.HOST, "unit", Stage.AFTER),
+    K.OPTIMIZER_STEP: KindSpec("optimizer", Tier.HOST, Tier.HOST, "group", Stage.AFTER),
+    K.SSD_READ_STATES: KindSpec("ssd", Tier.SSD, Tier.HOST, "group", Stage.BEFORE,
+                                dynamic="the SSD state sequencer, when a staging buffer frees, in plan order"),
+    K.SSD_WRITE_STATES: KindSpec("ssd", Tier.HOST, Tier.SSD, "group", Stage.AFTER,
+                                 dynamic="the CPU optimizer, once the group's update is done"),
+}
+del K
+
+
 @dataclass(frozen=True)
 class Transfer:
-    """One planned movement or release. ``step`` is when it is issued, ``needed_by`` when it must be done."""
+    """One planned movement or release. ``step`` is when it is issued, ``needed_by`` when it must be done.
 
-    kind: str          # "fetch_params" | "offload_activation" | "fetch_activation" | "flush_grads" | "release_*"
-    subject: str       # unit name, value name or group name
+    The subject is typed: ``unit`` and ``group`` are indices, ``value`` a value name or a saved value's key;
+    ``subject`` is the printable name (a unit, group or value name; "unit/key" for a saved value).
+    ``elements`` is the optimizer work of an ``optimizer_step`` (parameters updated)."""
+
+    kind: TransferKind
+    subject: str
     nbytes: int
     src: Tier | None
     dst: Tier | None
     step: int
     needed_by: int
     slot: int | None = None
+    unit: int | None = None
+    group: int | None = None
+    value: str | None = None
+    elements: int = 0
+
+    def __post_init__(self):
+        kind = TransferKind(self.kind)
+        object.__setattr__(self, "kind", kind)
+        spec = kind.spec
+        if (self.src, self.dst) != (spec.src, spec.dst):
+            raise ValueError(f"{kind} moves {spec.src} -> {spec.dst}, not {self.src} -> {self.dst}")
+
+    @property
+    def lane(self) -> str | None:
+        return self.kind.lane
+
+
+def schedule_order(transfers) -> tuple["Transfer", ...]:
+    """The order the runtime issues transfers in: by step, then stage within the step; ties keep the order
+    the planner emitted them in."""
+    return tuple(sorted(transfers, key=lambda t: (t.step, t.kind.stage)))
+
+
+def step_index(steps) -> tuple[dict[int, int], dict[int, int]]:
+    """(unit -> its forward step, unit -> its backward step) of a timeline."""
+    fwd = {s.unit: s.index for s in steps if s.phase == Phase.FWD}
+    bwd = {s.unit: s.index for s in steps if s.phase == Phase.BWD}
+    return fwd, bwd
 
 
 @dataclass(frozen=True)
@@ -159,6 +283,15 @@ class Unit:
     params: tuple[str, ...]        # canonical parameter names the unit reads, in first-use order
     buffers: tuple[str, ...]       # buffers and constants the unit reads
     has_random_ops: bool = False   # dropout & co.: the recompute must replay the RNG
+
+
+def canonical_parameter_names(model: nn.Module) -> dict[str, str]:
+    """Every parameter name (tied aliases included) -> the first name under which it appears."""
+    first_name: dict[int, str] = {}
+    canonical: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        canonical[name] = first_name.setdefault(id(param), name)
+    return canonical
 
 
 @dataclass(frozen=True)
@@ -185,13 +318,7 @@ class ParamGroup:
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Each parameter of the group as a view of ``flat`` (any buffer with the group's element layout)."""
-        out = []
-        for shape, offset in zip(self.shapes, self.offsets):
-            numel = 1
-            for s in shape:
-                numel *= s
-            out.append(flat[offset:offset + numel].view(shape))
-        return out
+        return [flat[offset:offset + math.prod(shape)].view(shape) for shape, offset in zip(self.shapes, self.offsets)]
 
     @property
     def update_unit(self) -> int:
@@ -336,16 +463,17 @@ class Lifetime:
     first: int
     last: int
     tier: Tier
+    makes: tuple[int, ...] = ()    # steps that produce it
+    reads: tuple[int, ...] = ()    # steps that read it
 
 
 @dataclass(frozen=True)
 class Lifetimes:
-    """The tensor lifetime graph: nodes are steps and tensors; edges say which step makes / reads a tensor."""
+    """The timeline, the parameter groups, and when every tensor of the step is made and read."""
 
     steps: tuple[Step, ...]
     groups: tuple[ParamGroup, ...]
     records: tuple[Lifetime, ...]
-    graph: Any = field(compare=False, repr=False)   # networkx.DiGraph
 
     def of_kind(self, kind: str) -> tuple[Lifetime, ...]:
         return tuple(r for r in self.records if r.kind == kind)
@@ -471,10 +599,9 @@ class Plan:
     def transfers_at(self, step: int) -> tuple[Transfer, ...]:
         return tuple(t for t in self.transfers if t.step == step)
 
-    def summary(self, measured: "StepRecord | None" = None) -> str:
-        """A table per unit and tier; with ``measured`` (``engine.last_step``) the measured figures beside."""
-        from ratel.tools.summary import plan_summary
-        return plan_summary(self, measured)
+    def ssd_state_order(self) -> tuple[int, ...]:
+        """Group indices in the order the plan reads their SSD-resident optimizer states."""
+        return tuple(t.group for t in self.transfers if t.kind == TransferKind.SSD_READ_STATES)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from ratel.ir import (META_ACTIVATION, META_COST, META_PROVENANCE, META_TENSOR, META_TRANSFER, META_UNIT,
-                      META_UNIT_CALL, format_bytes)
+                      META_UNIT_CALL, dtype_abbr, format_bytes)
 
 
 def _format_arg(arg) -> str:
@@ -57,7 +57,6 @@ def _annotation(node: fx.Node) -> str:
         return record.short()
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
-        from ratel.ir import dtype_abbr
         return f"{dtype_abbr(val.dtype)}[{', '.join(str(s) for s in val.shape)}]"
     if isinstance(val, (tuple, list)) and val and all(isinstance(v, torch.Tensor) for v in val):
         return f"tuple[{len(val)}]"

@@ -1,0 +1,354 @@
+"""The training lifecycle: ``Engine`` runs a compiled model's programs, one per input shape, over one set of
+parameters, optimizer states and SSD tiers (``ratel.runtime.assemble.Resources``), and keeps the model object
+pointing at the weights it trains.
+
+Every new input shape (batch and sequence sizes may change between steps) is traced and planned once
+(``ratel.passes.plan_call``) and kept in a ``ProgramCache`` bounded by count and by the host memory its
+pinned pools take.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from ratel.errors import RatelError
+from ratel.ir import Plan, canonical_parameter_names, format_bytes
+from ratel.ir.budget import Budget
+from ratel.ir.hardware import HardwareProfile
+from ratel.ir.layout import program_pool_bytes
+from ratel.ir.printer import format_graph
+from ratel.optim import EngineOptimizer, build_param_groups, norm_order, segments_of
+from ratel.passes import plan_call
+from ratel.passes.plan_activations import POLICIES
+from ratel.program_cache import ProgramCache
+from ratel.runtime.assemble import Program, Resources, persistent_buffers, rebuild_meta_buffer
+from ratel.runtime.optimizer import Hyper
+from ratel.runtime.recorder import Recorder
+from ratel.trace import call_kwargs, capturing
+
+log = logging.getLogger("ratel")
+
+
+class Engine:
+    """Trains a compiled model: ``engine(**batch).loss``, ``engine.backward(loss)``, ``engine.step()``."""
+
+    def __init__(self, model: nn.Module, budget: Budget, optimizer, device: torch.device,
+                 hardware: HardwareProfile, weights=None, depth: int = 2, max_programs: int = 4,
+                 progress: bool = True, keep_swap_files: bool = False, activations: str = "auto",
+                 accumulate: int = 1, max_grad_norm: float | None = None):
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+            raise ValueError(f"accumulate={accumulate!r}: give the number of micro-batches per update, an int >= 1")
+        if max_grad_norm is not None and not (float(max_grad_norm) > 0):
+            raise ValueError(f"max_grad_norm={max_grad_norm!r}: give a positive norm (e.g. 1.0), or None for no "
+                             "clipping")
+        self.model = model
+        self.device = device
+        self.hardware = hardware
+        self.budget = budget.resolved(hardware)
+        self.accumulate = accumulate
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        groups, defaults, self._group_of = build_param_groups(model, optimizer)
+        #: a torch.optim.Optimizer: its param_groups carry lr, betas, eps, weight_decay for the next update,
+        #: so torch LR schedulers drive it; ``engine.optimizer.step()`` is ``engine.step()``
+        self.optimizer = EngineOptimizer(groups, defaults, self._step)
+        self.depth = depth
+        self.max_programs = max_programs
+        self.progress = progress
+        self._weights = weights
+        self._training = model.training
+        self._resources = Resources(model, device, self.budget, weights=weights, progress=progress,
+                                    keep_swap_files=keep_swap_files)
+        self._programs = ProgramCache(max_programs)
+        self.keep_swap_files = keep_swap_files
+        self._activations = activations
+        self._latest: tuple | None = None
+        self._closed = False
+        self.profile = False               # record every step: engine.last_step, plan.summary(measured=...)
+        self.last_step = None
+        self._recorder = None
+        self._bound: list[tuple[nn.Parameter, torch.Tensor]] = []   # model parameters aliasing Ratel's copies
+
+    # ------------------------------------------------------------------ programs
+    def _key(self, flat: list, spec) -> tuple:
+        shapes = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else ("value", x) for x in flat)
+        return (self._training, str(spec), shapes)
+
+    def _program(self, args: tuple, kwargs: dict) -> tuple[Program, list]:
+        kwargs = call_kwargs(self.model, kwargs)
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        key = self._key(flat, spec)
+        program = self._programs.get(key)
+        if program is None:
+            program = self._build(args, kwargs)
+            self._programs.put(key, program, self._program_room(program.plan))
+        return program, flat
+
+    def _program_room(self, plan: Plan) -> int:
+        """Pinned bytes the cached programs may hold together: the host budget less what the shared state
+        takes (the plan's host total counts one program's pool)."""
+        shared = plan.memory.host_total - program_pool_bytes(plan.placement.activations, plan.activations)
+        return max(0, self.budget.host - shared)
+
+    def _build(self, args: tuple, kwargs: dict) -> Program:
+        self._check_open("run a forward")
+        traced, gm, plan = plan_call(self.model, args, kwargs, self.budget, self.hardware, self.device,
+                                     training=self._training, depth=self.depth, activations=self._activations,
+                                     accumulate=self.accumulate, clip=self.max_grad_norm is not None)
+        if not self._resources.created:
+            self._resources.create(plan, traced, Hyper.of(self.optimizer.defaults),
+                                   segments=segments_of(plan.groups, self._group_of),
+                                   norm_order=norm_order(self.model, plan.groups), accumulate=self.accumulate,
+                                   max_grad_norm=self.max_grad_norm)
+            self._bind_model()
+        program = self._resources.program(gm, plan)
+        log.info("ratel: planned %s (peak GPU %s of %s, host %s)", [tuple(a.shape) for a in args
+                 if isinstance(a, torch.Tensor)], format_bytes(plan.memory.gpu_peak),
+                 format_bytes(plan.budget_gpu), format_bytes(plan.memory.host_total))
+        return program
+
+    @property
+    def _store(self):
+        return self._resources.store
+
+    @property
+    def _optimizer(self):
+        return self._resources.optimizer
+
+    @property
+    def _buffers(self):
+        return self._resources.buffers
+
+    # ------------------------------------------------------------------ training
+    def __call__(self, *args, **kwargs):
+        self._check_open("run a forward")
+        args = tuple(self._to_device(a) for a in args)
+        kwargs = {k: self._to_device(v) for k, v in kwargs.items()}
+        program, flat = self._program(args, kwargs)
+        gm, plan, runtime = program.gm, program.plan, program.runtime
+        if self._latest is not None and self._latest.runtime is not runtime:
+            self._latest.runtime.finish_step()
+        self._latest = program
+        self._recorder = Recorder(self.device, len(plan.steps)) if self.profile and torch.is_grad_enabled() else None
+        runtime.begin(self._recorder)
+        out_flat = gm(runtime, *flat)
+        if not torch.is_grad_enabled():
+            runtime.finish_step()
+        return pytree.tree_unflatten(list(out_flat), self._out_spec(gm))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss``: exactly the gradients ``loss.backward()`` computes. Without accumulation
+        (or at the ``accumulate``-th micro-batch) each group's AdamW update starts on the CPU as soon as its
+        gradient lands; before that, gradients are summed in host memory."""
+        self._check_open("call backward()")
+        if self._latest is None:
+            raise RatelError("backward() before any forward: call the engine on a batch first")
+        if not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
+            raise RatelError("backward() needs the loss returned by this engine's forward, computed with grad enabled "
+                             "(call the engine with labels= so the model returns a loss)")
+        runtime = self._latest.runtime
+        if not runtime.pending_backward:
+            raise RatelError("backward() was already called for the latest forward: Ratel frees a step's activations "
+                             "as its backward passes them, so each forward takes one backward. Run a new forward "
+                             "for the next micro-batch")
+        self._optimizer.begin_backward(self.optimizer.hypers())
+        try:
+            loss.backward()
+        finally:
+            self._optimizer.end_backward()
+            runtime.finish_step()
+
+    def step(self) -> None:
+        """Finish the update: every parameter update of this accumulation cycle is applied when it returns
+        (after fewer than ``accumulate`` micro-batches too, with the gradients summed so far), and the
+        model passed to ``compile`` holds the new weights. The same as ``engine.optimizer.step()``."""
+        self.optimizer.step()    # through the torch optimizer, so LR schedulers see the step
+
+    def _step(self) -> None:
+        self._check_open("call step()")
+        if self._optimizer is not None:
+            self._optimizer.finish_cycle()
+        if self._recorder is not None:
+            self.last_step = self._recorder.finish()
+            self._recorder = None
+
+    @property
+    def grad_norm(self) -> float | None:
+        """With ``max_grad_norm``: the total gradient norm of the last update, before clipping (the value
+        ``torch.nn.utils.clip_grad_norm_`` returns); ``inf`` or ``nan`` when that step was skipped."""
+        if self._optimizer is None or self.max_grad_norm is None:
+            return None
+        self._optimizer.wait_all()
+        return self._optimizer.grad_norm
+
+    @property
+    def activations(self) -> str:
+        """The activation policy ("auto", "recompute", "keep", "host", "ssd"). Setting it replans every shape
+        on its next call; parameters and optimizer states stay where they are."""
+        return self._activations
+
+    @activations.setter
+    def activations(self, policy: str) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"activations={policy!r}: choose one of {POLICIES}")
+        self._check_open("change the activation policy")
+        if self._optimizer is not None:
+            self._optimizer.wait_all()
+        for program in self._programs.clear():
+            program.release()
+        self._latest = None
+        self._activations = policy
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the first param group (``engine.optimizer.param_groups`` has them all)."""
+        return self.optimizer.param_groups[0]["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._check_open("set the learning rate")
+        for group in self.optimizer.param_groups:   # read by the next update, as a torch optimizer's
+            group["lr"] = float(value)
+
+    def train(self, mode: bool = True) -> "Engine":
+        self._training = mode
+        return self
+
+    def eval(self) -> "Engine":
+        return self.train(False)
+
+    # ------------------------------------------------------------------ the user's model object
+    def _bind_model(self) -> None:
+        """Point the model's parameters at the host copies Ratel updates (no memory of their own), so after
+        ``step()`` the model holds the trained weights; where a parameter has no host copy (a meta-device
+        model, compute copies on SSD), using the model raises an error that says what to use instead."""
+        canonical = canonical_parameter_names(self.model)
+        unbound = []
+        for name, p in self.model.named_parameters():
+            view = self._store.host_view(canonical[name])
+            if p.is_meta or view is None or view.dtype != p.dtype:
+                unbound.append(name)
+                continue
+            with torch.no_grad():
+                p.data = view
+            self._bound.append((p, view))
+        if unbound:
+            why = ("it was created on the meta device" if any(p.is_meta for p in self.model.parameters())
+                   else f"the compute copies of {len(unbound)} parameters (first: {unbound[0]}) live on SSD")
+            self._guard_model(why)
+
+    def _guard_model(self, why: str) -> None:
+        def refuse(*_args, **_kwargs):
+            if capturing():      # Ratel itself tracing the model (a new shape, another engine)
+                return None
+            raise RatelError(f"the model passed to ratel.compile does not hold the trained weights ({why}): run it "
+                             "with the engine (engine(...)) and read its weights with engine.state_dict(), e.g. "
+                             "fresh_model.load_state_dict(engine.state_dict())")
+
+        self.model.register_forward_pre_hook(refuse)
+        self.model.register_state_dict_pre_hook(refuse)
+
+    def _unbind_model(self) -> None:
+        """On close: the model keeps the trained weights in memory of its own (Ratel's pools are freed)."""
+        bound, self._bound = self._bound, []
+        with torch.no_grad():
+            for p, view in bound:
+                if p.data.data_ptr() == view.data_ptr():
+                    p.data = view.clone()
+
+    def _check_open(self, action: str) -> None:
+        if self._closed:
+            raise RatelError(f"cannot {action}: the engine is closed. Read the weights before close() with "
+                             "engine.state_dict(), or compile the model again")
+
+    # ------------------------------------------------------------------ inspection
+    @property
+    def plan(self) -> Plan:
+        if self._latest is None:
+            raise RatelError("no plan yet: compile with example_inputs or run a forward first")
+        return self._latest.plan
+
+    @property
+    def graph(self) -> str:
+        if self._latest is None:
+            raise RatelError("no graph yet: compile with example_inputs or run a forward first")
+        return format_graph(self._latest.gm)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's persistent state under its own names, as CPU tensors: the fp32 master of every
+        parameter (frozen ones: their values) and the persistent buffers, so
+        ``fresh_model.load_state_dict(engine.state_dict())`` loads strictly. Waits for updates in flight."""
+        self._check_open("read the state_dict")
+        if self._store is None:
+            raise RatelError("no parameters yet: compile with example_inputs or run a forward first")
+        if self._optimizer is not None:
+            self._optimizer.wait_all()
+        params = self._store.state_dict(self.model)
+        out = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            out[name] = params[name] if name in params else p.detach().cpu().clone()
+        for name, buf in persistent_buffers(self.model):
+            if name in (self._buffers or {}):
+                out[name] = self._buffers[name].detach().cpu().clone()
+            elif buf.is_meta:
+                out[name] = rebuild_meta_buffer(self.model, name).detach().clone()
+            else:
+                out[name] = buf.detach().cpu().clone()
+        return out
+
+    def host_bytes_allocated(self) -> int:
+        """Host memory Ratel holds right now (pinned pools, masters, Adam states, staging), to check against
+        ``Budget.host``."""
+        return self._resources.host_bytes_allocated(self._programs.programs())
+
+    def close(self) -> None:
+        """Free pinned memory, device memory and swap files; the engine cannot be used afterwards.
+
+        Every resource is released even if one step fails; the first error is raised at the end.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        errors: list[BaseException] = []
+
+        def attempt(action) -> None:
+            try:
+                action()
+            except BaseException as exc:  # noqa: BLE001 - collected, re-raised below
+                errors.append(exc)
+
+        for action in self._resources.closers():
+            attempt(action)
+        attempt(self._unbind_model)
+        for program in self._programs.clear():
+            for release in program.releases():
+                attempt(release)
+        self._latest = None
+        for action in self._resources.close_storage():
+            attempt(action)
+        if errors:
+            raise errors[0]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    # ------------------------------------------------------------------ helpers
+    def _to_device(self, value):
+        if isinstance(value, torch.Tensor) and value.device != self.device:
+            return value.to(self.device, non_blocking=True)
+        return value
+
+    @staticmethod
+    def _out_spec(gm):
+        return gm.meta["ratel.out_spec"]

@@ -1,0 +1,57 @@
+"""HardwareProfile: the rates the planner predicts with, for the machine a plan is made for.
+
+A profile is data: measured on this machine by ``ratel.runtime.calibrate.detect`` (cached per host and
+device), or given by hand for a machine one plans for from elsewhere (``HardwareProfile.h100()`` carries
+the figures of the project's H100 machine), so a plan made on a laptop for a GPU server does not depend on
+the laptop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    gpu_tflops: float              # dense matrix rate in the compute dtype, TFLOP/s
+    h2d_gbps: float                # pinned host -> GPU, GB/s
+    d2h_gbps: float                # GPU -> pinned host, GB/s
+    ssd_read_gbps: float
+    ssd_write_gbps: float
+    cpu_adam_gparams: float        # CPU AdamW, billions of parameters per second
+    host_bytes: int                # host memory available to Ratel
+    matmul_efficiency: float = 0.6  # fraction of the matrix rate a transformer layer reaches
+    hbm_gbps: float = 3000.0        # device memory bandwidth: the cost of recomputing element-wise ops
+    min_offload_bytes: int = 1 << 20  # below this a PCIe round trip costs more in latency than the bytes free
+    # The CPU AdamW kernel the target runs: "native" (ratel._adam, reads low-precision gradients as they are)
+    # or "torch" (torch's fused AdamW, which needs an fp32 copy of the largest gradient: planned host memory).
+    cpu_adam_kernel: str = "native"
+
+    @property
+    def torch_cpu_adam(self) -> bool:
+        return self.cpu_adam_kernel == "torch"
+
+    @classmethod
+    def h100(cls) -> "HardwareProfile":
+        """The project's H100 80GB machine (measured 2026-11: bf16 GEMM 790 TFLOP/s, PCIe 55/52 GB/s)."""
+        return cls(name="NVIDIA H100 80GB HBM3", gpu_tflops=790.0, h2d_gbps=55.0, d2h_gbps=52.0,
+                   ssd_read_gbps=1.5, ssd_write_gbps=2.0, cpu_adam_gparams=3.9, host_bytes=128 << 30)
+
+    @classmethod
+    def cpu(cls, cpu_adam_kernel: str = "native") -> "HardwareProfile":
+        """A nominal CPU-only machine: the 'GPU tier' is another host buffer."""
+        return cls(name="cpu", gpu_tflops=0.2, h2d_gbps=10.0, d2h_gbps=10.0, ssd_read_gbps=1.0,
+                   ssd_write_gbps=1.0, cpu_adam_gparams=0.5, host_bytes=host_memory(), min_offload_bytes=0,
+                   hbm_gbps=20.0, cpu_adam_kernel=cpu_adam_kernel)
+
+
+def host_memory() -> int:
+    """Host memory available now (MemAvailable), or 16 GiB where the kernel does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 16 << 30

@@ -1,0 +1,140 @@
+"""Byte layout: every rule that says how many bytes a buffer takes and where it sits, in one place.
+
+The planner prices host memory with these rules and the runtime allocates with the same ones, so the
+memory a plan predicts is the memory the runtime takes (``engine.host_bytes_allocated()``).
+
+  PAGE          host buffers start on a page: what O_DIRECT needs for the SSD tier, and what pinned copies like
+  SLOT_ALIGN    parameter groups inside a GPU ring slot start on 256 bytes (CUDA's allocation granularity)
+  staging rings how many buffers each SSD tier stages through (states, parameters, saved activations)
+"""
+from __future__ import annotations
+
+import torch
+
+from ratel.ir import ActivationPlacement, ActivationPlan, ParamGroup, Tier
+
+PAGE = 4096
+SLOT_ALIGN = 256
+SSD_STAGING_BUFFERS = 3   # optimizer states: one being read, one being updated, one being written back
+SSD_PARAM_BUFFERS = 4     # parameter groups on SSD: two read ahead, one copying to the GPU, one written back
+SAVED_SSD_REGIONS = 3     # saved activations on SSD: one filling, one writing behind, one read back
+
+
+def ceil_div(n: int, d: int) -> int:
+    return -(-n // d)
+
+
+def round_up(n: int, alignment: int) -> int:
+    return ceil_div(n, alignment) * alignment
+
+
+def page(n: int) -> int:
+    return round_up(n, PAGE)
+
+
+def pool_bytes(sizes, slack: int = PAGE) -> int:
+    """Bytes of a PinnedPool handing out buffers of ``sizes``: each starts on a page; ``slack`` per buffer
+    leaves room for views taken at unaligned sizes."""
+    return sum(page(n) + slack for n in sizes)
+
+
+def ssd_state_bytes(group: ParamGroup) -> int:
+    """Bytes of a group's optimizer state on SSD: exp_avg and exp_avg_sq, plus the fp32 master unless the
+    group computes in fp32 (then the master is its compute copy and stays in host memory)."""
+    return group.numel * 4 * (2 if group.dtype == torch.float32 else 3)
+
+
+def store_pool_bytes(groups: tuple[ParamGroup, ...], params_on_ssd: set[str] = frozenset()) -> int:
+    """Pinned bytes the parameter store takes: compute copies (fp32 masters double as them), gradient
+    staging, and the staging ring of parameter groups whose compute copies live on SSD."""
+    sizes = [g.nbytes for g in groups if g.name not in params_on_ssd]
+    sizes += [g.nbytes for g in groups if g.trainable]
+    total = pool_bytes(sizes, slack=0)
+    ssd = [g for g in groups if g.name in params_on_ssd]
+    if ssd:
+        total += pool_bytes([max(g.nbytes for g in ssd)] * SSD_PARAM_BUFFERS)
+    return total
+
+
+def activation_pool_bytes(activations: tuple[ActivationPlacement, ...]) -> int:
+    """Pinned bytes of the unit-boundary activations checkpointed to host."""
+    return pool_bytes(a.nbytes for a in activations if a.tier == Tier.HOST)
+
+
+def saved_ssd_offsets(acts: ActivationPlan) -> dict[int, dict[str, int]]:
+    """Offset of every SSD-resident saved value in its unit's swap file (page aligned for O_DIRECT)."""
+    layout: dict[int, dict[str, int]] = {}
+    for unit in acts.units:
+        offset = 0
+        for d in unit.decisions:
+            if d.tier == Tier.SSD:
+                layout.setdefault(unit.unit, {})[d.key] = offset
+                offset += page(d.nbytes)
+    return layout
+
+
+def saved_unit_bytes(acts: ActivationPlan) -> dict[int, int]:
+    """Bytes of each unit's SSD-resident saved values in its swap file (and in a staging region)."""
+    return {u.unit: sum(page(d.nbytes) for d in u.decisions if d.tier == Tier.SSD) for u in acts.units}
+
+
+def saved_region_bytes(acts: ActivationPlan) -> int:
+    """Bytes of one SSD staging region for saved values: the largest unit's SSD-resident values."""
+    return max(saved_unit_bytes(acts).values(), default=0)
+
+
+def saved_host_bytes(acts: ActivationPlan | None) -> tuple[int, int]:
+    """(pinned bytes of host-resident saved values, pinned bytes of the SSD staging regions)."""
+    if acts is None:
+        return 0, 0
+    host = pool_bytes(d.nbytes for u in acts.units for d in u.decisions if d.tier == Tier.HOST)
+    region = saved_region_bytes(acts)
+    return host, SAVED_SSD_REGIONS * (region + PAGE) if region else 0
+
+
+def program_pool_bytes(activations: tuple[ActivationPlacement, ...], acts: ActivationPlan | None) -> int:
+    """The pinned pool of one program (one input shape): boundary activations and saved values."""
+    return activation_pool_bytes(activations) + sum(saved_host_bytes(acts))
+
+
+def host_usage(groups, optimizer_tier: dict[str, Tier], activations, torch_adam: bool,
+               param_tier: dict[str, Tier] | None = None, accumulate: int = 1) -> tuple[tuple[str, int], ...]:
+    """Every host buffer the runtime allocates for this placement, by name (pinned and pageable)."""
+    param_tier = param_tier or {}
+    if accumulate > 1:   # fp32 sums of the micro-batches' gradients, as p.grad accumulates them
+        usage = [(f"gradient accumulation (fp32):{g.name}", g.numel * 4) for g in groups if g.trainable]
+    else:
+        usage = []
+    for g in groups:
+        params_on_ssd = param_tier.get(g.name) == Tier.SSD
+        if not g.trainable:
+            if not params_on_ssd:
+                usage.append((f"frozen parameters:{g.name}", page(g.nbytes)))
+            continue
+        on_host = optimizer_tier[g.name] == Tier.HOST
+        if g.dtype == torch.float32:
+            usage.append((f"fp32 master (compute copy):{g.name}", page(g.nbytes)))
+            if on_host:
+                usage.append((f"adam states:{g.name}", g.numel * 8))
+        else:
+            if not params_on_ssd:
+                usage.append((f"compute copy:{g.name}", page(g.nbytes)))
+            if on_host:
+                usage.append((f"fp32 master + adam states:{g.name}", g.numel * 12))
+        usage.append((f"gradient staging:{g.name}", page(g.nbytes)))
+    ssd_params = [g for g in groups if param_tier.get(g.name) == Tier.SSD]
+    if ssd_params:
+        usage.append(("parameter SSD staging", SSD_PARAM_BUFFERS * (page(max(g.nbytes for g in ssd_params)) + PAGE)))
+    if torch_adam:   # torch's fused AdamW needs the gradient in fp32; the native kernel reads it as it is
+        scratch = max((g.numel * 4 for g in groups if g.trainable and g.dtype != torch.float32), default=0)
+        if scratch:
+            usage.append(("fp32 gradient scratch", scratch))
+    ssd = [g for g in groups if g.trainable and optimizer_tier[g.name] == Tier.SSD]
+    if ssd:
+        biggest = max(page(ssd_state_bytes(g)) + PAGE for g in ssd)
+        usage.append(("SSD staging buffers", min(SSD_STAGING_BUFFERS, len(ssd)) * biggest))
+    pool = sum(page(a.nbytes) + PAGE for a in activations if a.tier == Tier.HOST)
+    if pool:
+        usage.append(("activation pool", pool + PAGE))
+    usage.append(("pinned pool alignment", PAGE))
+    return tuple(usage)

@@ -1,0 +1,121 @@
+"""Measuring this machine: the HardwareProfile (ratel/ir/hardware.py) a plan executed here is made with.
+
+``detect(device)`` returns the cached measurement for this machine and device when there is
+one (``~/.cache/ratel/hardware.json``, keyed by device name and host), otherwise measures (a few seconds:
+a matrix product, pinned copies each way, torch's fused CPU AdamW) and caches the result. Profiles can also
+be given by hand, e.g. ``HardwareProfile.h100()`` carries the figures measured on the project's H100 machine.
+The CPU AdamW kernel is always this process's (``cpu_adam_kernel``): it decides the host memory planned.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from ratel.ir.hardware import HardwareProfile, host_memory
+from ratel.runtime.cpu_adam import _auto_backend, adamw_step
+
+log = logging.getLogger("ratel.runtime")
+CACHE = Path(os.environ.get("RATEL_CACHE_DIR", Path.home() / ".cache" / "ratel")) / "hardware.json"
+
+
+def detect(device: str | torch.device, measure: bool = True) -> HardwareProfile:
+    """The profile of this machine for ``device``: cached, or measured now (``measure=False``: the H100
+    figures under this GPU's name instead of measuring)."""
+    device = torch.device(device)
+    kernel = cpu_adam_kernel()
+    if device.type != "cuda":
+        return HardwareProfile.cpu(cpu_adam_kernel=kernel)
+    key = f"{platform.node()}|{torch.cuda.get_device_name(device)}"
+    cached = _load_cache().get(key)
+    fields = {f.name for f in dataclasses.fields(HardwareProfile)}
+    if cached and fields >= set(cached):
+        return dataclasses.replace(HardwareProfile(**cached), cpu_adam_kernel=kernel)
+    if not measure:
+        return dataclasses.replace(HardwareProfile.h100(), name=torch.cuda.get_device_name(device),
+                                   host_bytes=host_memory(), cpu_adam_kernel=kernel)
+    profile = measure_cuda(device)
+    data = _load_cache()
+    data[key] = dataclasses.asdict(profile)
+    try:
+        CACHE.parent.mkdir(parents=True, exist_ok=True)
+        CACHE.write_text(json.dumps(data, indent=1, sort_keys=True))
+    except OSError as exc:  # a read-only home must not stop training
+        log.warning("could not cache the hardware profile at %s: %s", CACHE, exc)
+    return profile
+
+
+def this_machine(profile: HardwareProfile) -> HardwareProfile:
+    """``profile`` with what this process will run: the CPU AdamW kernel it has (a plan executed here must
+    price the host memory of the kernel that runs)."""
+    return dataclasses.replace(profile, cpu_adam_kernel=cpu_adam_kernel())
+
+
+def cpu_adam_kernel() -> str:
+    return "torch" if _auto_backend() == "torch" else "native"
+
+
+def _load_cache() -> dict:
+    try:
+        return json.loads(CACHE.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def measure_cuda(device: torch.device) -> HardwareProfile:
+    """A few seconds of microbenchmarks on ``device``."""
+    torch.cuda.synchronize(device)
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    reps = 10
+    for _ in range(reps):
+        a @ b
+    end.record()
+    end.synchronize()
+    tflops = 2 * n ** 3 * reps / (start.elapsed_time(end) / 1e3) / 1e12
+    del a, b
+
+    size = 512 << 20
+    host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(size, dtype=torch.uint8, device=device)
+
+    def rate(copy) -> float:
+        copy()
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(4):
+            copy()
+        torch.cuda.synchronize(device)
+        return 4 * size / (time.perf_counter() - t0) / 1e9
+
+    h2d = rate(lambda: dev.copy_(host, non_blocking=True))
+    d2h = rate(lambda: host.copy_(dev, non_blocking=True))
+    other = torch.empty_like(dev)
+    hbm = 2 * rate(lambda: other.copy_(dev))   # bytes read plus bytes written
+    host = dev = other = None   # free the 1.5 GiB before the optimizer measurement
+
+    # The CPU AdamW the runtime runs: bf16 gradients in, the bf16 copy out (native kernel where it is faster).
+    numel = 128 << 20
+    p, m, v = torch.randn(numel), torch.zeros(numel), torch.zeros(numel)
+    g, out = torch.randn(numel).bfloat16(), torch.empty(numel, dtype=torch.bfloat16)
+    best = float("inf")
+    for step in range(1, 6):   # the best of five: the first pays page faults, later ones meet a warm cache
+        t0 = time.perf_counter()
+        adamw_step(p, g, m, v, step, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, out=out)
+        best = min(best, time.perf_counter() - t0)
+    adam = numel / best / 1e9
+    props = torch.cuda.get_device_properties(device)
+    return HardwareProfile(name=props.name, gpu_tflops=tflops, h2d_gbps=h2d, d2h_gbps=d2h, ssd_read_gbps=1.5,
+                           ssd_write_gbps=2.0, cpu_adam_gparams=adam, host_bytes=host_memory(),
+                           hbm_gbps=hbm, cpu_adam_kernel=cpu_adam_kernel())
