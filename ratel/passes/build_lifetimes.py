@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ratel.ir import (step_index, META_TENSOR, META_UNIT_CALL, CostModel, Lifetime, Lifetimes, ParamGroup, Tier, UnitCall,
-                      timeline)
+from ratel.ir import (META_TENSOR, META_UNIT_CALL, CostModel, Lifetime, Lifetimes, ParamGroup, Tier, UnitCall,
+                      step_index, timeline)
 from ratel.passes.manager import PassContext, PassResult, graph_pass
 
 

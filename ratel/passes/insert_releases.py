@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ratel.ir import (step_index, META_PROVENANCE, META_TRANSFER, Lifetimes, PlacementPlan, Provenance, Schedule, Tier, TransferKind as K, schedule_order,
-                      Transfer)
+from ratel.ir import (META_PROVENANCE, META_TRANSFER, Lifetimes, PlacementPlan, Provenance, Schedule, Tier, Transfer,
+                      TransferKind as K, schedule_order, step_index)
 from ratel.passes.build_lifetimes import unit_calls
 from ratel.passes.manager import PassContext, PassResult, graph_pass
 from ratel.ir import ops
 
 
-@graph_pass(requires=("analysis:Lifetimes", "analysis:PlacementPlan", "analysis:Schedule"), ensures=("analysis:Schedule", "graph:releases"))
+@graph_pass(requires=("analysis:Lifetimes", "analysis:PlacementPlan", "analysis:Schedule"),
+            ensures=("analysis:Schedule", "graph:releases"))
 def insert_releases(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     plan = ctx.get(PlacementPlan)
     lifetimes = ctx.get(Lifetimes)
@@ -71,4 +72,5 @@ def insert_releases(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 releases.append(Transfer(K.RELEASE_ACTIVATION, act.value, act.nbytes, Tier.GPU, None,
                                          step=bwd[consumer], needed_by=bwd[consumer], value=act.value))
     gm.recompile()
-    return PassResult(gm, modified=True, analysis=Schedule(transfers=schedule_order(schedule.transfers + tuple(releases))))
+    ordered = schedule_order(schedule.transfers + tuple(releases))
+    return PassResult(gm, modified=True, analysis=Schedule(transfers=ordered))

@@ -31,8 +31,8 @@ import dataclasses
 
 import torch.fx as fx
 
-from ratel.ir import (step_index, META_PROVENANCE, META_TRANSFER, ActivationPlan, Lifetimes, Phase, PlacementPlan, Provenance,
-                      Schedule, Tier, Transfer, TransferKind as K, schedule_order)
+from ratel.ir import (META_PROVENANCE, META_TRANSFER, ActivationPlan, Lifetimes, Phase, PlacementPlan, Provenance,
+                      Schedule, Tier, Transfer, TransferKind as K, schedule_order, step_index)
 from ratel.ir.layout import SSD_STAGING_BUFFERS, ssd_state_bytes
 from ratel.passes.build_lifetimes import unit_calls
 from ratel.passes.manager import PassContext, PassResult, graph_pass
@@ -72,10 +72,10 @@ def plan_transfers(ctx: PassContext, plan: PlacementPlan, lifetimes: Lifetimes,
     for step in steps:
         t = step.index
         unit = units[step.unit]
-        for fetch in sorted((f for f in plan.fetches if f.issue == t), key=lambda f: f.first):
+        issued = [(k, f) for k, f in enumerate(plan.fetches) if f.issue == t]
+        for k, fetch in sorted(issued, key=lambda kf: kf[1].first):
             # SSD-resident parameters: each residency's read is issued right after the previous fetch (the
             # first with its own fetch), so the ring holds one read ahead.
-            k = plan.fetches.index(fetch)
             if k == 0 and k in ssd_reads:
                 out.append(dataclasses.replace(ssd_reads[k], step=t))
             out.append(Transfer(K.FETCH_PARAMS, units[fetch.unit].name, unit_bytes(plan, fetch.unit), Tier.HOST,

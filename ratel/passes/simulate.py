@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ratel.ir import (step_index, TransferKind as K, META_TENSOR, ActivationPlan, CostModel, Lifetimes, MemoryProfile, Phase, PlacementPlan, Span,
-                      StepMemory, StepTime, Tier, TimeProfile)
+from ratel.ir import (META_TENSOR, ActivationPlan, CostModel, Lifetimes, MemoryProfile, Phase, PlacementPlan, Span,
+                      StepMemory, StepTime, Tier, TimeProfile, TransferKind as K, step_index)
 from ratel.passes.build_lifetimes import boundary_values, unit_calls
 from ratel.passes.manager import PassContext
 from ratel.ir.layout import host_usage, saved_host_bytes, ssd_state_bytes

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ratel.errors import BudgetError, PlanViolation
-from ratel.ir import step_index, ActivationPlan, CostModel, Lifetimes, MemoryProfile, Plan, PlacementPlan, Schedule, Tier, format_bytes
+from ratel.ir import (ActivationPlan, CostModel, Lifetimes, MemoryProfile, PlacementPlan, Plan, Schedule, Tier,
+                      format_bytes, step_index)
 from ratel.passes.manager import PassContext, PassResult, graph_pass
 from ratel.passes.simulate import predict_times, simulate_memory
 from ratel.ir import ops
@@ -86,7 +87,8 @@ def _budget_message(ctx: PassContext, memory: MemoryProfile, budget: int) -> str
             "or lower the batch size or sequence length to shrink the activations.")
 
 
-@graph_pass(requires=("analysis:Lifetimes", "analysis:PlacementPlan", "analysis:Schedule", "analysis:CostModel"), ensures=("analysis:Plan",))
+@graph_pass(requires=("analysis:Lifetimes", "analysis:PlacementPlan", "analysis:Schedule", "analysis:CostModel"),
+            ensures=("analysis:Plan",))
 def verify_plan(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     check_plan_invariants(gm, ctx)
     memory = simulate_memory(gm, ctx)

@@ -91,7 +91,7 @@ class Runtime:
                 self.calls[call.unit] = call
                 self.unit_index[call.name] = call.unit
         self.modules = {u: getattr(gm, c.module) for u, c in self.calls.items()}
-        self.bwd_step = step_index(plan.steps)[1]
+        self.fwd_step, self.bwd_step = step_index(plan.steps)
         self.generation = 0
         self._slot_of: dict[int, int] = {}
         self._ready: dict[int, Any] = {}
@@ -100,7 +100,6 @@ class Runtime:
         self._grad_buffers: dict[int, torch.Tensor] = {}
         self._anchor = torch.zeros((), requires_grad=True)
         self.pending_backward = False
-        self.fwd_step = step_index(plan.steps)[0]
         self.recorder = None
         self._step = -1
         self._flushed: dict[int, tuple] = {}      # group -> (D2H copy event, per-parameter norms)
