@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ratel.errors import BudgetError
+from ratel.checkpoint import open_checkpoint
+from ratel.errors import BudgetError, RatelError
 from ratel.engine import Engine
 from ratel.ir.budget import Budget, parse_bytes
 from ratel.ir.hardware import HardwareProfile
@@ -29,7 +30,7 @@ def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | Non
             device: str | torch.device | None = None, hardware: HardwareProfile | None = None,
             weights: str | None = None, depth: int = 2, progress: bool = True,
             keep_swap_files: bool = False, activations: str = "auto", accumulate: int = 1,
-            max_grad_norm: float | None = None) -> Engine:
+            max_grad_norm: float | None = None, resume: str | None = None) -> Engine:
     """Compile ``model`` for training under ``budget``.
 
     model           an nn.Module with repeated blocks (a ``ratel.models.GPT`` or a transformers causal LM),
@@ -49,6 +50,9 @@ def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | Non
     keep_swap_files leave the SSD swap files in place on close (they are named after the model)
     activations     "auto" (plan every saved tensor: keep / host / SSD / recompute), or a fixed policy:
                     "recompute" (checkpoint unit inputs only), "keep", "host", "ssd"
+    resume          a folder ``engine.save`` wrote: weights, Adam states, update count, param-group
+                    hyper-parameters and RNG states are restored, so the following steps equal those of the
+                    run that saved it (``engine.resumed`` has its step and state=; ``engine.restore_scheduler``)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"ratel.compile expects an nn.Module, got {type(model).__name__}")
@@ -57,9 +61,14 @@ def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | Non
         device = torch.device("cuda", torch.cuda.current_device())
     # The plan is executed here: it prices the host memory of this process's CPU AdamW kernel.
     hardware = this_machine(hardware) if hardware is not None else detect(device)
+    checkpoint = None
+    if resume is not None:
+        if weights is not None:
+            raise RatelError("give weights= or resume=, not both: a checkpoint holds its own weights")
+        checkpoint = open_checkpoint(resume, model)
     engine = Engine(model, _as_budget(budget), optimizer, device, hardware, weights=weights,
                     depth=depth, progress=progress, keep_swap_files=keep_swap_files, activations=activations,
-                    accumulate=accumulate, max_grad_norm=max_grad_norm)
+                    accumulate=accumulate, max_grad_norm=max_grad_norm, resume=checkpoint)
     if example_inputs is not None:
         example_inputs = tuple(example_inputs)
         kwargs = default_kwargs(model, example_inputs, example_kwargs)

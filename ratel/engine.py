@@ -9,12 +9,15 @@ pinned pools take.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from ratel.checkpoint import Checkpoint, Resumed, restore_rng, save as save_checkpoint
 from ratel.errors import RatelError
+from ratel.runtime.tensor_files import CheckpointError
 from ratel.ir import Plan, canonical_parameter_names, format_bytes
 from ratel.ir.budget import Budget
 from ratel.ir.hardware import HardwareProfile
@@ -38,7 +41,7 @@ class Engine:
     def __init__(self, model: nn.Module, budget: Budget, optimizer, device: torch.device,
                  hardware: HardwareProfile, weights=None, depth: int = 2, max_programs: int = 4,
                  progress: bool = True, keep_swap_files: bool = False, activations: str = "auto",
-                 accumulate: int = 1, max_grad_norm: float | None = None):
+                 accumulate: int = 1, max_grad_norm: float | None = None, resume: Checkpoint | None = None):
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise ValueError(f"accumulate={accumulate!r}: give the number of micro-batches per update, an int >= 1")
         if max_grad_norm is not None and not (float(max_grad_norm) > 0):
@@ -59,8 +62,17 @@ class Engine:
         self.progress = progress
         self._weights = weights
         self._training = model.training
+        #: update cycles completed (``step()`` calls), counted across resumes
+        self.global_step = 0
+        self._resume = resume
+        self.resumed: Resumed | None = None
+        if resume is not None:
+            self._take_hyperparameters(resume)
+            self.global_step = resume.step
         self._resources = Resources(model, device, self.budget, weights=weights, progress=progress,
-                                    keep_swap_files=keep_swap_files)
+                                    keep_swap_files=keep_swap_files,
+                                    checkpoint=resume.tensors() if resume is not None else None,
+                                    optimizer_step=resume.state["optimizer_step"] if resume is not None else 0)
         self._programs = ProgramCache(max_programs)
         self.keep_swap_files = keep_swap_files
         self._activations = activations
@@ -103,6 +115,12 @@ class Engine:
                                    norm_order=norm_order(self.model, plan.groups), accumulate=self.accumulate,
                                    max_grad_norm=self.max_grad_norm)
             self._bind_model()
+            if self._resume is not None:
+                # Last, after anything planning or loading might draw: the next step draws what it drew then.
+                restore_rng(self._resume.state, self.device)
+                self.resumed = Resumed(self._resume.step, self._resume.state.get("state"),
+                                       self._resume.state.get("scheduler"), self._resume.folder)
+                self._resume = None
         program = self._resources.program(gm, plan)
         log.info("ratel: planned %s (peak GPU %s of %s, host %s)", [tuple(a.shape) for a in args
                  if isinstance(a, torch.Tensor)], format_bytes(plan.memory.gpu_peak),
@@ -170,6 +188,7 @@ class Engine:
         self._check_open("call step()")
         if self._optimizer is not None:
             self._optimizer.finish_cycle()
+        self.global_step += 1
         if self._recorder is not None:
             self.last_step = self._recorder.finish()
             self._recorder = None
@@ -218,6 +237,42 @@ class Engine:
 
     def eval(self) -> "Engine":
         return self.train(False)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path, *, scheduler=None, state=None, max_shard_size: int | str = "5GB",
+             extra_files: dict[str, bytes] | None = None) -> Path:
+        """Write a checkpoint that ``ratel.compile(..., resume=path)`` continues from exactly: the weights as
+        Hugging Face safetensors with config.json (``from_pretrained(path)`` loads them), fp32 masters and
+        Adam states (SSD-resident ones streamed from their swap files), the update count, the param groups,
+        ``scheduler.state_dict()``, the RNG states and ``state`` (anything JSON-serialisable: the data
+        position), and ``extra_files`` (name -> bytes: a tokenizer's files). Atomic: a crash leaves the previous
+        checkpoint, or this one, complete. Call it after ``step()``."""
+        self._check_open("save a checkpoint")
+        return save_checkpoint(self, path, scheduler=scheduler, state=state, max_shard_size=max_shard_size,
+                               extra_files=extra_files, progress=self.progress)
+
+    def restore_scheduler(self, scheduler) -> None:
+        """After ``compile(..., resume=)``: load the LR scheduler state saved with ``engine.save(scheduler=)``
+        and put back the learning rates the next update uses (creating a scheduler resets them)."""
+        if self.resumed is None:
+            raise RatelError("restore_scheduler() needs an engine compiled with resume=<checkpoint> (and "
+                             "example_inputs, or after its first forward)")
+        if self.resumed.scheduler is None:
+            raise RatelError(f"the checkpoint {self.resumed.folder} holds no scheduler state: pass "
+                             "engine.save(path, scheduler=sched) when saving")
+        scheduler.load_state_dict(self.resumed.scheduler)
+        saved = self._resume_groups
+        for group, hyper in zip(self.optimizer.param_groups, saved):
+            group.update(hyper)
+
+    def _take_hyperparameters(self, resume: Checkpoint) -> None:
+        saved = resume.state["param_groups"]
+        if len(saved) != len(self.optimizer.param_groups):
+            raise CheckpointError(f"{resume.folder}: saved with {len(saved)} optimizer param groups, the optimizer "
+                                  f"given has {len(self.optimizer.param_groups)}: build the param groups as when saving")
+        self._resume_groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in saved]
+        for group, hyper in zip(self.optimizer.param_groups, self._resume_groups):
+            group.update(hyper)
 
     # ------------------------------------------------------------------ the user's model object
     def _bind_model(self) -> None:
@@ -289,6 +344,11 @@ class Engine:
         out = {}
         for name, p in self.model.named_parameters(remove_duplicate=False):
             out[name] = params[name] if name in params else p.detach().cpu().clone()
+        return {**out, **self.state_dict_buffers()}
+
+    def state_dict_buffers(self) -> dict[str, torch.Tensor]:
+        """The model's persistent buffers, as CPU tensors (the ones Ratel holds on the device, or rebuilt)."""
+        out = {}
         for name, buf in persistent_buffers(self.model):
             if name in (self._buffers or {}):
                 out[name] = self._buffers[name].detach().cpu().clone()

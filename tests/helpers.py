@@ -8,7 +8,10 @@ import pytest
 import torch
 
 import ratel
+from ratel.ir import Tier
+from ratel.ir.layout import host_usage
 from ratel.models import GPT, GPTConfig
+from ratel.runtime.calibrate import cpu_adam_kernel
 
 VOCAB = 128
 
@@ -208,3 +211,14 @@ def assert_trained_alike(result, rel: float = 1e-5) -> None:
             assert not math.isfinite(a)
     worst, name = max_relative_difference(result["engine"].state_dict(), result["reference"])
     assert worst < rel, f"{name} differs by {worst:.2e}"
+
+
+def host_minimum(model, ids, accumulate: int = 1) -> int:
+    """The host budget that leaves every optimizer state to the SSD."""
+    probe = ratel.compile(model, budget=ratel.Budget(gpu="1GiB", host="1TiB"), example_inputs=(ids,),
+                          device="cpu", progress=False)
+    plan = probe.plan
+    probe.close()
+    tiers = {g.name: Tier.SSD for g in plan.groups if g.trainable}
+    return sum(b for _, b in host_usage(plan.groups, tiers, plan.placement.activations, (cpu_adam_kernel() == "torch"),
+                                        accumulate=accumulate))

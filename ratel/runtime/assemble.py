@@ -62,8 +62,10 @@ class Resources:
     """What the programs of one engine share, created from its first plan (see the module docstring)."""
 
     def __init__(self, model: nn.Module, device: torch.device, budget: Budget, *, weights=None,
-                 progress: bool = True, keep_swap_files: bool = False):
+                 progress: bool = True, keep_swap_files: bool = False, checkpoint=None, optimizer_step: int = 0):
         self.model = model
+        self.checkpoint = checkpoint            # a TensorSet to resume from, read once by create()
+        self.optimizer_step = optimizer_step
         self.device = device
         self.budget = budget
         self.weights = weights
@@ -101,7 +103,11 @@ class Resources:
         ssd_params = (SsdParams(self.swapper_for_plan(), params_on_ssd, model_key(self.model), self.store_pool)
                       if params_on_ssd else None)
         self.store = ParamStore(plan, self.device, self.store_pool, ssd=self.ssd, ssd_params=ssd_params)
-        self.store.load(self.model, self.weights, progress=self.progress)
+        self.store.load(self.model, self.weights, progress=self.progress, checkpoint=self.checkpoint,
+                        step=self.optimizer_step)
+        if self.checkpoint is not None:
+            self.checkpoint.close()
+            self.checkpoint = None
         self.optimizer = CPUOptimizer(self.store, hyper, ssd=self.ssd, segments=segments, accumulate=accumulate,
                                       max_grad_norm=max_grad_norm, norm_order=norm_order)
         self.buffers = load_buffers(self.model, traced, self.device)

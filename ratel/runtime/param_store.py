@@ -14,6 +14,7 @@ exists anywhere but in these buffers.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import logging
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from ratel.errors import RatelError
 from ratel.ir import ParamGroup, Plan, canonical_parameter_names
 from ratel.runtime.memory import PinnedPool
+from ratel.runtime.tensor_files import TensorSet
 
 log = logging.getLogger("ratel.runtime")
 
@@ -70,8 +72,13 @@ class ParamStore:
         return self.ssd_params is not None and group.index in self.ssd_params.groups
 
     # ------------------------------------------------------------------ values in
-    def load(self, model: nn.Module, weights: str | os.PathLike | None = None, progress: bool = True) -> None:
-        """Fill master and compute copies from ``weights`` files, the model's tensors, or its initialiser."""
+    def load(self, model: nn.Module, weights: str | os.PathLike | None = None, progress: bool = True,
+             checkpoint: "TensorSet | None" = None, step: int = 0) -> None:
+        """Fill master and compute copies from ``weights`` files, the model's tensors, or its initialiser; or
+        every value and state (Adam moments, ``step`` updates done) from a ``checkpoint``."""
+        if checkpoint is not None:
+            self._load_checkpoint(checkpoint, step, progress)
+            return
         files = _safetensors_files(weights) if weights is not None else None
         aliases = _aliases(model)
         on_meta = any(p.is_meta for p in model.parameters())
@@ -108,6 +115,81 @@ class ParamStore:
                 self.ssd_params.initialize(g, staged)
             if g.trainable and self.on_ssd(g):
                 self.ssd.initialize(g, master if g.dtype != torch.float32 else None)
+        bar.close()
+
+    def _load_checkpoint(self, checkpoint: TensorSet, step: int, progress: bool) -> None:
+        bar = _bar(self.groups, "ratel: loading the checkpoint", progress)
+        for g in self.groups:
+            staged = torch.empty(g.numel, dtype=g.dtype) if self.params_on_ssd(g) else None
+            compute = staged if staged is not None else self.compute[g.index]
+            if not g.trainable:
+                for name, piece in _pieces(g):
+                    checkpoint.read_into(name, compute[piece])
+                checkpoint.verify()
+            else:
+                with self._states_to_fill(g) as (master, exp_avg, exp_avg_sq):
+                    for name, piece in _pieces(g):
+                        # An fp32 group's master is its compute copy, saved once, with the model's weights.
+                        checkpoint.read_into(name if g.dtype == torch.float32 else f"master/{name}", master[piece])
+                        checkpoint.read_into(f"exp_avg/{name}", exp_avg[piece])
+                        checkpoint.read_into(f"exp_avg_sq/{name}", exp_avg_sq[piece])
+                    checkpoint.verify()      # before anything read reaches the SSD
+                    if g.dtype != torch.float32:
+                        compute.copy_(master)    # the rounding every update writes
+                self.steps[g.index].fill_(step)
+            if staged is not None:
+                self.ssd_params.initialize(g, staged)
+            bar.update(g.numel)
+        bar.close()
+
+    @contextlib.contextmanager
+    def _states_to_fill(self, g: ParamGroup):
+        if self.on_ssd(g):
+            with self.ssd.staged(g) as (master, exp_avg, exp_avg_sq):
+                yield (self.master[g.index] if master is None else master), exp_avg, exp_avg_sq
+        else:
+            yield self.master[g.index], self.exp_avg[g.index], self.exp_avg_sq[g.index]
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_entries(self) -> tuple[list, list]:
+        """(name, dtype, shape) of what ``write_checkpoint`` writes, in order: the weights (compute dtype, the
+        names of the model's first alias), and per trainable parameter its fp32 master (unless the compute
+        copy is fp32 itself) and Adam moments."""
+        weights, states = [], []
+        for g in self.groups:
+            for name, shape in zip(g.params, g.shapes):
+                weights.append((name, g.dtype, tuple(shape)))
+                if g.trainable:
+                    kinds = ("exp_avg", "exp_avg_sq") if g.dtype == torch.float32 else ("master", "exp_avg", "exp_avg_sq")
+                    states += [(f"{kind}/{name}", torch.float32, tuple(shape)) for kind in kinds]
+        return weights, states
+
+    def write_checkpoint(self, weights, states, progress: bool = True) -> None:
+        """Stream every value and state into the writers ``weights`` and ``states`` (``put(name, tensor)``,
+        ``wait_hashes()``), a group at a time: groups on SSD pass through one staging buffer, never all at once."""
+        bar = _bar(self.groups, "ratel: saving the checkpoint", progress)
+        for g in self.groups:
+            compute = self.compute.get(g.index)
+            held = None
+            if compute is None and not g.trainable:
+                compute = held = self.ssd_params.acquire(g)
+            if g.trainable:
+                master, exp_avg, exp_avg_sq = (self.ssd.read_group(g) if self.on_ssd(g) else
+                                               (None, self.exp_avg[g.index], self.exp_avg_sq[g.index]))
+                master = self.master[g.index] if master is None else master
+            for name, piece in _pieces(g):
+                # Trainable compute copies on SSD are the rounding of the master: rounded here, not read.
+                weights.put(name, compute[piece] if compute is not None else master[piece].to(g.dtype))
+                if g.trainable:
+                    if g.dtype != torch.float32:
+                        states.put(f"master/{name}", master[piece])
+                    states.put(f"exp_avg/{name}", exp_avg[piece])
+                    states.put(f"exp_avg_sq/{name}", exp_avg_sq[piece])
+            weights.wait_hashes()     # the staging buffers are reused by the next group
+            states.wait_hashes()
+            if held is not None:
+                self.ssd_params.release(g, None)
+            bar.update(g.numel)
         bar.close()
 
     # ------------------------------------------------------------------ values out
@@ -161,6 +243,17 @@ class ParamStore:
         raw = self.ring[slot]
         return [(self.groups[i], raw[o: o + self.groups[i].nbytes].view(self.groups[i].dtype))
                 for i, o in zip(layout.groups, layout.byte_offsets)]
+
+
+def _pieces(g: ParamGroup):
+    """(parameter name, slice of the group's flat buffers) of every parameter of a group."""
+    for name, shape, offset in zip(g.params, g.shapes, g.offsets):
+        yield name, slice(offset, offset + math.prod(shape))
+
+
+def _bar(groups, desc: str, progress: bool):
+    total = sum(g.numel for g in groups)
+    return tqdm(total=total, unit="param", unit_scale=True, desc=desc, disable=not progress or total < 5e8)
 
 
 def _aliases(model: nn.Module) -> dict[str, list[str]]:

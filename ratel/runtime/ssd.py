@@ -16,6 +16,7 @@ group). Every I/O error surfaces on the training thread as ``SwapIOError`` namin
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import itertools
@@ -91,20 +92,30 @@ class SsdStates:
     # ------------------------------------------------------------------ initial values and read-out
     def initialize(self, group: ParamGroup, master: torch.Tensor | None) -> None:
         """Write a group's starting states: its master values (if kept on SSD) and zero moments."""
+        with self.staged(group) as (m_master, m, v):
+            if m_master is not None:
+                m_master.copy_(master)
+            m.zero_()
+            v.zero_()
+
+    @contextlib.contextmanager
+    def staged(self, group: ParamGroup):
+        """Outside a step: (master or None, exp_avg, exp_avg_sq) views of a staging buffer to fill; written
+        to the group's swap file when the block ends."""
         buf = self._free_buffer_sync()
-        m_master, m, v = self.views(group, buf.data)
-        if m_master is not None:
-            m_master.copy_(master)
-        m.zero_()
-        v.zero_()
+        yield self.views(group, buf.data)
         self.swapper.write(self.files[group.index], 0, buf.data[: ssd_state_bytes(group)]).wait()
+
+    def read_group(self, group: ParamGroup):
+        """Outside a step: the group's current (master or None, exp_avg, exp_avg_sq), as views of a staging
+        buffer valid until the next call (waits for pending write-backs)."""
+        buf = self._free_buffer_sync()
+        self.swapper.read(self.files[group.index], 0, buf.data[: ssd_state_bytes(group)]).wait()
+        return self.views(group, buf.data)
 
     def read_master(self, group: ParamGroup) -> torch.Tensor:
         """The current fp32 master of a group whose master lives on SSD (waits for pending write-backs)."""
-        self.flush()
-        buf = self._free_buffer_sync()
-        self.swapper.read(self.files[group.index], 0, buf.data[: ssd_state_bytes(group)]).wait()
-        return self.views(group, buf.data)[0].clone()
+        return self.read_group(group)[0].clone()
 
     def _free_buffer_sync(self) -> _Buffer:
         self.flush()

@@ -7,20 +7,10 @@ import pytest
 import torch
 
 import ratel
-from helpers import batches, make_model, max_relative_difference, mixed_precision_reference
+from helpers import batches, host_minimum, make_model, max_relative_difference, mixed_precision_reference
 from ratel.ir import Tier
 from ratel.ir.layout import host_usage
 from ratel.runtime.calibrate import cpu_adam_kernel
-
-
-def host_minimum(model, ids) -> int:
-    """The host budget that leaves every optimizer state to the SSD."""
-    probe = ratel.compile(model, budget=ratel.Budget(gpu="1GiB", host="1TiB"), example_inputs=(ids,),
-                          device="cpu", progress=False)
-    plan = probe.plan
-    probe.close()
-    tiers = {g.name: Tier.SSD for g in plan.groups if g.trainable}
-    return sum(b for _, b in host_usage(plan.groups, tiers, plan.placement.activations, (cpu_adam_kernel() == "torch")))
 
 
 def train(engine, data):
