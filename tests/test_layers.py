@@ -25,6 +25,8 @@ LAYERS = {
     "ratel._swapper": "runtime",
     "ratel.api": "api",
     "ratel.engine": "api",
+    "ratel.checkpoint": "api",
+    "ratel.data": "api",           # training data: examples, tokenizers, packing, batches
     "ratel.optim": "api",
     "ratel.program_cache": "api",
     "ratel.tools": "tools",
