@@ -1,106 +1,81 @@
-"""Fine-tune a small GPT on a bundled text with Ratel: the project's main job.
+"""Fine-tune a small Llama on a bundled text with Ratel: the project's main job, on ``ratel train``'s code.
 
-    python examples/finetune.py                 # a few hundred steps, on CUDA if present, else CPU
+    python examples/finetune.py                   # 120 updates, on CUDA if present, else the CPU
     python examples/finetune.py --steps 50 --budget 64MiB
+    python examples/finetune.py --resume          # continue from the latest checkpoint in --out
 
-The model is Ratel's reference GPT at byte level (vocabulary 256). The GPU budget defaults to the smallest
-the planner accepts, so parameters stream through a two-slot ring, block inputs are checkpointed to host
-memory, and AdamW runs on the CPU while backward goes on. At the end the trained weights are loaded into
-a plain PyTorch model, which writes a sample.
+The model is a 4-layer Llama built from a config (random initialisation) at byte level (Ratel's fallback
+tokenizer: UTF-8 bytes and an eos). The GPU budget defaults to the smallest the planner accepts, so
+parameters stream through a two-slot ring, block inputs are checkpointed, and AdamW runs on the CPU while
+backward goes on. Checkpoints land in ``--out`` as Hugging Face folders; at the end the last one is loaded
+with ``transformers`` and writes a sample.
 """
 from __future__ import annotations
 
 import argparse
-import time
+import json
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 import ratel
-from ratel.ir import format_bytes
-from ratel.models import GPT, GPTConfig
+from ratel.data import ByteTokenizer
+from ratel.tools.train import TrainConfig, build, train
 
 TEXT = Path(__file__).parent / "data" / "honey_badger.txt"
+CONFIG = {"model_type": "llama", "vocab_size": 264, "hidden_size": 128, "intermediate_size": 344,
+          "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512,
+          "bos_token_id": 256, "eos_token_id": 256, "pad_token_id": 256, "tie_word_embeddings": False}
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--steps", type=int, default=120, help="updates (default 120)")
+    parser.add_argument("--batch", type=int, default=8, help="rows per update (default 8)")
+    parser.add_argument("--seq", type=int, default=128, help="tokens per row (default 128)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     parser.add_argument("--budget", default=None, help="GPU budget, e.g. 24GiB (default: the smallest accepted)")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cuda or cpu (default cuda when present)")
+    parser.add_argument("--out", default="runs/finetune", help="checkpoints and metrics (default runs/finetune)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     return parser.parse_args()
 
 
-def batches(data: torch.Tensor, batch: int, seq: int, generator: torch.Generator):
-    while True:
-        starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=generator)
-        yield torch.stack([data[s: s + seq] for s in starts]).long()
-
-
 @torch.no_grad()
-def sample(model: GPT, prompt: str, length: int, device) -> str:
-    ids = torch.tensor([list(prompt.encode())], device=device)
-    for _ in range(length):
-        logits = model(ids[:, -model.config.max_seq_len:]).logits[:, -1]
-        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-    return bytes(ids[0].tolist()).decode(errors="replace")
+def sample(model, prompt: str, length: int) -> str:
+    tokenizer = ByteTokenizer()
+    ids = torch.tensor([tokenizer.encode(prompt)], device=model.device)
+    out = model.generate(ids, max_new_tokens=length, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0])
 
 
 def main():
     args = parse_args()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(args.seed)
-    data = torch.frombuffer(bytearray(TEXT.read_bytes()), dtype=torch.uint8)
-    cfg = GPTConfig(vocab_size=256, n_layer=args.layers, n_head=4, d_model=args.width, max_seq_len=args.seq,
-                    dropout=args.dropout)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = GPT(cfg).to(dtype).train()
-    params = sum(p.numel() for p in model.parameters())
-    param_bytes = params * dtype.itemsize
-    generator = torch.Generator().manual_seed(args.seed)
-    stream = batches(data, args.batch, args.seq, generator)
-    example = next(stream)
-
-    budget = args.budget
-    if budget is None:
+    out = Path(args.out)
+    model_dir = out / "model"                    # a config alone: ratel train initialises the weights
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.json").write_text(json.dumps(CONFIG, indent=1))
+    config = TrainConfig(model=str(model_dir), data=str(TEXT), out=str(out), seq=args.seq, batch=args.batch,
+                         steps=args.steps, lr=args.lr, warmup=0.05, weight_decay=0.1, eval_fraction=0.1,
+                         eval_every=20, eval_batches=4, save_every=50, keep=1, device=args.device,
+                         resume=args.resume, budget=args.budget or "1TiB")
+    if args.budget is None:
         # The smallest budget the planner accepts for this batch: its most frugal plan (every unit recomputed).
-        budget = ratel.explain(model, "1TiB", (example,), device=device, activations="recompute").memory.gpu_peak
-    engine = ratel.compile(model, budget=budget, optimizer=ratel.AdamW(lr=args.lr, weight_decay=0.1),
-                           example_inputs=(example,), device=device)
-    plan = engine.plan
-    print(f"ratel: {params / 1e6:.2f}M parameters ({format_bytes(param_bytes)} in {dtype}) on {device}; "
-          f"GPU budget {format_bytes(plan.budget_gpu)}, planned peak {format_bytes(plan.memory.gpu_peak)}, "
-          f"host {format_bytes(plan.memory.host_total)}")
+        model, _, _, _ = build(config)
+        ids = torch.zeros(args.batch, args.seq, dtype=torch.long)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        config.budget = str(ratel.explain(model, "1TiB", (ids,), device=device, activations="recompute").memory.gpu_peak)
+    result = train(config)
 
-    tokens = args.batch * args.seq
-    bar = tqdm(range(args.steps), desc="fine-tuning", unit="step")
-    start = time.perf_counter()
-    ema = None
-    for step in bar:
-        ids = example if step == 0 else next(stream)
-        loss = engine(ids, labels=ids).loss
-        engine.backward(loss)
-        engine.step()
-        value = loss.item()
-        ema = value if ema is None else 0.95 * ema + 0.05 * value
-        rate = tokens * (step + 1) / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{rate:,.0f}")
-    bar.close()
-
-    trained = GPT(cfg).to(device)
-    trained.load_state_dict({k: v for k, v in engine.state_dict().items() if k in trained.state_dict()})
-    engine.close()
-    trained.eval()
-    print(f"final loss {ema:.3f} (a uniform guess over bytes is {torch.log(torch.tensor(256.0)):.3f})")
-    print("sample:", repr(sample(trained, "The honey badger ", 120, device)))
+    from transformers import AutoModelForCausalLM
+    trained = AutoModelForCausalLM.from_pretrained(result.checkpoint).float().eval()
+    uniform = torch.log(torch.tensor(256.0)).item()
+    if result.losses:
+        last = result.eval_losses[-1][1] if result.eval_losses else float("nan")
+        print(f"final training loss {result.losses[-1]:.3f}, held-out loss {last:.3f} "
+              f"(a uniform guess over bytes is {uniform:.3f})")
+    print("sample:", repr(sample(trained, "The honey badger ", 120)))
 
 
 if __name__ == "__main__":

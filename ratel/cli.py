@@ -1,4 +1,7 @@
-"""``python -m ratel``: plan a model without running it, or benchmark training throughput.
+"""``python -m ratel``: fine-tune a model, plan a model without running it, or benchmark training throughput.
+
+    python -m ratel train --model path/to/model --data train.jsonl --out runs/ft --seq 1024 --batch 4
+        fine-tunes with checkpoints every --save-every updates; --resume continues (ratel/tools/train.py)
 
     python -m ratel plan --model gpt-175b --budget 24GiB --batch 16 --seq 2048 --host 4TiB
         prints the plan summary (memory per tier and unit, time per lane and step) and writes
@@ -63,12 +66,22 @@ def _bench_parser(sub) -> None:
     p.add_argument("--out", help="folder for summary.txt and the plots of a recorded step")
 
 
+def _train_parser(sub) -> None:
+    from ratel.tools.train import add_arguments
+    p = sub.add_parser("train", help="fine-tune a causal LM on local data, with checkpoints and --resume",
+                       description="Fine-tune a Hugging Face causal LM (or a preset) on local data under a GPU "
+                                   "budget. Checkpoints are Hugging Face folders with the optimizer state beside; "
+                                   "SIGTERM/SIGINT save one and stop; --resume continues exactly.")
+    add_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ratel",
-                                     description="Plan a model without running it (plan), or benchmark training "
-                                                 "throughput (bench). 'python -m ratel plan --help' shows the "
-                                                 "options of one command.")
+                                     description="Fine-tune a model (train), plan a model without running it "
+                                                 "(plan), or benchmark training throughput (bench). "
+                                                 "'python -m ratel train --help' shows the options of one command.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
     _plan_parser(sub)
     _bench_parser(sub)
     return parser
@@ -146,11 +159,18 @@ def cmd_bench(args, out=sys.stdout) -> int:
     return 0
 
 
+def cmd_train(args, out=sys.stdout) -> int:
+    from ratel.tools.train import config_from_args, train
+
+    result = train(config_from_args(args), say=lambda line: print(line, file=out, flush=True))
+    return 0 if result.stopped_by is None else 128 + result.stopped_by
+
+
 def main(argv: list[str] | None = None, out=None) -> int:
     out = out or sys.stdout
     args = build_parser().parse_args(argv)
     try:
-        return {"plan": cmd_plan, "bench": cmd_bench}[args.command](args, out)
+        return {"plan": cmd_plan, "bench": cmd_bench, "train": cmd_train}[args.command](args, out)
     except (RatelError, ValueError) as exc:
         print(f"ratel {args.command}: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, BudgetError) else 1
