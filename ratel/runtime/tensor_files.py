@@ -8,9 +8,15 @@ of a model whose states live on SSD must stream them a group at a time.
 Every tensor's bytes are hashed (sha256 per ``HASH_CHUNK`` bytes, on a thread pool while the bytes are
 written or read: hashlib releases the GIL) so that a reader can tell a corrupt or truncated file from a
 good one and name it. The digests go into the checkpoint's manifest, written after every file is complete.
+
+The bytes go to the disk with O_DIRECT through two page-aligned staging blocks, one filled while the other
+is written: buffered writes of a checkpoint (16 B per parameter) fill the page cache and reach the disk at
+half its rate (measured on the H200 machine: 1.0 GB/s buffered against 2.4 GB/s raw).
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -20,6 +26,10 @@ from pathlib import Path
 import torch
 
 from ratel.errors import RatelError
+from ratel.ir.layout import PAGE, round_up
+from ratel.runtime.swapper import aligned_empty
+
+STAGING_BLOCK = 32 << 20
 
 HASH_CHUNK = 64 << 20
 
@@ -47,6 +57,77 @@ def _digests(pool: ThreadPoolExecutor, data: memoryview) -> list[Future]:
             for i in range(0, max(len(data), 1), HASH_CHUNK)]
 
 
+class DirectStream:
+    """Sequential writes into a new file (0600; an existing file is an error) through two page-aligned staging
+    blocks written with O_DIRECT on a thread of their own; the last block is padded to a page and the file
+    cut to its length. Buffered where the file system refuses O_DIRECT (tmpfs). I/O errors surface on the
+    next ``write`` or on ``close``."""
+
+    def __init__(self, path: Path, block: int = STAGING_BLOCK):
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+        self._blocks = [aligned_empty(block), aligned_empty(block)]
+        self._pending: list[Future | None] = [None, None]
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ratel-checkpoint-io")
+        self._current = 0
+        self._fill = 0
+        self.size = 0
+
+    def write(self, data: torch.Tensor) -> None:
+        """Append the bytes of ``data`` (a contiguous CPU tensor); they are copied before this returns."""
+        src = data.reshape(-1).view(torch.uint8)
+        block = self._blocks[self._current]
+        pos = 0
+        while pos < src.numel():
+            take = min(src.numel() - pos, block.numel() - self._fill)
+            block[self._fill: self._fill + take].copy_(src[pos: pos + take])
+            self._fill += take
+            pos += take
+            if self._fill == block.numel():
+                self._submit(self._fill)
+                block = self._blocks[self._current]
+        self.size += src.numel()
+
+    def _submit(self, nbytes: int) -> None:
+        self._pending[self._current] = self._io.submit(self._write_all, self._blocks[self._current], nbytes)
+        self._current ^= 1
+        self._fill = 0
+        waiting, self._pending[self._current] = self._pending[self._current], None
+        if waiting is not None:
+            waiting.result()        # the block to fill next is on the disk
+
+    def _write_all(self, block: torch.Tensor, nbytes: int) -> None:
+        view = memoryview(block.numpy())[:nbytes]
+        while view:
+            view = view[os.write(self._fd, view):]
+
+    def close(self) -> None:
+        """Write what is staged, cut the file to its length and flush it to the disk."""
+        try:
+            if self._fill:
+                padded = round_up(self._fill, PAGE)
+                self._blocks[self._current][self._fill: padded].zero_()
+                self._submit(padded)
+            for future in self._pending:
+                if future is not None:
+                    future.result()
+            os.ftruncate(self._fd, self.size)
+            os.fsync(self._fd)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        self._io.shutdown(wait=True)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class TensorWriter:
     """Writes the tensors of ``entries`` ((name, dtype, shape) in file order) into a new file at ``path``
     (created 0600; an existing file is an error: checkpoints are written into fresh folders)."""
@@ -66,16 +147,10 @@ class TensorWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-(8 + len(raw)) % 8)     # tensor data starts 8-aligned, as safetensors writes it
         self.size = 8 + len(raw) + offset
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._stream = DirectStream(self.path)
         self._next = 0
         self._hashes: dict[str, list[Future]] = {}
-        self._write(len(raw).to_bytes(8, "little") + raw)
-
-    def _write(self, data) -> None:
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        self._stream.write(torch.frombuffer(bytearray(len(raw).to_bytes(8, "little") + raw), dtype=torch.uint8))
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next tensor (they come in ``entries`` order). Its memory must not change until
@@ -84,9 +159,9 @@ class TensorWriter:
         if name != expected or tensor.dtype != dtype or tensor.numel() != _numel(shape):
             raise RuntimeError(f"{self.path.name}: got {name} {tensor.dtype} {tuple(tensor.shape)}, expected "
                                f"{expected} {dtype} {shape} (internal error)")
-        data = _bytes_of(tensor.contiguous())
-        self._hashes[name] = _digests(self.pool, data)
-        self._write(data)
+        tensor = tensor.contiguous()
+        self._hashes[name] = _digests(self.pool, _bytes_of(tensor))
+        self._stream.write(tensor)
         self._next += 1
 
     def wait_hashes(self) -> None:
@@ -102,17 +177,13 @@ class TensorWriter:
         """Flush the file to the disk; returns its manifest entry: size and per-tensor digests."""
         if not self.done:
             raise RuntimeError(f"{self.path.name}: {len(self._order) - self._next} tensors not written (internal error)")
-        try:
-            os.fsync(self._fd)
-        finally:
-            os.close(self._fd)
+        self._stream.close()
+        if self._stream.size != self.size:
+            raise RuntimeError(f"{self.path.name}: wrote {self._stream.size} bytes of {self.size} (internal error)")
         return {"bytes": self.size, "sha256": {name: [f.result() for f in fs] for name, fs in self._hashes.items()}}
 
     def abort(self) -> None:
-        try:
-            os.close(self._fd)
-        except OSError:
-            pass
+        self._stream.abort()
 
 
 class TensorReader:
