@@ -1,5 +1,7 @@
 """On a CUDA device: bf16 training equals plain PyTorch mixed precision, within the GPU memory budget."""
 
+import copy
+
 import pytest
 import torch
 
@@ -148,3 +150,52 @@ def test_bf16_accumulation_and_clipping_equal_pytorch_mixed_precision():
           f"grad norm {norm_diff:.2e}, parameters {param_diff:.2e}")
     assert all(n > 0.05 for n in ref_norms)
     assert loss_diff <= LOSS_RTOL and norm_diff <= LOSS_RTOL and param_diff <= PARAM_RTOL
+
+
+def test_bf16_resume_on_the_gpu_equals_the_uninterrupted_run(tmp_path):
+    # Dropout draws from the CUDA generator: the checkpoint must put it back as it was, with the states on SSD.
+    from ratel.ir import Tier
+    from ratel.ir.layout import host_usage
+    from ratel.runtime.calibrate import cpu_adam_kernel
+    model = make_model("gpt_untied", dropout=0.1, layers=4, dtype=torch.bfloat16)
+    data = batches(6, batch=4, seq=32)
+    probe = ratel.compile(model, budget="2GiB", example_inputs=(data[0][0],), device="cuda", progress=False)
+    plan = probe.plan
+    probe.close()
+    tiers = {g.name: Tier.SSD for g in plan.groups if g.trainable}
+    host = sum(b for _, b in host_usage(plan.groups, tiers, plan.placement.activations, (cpu_adam_kernel() == "torch")))
+    (tmp_path / "swap").mkdir()
+
+    def build(resume=None):
+        # A fresh copy each time: after close() the model passed to compile holds the trained weights.
+        return ratel.compile(copy.deepcopy(model), budget=ratel.Budget(gpu="2GiB", host=host, ssd_dir=str(tmp_path / "swap")),
+                             optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1), example_inputs=(data[0][0],),
+                             device="cuda", progress=False, resume=resume)
+
+    def run(engine, steps):
+        losses = []
+        for ids, labels in steps:
+            loss = engine(ids, labels=labels).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        return losses
+
+    engine = build()
+    torch.cuda.manual_seed(7)            # after compile: planning draws from the generator too
+    whole = run(engine, data)
+    final = engine.state_dict()
+    engine.close()
+    engine = build()
+    torch.cuda.manual_seed(7)
+    first = run(engine, data[:3])
+    engine.save(tmp_path / "ckpt")
+    engine.close()
+    torch.cuda.manual_seed(123)          # whatever was drawn before: the checkpoint's state wins
+    engine = build(resume=tmp_path / "ckpt")
+    rest = run(engine, data[3:])
+    state = engine.state_dict()
+    engine.close()
+    assert first + rest == whole
+    for name, value in final.items():
+        assert torch.equal(state[name], value), name
