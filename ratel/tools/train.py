@@ -355,7 +355,8 @@ def train(config: TrainConfig, model: torch.nn.Module | None = None, tokenizer=N
                 if first:
                     result.startup_seconds = time.perf_counter() - started
                     metrics.write({"step": engine.global_step, "startup_seconds": result.startup_seconds,
-                                   "resumed": resume is not None})
+                                   "resumed": resume is not None, "gpu_peak_planned": plan.memory.gpu_peak,
+                                   "host_bytes": plan.memory.host_total, "ssd_bytes": plan.memory.ssd_total})
                     first = False
                 begin = time.perf_counter()
                 micro = [next(batches) for _ in range(config.accumulate)]
