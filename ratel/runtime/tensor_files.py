@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -329,11 +330,30 @@ class ShardedWriter:
 
 
 class TensorSet:
-    """The tensors of several files by name (a checkpoint's weights and states), read with verification."""
+    """The tensors of several files by name (a checkpoint's weights and states), read with verification.
+
+    From its creation a thread reads the files through once, in order, so that the tracing and planning
+    that come before the load overlap the disk and the load finds the bytes in the page cache (a resumed
+    start reads 14 B/param where a fresh one reads 2)."""
+
+    READ_AHEAD_BLOCK = 16 << 20
 
     def __init__(self, folder: Path, files: dict[str, dict], pool: ThreadPoolExecutor):
         self.readers = [TensorReader(Path(folder) / name, pool, entry) for name, entry in files.items()]
         self._where = {name: r for r in self.readers for name in r.names()}
+        self._stop = threading.Event()
+        self._read_ahead = threading.Thread(target=self._warm, name="ratel-checkpoint-read-ahead", daemon=True)
+        self._read_ahead.start()
+
+    def _warm(self) -> None:
+        block = bytearray(self.READ_AHEAD_BLOCK)
+        for reader in self.readers:
+            try:
+                with open(reader.path, "rb", buffering=0) as f:
+                    while not self._stop.is_set() and f.readinto(block):
+                        pass
+            except OSError:
+                return          # the load itself reads every byte and reports what fails
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -354,5 +374,7 @@ class TensorSet:
             r.verify()
 
     def close(self) -> None:
+        self._stop.set()
+        self._read_ahead.join()
         for r in self.readers:
             r.close()
