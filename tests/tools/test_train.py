@@ -156,13 +156,20 @@ def test_sigterm_saves_and_resume_continues_as_the_uninterrupted_run(uninterrupt
     assert [r["step"] for r in records if "loss" in r] == list(range(1, config.steps + 1))
 
 
-def test_checkpoints_every_n_updates_keep_the_last_k(model_dir, data_file, tmp_path):
+def test_checkpoints_every_n_updates_keep_the_last_k_and_tensorboard_gets_the_metrics(model_dir, data_file,
+                                                                                       tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     code = main(["train", "--model", str(model_dir), "--data", str(data_file), "--out", str(tmp_path), "--seq", "16",
                  "--batch", "2", "--steps", "7", "--save-every", "2", "--keep", "2", "--eval-every", "0",
-                 "--device", "cpu", "--budget", "1GiB", "--no-tensorboard", "--no-progress"])
+                 "--device", "cpu", "--budget", "1GiB", "--no-progress"])
     assert code == 0
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-7"]
     assert not list(tmp_path.glob(".checkpoint-*"))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("loss")]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert losses == pytest.approx([r["loss"] for r in records if "loss" in r], rel=1e-6)
 
 
 def test_resume_without_a_checkpoint_says_so(model_dir, data_file, tmp_path, capsys):
