@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from resume_startup import drop_caches      # this folder: the page cache emptied before each start
+
 GiB = 1 << 30
 START = time.perf_counter()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"      # the CPU only to try the script end to end
@@ -113,16 +115,6 @@ def host_budget(args, model_dir: Path, swap: Path) -> int:
     plan = ratel.explain(model, ratel.Budget(gpu=args.budget, host="1TiB", ssd_dir=str(swap)), (ids,),
                          device=DEVICE, accumulate=args.accumulate, max_grad_norm=1.0)
     return plan.memory.host_total - int(float(args.spill.removesuffix("GiB")) * GiB)   # 0: every state on the host
-
-
-def drop_caches() -> bool:
-    """Empty the page cache, so that a start reads its weights or checkpoint from the disk (root only)."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def child(argv: list[str], cap: int) -> int:

@@ -23,6 +23,7 @@ from ratel.ir import format_bytes
 
 
 def drop_caches() -> bool:
+    """Empty the page cache, so that a start reads its weights or checkpoint from the disk (root only)."""
     os.sync()
     try:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
