@@ -391,7 +391,7 @@ def train(config: TrainConfig, model: torch.nn.Module | None = None, tokenizer=N
                     on_update(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}",
-                                tflops=f"{record['tflops']:.1f}")
+                                tflops=f"{record['tflops']:.3g}")
                 if (config.save_every and engine.global_step % config.save_every == 0) or stop.signal is not None:
                     save()
             if stop.signal is not None:
