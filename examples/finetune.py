@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -53,6 +54,14 @@ def sample(model, prompt: str, length: int) -> str:
 def main():
     args = parse_args()
     out = Path(args.out)
+    earlier = sorted(out.glob("checkpoint-*"))
+    if earlier and not args.resume:
+        # This script's own scratch folder: a new run replaces the last one (ratel train itself would refuse).
+        print(f"removing the earlier run in {out} (pass --resume to continue it instead)")
+        for folder in earlier:
+            shutil.rmtree(folder)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)
     model_dir = out / "model"                    # a config alone: ratel train initialises the weights
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.json").write_text(json.dumps(CONFIG, indent=1))

@@ -216,6 +216,11 @@ def _prune(out: Path, keep: int) -> None:
 
 def _resume_path(config: TrainConfig, out: Path) -> Path | None:
     if config.resume is False or config.resume is None:
+        earlier = _checkpoints(out)
+        if earlier:
+            # A fresh run would mix its checkpoints and metrics with the earlier run's, and replace some.
+            raise RatelError(f"{out} holds checkpoints of an earlier run ({earlier[-1][1].name} the latest): pass "
+                             "--resume to continue it, or another --out to start afresh")
         return None
     if config.resume is True or config.resume == "latest":
         found = latest(out)

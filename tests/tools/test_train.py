@@ -172,6 +172,14 @@ def test_checkpoints_every_n_updates_keep_the_last_k_and_tensorboard_gets_the_me
     assert losses == pytest.approx([r["loss"] for r in records if "loss" in r], rel=1e-6)
 
 
+def test_a_fresh_run_into_a_folder_with_checkpoints_is_refused(uninterrupted, capsys):
+    config, _ = uninterrupted
+    code = main(["train", "--model", config.model, "--data", config.data, "--out", config.out, "--device", "cpu",
+                 "--no-progress"])
+    assert code == 1
+    assert "holds checkpoints of an earlier run (checkpoint-8 the latest): pass --resume" in capsys.readouterr().err
+
+
 def test_resume_without_a_checkpoint_says_so(model_dir, data_file, tmp_path, capsys):
     code = main(["train", "--model", str(model_dir), "--data", str(data_file), "--out", str(tmp_path),
                  "--device", "cpu", "--resume", "--no-progress"])
