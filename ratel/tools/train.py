@@ -300,11 +300,16 @@ def train(config: TrainConfig, model: torch.nn.Module | None = None, tokenizer=N
     scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, warmup_cosine(warmup, total, config.min_lr_ratio))
     result = TrainResult(steps=engine.global_step, resumed_from=resume)
     if resume is not None:
-        engine.restore_scheduler(scheduler)
-        state = engine.resumed.state or {}
-        if "data" not in state:
-            raise RatelError(f"{resume}: not a checkpoint of `ratel train` (no data position in its state)")
-        batches.load_state_dict(state["data"])
+        try:
+            state = engine.resumed.state or {}
+            if "data" not in state:
+                raise RatelError(f"{resume}: not a checkpoint of `ratel train` (no data position in its state); "
+                                 "continue it with your own loop and ratel.compile(..., resume=)")
+            engine.restore_scheduler(scheduler)
+            batches.load_state_dict(state["data"])
+        except BaseException:
+            engine.close()      # its swap files and pinned memory go with it
+            raise
         result.checkpoint = resume
         say(f"ratel train: resumed from {resume} at update {engine.global_step}")
 

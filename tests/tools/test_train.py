@@ -201,3 +201,16 @@ def test_warmup_then_cosine_to_the_floor():
     f = warmup_cosine(warmup=4, total=14, min_ratio=0.1)
     assert [round(f(s), 6) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]
     assert f(4) == 1.0 and abs(f(14) - 0.1) < 1e-12 and abs(f(9) - 0.55) < 1e-12
+
+
+def test_resuming_a_checkpoint_not_written_by_ratel_train_says_so(model_dir, data_file, tmp_path):
+    import ratel
+    from ratel.tools.train import build
+    config = config_for(model_dir, data_file, tmp_path, resume=True)
+    model, _, weights, _ = build(config)
+    engine = ratel.compile(model, "1GiB", optimizer=torch.optim.AdamW(decay_groups(model, 0.1)), weights=weights,
+                           example_inputs=(torch.zeros(2, 16, dtype=torch.long),), device="cpu", progress=False)
+    engine.save(tmp_path / "checkpoint-1")        # no data position in its state
+    engine.close()
+    with pytest.raises(ratel.RatelError, match="not a checkpoint of `ratel train`"):
+        train(config, say=lambda line: None)
