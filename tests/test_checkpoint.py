@@ -2,6 +2,7 @@
 the weights load with transformers, and a bad checkpoint is refused naming its file."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import stat
@@ -200,3 +201,65 @@ def test_save_in_the_middle_of_an_accumulation_cycle_is_refused(tmp_path):
         engine.save(tmp_path / "ckpt")
     engine.close()
     assert not (tmp_path / "ckpt").exists() and not list(tmp_path.glob(".ckpt*"))
+
+
+def test_parameters_on_ssd_and_frozen_blocks_save_and_resume_exactly(tmp_path):
+    """bf16 compute copies on SSD (host memory below even the all-states-on-SSD minimum), two frozen blocks:
+    the checkpoint reads their copies from the swap files, and the resumed run equals the uninterrupted one."""
+    from safetensors import safe_open
+    from ratel.ir import Tier
+    from ratel.ir.layout import host_usage
+    from ratel.passes.plan_placement import param_tiers
+    from ratel.runtime.calibrate import cpu_adam_kernel
+
+    model = make_model("gpt_untied", layers=12, dtype=torch.bfloat16)
+    for name, p in model.named_parameters():
+        if name.startswith(("blocks.0.", "blocks.1.")):
+            p.requires_grad_(False)
+    data = batches(4)
+    probe = ratel.compile(model, budget=ratel.Budget(gpu="1GiB", host="1TiB"), example_inputs=(data[0][0],),
+                          device="cpu", progress=False)
+    plan = probe.plan
+    probe.close()
+    torch_adam = cpu_adam_kernel() == "torch"
+    states = {g.name: Tier.SSD for g in plan.groups if g.trainable}
+    everything = param_tiers(plan.groups, states, plan.placement.activations,
+                             ratel.Budget(gpu="1GiB", host=1, ssd_dir=str(tmp_path)), torch_adam)
+    host = sum(b for _, b in host_usage(plan.groups, states, plan.placement.activations, torch_adam, everything))
+    (tmp_path / "swap").mkdir()
+    budget = ratel.Budget(gpu="1GiB", host=host, ssd_dir=str(tmp_path / "swap"))
+
+    def build(resume=None):
+        return ratel.compile(copy.deepcopy(model), budget=budget, optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1),
+                             example_inputs=(data[0][0],), device="cpu", progress=False, resume=resume)
+
+    def run(engine, steps):
+        losses = []
+        for ids, labels in steps:
+            loss = engine(ids, labels=labels).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        return losses
+
+    engine = build()
+    on_ssd = {name for name, tier in engine.plan.placement.param_tier if tier == Tier.SSD}
+    frozen = {g.name for g in engine.plan.groups if not g.trainable}
+    assert on_ssd & frozen and on_ssd - frozen, "want frozen and trainable compute copies on SSD"
+    whole = run(engine, data)
+    final = engine.state_dict()
+    engine.close()
+    engine = build()
+    first = run(engine, data[:2])
+    saved = engine.state_dict()
+    engine.save(tmp_path / "ckpt")
+    engine.close()
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), framework="pt") as f:
+        for name in f.keys():         # the bf16 weights: frozen values, and the rounding of trained masters
+            assert torch.equal(f.get_tensor(name), saved[name].to(torch.bfloat16)), name
+    engine = build(resume=tmp_path / "ckpt")
+    rest = run(engine, data[2:])
+    state = engine.state_dict()
+    engine.close()
+    assert first + rest == whole
+    assert_equal_states(state, final)
