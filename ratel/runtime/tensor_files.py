@@ -345,15 +345,39 @@ class TensorSet:
         self._read_ahead = threading.Thread(target=self._warm, name="ratel-checkpoint-read-ahead", daemon=True)
         self._read_ahead.start()
 
-    def _warm(self) -> None:
-        block = bytearray(self.READ_AHEAD_BLOCK)
+    def read_ahead_ranges(self) -> list[tuple[Path, int, int]]:
+        """(file, begin, end) byte ranges the load will read, in file order, adjacent ones merged. A weight
+        whose fp32 master is saved is not among them: the load rounds the master instead."""
+        ranges: list[tuple[Path, int, int]] = []
         for reader in self.readers:
-            try:
-                with open(reader.path, "rb", buffering=0) as f:
-                    while not self._stop.is_set() and f.readinto(block):
-                        pass
-            except OSError:
-                return          # the load itself reads every byte and reports what fails
+            spans = sorted(tuple(reader.header[name]["data_offsets"]) for name in reader.names()
+                           if f"master/{name}" not in self._where)
+            for begin, end in spans:
+                begin, end = begin + reader._data_start, end + reader._data_start
+                if ranges and ranges[-1][0] == reader.path and ranges[-1][2] == begin:
+                    ranges[-1] = (reader.path, ranges[-1][1], end)
+                else:
+                    ranges.append((reader.path, begin, end))
+        return ranges
+
+    def _warm(self) -> None:
+        block = memoryview(bytearray(self.READ_AHEAD_BLOCK))
+        files: dict[Path, int] = {}
+        try:
+            for path, begin, end in self.read_ahead_ranges():
+                fd = files.get(path)
+                if fd is None:
+                    fd = files[path] = os.open(path, os.O_RDONLY)
+                while begin < end and not self._stop.is_set():
+                    n = os.preadv(fd, [block[: min(len(block), end - begin)]], begin)
+                    if n <= 0:
+                        break
+                    begin += n
+        except OSError:
+            pass                # the load itself reads every byte and reports what fails
+        finally:
+            for fd in files.values():
+                os.close(fd)
 
     def __contains__(self, name: str) -> bool:
         return name in self._where

@@ -54,3 +54,24 @@ def test_a_writer_refuses_tensors_out_of_order(tmp_path):
     with pytest.raises(RuntimeError, match="got b"):
         writer.put("b", torch.zeros(2))
     writer.abort()
+
+
+def test_the_read_ahead_skips_weights_whose_master_the_load_reads_instead(tmp_path):
+    from ratel.runtime.tensor_files import TensorSet
+    pool = hash_pool()
+    weights = {"w": torch.ones(4, dtype=torch.bfloat16), "frozen": torch.zeros(8, dtype=torch.bfloat16)}
+    states = {"master/w": torch.ones(4), "exp_avg/w": torch.zeros(4), "exp_avg_sq/w": torch.zeros(4)}
+    files = {}
+    for stem, tensors in (("model", weights), ("optimizer", states)):
+        writer = ShardedWriter(tmp_path, stem, [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], pool,
+                               max_shard_bytes=1 << 30)
+        for name, t in tensors.items():
+            writer.put(name, t)
+        files.update(writer.finish())
+    found = TensorSet(tmp_path, files, pool)
+    ranges = found.read_ahead_ranges()
+    found.close()
+    pool.shutdown()
+    model, optimizer = tmp_path / "model.safetensors", tmp_path / "optimizer.safetensors"
+    # "frozen" alone from the weights (after w's 8 bytes), and the three states as one merged range
+    assert [(p.name, end - begin) for p, begin, end in ranges] == [(model.name, 16), (optimizer.name, 48)]
