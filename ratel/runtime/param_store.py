@@ -83,8 +83,7 @@ class ParamStore:
         aliases = _aliases(model)
         on_meta = any(p.is_meta for p in model.parameters())
         init_cache: dict[str, dict[str, torch.Tensor]] = {}
-        bar = tqdm(total=sum(g.numel for g in self.groups), unit="param", unit_scale=True,
-                   desc="ratel: loading parameters", disable=not progress or sum(g.numel for g in self.groups) < 5e8)
+        bar = _bar(self.groups, "ratel: loading parameters", progress)
         for g in self.groups:
             # A group whose fp32 master lives on SSD builds it here, one group at a time.
             master = self.master.get(g.index)
@@ -123,16 +122,16 @@ class ParamStore:
             staged = torch.empty(g.numel, dtype=g.dtype) if self.params_on_ssd(g) else None
             compute = staged if staged is not None else self.compute[g.index]
             if not g.trainable:
-                for name, piece in _pieces(g):
-                    checkpoint.read_into(name, compute[piece])
+                for name, value in zip(g.params, g.views(compute)):
+                    checkpoint.read_into(name, value)
                 checkpoint.verify()
             else:
                 with self._states_to_fill(g) as (master, exp_avg, exp_avg_sq):
-                    for name, piece in _pieces(g):
+                    for name, m, a, a2 in zip(g.params, g.views(master), g.views(exp_avg), g.views(exp_avg_sq)):
                         # An fp32 group's master is its compute copy, saved once, with the model's weights.
-                        checkpoint.read_into(name if g.dtype == torch.float32 else f"master/{name}", master[piece])
-                        checkpoint.read_into(f"exp_avg/{name}", exp_avg[piece])
-                        checkpoint.read_into(f"exp_avg_sq/{name}", exp_avg_sq[piece])
+                        checkpoint.read_into(name if g.dtype == torch.float32 else f"master/{name}", m)
+                        checkpoint.read_into(f"exp_avg/{name}", a)
+                        checkpoint.read_into(f"exp_avg_sq/{name}", a2)
                     checkpoint.verify()      # before anything read reaches the SSD
                     if g.dtype != torch.float32:
                         compute.copy_(master)    # the rounding every update writes
@@ -177,14 +176,16 @@ class ParamStore:
                 master, exp_avg, exp_avg_sq = (self.ssd.read_group(g) if self.on_ssd(g) else
                                                (None, self.exp_avg[g.index], self.exp_avg_sq[g.index]))
                 master = self.master[g.index] if master is None else master
-            for name, piece in _pieces(g):
+                masters, avgs, avg_sqs = g.views(master), g.views(exp_avg), g.views(exp_avg_sq)
+            values = g.views(compute) if compute is not None else None
+            for i, name in enumerate(g.params):
                 # Trainable compute copies on SSD are the rounding of the master: rounded here, not read.
-                weights.put(name, compute[piece] if compute is not None else master[piece].to(g.dtype))
+                weights.put(name, values[i] if values is not None else masters[i].to(g.dtype))
                 if g.trainable:
                     if g.dtype != torch.float32:
-                        states.put(f"master/{name}", master[piece])
-                    states.put(f"exp_avg/{name}", exp_avg[piece])
-                    states.put(f"exp_avg_sq/{name}", exp_avg_sq[piece])
+                        states.put(f"master/{name}", masters[i])
+                    states.put(f"exp_avg/{name}", avgs[i])
+                    states.put(f"exp_avg_sq/{name}", avg_sqs[i])
             weights.wait_hashes()     # the staging buffers are reused by the next group
             states.wait_hashes()
             if held is not None:
@@ -243,12 +244,6 @@ class ParamStore:
         raw = self.ring[slot]
         return [(self.groups[i], raw[o: o + self.groups[i].nbytes].view(self.groups[i].dtype))
                 for i, o in zip(layout.groups, layout.byte_offsets)]
-
-
-def _pieces(g: ParamGroup):
-    """(parameter name, slice of the group's flat buffers) of every parameter of a group."""
-    for name, shape, offset in zip(g.params, g.shapes, g.offsets):
-        yield name, slice(offset, offset + math.prod(shape))
 
 
 def _bar(groups, desc: str, progress: bool):
