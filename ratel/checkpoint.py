@@ -150,16 +150,13 @@ def _trainer_state(engine, scheduler, state: Any) -> dict:
     steps = {int(t.item()) for t in engine._store.steps.values()}
     if len(steps) > 1:
         raise RatelError(f"parameter groups have done different numbers of updates {sorted(steps)} (a Ratel bug)")
-    canonical = canonical_parameter_names(model)
-    params = [[name, list(p.shape), str(p.dtype).removeprefix("torch."), bool(p.requires_grad)]
-              for name, p in model.named_parameters() if canonical[name] == name]
     rng = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-           "python": _jsonable(random.getstate())}
+           "python": random.getstate()}      # JSON writes its tuples as lists; restore_rng turns them back
     if engine.device.type == "cuda":
         rng["cuda"] = base64.b64encode(torch.cuda.get_rng_state(engine.device).numpy().tobytes()).decode()
     out = {"format": FORMAT, "step": engine.global_step, "optimizer_step": steps.pop() if steps else 0,
            "param_groups": groups, "scheduler": scheduler.state_dict() if scheduler is not None else None,
-           "state": state, "rng": rng, "model": {"class": type(model).__name__, "parameters": params},
+           "state": state, "rng": rng, "model": {"class": type(model).__name__, "parameters": _parameter_list(model)},
            "accumulate": engine.accumulate, "max_grad_norm": engine.max_grad_norm, "time": time.time()}
     try:
         json.dumps(out)
@@ -169,10 +166,11 @@ def _trainer_state(engine, scheduler, state: Any) -> dict:
     return out
 
 
-def _jsonable(value):
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    return value
+def _parameter_list(model: nn.Module) -> list[list]:
+    """[name, shape, dtype, trainable] of every parameter (tied ones once), as the checkpoint records them."""
+    canonical = canonical_parameter_names(model)
+    return [[name, list(p.shape), str(p.dtype).removeprefix("torch."), bool(p.requires_grad)]
+            for name, p in model.named_parameters() if canonical[name] == name]
 
 
 def _write_hf_config(model: nn.Module, folder: Path, files: dict) -> None:
@@ -300,9 +298,7 @@ def open_checkpoint(path, model: nn.Module) -> Checkpoint:
 
 
 def _check_model(state: dict, model: nn.Module, file: Path) -> None:
-    canonical = canonical_parameter_names(model)
-    ours = [[name, list(p.shape), str(p.dtype).removeprefix("torch."), bool(p.requires_grad)]
-            for name, p in model.named_parameters() if canonical[name] == name]
+    ours = _parameter_list(model)
     saved = state["model"]["parameters"]
     if ours == saved:
         return

@@ -19,6 +19,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -141,7 +142,7 @@ class TensorWriter:
         offset = 0
         self._order = []
         for name, dtype, shape in entries:
-            nbytes = dtype.itemsize * _numel(shape)
+            nbytes = dtype.itemsize * math.prod(shape)
             header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self._order.append((name, dtype, tuple(shape), nbytes))
             offset += nbytes
@@ -157,7 +158,7 @@ class TensorWriter:
         """Write the next tensor (they come in ``entries`` order). Its memory must not change until
         ``wait_hashes`` returns: it is hashed in the background."""
         expected, dtype, shape, nbytes = self._order[self._next]
-        if name != expected or tensor.dtype != dtype or tensor.numel() != _numel(shape):
+        if name != expected or tensor.dtype != dtype or tensor.numel() != math.prod(shape):
             raise RuntimeError(f"{self.path.name}: got {name} {tensor.dtype} {tuple(tensor.shape)}, expected "
                                f"{expected} {dtype} {shape} (internal error)")
         tensor = tensor.contiguous()
@@ -231,7 +232,7 @@ class TensorReader:
         """Read tensor ``name`` into the contiguous CPU tensor ``dest`` (same dtype and element count)."""
         entry = self.header[name]
         begin, end = entry["data_offsets"]
-        if dest.dtype != self.dtype(name) or dest.numel() != _numel(entry["shape"]):
+        if dest.dtype != self.dtype(name) or dest.numel() != math.prod(entry["shape"]):
             raise CheckpointError(f"{self.path}: {name} is {entry['dtype']} {entry['shape']}, the model needs "
                                   f"{dest.dtype} with {dest.numel()} elements: the checkpoint is of another model")
         view = _bytes_of(dest)
@@ -266,13 +267,6 @@ class TensorReader:
         self._file.close()
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
 def shard_name(stem: str, index: int, count: int) -> str:
     """Hugging Face's names: ``model.safetensors``, or ``model-00001-of-00003.safetensors`` when sharded."""
     return f"{stem}.safetensors" if count == 1 else f"{stem}-{index + 1:05d}-of-{count:05d}.safetensors"
@@ -287,7 +281,7 @@ class ShardedWriter:
         shards: list[list] = [[]]
         size = 0
         for entry in entries:
-            nbytes = entry[1].itemsize * _numel(entry[2])
+            nbytes = entry[1].itemsize * math.prod(entry[2])
             if shards[-1] and size + nbytes > max_shard_bytes:
                 shards.append([])
                 size = 0
@@ -298,7 +292,7 @@ class ShardedWriter:
         self.metadata = metadata
         self.shards = [(shard_name(stem, i, len(shards)), s) for i, s in enumerate(shards)]
         self.weight_map = {entry[0]: name for name, s in self.shards for entry in s}
-        self.total_size = sum(e[1].itemsize * _numel(e[2]) for e in entries)
+        self.total_size = sum(e[1].itemsize * math.prod(e[2]) for e in entries)
         self._index = -1
         self._writer: TensorWriter | None = None
         self._finished: list[TensorWriter] = []
