@@ -261,9 +261,7 @@ class Engine:
             raise RatelError(f"the checkpoint {self.resumed.folder} holds no scheduler state: pass "
                              "engine.save(path, scheduler=sched) when saving")
         scheduler.load_state_dict(self.resumed.scheduler)
-        saved = self._resume_groups
-        for group, hyper in zip(self.optimizer.param_groups, saved):
-            group.update(hyper)
+        self._put_back_hyperparameters()
 
     def _take_hyperparameters(self, resume: Checkpoint) -> None:
         saved = resume.state["param_groups"]
@@ -271,6 +269,9 @@ class Engine:
             raise CheckpointError(f"{resume.folder}: saved with {len(saved)} optimizer param groups, the optimizer "
                                   f"given has {len(self.optimizer.param_groups)}: build the param groups as when saving")
         self._resume_groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in saved]
+        self._put_back_hyperparameters()
+
+    def _put_back_hyperparameters(self) -> None:
         for group, hyper in zip(self.optimizer.param_groups, self._resume_groups):
             group.update(hyper)
 
