@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 import ratel
 from ratel.checkpoint import latest, resolve
-from ratel.data import (IGNORE_INDEX, Batches, ByteTokenizer, HFTokenizer, eval_batches, load_examples,
+from ratel.data import (IGNORE_INDEX, Batches, HFTokenizer, eval_batches, load_examples,
                         load_tokenizer, pack, split)
 from ratel.errors import RatelError
 from ratel.ir import format_bytes
@@ -231,14 +231,6 @@ def _resume_path(config: TrainConfig, out: Path) -> Path | None:
     return resolve(config.resume)
 
 
-def _spec_of(model: torch.nn.Module) -> tuple[int, int]:
-    """(layers, hidden) for the FLOP count."""
-    c = getattr(model, "config", None)
-    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", None) or 0
-    hidden = getattr(c, "hidden_size", None) or getattr(c, "d_model", None) or 0
-    return int(layers), int(hidden)
-
-
 def _check_vocabulary(tokenizer, model: torch.nn.Module, where: str) -> None:
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     needed = getattr(tokenizer, "vocab_size", None)
@@ -265,17 +257,14 @@ def _device(config: TrainConfig) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def train(config: TrainConfig, model: torch.nn.Module | None = None, tokenizer=None, weights: str | None = None,
-          say: Callable[[str], None] = print, on_update: Callable[[dict], None] | None = None) -> TrainResult:
-    """Run ``config`` (see the module docstring). ``model``/``tokenizer``/``weights`` replace what
-    ``config.model`` names (the example script passes its own); ``say`` prints the run's few lines;
-    ``on_update`` gets every update's metrics record (step, loss, lr, grad_norm, eval_loss, ...)."""
+def train(config: TrainConfig, say: Callable[[str], None] = print,
+          on_update: Callable[[dict], None] | None = None) -> TrainResult:
+    """Run ``config`` (see the module docstring). ``say`` prints the run's few lines; ``on_update`` gets every
+    update's metrics record (step, loss, lr, grad_norm, eval_loss, ...)."""
     started = time.perf_counter()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    if model is None:
-        model, tokenizer, weights, _ = build(config)
-    tokenizer = tokenizer or ByteTokenizer()
+    model, tokenizer, weights, spec = build(config)
     _check_vocabulary(tokenizer, model, config.model)
     device = _device(config)
     resume = _resume_path(config, out)
@@ -314,8 +303,7 @@ def train(config: TrainConfig, model: torch.nn.Module | None = None, tokenizer=N
         say(f"ratel train: resumed from {resume} at update {engine.global_step}")
 
     n_params = sum(p.numel() for p in model.parameters())
-    layers, hidden = _spec_of(model)
-    flops = model_flops(n_params, layers, hidden, config.batch, config.seq) * config.accumulate
+    flops = model_flops(n_params, spec.layers, spec.hidden, config.batch, config.seq) * config.accumulate
     plan = engine.plan
     say(f"ratel train: {n_params / 1e6:,.1f}M parameters, {len(train_set)} rows of {config.seq} tokens "
         f"({train_set.tokens:,} trained tokens), {len(held_out) if held_out else 0} held out; {total} updates of "
@@ -330,7 +318,7 @@ def train(config: TrainConfig, model: torch.nn.Module | None = None, tokenizer=N
         folder = out / f"{CHECKPOINT_PREFIX}{engine.global_step}"
         begin = time.perf_counter()
         engine.save(folder, scheduler=scheduler, extra_files=extra_files,
-                    state={"data": batches.state_dict(), "config": _jsonable(dataclasses.asdict(config))})
+                    state={"data": batches.state_dict(), "config": dataclasses.asdict(config)})
         seconds = time.perf_counter() - begin
         size = sum(f.stat().st_size for f in folder.iterdir())
         result.checkpoint, result.checkpoint_bytes = folder, size
@@ -420,14 +408,6 @@ def train(config: TrainConfig, model: torch.nn.Module | None = None, tokenizer=N
         say(f"ratel train: {result.steps} updates done; the model is in {result.checkpoint} "
             "(AutoModelForCausalLM.from_pretrained loads it)")
     return result
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def add_arguments(p) -> None:
