@@ -213,12 +213,23 @@ def assert_trained_alike(result, rel: float = 1e-5) -> None:
     assert worst < rel, f"{name} differs by {worst:.2e}"
 
 
-def host_minimum(model, ids, accumulate: int = 1) -> int:
+def host_minimum(model, ids, accumulate: int = 1, device: str = "cpu", gpu: str = "1GiB") -> int:
     """The host budget that leaves every optimizer state to the SSD."""
-    probe = ratel.compile(model, budget=ratel.Budget(gpu="1GiB", host="1TiB"), example_inputs=(ids,),
-                          device="cpu", progress=False)
+    probe = ratel.compile(model, budget=ratel.Budget(gpu=gpu, host="1TiB"), example_inputs=(ids,),
+                          device=device, progress=False)
     plan = probe.plan
     probe.close()
     tiers = {g.name: Tier.SSD for g in plan.groups if g.trainable}
     return sum(b for _, b in host_usage(plan.groups, tiers, plan.placement.activations, (cpu_adam_kernel() == "torch"),
                                         accumulate=accumulate))
+
+
+def train_steps(engine, data) -> list[float]:
+    """One update per (ids, labels) batch; the losses."""
+    losses = []
+    for ids, labels in data:
+        loss = engine(ids, labels=labels).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses

@@ -15,7 +15,7 @@ import torch
 
 import ratel
 import checkpoint_run as run
-from helpers import batches, make_model
+from helpers import batches, make_model, train_steps
 from ratel.checkpoint import MANIFEST, CheckpointError
 
 HERE = Path(__file__).parent
@@ -233,24 +233,15 @@ def test_parameters_on_ssd_and_frozen_blocks_save_and_resume_exactly(tmp_path):
         return ratel.compile(copy.deepcopy(model), budget=budget, optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1),
                              example_inputs=(data[0][0],), device="cpu", progress=False, resume=resume)
 
-    def run(engine, steps):
-        losses = []
-        for ids, labels in steps:
-            loss = engine(ids, labels=labels).loss
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-        return losses
-
     engine = build()
     on_ssd = {name for name, tier in engine.plan.placement.param_tier if tier == Tier.SSD}
     frozen = {g.name for g in engine.plan.groups if not g.trainable}
     assert on_ssd & frozen and on_ssd - frozen, "want frozen and trainable compute copies on SSD"
-    whole = run(engine, data)
+    whole = train_steps(engine, data)
     final = engine.state_dict()
     engine.close()
     engine = build()
-    first = run(engine, data[:2])
+    first = train_steps(engine, data[:2])
     saved = engine.state_dict()
     engine.save(tmp_path / "ckpt")
     engine.close()
@@ -258,7 +249,7 @@ def test_parameters_on_ssd_and_frozen_blocks_save_and_resume_exactly(tmp_path):
         for name in f.keys():         # the bf16 weights: frozen values, and the rounding of trained masters
             assert torch.equal(f.get_tensor(name), saved[name].to(torch.bfloat16)), name
     engine = build(resume=tmp_path / "ckpt")
-    rest = run(engine, data[2:])
+    rest = train_steps(engine, data[2:])
     state = engine.state_dict()
     engine.close()
     assert first + rest == whole

@@ -154,16 +154,10 @@ def test_bf16_accumulation_and_clipping_equal_pytorch_mixed_precision():
 
 def test_bf16_resume_on_the_gpu_equals_the_uninterrupted_run(tmp_path):
     # Dropout draws from the CUDA generator: the checkpoint must put it back as it was, with the states on SSD.
-    from ratel.ir import Tier
-    from ratel.ir.layout import host_usage
-    from ratel.runtime.calibrate import cpu_adam_kernel
+    from helpers import host_minimum, train_steps as run
     model = make_model("gpt_untied", dropout=0.1, layers=4, dtype=torch.bfloat16)
     data = batches(6, batch=4, seq=32)
-    probe = ratel.compile(model, budget="2GiB", example_inputs=(data[0][0],), device="cuda", progress=False)
-    plan = probe.plan
-    probe.close()
-    tiers = {g.name: Tier.SSD for g in plan.groups if g.trainable}
-    host = sum(b for _, b in host_usage(plan.groups, tiers, plan.placement.activations, (cpu_adam_kernel() == "torch")))
+    host = host_minimum(model, data[0][0], device="cuda", gpu="2GiB")
     (tmp_path / "swap").mkdir()
 
     def build(resume=None):
@@ -171,15 +165,6 @@ def test_bf16_resume_on_the_gpu_equals_the_uninterrupted_run(tmp_path):
         return ratel.compile(copy.deepcopy(model), budget=ratel.Budget(gpu="2GiB", host=host, ssd_dir=str(tmp_path / "swap")),
                              optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1), example_inputs=(data[0][0],),
                              device="cuda", progress=False, resume=resume)
-
-    def run(engine, steps):
-        losses = []
-        for ids, labels in steps:
-            loss = engine(ids, labels=labels).loss
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-        return losses
 
     engine = build()
     torch.cuda.manual_seed(7)            # after compile: planning draws from the generator too
