@@ -94,6 +94,8 @@ def save(engine, path, *, scheduler=None, state: Any = None, max_shard_size: int
         raise RatelError(f"engine.save() in the middle of an accumulation cycle ({optimizer.micro} of "
                          f"{optimizer.accumulate} micro-batches done): call engine.step() first, then save")
     optimizer.wait_all()
+    # Before any byte is written: a state that cannot be saved is refused at once, not after the tensors.
+    trainer_state = _trainer_state(engine, scheduler, state)
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.parent / f".{path.name}.partial-{os.getpid()}-{time.time_ns()}"
@@ -118,7 +120,6 @@ def save(engine, path, *, scheduler=None, state: Any = None, max_shard_size: int
         _write_hf_config(engine.model, partial, files)
         for name, data in sorted((extra_files or {}).items()):
             _write_bytes(partial / name, data, files)
-        trainer_state = _trainer_state(engine, scheduler, state)
         _write_json(partial / STATE, trainer_state, files)
         _write_json(partial / MANIFEST, {"format": FORMAT, "step": trainer_state["step"], "files": files}, None)
         _fsync_dir(partial)

@@ -254,3 +254,12 @@ def test_parameters_on_ssd_and_frozen_blocks_save_and_resume_exactly(tmp_path):
     engine.close()
     assert first + rest == whole
     assert_equal_states(state, final)
+
+
+def test_a_state_json_cannot_hold_is_refused_before_anything_is_written(tmp_path):
+    engine, scheduler = run.build(tmp_path / "swap", ssd=False)
+    run.train(engine, scheduler, 0, 1)
+    with pytest.raises(ratel.RatelError, match="not JSON-serialisable"):
+        engine.save(tmp_path / "ckpt", state={"sampler": object()})
+    engine.close()
+    assert not (tmp_path / "ckpt").exists() and not list(tmp_path.glob(".ckpt*"))
