@@ -28,6 +28,7 @@ from ratel.runtime.optimizer import CPUOptimizer, Hyper
 from ratel.runtime.param_store import ParamStore, materialise_module
 from ratel.runtime.saved import SavedActivations, SsdSaved
 from ratel.runtime.ssd import SsdParams, SsdStates, model_key
+from ratel.runtime.ssd_lane import SsdLane
 from ratel.runtime.swapper import Swapper
 
 
@@ -76,6 +77,7 @@ class Resources:
         self.store_pool: PinnedPool | None = None
         self.optimizer: CPUOptimizer | None = None
         self.swapper: Swapper | None = None
+        self.lane: SsdLane | None = None
         self.ssd: SsdStates | None = None
         self.buffers: dict[str, torch.Tensor] | None = None
 
@@ -83,10 +85,12 @@ class Resources:
     def created(self) -> bool:
         return self.store is not None
 
-    def swapper_for_plan(self) -> Swapper:
-        if self.swapper is None:
+    def ssd_lane(self) -> SsdLane:
+        """The one SSD lane every SSD tier of this engine's programs reads and writes through."""
+        if self.lane is None:
             self.swapper = Swapper(dirs=ssd_dirs(self.budget.ssd_dir))
-        return self.swapper
+            self.lane = SsdLane(self.swapper)
+        return self.lane
 
     def create(self, plan: Plan, traced, hyper: Hyper, *, segments: dict, norm_order: tuple, accumulate: int,
                max_grad_norm: float | None) -> None:
@@ -95,12 +99,12 @@ class Resources:
             check_ssd_space(plan.memory.ssd_total, ssd_dirs(self.budget.ssd_dir), model_key(self.model))
         ssd_groups = [g for g in plan.groups if g.trainable and plan.placement.optimizer_tier_of(g.name) == Tier.SSD]
         if ssd_groups:
-            self.ssd = SsdStates(self.swapper_for_plan(), ssd_groups, model_key(self.model),
+            self.ssd = SsdStates(self.ssd_lane(), ssd_groups, model_key(self.model),
                                  order=plan.ssd_state_order())
         params_on_ssd = [g for g in plan.groups if plan.placement.param_tier_of(g.name) == Tier.SSD]
         self.store_pool = PinnedPool(store_pool_bytes(plan.groups, {g.name for g in params_on_ssd}),
                                      pin=self.device.type == "cuda")
-        ssd_params = (SsdParams(self.swapper_for_plan(), params_on_ssd, model_key(self.model), self.store_pool)
+        ssd_params = (SsdParams(self.ssd_lane(), params_on_ssd, model_key(self.model), self.store_pool)
                       if params_on_ssd else None)
         self.store = ParamStore(plan, self.device, self.store_pool, ssd=self.ssd, ssd_params=ssd_params)
         self.store.load(self.model, self.weights, progress=self.progress, checkpoint=self.checkpoint,
@@ -124,7 +128,7 @@ class Resources:
             layout = tuple((u.unit, d.key, d.nbytes) for u in plan.activations.units for d in u.decisions
                            if d.tier == Tier.SSD)
             name = f"{model_key(self.model)}/activations-{hashlib.sha1(repr(layout).encode()).hexdigest()[:10]}"
-            ssd_saved = SsdSaved(self.swapper_for_plan(), plan.activations, pool, name)
+            ssd_saved = SsdSaved(self.ssd_lane(), plan.activations, pool, name)
         saved = SavedActivations(self.lanes, pool, self.device, ssd_saved)
         runtime = Runtime(gm, plan, self.store, self.buffers, self.lanes, activations, self.optimizer, saved)
         return Program(gm, plan, runtime, pool)
@@ -149,7 +153,7 @@ class Resources:
                 add(program.pool.buffer)
         if self.ssd is not None:
             for b in self.ssd.buffers:
-                add(b.data)
+                add(b)
         if self.optimizer is not None:
             for t in self.optimizer.acc.values():
                 add(t)
@@ -168,10 +172,12 @@ class Resources:
             out.append(self.store_pool.close)
         if self.ssd is not None:
             out.append(self.ssd.close)
+        if self.lane is not None:
+            out.append(self.lane.close)
         if self.swapper is not None:
             swapper = self.swapper
             out.append(lambda: swapper.close(remove=not self.keep_swap_files))
-        self.store = self.store_pool = self.ssd = self.swapper = None
+        self.store = self.store_pool = self.ssd = self.lane = self.swapper = None
         return out
 
 

@@ -12,8 +12,6 @@ Views are rebuilt with the geometry seen at pack time, so the backward gets exac
 """
 from __future__ import annotations
 
-import queue
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +22,7 @@ from ratel.errors import RatelError
 from ratel.ir import PackRef, Tier, TransferKind, UnitActivations, UnitCall
 from ratel.ir.layout import SAVED_SSD_REGIONS, saved_region_bytes, saved_ssd_offsets, saved_unit_bytes
 from ratel.runtime.memory import Lanes, PinnedPool
+from ratel.runtime.ssd_lane import Slot, StagingRing
 
 
 @dataclass
@@ -319,126 +318,72 @@ class _Geometry(fx.Interpreter):
 
 
 class SsdSaved:
-    """Saved values on SSD: one swap file per unit, staged through a ring of pinned regions.
+    """Saved values on SSD: one swap file per unit, staged through a ring of pinned regions on the SSD lane.
 
     Forward: a unit's SSD values are copied (D2H) into region ``unit % REGIONS`` and written behind to the
-    unit's file by a worker thread; the region is reused only after that write is done. Backward: the worker
-    reads a unit's values back into its region two steps ahead (after the region's previous contents went
-    to the GPU), and the H2D fetch waits for that read. A region still holding a unit's values from the
-    forward (the last units) is fetched without any read.
+    unit's file once those copies are done; the region is reused only after that write. Backward: a unit's
+    values are read back into its region two steps ahead, once the region's previous contents went to the GPU,
+    and the H2D fetch waits for that read. A region still holding a unit's values from the forward (the last
+    units) is fetched without any read.
     """
 
     REGIONS = SAVED_SSD_REGIONS
 
-    def __init__(self, swapper, acts, pool: PinnedPool, name: str):
-        self.swapper = swapper
+    def __init__(self, lane, acts, pool: PinnedPool, name: str):
+        self.lane = lane
         self.layout = saved_ssd_offsets(acts)
         region = saved_region_bytes(acts)
         unit_bytes = saved_unit_bytes(acts)
-        self.regions = [pool.take(region) for _ in range(self.REGIONS)]
-        self.files = {u: swapper.file(f"{name}/{u:04d}.act", unit_bytes[u]) for u in self.layout if unit_bytes[u]}
-        self.owner: list[int | None] = [None] * self.REGIONS
-        self.written = [threading.Event() for _ in range(self.REGIONS)]
-        for event in self.written:
-            event.set()
-        self.read_out: list[Any] = [None] * self.REGIONS      # event: the region's contents reached the GPU
-        self.reads: dict[int, Any] = {}
+        self.ring = StagingRing([pool.take(region) for _ in range(self.REGIONS)])   # slot k: units k, k+3, ...
+        self.regions = self.ring.slots
+        self.files = {u: lane.file(f"{name}/{u:04d}.act", unit_bytes[u]) for u in self.layout if unit_bytes[u]}
+        self.reads: dict[int, Any] = {}       # unit -> its read back (None: still in its region)
         self._claimed: set[int] = set()       # units that took their region in this step's forward
-        self._queue: queue.Queue = queue.Queue()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._work, name="ratel-ssd-activations", daemon=True)
-        self._thread.start()
 
-    def _region(self, unit: int) -> int:
-        return unit % self.REGIONS
+    def _region(self, unit: int) -> Slot:
+        return self.regions[unit % self.REGIONS]
 
     def begin_step(self) -> None:
         self._claimed.clear()
         self.reads.clear()
 
     def copy_out(self, unit: int, key: str, t: torch.Tensor, lanes: Lanes, recorder, step: int) -> _Stored:
-        r = self._region(unit)
+        region = self._region(unit)
         if unit not in self._claimed:
-            self.written[r].wait()       # whatever the region held is on SSD (or was never needed again)
-            self._raise()
-            if self.read_out[r] is not None:
-                self.read_out[r].synchronize()   # and its last fetch to the GPU has completed
-                self.read_out[r] = None
-            self.owner[r] = unit
+            region.settle()              # what it held is on SSD, and its last copy to the GPU is done
+            region.holds = unit
             self._claimed.add(unit)
         flat = _flat_bytes(t)
         offset = self.layout[unit][key]
-        host = self.regions[r][offset: offset + flat.numel()]
+        host = region.data[offset: offset + flat.numel()]
         saved = lanes.copy(host, flat, lanes.d2h, after=lanes.event(), span=(recorder, "d2h", f"saved {key}", step))
         return _Stored(host=host, nbytes=flat.numel(), saved=saved, ssd_offset=offset)
 
     def write_behind(self, unit: int, stored: list[_Stored]) -> None:
-        if not stored:
-            return
-        r = self._region(unit)
-        self.written[r].clear()
-        self._queue.put(("write", unit, r, stored))
+        if stored:
+            self._region(unit).io = self.lane.write(self.files[unit], [(s.ssd_offset, s.host) for s in stored],
+                                                    after=[s.saved for s in stored])
 
     def read_ahead(self, unit: int, stored: list[_Stored]) -> None:
         if not stored or unit in self.reads:
             return
-        r = self._region(unit)
-        done = threading.Event()
-        self.reads[unit] = done
-        if self.owner[r] == unit:    # still in the region since the forward
-            done.set()
+        region = self._region(unit)
+        if region.holds == unit:         # still in the region since the forward
+            self.reads[unit] = None
             return
-        self._queue.put(("read", unit, r, stored, self.read_out[r], done))
+        region.holds = unit
+        self.reads[unit] = region.load(self.lane, self.files[unit], [(s.ssd_offset, s.host) for s in stored])
 
     def wait_read(self, unit: int, stored: list[_Stored]) -> None:
         if unit not in self.reads:
             self.read_ahead(unit, stored)
-        self.reads[unit].wait()
-        self._raise()
+        if self.reads[unit] is not None:
+            self.reads[unit].wait()
 
     def region_read_out(self, unit: int, event) -> None:
-        self.read_out[self._region(unit)] = event
+        self._region(unit).read_out = event
         self.reads.pop(unit, None)
 
-    def _work(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            try:
-                if job[0] == "write":
-                    _, unit, r, stored = job
-                    for s in stored:
-                        if s.saved is not None:
-                            s.saved.synchronize()
-                    handles = [self.swapper.write(self.files[unit], s.ssd_offset, s.host) for s in stored]
-                    for h in handles:
-                        h.wait()
-                    self.written[r].set()
-                else:
-                    _, unit, r, stored, previous_out, done = job
-                    self.written[r].wait()
-                    if previous_out is not None:
-                        previous_out.synchronize()
-                    self.owner[r] = unit
-                    handles = [self.swapper.read(self.files[unit], s.ssd_offset, s.host) for s in stored]
-                    for h in handles:
-                        h.wait()
-                    done.set()
-            except BaseException as exc:  # noqa: BLE001 - raised on the training thread
-                self._error = exc
-                for event in self.written:
-                    event.set()
-                if job[0] == "read":
-                    job[-1].set()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        self._raise()
+        self.ring.settle()
 

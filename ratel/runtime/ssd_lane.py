@@ -1,0 +1,209 @@
+"""The SSD lane: one thread issues every SSD read and write of a run — optimizer states, parameter compute copies
+and saved activations — one request at a time, each through a slot of a staging ring of pinned buffers.
+
+The disk is one lane of the Plan (``TransferKind.lane == "ssd"``). Order on it: reads before writes (someone
+is about to wait for a read; a write-back only has to finish before its slot is reused), then the order of
+submission, which is the Plan's (the schedule executor and the owners of the dynamic kinds submit as the Plan
+orders them). A request runs once what it depends on is done — the last I/O on its slot (a read never
+overwrites a write-back still in flight) and the GPU copy that last read the slot (a CUDA event, polled: the
+lane never sits on one while another request is ready). Each request is large enough to keep the disk busy
+alone, so one at a time loses no bandwidth and no read queues behind more than one write.
+
+A ``Slot`` is one staging buffer and what it holds; a ``StagingRing`` hands out slots, preferring one that holds
+nothing, then one whose I/O is done, then the one used longest ago. The three SSD tiers
+(``runtime/ssd.py``: states, parameters; ``runtime/saved.py``: saved activations) are rings on this lane.
+
+Errors: a failed request keeps its ``SwapIOError``; the first to wait on it (the reader, the next user of its
+slot, ``flush``) raises it on their own thread.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+POLL_SECONDS = 0.0002     # how often the lane looks again when every queued request waits on a GPU copy
+
+
+def _settled(dependency) -> bool:
+    if dependency is None:
+        return True
+    if isinstance(dependency, Request):
+        return dependency.done.is_set()
+    return dependency.query()       # a CUDA event
+
+
+class Request:
+    """One read or write of ``spans`` (file offset, host tensor) of one swap file."""
+
+    __slots__ = ("op", "file", "spans", "after", "done", "error", "_reported")
+
+    def __init__(self, op: str, file, spans, after):
+        self.op = op
+        self.file = file
+        self.spans = tuple(spans)
+        self.after = tuple(d for d in after if d is not None)
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self._reported = False
+
+    def ready(self) -> bool:
+        return all(_settled(d) for d in self.after)
+
+    def wait(self) -> None:
+        """Wait until done; raise its I/O error (once: a later wait on the same request returns)."""
+        self.done.wait()
+        if self.error is not None and not self._reported:
+            self._reported = True
+            raise self.error
+
+    def __repr__(self) -> str:
+        return f"Request({self.op} {self.file.name}, {len(self.spans)} spans, done={self.done.is_set()})"
+
+
+class SsdLane:
+    """The SSD tier's executor (see the module docstring)."""
+
+    def __init__(self, swapper):
+        self.swapper = swapper
+        self._queue: list[tuple[int, int, Request]] = []       # (reads first, order submitted, request)
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._writes: list[Request] = []      # write-backs nobody else may wait on: flush checks them
+        self.issued = collections.deque(maxlen=4096)   # (op, file name) in the order the disk saw them
+        self._thread = threading.Thread(target=self._run, name="ratel-ssd", daemon=True)
+        self._thread.start()
+
+    def file(self, name: str, nbytes: int):
+        return self.swapper.file(name, nbytes)
+
+    def read(self, file, spans, after=()) -> Request:
+        return self._submit("read", file, spans, after)
+
+    def write(self, file, spans, after=()) -> Request:
+        request = self._submit("write", file, spans, after)
+        with self._cond:
+            self._writes = [w for w in self._writes if not w.done.is_set() or w.error is not None] + [request]
+        return request
+
+    def _submit(self, op: str, file, spans, after) -> Request:
+        request = Request(op, file, spans, after)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the SSD lane is closed")
+            self._queue.append((0 if op == "read" else 1, next(self._seq), request))
+            self._cond.notify()
+        return request
+
+    def _take(self) -> Request | None:
+        with self._cond:
+            while True:
+                ready = [entry for entry in self._queue if entry[2].ready()]
+                if ready:
+                    entry = min(ready, key=lambda e: e[:2])
+                    self._queue.remove(entry)
+                    return entry[2]
+                if self._closed and not self._queue:
+                    return None
+                self._cond.wait(POLL_SECONDS if self._queue else None)
+
+    def _run(self) -> None:
+        while (request := self._take()) is not None:
+            self.issued.append((request.op, request.file.name))
+            issue = self.swapper.read if request.op == "read" else self.swapper.write
+            try:
+                for handle in [issue(request.file, offset, tensor) for offset, tensor in request.spans]:
+                    handle.wait()
+            except BaseException as exc:  # noqa: BLE001 - raised on the thread that waits for the request
+                request.error = exc
+            finally:
+                request.done.set()
+
+    def flush(self) -> None:
+        """Wait for every write-back submitted so far; raise the first error nobody has seen."""
+        with self._cond:
+            writes, self._writes = self._writes, []
+        first = None
+        for request in writes:
+            try:
+                request.wait()
+            except BaseException as exc:  # noqa: BLE001 - the first is raised once all are settled
+                first = first or exc
+        if first is not None:
+            raise first
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+        self.flush()
+
+
+@dataclass(eq=False)
+class Slot:
+    """One staging buffer: whose data it holds, the last I/O on it, the last GPU copy that read it."""
+
+    data: torch.Tensor
+    holds: Any = None                   # key of the data it holds (None: nothing anyone will reuse)
+    io: Request | None = None
+    read_out: Any = None                # CUDA event of its last copy to the GPU
+    in_use: bool = False                # someone reads or fills it now: not to be handed out
+    last_claim: int = field(default=-1)
+
+    def dependencies(self) -> tuple:
+        """What an I/O into this slot must wait for."""
+        return (self.io, self.read_out)
+
+    def settle(self) -> None:
+        """Wait (on this thread) until nothing reads or writes the buffer; raise a failed I/O's error."""
+        if self.read_out is not None:
+            self.read_out.synchronize()
+            self.read_out = None
+        if self.io is not None:
+            self.io.wait()
+
+    def load(self, lane: SsdLane, file, spans) -> Request:
+        """Read into this slot once its previous I/O and GPU copy are done."""
+        self.io = lane.read(file, spans, after=self.dependencies())
+        self.read_out = None      # the read waits for it
+        return self.io
+
+
+class StagingRing:
+    """Slots handed out by ``claim`` (see the module docstring for the preference)."""
+
+    def __init__(self, buffers):
+        self.slots = [Slot(b) for b in buffers]
+        self._claims = itertools.count()
+        self.lock = threading.Lock()
+
+    def holding(self, key) -> Slot | None:
+        return next((s for s in self.slots if s.holds == key), None)
+
+    def claim(self, key) -> Slot:
+        """A slot not in use, now reserved for ``key`` (it holds nothing else any more)."""
+        with self.lock:
+            free = [s for s in self.slots if not s.in_use]
+            if not free:
+                raise RuntimeError(f"every SSD staging slot is in use ({[s.holds for s in self.slots]}): plan bug")
+            slot = min(free, key=lambda s: (s.holds is not None, s.io is not None and not s.io.done.is_set(),
+                                            s.last_claim))
+            slot.holds, slot.in_use, slot.last_claim = key, True, next(self._claims)
+            return slot
+
+    def settle(self) -> None:
+        """Wait for every slot's I/O; raise the first error nobody has seen."""
+        first = None
+        for slot in self.slots:
+            try:
+                slot.settle()
+            except BaseException as exc:  # noqa: BLE001 - the first is raised once all are settled
+                first = first or exc
+        if first is not None:
+            raise first

@@ -1,0 +1,168 @@
+"""The SSD lane: one thread, reads before writes, a request only after what it depends on, errors to the waiter.
+
+Device-free: a scripted swapper whose requests finish when the test says, so every ordering is forced, not
+hoped for; and one real swap file for the data path.
+"""
+import threading
+
+import pytest
+import torch
+
+from ratel.runtime.ssd_lane import Request, SsdLane, StagingRing
+from ratel.runtime.swapper import Swapper, SwapIOError, aligned_empty
+
+
+class Handle:
+    def __init__(self, gate, error=None):
+        self.gate, self.error = gate, error
+
+    def wait(self):
+        assert self.gate.wait(10), "a request never finished"
+        if self.error is not None:
+            raise self.error
+
+
+class File:
+    def __init__(self, name):
+        self.name = name
+
+
+class ScriptedSwapper:
+    """Each request waits for its gate (open unless the test holds it); records the order issued."""
+
+    def __init__(self):
+        self.log, self.gates, self.errors = [], {}, {}
+        self.issued = threading.Condition()
+
+    def gate(self, name):
+        return self.gates.setdefault(name, threading.Event())
+
+    def _do(self, op, file):
+        with self.issued:
+            self.log.append(f"{op} {file.name}")
+            self.issued.notify_all()
+        gate = self.gates.get(file.name)
+        if gate is None:
+            gate = threading.Event()
+            gate.set()
+        return Handle(gate, self.errors.get(file.name))
+
+    def read(self, file, offset, tensor):
+        return self._do("read", file)
+
+    def write(self, file, offset, tensor):
+        return self._do("write", file)
+
+    def wait_issued(self, n):
+        with self.issued:
+            assert self.issued.wait_for(lambda: len(self.log) >= n, 10)
+
+
+def span():
+    return [(0, torch.empty(8, dtype=torch.uint8))]
+
+
+@pytest.fixture
+def lane():
+    swapper = ScriptedSwapper()
+    lane = SsdLane(swapper)
+    yield lane
+    for gate in swapper.gates.values():
+        gate.set()
+    lane.close()
+
+
+def test_reads_go_before_writes_then_in_the_order_submitted(lane):
+    sw = lane.swapper
+    sw.gate("busy")                                   # hold the lane on a first request
+    busy = lane.write(File("busy"), span())
+    sw.wait_issued(1)
+    requests = [lane.write(File("w1"), span()), lane.read(File("r1"), span()), lane.write(File("w2"), span()),
+                lane.read(File("r2"), span())]
+    sw.gates["busy"].set()
+    for r in [busy, *requests]:
+        r.wait()
+    assert sw.log == ["write busy", "read r1", "read r2", "write w1", "write w2"]
+
+
+def test_a_read_waits_for_the_write_back_of_its_slot(lane):
+    sw = lane.swapper
+    sw.gate("busy")
+    busy = lane.read(File("busy"), span())
+    sw.wait_issued(1)
+    write_back = lane.write(File("old"), span())
+    read = lane.read(File("new"), span(), after=[write_back])     # same slot: the write goes first
+    other = lane.read(File("other"), span())
+    sw.gates["busy"].set()
+    for r in (busy, write_back, read, other):
+        r.wait()
+    assert sw.log == ["read busy", "read other", "write old", "read new"]
+
+
+class GpuCopy:
+    """Stands in for a CUDA event: done when the test says."""
+
+    def __init__(self):
+        self.finished = False
+
+    def query(self):
+        return self.finished
+
+
+def test_a_request_behind_a_gpu_copy_lets_ready_ones_pass_then_runs(lane):
+    sw = lane.swapper
+    copy = GpuCopy()
+    blocked = lane.read(File("after-copy"), span(), after=[copy])
+    ready = lane.write(File("ready"), span())
+    ready.wait()
+    assert sw.log == ["write ready"] and not blocked.done.is_set()
+    copy.finished = True
+    blocked.wait()
+    assert sw.log == ["write ready", "read after-copy"]
+
+
+def test_an_error_reaches_the_waiter_once_and_a_lost_write_reaches_flush(lane):
+    sw = lane.swapper
+    sw.errors["bad-read"] = SwapIOError(5, "Input/output error", "bad-read", 0)
+    sw.errors["bad-write"] = SwapIOError(28, "No space left on device", "bad-write", 0)
+    read = lane.read(File("bad-read"), span())
+    with pytest.raises(SwapIOError, match="Input/output"):
+        read.wait()
+    read.wait()                                      # seen once: not raised again
+    lane.write(File("bad-write"), span())
+    lane.write(File("fine"), span())
+    with pytest.raises(SwapIOError, match="No space"):
+        lane.flush()
+    lane.flush()
+
+
+def test_the_ring_prefers_an_empty_slot_then_a_settled_one_then_the_oldest():
+    ring = StagingRing([torch.empty(1) for _ in range(3)])
+    a, b, c = ring.claim("a"), ring.claim("b"), ring.claim("c")
+    assert len({id(a), id(b), id(c)}) == 3
+    with pytest.raises(RuntimeError, match="in use"):
+        ring.claim("d")
+    for slot in (a, b, c):
+        slot.in_use = False
+    assert ring.claim("d") is a                      # all hold data, all settled: the oldest claim
+    ring.slots[2].holds = None
+    ring.slots[2].in_use = False
+    assert ring.claim("e") is ring.slots[2]          # one holds nothing
+    for slot in ring.slots:
+        slot.in_use = False
+    ring.slots[1].io = Request("write", File("pending"), span(), ())     # oldest claim, but still writing
+    assert ring.claim("f") is ring.slots[0]
+
+
+def test_real_files_round_trip_through_the_lane(tmp_path):
+    with Swapper(dirs=[str(tmp_path)]) as swapper:
+        lane = SsdLane(swapper)
+        f = lane.file("x/a.bin", 1 << 20)
+        out = aligned_empty(1 << 20)
+        out.copy_(torch.randint(0, 255, (1 << 20,), dtype=torch.uint8))
+        written = lane.write(f, [(0, out)])
+        back = aligned_empty(1 << 20)
+        lane.read(f, [(0, back)], after=[written]).wait()
+        lane.close()
+        assert torch.equal(back, out)
+        assert list(lane.issued) == [("write", "x/a.bin"), ("read", "x/a.bin")]
