@@ -83,13 +83,17 @@ def saved_region_bytes(acts: ActivationPlan) -> int:
     return max(saved_unit_bytes(acts).values(), default=0)
 
 
+def saved_staging_bytes(region: int) -> int:
+    """Pinned bytes of the SSD staging regions for saved values, given the largest unit's SSD bytes."""
+    return SAVED_SSD_REGIONS * (region + PAGE) if region else 0
+
+
 def saved_host_bytes(acts: ActivationPlan | None) -> tuple[int, int]:
     """(pinned bytes of host-resident saved values, pinned bytes of the SSD staging regions)."""
     if acts is None:
         return 0, 0
     host = pool_bytes(d.nbytes for u in acts.units for d in u.decisions if d.tier == Tier.HOST)
-    region = saved_region_bytes(acts)
-    return host, SAVED_SSD_REGIONS * (region + PAGE) if region else 0
+    return host, saved_staging_bytes(saved_region_bytes(acts))
 
 
 def program_pool_bytes(activations: tuple[ActivationPlacement, ...], acts: ActivationPlan | None) -> int:

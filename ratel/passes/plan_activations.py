@@ -35,7 +35,7 @@ from ratel.passes.insert_transfers import plan_transfers
 from ratel.passes.manager import PassContext, PassResult, graph_pass
 from ratel.passes.simulate import predict_times, simulate_memory
 from ratel.trace import is_random
-from ratel.ir.layout import host_usage
+from ratel.ir.layout import host_usage, page, pool_bytes, saved_staging_bytes
 
 POLICIES = ("auto", "recompute", "keep", "host", "ssd", "selective")
 
@@ -235,26 +235,36 @@ def _moved_bytes(plan: ActivationPlan) -> int:
 
 
 def _assign(candidates, k: int, gpu_free: float, host_free: float, ssd_ok: bool, last_unit: int = -1):
-    """Tiers for the first k candidates (GPU, then host, then SSD); the rest recompute. The last unit's
-    backward follows its forward at once: a copy out and back could not overlap anything, so its values
-    stay on the GPU or are recomputed."""
-    tiers: dict[int, dict[str, Tier | None]] = {}
-    gpu = host = 0
-    for index, (_, unit, v) in enumerate(candidates):
-        if index >= k:
-            tier = None
-        elif gpu + v.nbytes <= gpu_free or (unit == last_unit and not v.recomputable):
-            tier, gpu = Tier.GPU, gpu + v.nbytes
-        elif unit == last_unit:
-            tier = None
-        elif host + v.nbytes <= host_free:
-            tier, host = Tier.HOST, host + v.nbytes
-        elif ssd_ok:
-            tier = Tier.SSD
-        else:
-            return None
-        tiers.setdefault(unit, {})[v.key] = tier
-    return tiers
+    """Tiers for the first k candidates (GPU, then host, then SSD); the rest recompute. Host memory holds
+    each host value (as the pinned pool lays it out) and, once any value goes to SSD, the staging regions
+    its unit's SSD values pass through (``saved_staging_bytes`` of the largest unit's): those are set aside
+    first, and set aside again larger while the values they displace from the host grow the largest unit.
+    The last unit's backward follows its forward at once: a copy out and back could not overlap anything,
+    so its values stay on the GPU or are recomputed."""
+    staging = 0
+    while staging <= host_free:
+        tiers: dict[int, dict[str, Tier | None]] = {}
+        gpu = host = 0
+        ssd_units: dict[int, int] = {}      # unit -> its SSD-resident bytes
+        for index, (_, unit, v) in enumerate(candidates):
+            if index >= k:
+                tier = None
+            elif gpu + v.nbytes <= gpu_free or (unit == last_unit and not v.recomputable):
+                tier, gpu = Tier.GPU, gpu + v.nbytes
+            elif unit == last_unit:
+                tier = None
+            elif host + pool_bytes([v.nbytes]) <= host_free - staging:
+                tier, host = Tier.HOST, host + pool_bytes([v.nbytes])
+            elif ssd_ok:
+                tier, ssd_units[unit] = Tier.SSD, ssd_units.get(unit, 0) + page(v.nbytes)
+            else:
+                return None
+            tiers.setdefault(unit, {})[v.key] = tier
+        needed = saved_staging_bytes(max(ssd_units.values(), default=0))
+        if needed <= staging:
+            return tiers
+        staging = needed
+    return None
 
 
 def _plan(costs: CostModel, subs, hw, tiers) -> ActivationPlan | None:

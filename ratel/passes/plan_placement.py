@@ -13,7 +13,10 @@ The first policy (docs/architecture.md, "Tiers and the cost model"):
                    except values kept on the GPU because moving them is pointless or costs more:
                    user inputs, values read by several units (fetched once instead of once per reader),
                    values too small to be worth a PCIe round trip (``HardwareProfile.min_offload_bytes``),
-                   and the inputs of the last unit, whose backward follows its forward at once.
+                   and the inputs of the last unit, whose backward follows its forward at once;
+  saved values     a fixed activation policy that moves every saved value ("host", "ssd") gets the host memory
+                   it needs set aside before states and copies are placed (all of it for "host", the SSD
+                   staging regions for "ssd"); "auto" fits its choices into what placement leaves.
 
 Stages:
   1. Tier per parameter group (host) and optimizer state (host, or SSD beyond the host budget).
@@ -34,13 +37,23 @@ import torch.fx as fx
 
 import torch
 
-from ratel.ir import (META_ACTIVATION, ActivationPlacement, Lifetimes, ParamFetch, PlacementPlan,
+from ratel.ir import (META_ACTIVATION, ActivationPlacement, CostModel, Lifetimes, ParamFetch, PlacementPlan,
                       SlotLayout, Tier)
-from ratel.ir.layout import SLOT_ALIGN, host_usage, round_up
+from ratel.ir.layout import SLOT_ALIGN, host_usage, page, pool_bytes, round_up, saved_staging_bytes
 from ratel.passes.build_lifetimes import boundary_values
 from ratel.passes.manager import PassContext, PassResult, graph_pass
 
-def optimizer_tiers(groups, activations, budget, torch_adam: bool, accumulate: int = 1) -> dict[str, Tier]:
+def saved_reserve(policy: str, costs: CostModel, ssd_ok: bool) -> int:
+    """Host bytes a fixed policy's saved values will take, as ``saved_host_bytes`` prices its plan."""
+    if policy == "host" or (policy == "ssd" and not ssd_ok):
+        return pool_bytes(v.nbytes for unit in costs.units for v in unit.saved)
+    if policy == "ssd":
+        return saved_staging_bytes(max((sum(page(v.nbytes) for v in unit.saved) for unit in costs.units), default=0))
+    return 0
+
+
+def optimizer_tiers(groups, activations, budget, torch_adam: bool, accumulate: int = 1,
+                    reserved: int = 0) -> dict[str, Tier]:
     """Optimizer states on the host while they fit, the rest on SSD.
 
     Groups updated last in backward (the embedding, the first blocks) keep their states on the host: their
@@ -49,20 +62,25 @@ def optimizer_tiers(groups, activations, budget, torch_adam: bool, accumulate: i
     """
     trainable = [g for g in groups if g.trainable]
     tiers = {g.name: Tier.HOST for g in trainable}
-    if sum(b for _, b in host_usage(groups, tiers, activations, torch_adam, accumulate=accumulate)) <= budget.host:
+
+    def fits(t):
+        return sum(b for _, b in host_usage(groups, t, activations, torch_adam, accumulate=accumulate)) + reserved \
+            <= budget.host
+
+    if fits(tiers):
         return tiers
     if not budget.ssd_dir:
         return tiers    # verify_plan refuses it, naming the host memory needed or an ssd_dir
     tiers = {g.name: Tier.SSD for g in trainable}
     for g in sorted(trainable, key=lambda g: (g.update_unit, g.index)):
         trial = {**tiers, g.name: Tier.HOST}
-        if sum(b for _, b in host_usage(groups, trial, activations, torch_adam, accumulate=accumulate)) <= budget.host:
+        if fits(trial):
             tiers = trial
     return tiers
 
 
 def param_tiers(groups, optimizer_tier: dict[str, Tier], activations, budget, torch_adam: bool,
-                accumulate: int = 1) -> dict[str, Tier]:
+                accumulate: int = 1, reserved: int = 0) -> dict[str, Tier]:
     """Parameter compute copies on the host, unless even with every optimizer state on SSD the host is short:
     then, largest group first, copies move to SSD (read back before every fetch: the last resort). Groups that
     compute in fp32 stay: their compute copy is their master."""
@@ -70,7 +88,7 @@ def param_tiers(groups, optimizer_tier: dict[str, Tier], activations, budget, to
 
     def fits(t):
         return sum(b for _, b in host_usage(groups, optimizer_tier, activations, torch_adam, t,
-                                            accumulate=accumulate)) <= budget.host
+                                            accumulate=accumulate)) + reserved <= budget.host
 
     if fits(tiers) or not budget.ssd_dir:
         return tiers
@@ -122,7 +140,7 @@ def slot_layouts(units, groups) -> tuple[SlotLayout, ...]:
     return tuple(layouts)
 
 
-@graph_pass(requires=("analysis:Lifetimes",), ensures=("analysis:PlacementPlan", "meta:ratel.activation"))
+@graph_pass(requires=("analysis:Lifetimes", "analysis:CostModel"), ensures=("analysis:PlacementPlan", "meta:ratel.activation"))
 def plan_placement(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     lifetimes = ctx.get(Lifetimes)
     units = ctx.traced.units
@@ -139,8 +157,11 @@ def plan_placement(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         activations.append(record)
 
     layouts = slot_layouts(units, lifetimes.groups)
-    tiers = optimizer_tiers(lifetimes.groups, activations, ctx.budget, ctx.hardware.torch_cpu_adam, ctx.accumulate)
-    params = param_tiers(lifetimes.groups, tiers, activations, ctx.budget, ctx.hardware.torch_cpu_adam, ctx.accumulate)
+    reserved = saved_reserve(ctx.activation_policy, ctx.get(CostModel), bool(ctx.budget.ssd_dir))
+    tiers = optimizer_tiers(lifetimes.groups, activations, ctx.budget, ctx.hardware.torch_cpu_adam, ctx.accumulate,
+                            reserved)
+    params = param_tiers(lifetimes.groups, tiers, activations, ctx.budget, ctx.hardware.torch_cpu_adam, ctx.accumulate,
+                         reserved)
     plan = PlacementPlan(
         param_tier=tuple((g.name, params[g.name]) for g in lifetimes.groups),
         optimizer_tier=tuple((g.name, tiers[g.name]) for g in lifetimes.groups if g.trainable),

@@ -153,3 +153,38 @@ def test_recompute_closure_on_a_synthetic_graph():
     assert recompute_closure(gm, dropout, set()) is None                            # random: never again
     assert recompute_closure(gm, mul, set()) is None                                # depends on a random op
     assert recompute_closure(gm, mul, {dropout}) is not None
+
+
+def test_assignments_price_host_values_and_ssd_staging_within_the_host_left():
+    """Whatever _assign hands out fits the host memory it was given, as the runtime lays it out: host values in
+    the pinned pool, and the SSD staging regions once anything goes to SSD (SAVED_SSD_REGIONS x the largest
+    unit's SSD bytes). Checked on synthetic candidates over a grid of host sizes."""
+    import random
+
+    from ratel.ir import SavedDecision, UnitActivations
+    from ratel.ir.layout import saved_host_bytes
+    from ratel.passes.plan_activations import _assign
+
+    @dataclasses.dataclass(frozen=True)
+    class Value:
+        key: str
+        nbytes: int
+        recomputable: bool = True
+
+    rng = random.Random(0)
+    candidates = [(-1.0, unit, Value(f"v{unit}_{i}", rng.randrange(1, 5) * 10_000))
+                  for unit in range(4) for i in range(3)]
+    total = sum(c[2].nbytes for c in candidates)
+    outcomes = set()
+    for host_free in range(0, 2 * total, total // 25):
+        tiers = _assign(candidates, len(candidates), 0, host_free, ssd_ok=True, last_unit=99)
+        if tiers is None:
+            outcomes.add("refused")
+            continue
+        plan = ActivationPlan("auto", tuple(UnitActivations(u, "saved", tuple(
+            SavedDecision(key=v.key, nbytes=v.nbytes, tier=tiers[u][v.key], recompute_seconds=0.0)
+            for _, unit, v in candidates if unit == u)) for u in range(4)))
+        assert sum(saved_host_bytes(plan)) <= host_free, host_free
+        outcomes.add(frozenset(d.tier for unit in plan.units for d in unit.decisions))
+    # The grid saw refusals (not even the staging fits), mixes of host and SSD, and everything on the host.
+    assert "refused" in outcomes and frozenset({Tier.HOST, Tier.SSD}) in outcomes and frozenset({Tier.HOST}) in outcomes

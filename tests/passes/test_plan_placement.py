@@ -77,3 +77,29 @@ def test_accumulation_plans_fp32_gradient_sums_on_the_host():
     extra = {k: v for k, v in accumulating.items() if k not in plain}
     assert set(extra) == {f"gradient accumulation (fp32):{g.name}" for g in groups if g.trainable}
     assert sum(extra.values()) == sum(4 * g.numel for g in groups if g.trainable)
+
+
+@pytest.mark.parametrize("policy", ["host", "ssd"])
+def test_a_fixed_policy_gets_its_saved_values_host_memory_before_states_are_placed(policy, tmp_path):
+    """With host memory for all but the saved values' share, placement moves optimizer states to SSD so
+    that the policy's saved values (all of them for "host", the SSD staging for "ssd") fit: the plan is
+    accepted, within the budget, where taking the host first for states refused it."""
+    import torch
+
+    import ratel
+    from ratel.ir.layout import saved_host_bytes
+    from ratel.models import GPT, GPTConfig
+    torch.manual_seed(0)
+    # Many small blocks: moving a few groups' states to SSD frees more than their staging buffers take.
+    model = GPT(GPTConfig(vocab_size=64, n_layer=12, n_head=4, d_model=64, max_seq_len=64))
+    ids = torch.randint(0, 64, (8, 32))
+    roomy = ratel.explain(model, ratel.Budget(gpu="1GiB", host="64GiB", ssd_dir=str(tmp_path)), (ids,),
+                          device="cpu", activations=policy)
+    saved = sum(saved_host_bytes(roomy.activations))
+    assert saved > 0 and all(t == Tier.HOST for _, t in roomy.placement.optimizer_tier)
+    host = roomy.memory.host_total - saved // 4
+    plan = ratel.explain(model, ratel.Budget(gpu="1GiB", host=host, ssd_dir=str(tmp_path)), (ids,),
+                         device="cpu", activations=policy)
+    assert plan.memory.host_total <= host
+    assert any(t == Tier.SSD for _, t in plan.placement.optimizer_tier)
+    assert sum(saved_host_bytes(plan.activations)) == saved

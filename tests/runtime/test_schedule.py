@@ -1,9 +1,8 @@
 """The schedule executor issues every planned transfer exactly once, in the Plan's order.
 
-Two plans cover every transfer kind between them: (a) optimizer states and parameter copies on SSD, units
-recomputed; (b) states on SSD, saved activations on SSD, boundary activations checkpointed to host. (One plan cannot hold both SSD parameters and SSD saved values today: placement does not
-price the saved values' SSD staging, so a host budget low enough for the first refuses the second.)
-A training step runs each plan; the executor's log is compared with the Plan's schedule.
+One plan holds every transfer kind: optimizer states and parameter copies on SSD, saved activations on SSD
+(placement sets their staging aside), boundary activations checkpointed to host. A training step runs it; the
+executor's log is compared with the Plan's schedule, and the SSD lane's with the SSD transfers.
 """
 import collections
 
@@ -27,52 +26,51 @@ def tiny_model():
                          tie_embeddings=False)).to(torch.bfloat16).train()
 
 
-def budget_for(model, ids, ssd_dir, activations, params_on_ssd):
-    probe = ratel.explain(model, ratel.Budget(gpu="1GiB", host="1TiB"), (ids,), device="cpu", activations=activations)
+def budget_for(model, ids, ssd_dir):
+    """Host memory for every state and every movable parameter copy on SSD, plus the saved values' staging."""
+    probe = ratel.explain(model, ratel.Budget(gpu="1GiB", host="1TiB", ssd_dir=str(ssd_dir)), (ids,),
+                          device="cpu", activations="ssd")
     states = {g.name: Tier.SSD for g in probe.groups if g.trainable}
     torch_adam = cpu_adam_kernel() == "torch"
     tiers = param_tiers(probe.groups, states, probe.placement.activations,
-                        ratel.Budget(gpu="1GiB", host=1, ssd_dir=str(ssd_dir)), torch_adam) if params_on_ssd else None
+                        ratel.Budget(gpu="1GiB", host=1, ssd_dir=str(ssd_dir)), torch_adam)
     host = sum(b for _, b in host_usage(probe.groups, states, probe.placement.activations, torch_adam, tiers))
-    if not params_on_ssd:
-        host += sum(saved_host_bytes(probe.activations))
-    return ratel.Budget(gpu="1GiB", host=host, ssd_dir=str(ssd_dir))
-
-
-PLANS = {"ssd_params": ("recompute", True), "ssd_saved": ("ssd", False)}
-
-
-def run_one_step(tmp_path, name):
-    activations, params_on_ssd = PLANS[name]
-    model = tiny_model()
-    ids = torch.randint(0, 64, (2, SEQ), generator=torch.Generator().manual_seed(1))
-    budget = budget_for(model, ids, tmp_path, activations, params_on_ssd)
-    engine = ratel.compile(model, budget=budget, optimizer=ratel.AdamW(lr=1e-3), example_inputs=(ids,),
-                           device="cpu", progress=False, activations=activations)
-    engine.backward(engine(ids, labels=ids).loss)
-    engine.step()
-    plan, executor = engine.plan, engine._latest.runtime.schedule
-    log, unplanned = list(executor.log), list(executor.unplanned)
-    engine.close()
-    return plan, log, unplanned
+    return ratel.Budget(gpu="1GiB", host=host + sum(saved_host_bytes(probe.activations)), ssd_dir=str(ssd_dir))
 
 
 @pytest.fixture(scope="module")
-def steps(tmp_path_factory):
-    return {name: run_one_step(tmp_path_factory.mktemp(name), name) for name in PLANS}
+def step(tmp_path_factory):
+    ssd_dir = tmp_path_factory.mktemp("ssd")
+    model = tiny_model()
+    ids = torch.randint(0, 64, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    engine = ratel.compile(model, budget=budget_for(model, ids, ssd_dir), optimizer=ratel.AdamW(lr=1e-3),
+                           example_inputs=(ids,), device="cpu", progress=False, activations="ssd")
+    engine.backward(engine(ids, labels=ids).loss)
+    engine.step()
+    plan, executor = engine.plan, engine._latest.runtime.schedule
+    disk = list(engine._resources.lane.issued)
+    log, unplanned = list(executor.log), list(executor.unplanned)
+    engine.close()
+    return plan, log, unplanned, disk
 
 
-@pytest.mark.parametrize("name", list(PLANS))
-def test_every_scheduled_transfer_is_issued_exactly_once(steps, name):
-    plan, log, unplanned = steps[name]
+def test_one_plan_holds_every_transfer_kind(step):
+    plan, log, _, _ = step
+    assert {plan.transfers[i].kind for i in log} == set(TransferKind)
+    assert Tier.SSD in dict(plan.placement.param_tier).values()
+    assert Tier.SSD in dict(plan.placement.optimizer_tier).values()
+    assert any(d.tier == Tier.SSD for u in plan.activations.units for d in u.decisions)
+
+
+def test_every_scheduled_transfer_is_issued_exactly_once(step):
+    plan, log, unplanned, _ = step
     counts = collections.Counter(log)
     assert unplanned == []
     assert [i for i in range(len(plan.transfers)) if counts[i] != 1] == []
 
 
-@pytest.mark.parametrize("name", list(PLANS))
-def test_transfers_are_issued_in_the_plans_order(steps, name):
-    plan, log, _ = steps[name]
+def test_transfers_are_issued_in_the_plans_order(step):
+    plan, log, _, _ = step
     static = [i for i in log if not plan.transfers[i].kind.dynamic]
     assert static == sorted(static)                  # the cursor's order is the Plan's
     for kind in TransferKind:                        # each dynamic kind in the Plan's order for that kind
@@ -81,9 +79,15 @@ def test_transfers_are_issued_in_the_plans_order(steps, name):
             assert mine == sorted(mine), kind
 
 
-def test_the_plans_cover_every_transfer_kind(steps):
-    seen = {plan.transfers[i].kind for plan, log, _ in steps.values() for i in log}
-    assert seen == set(TransferKind)
+def test_one_ssd_lane_carries_states_parameters_and_saved_values(step):
+    plan, _, _, disk = step
+    suffixes = collections.Counter((op, name.rsplit(".", 1)[1]) for op, name in disk)
+    for op, suffix in [("read", "adam"), ("write", "adam"), ("read", "param"), ("write", "param"),
+                       ("write", "act"), ("read", "act")]:
+        assert suffixes[(op, suffix)] > 0, (op, suffix)
+    # Each group's states are read once, in the Plan's order (file names start with the group index).
+    reads = [int(name.rsplit("/", 1)[1].split("-", 1)[0]) for op, name in disk if op == "read" and name.endswith(".adam")]
+    assert reads == list(plan.ssd_state_order())
 
 
 def test_dynamic_kinds_say_who_decides():
