@@ -1,13 +1,15 @@
-"""The SSD lane: one thread issues every SSD read and write of a run — optimizer states, parameter compute copies
-and saved activations — one request at a time, each through a slot of a staging ring of pinned buffers.
+"""The SSD lane: every SSD read and write of a run — optimizer states, parameter compute copies and saved
+activations — goes through one queue, each through a slot of a staging ring of pinned buffers.
 
-The disk is one lane of the Plan (``TransferKind.lane == "ssd"``). Order on it: reads before writes (someone
-is about to wait for a read; a write-back only has to finish before its slot is reused), then the order of
-submission, which is the Plan's (the schedule executor and the owners of the dynamic kinds submit as the Plan
-orders them). A request runs once what it depends on is done — the last I/O on its slot (a read never
-overwrites a write-back still in flight) and the GPU copy that last read the slot (a CUDA event, polled: the
-lane never sits on one while another request is ready). Each request is large enough to keep the disk busy
-alone, so one at a time loses no bandwidth and no read queues behind more than one write.
+The disk is one lane of the Plan (``TransferKind.lane == "ssd"``), with two channels: one thread issues the
+reads, one the writes, each one request at a time in the order submitted, which is the Plan's (the schedule
+executor and the owners of the dynamic kinds submit as the Plan orders them). Reads and writes run side by
+side because the disk moves more with both (measured on the H200 machine's disk, ``benchmarks/ssd_lane.py``)
+and because a read — what someone is about to wait for — must never queue behind a write-back, which only
+has to finish before its slot is reused. A request runs once what it depends on is done: the last I/O on its
+slot (a read never overwrites a write-back still in flight) and the GPU copy that last read the slot (a CUDA
+event, polled: a channel never sits on one while another of its requests is ready). Each request is large
+enough to keep its direction busy alone.
 
 A ``Slot`` is one staging buffer and what it holds; a ``StagingRing`` hands out slots, preferring one that holds
 nothing, then one whose I/O is done, then the one used longest ago. The three SSD tiers
@@ -70,14 +72,16 @@ class SsdLane:
 
     def __init__(self, swapper):
         self.swapper = swapper
-        self._queue: list[tuple[int, int, Request]] = []       # (reads first, order submitted, request)
+        self._queue: list[tuple[int, Request]] = []       # (order submitted, request)
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
         self._writes: list[Request] = []      # write-backs nobody else may wait on: flush checks them
-        self.issued = collections.deque(maxlen=4096)   # (op, file name) in the order the disk saw them
-        self._thread = threading.Thread(target=self._run, name="ratel-ssd", daemon=True)
-        self._thread.start()
+        self.issued = collections.deque(maxlen=4096)   # (op, file name) in the order each channel began them
+        self._threads = [threading.Thread(target=self._run, args=(op,), name=f"ratel-ssd-{op}", daemon=True)
+                         for op in ("read", "write")]
+        for thread in self._threads:
+            thread.start()
 
     def file(self, name: str, nbytes: int):
         return self.swapper.file(name, nbytes)
@@ -96,26 +100,27 @@ class SsdLane:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the SSD lane is closed")
-            self._queue.append((0 if op == "read" else 1, next(self._seq), request))
-            self._cond.notify()
+            self._queue.append((next(self._seq), request))
+            self._cond.notify_all()
         return request
 
-    def _take(self) -> Request | None:
+    def _take(self, op: str) -> Request | None:
+        """The channel's next request: the first submitted of its direction whose dependencies are done."""
         with self._cond:
             while True:
-                ready = [entry for entry in self._queue if entry[2].ready()]
-                if ready:
-                    entry = min(ready, key=lambda e: e[:2])
-                    self._queue.remove(entry)
-                    return entry[2]
-                if self._closed and not self._queue:
+                mine = [entry for entry in self._queue if entry[1].op == op]
+                ready = next((entry for entry in mine if entry[1].ready()), None)
+                if ready is not None:
+                    self._queue.remove(ready)
+                    self.issued.append((op, ready[1].file.name))
+                    return ready[1]
+                if self._closed and not mine:
                     return None
-                self._cond.wait(POLL_SECONDS if self._queue else None)
+                self._cond.wait(POLL_SECONDS if mine else None)
 
-    def _run(self) -> None:
-        while (request := self._take()) is not None:
-            self.issued.append((request.op, request.file.name))
-            issue = self.swapper.read if request.op == "read" else self.swapper.write
+    def _run(self, op: str) -> None:
+        issue = self.swapper.read if op == "read" else self.swapper.write
+        while (request := self._take(op)) is not None:
             try:
                 for handle in [issue(request.file, offset, tensor) for offset, tensor in request.spans]:
                     handle.wait()
@@ -123,6 +128,8 @@ class SsdLane:
                 request.error = exc
             finally:
                 request.done.set()
+                with self._cond:
+                    self._cond.notify_all()      # the other channel may have a request waiting on this one
 
     def flush(self) -> None:
         """Wait for every write-back submitted so far; raise the first error nobody has seen."""
@@ -140,8 +147,9 @@ class SsdLane:
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            self._cond.notify()
-        self._thread.join()
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join()
         self.flush()
 
 

@@ -1,4 +1,5 @@
-"""The SSD lane: one thread, reads before writes, a request only after what it depends on, errors to the waiter.
+"""The SSD lane: a read channel and a write channel, each in submission order, a request only after what it
+depends on, errors to the waiter.
 
 Device-free: a scripted swapper whose requests finish when the test says, so every ordering is forced, not
 hoped for; and one real swap file for the data path.
@@ -72,31 +73,33 @@ def lane():
     lane.close()
 
 
-def test_reads_go_before_writes_then_in_the_order_submitted(lane):
+def test_reads_never_queue_behind_writes_and_each_direction_keeps_its_order(lane):
     sw = lane.swapper
-    sw.gate("busy")                                   # hold the lane on a first request
+    sw.gate("busy")                                   # a long write-back holds the write channel
     busy = lane.write(File("busy"), span())
     sw.wait_issued(1)
-    requests = [lane.write(File("w1"), span()), lane.read(File("r1"), span()), lane.write(File("w2"), span()),
-                lane.read(File("r2"), span())]
+    w1, r1, w2, r2 = (lane.write(File("w1"), span()), lane.read(File("r1"), span()), lane.write(File("w2"), span()),
+                      lane.read(File("r2"), span()))
+    r2.wait()                                         # both reads done while the write is still in flight
+    assert r1.done.is_set() and not busy.done.is_set() and not w1.done.is_set()
     sw.gates["busy"].set()
-    for r in [busy, *requests]:
+    for r in (busy, w1, w2):
         r.wait()
-    assert sw.log == ["write busy", "read r1", "read r2", "write w1", "write w2"]
+    assert [e for e in sw.log if e.startswith("read")] == ["read r1", "read r2"]
+    assert [e for e in sw.log if e.startswith("write")] == ["write busy", "write w1", "write w2"]
 
 
 def test_a_read_waits_for_the_write_back_of_its_slot(lane):
     sw = lane.swapper
-    sw.gate("busy")
-    busy = lane.read(File("busy"), span())
-    sw.wait_issued(1)
+    sw.gate("old")                                    # the slot's write-back is slow
     write_back = lane.write(File("old"), span())
-    read = lane.read(File("new"), span(), after=[write_back])     # same slot: the write goes first
-    other = lane.read(File("other"), span())
-    sw.gates["busy"].set()
-    for r in (busy, write_back, read, other):
-        r.wait()
-    assert sw.log == ["read busy", "read other", "write old", "read new"]
+    read = lane.read(File("new"), span(), after=[write_back])     # same slot: must not start before it
+    other = lane.read(File("other"), span())                      # another slot: passes it
+    other.wait()
+    assert not read.done.is_set() and "read new" not in sw.log
+    sw.gates["old"].set()
+    read.wait()
+    assert sw.log.index("write old") < sw.log.index("read new")
 
 
 class GpuCopy:
@@ -113,12 +116,12 @@ def test_a_request_behind_a_gpu_copy_lets_ready_ones_pass_then_runs(lane):
     sw = lane.swapper
     copy = GpuCopy()
     blocked = lane.read(File("after-copy"), span(), after=[copy])
-    ready = lane.write(File("ready"), span())
+    ready = lane.read(File("ready"), span())          # same channel, submitted later, passes it
     ready.wait()
-    assert sw.log == ["write ready"] and not blocked.done.is_set()
+    assert sw.log == ["read ready"] and not blocked.done.is_set()
     copy.finished = True
     blocked.wait()
-    assert sw.log == ["write ready", "read after-copy"]
+    assert sw.log == ["read ready", "read after-copy"]
 
 
 def test_an_error_reaches_the_waiter_once_and_a_lost_write_reaches_flush(lane):
