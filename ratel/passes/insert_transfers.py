@@ -10,7 +10,7 @@ Stages:
      one step ahead of the recompute that reads it, ``flush_grads`` when the unit's backward is done, and
      ``optimizer_step`` for each group whose gradient is then complete.
   3. SSD-resident optimizer states: ``ssd_read_states`` ahead of each update, ``ssd_write_states`` after it
-     (the runtime's sequencer orders them, reads first).
+     (the runtime's SSD lane issues them in this order, reads on their own channel).
   4. Saved activations (plan_activations): ``offload_saved`` (and ``ssd_write_saved``) in the unit's forward,
      ``ssd_read_saved`` and ``fetch_saved`` one step before its backward.
 

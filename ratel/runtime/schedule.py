@@ -9,10 +9,10 @@ compute, during it, after it). The executor walks that list with a cursor:
     ``ratel.release_params``) calls ``run_through(kind, ...)``: the transfers before it run first, then it;
     the sweep never runs such a transfer itself (the node has the value it moves);
   * a kind the Plan marks dynamic (``KindSpec.dynamic`` says who decides its moment: the pack hook, the SSD
-    sequencer, the CPU optimizer) is not issued by the cursor; its owner ``report``s it when it happens,
+    states ring, the CPU optimizer) is not issued by the cursor; its owner ``report``s it when it happens,
     and the executor checks that it was planned and comes in the Plan's order for its kind.
 
-Each handler is the tier's own code (the parameter ring, the activation store, the saved-value stager, the
+Each handler is the tier's own code (the parameter ring, the activation store, the SSD rings, the
 gradient flush, the CPU optimizer). ``log`` holds the index of every transfer issued or reported, in the
 order it happened, and ``unplanned`` what was reported without being planned (kept, not raised: a worker
 thread must not die of a bookkeeping mismatch; tests/runtime/test_schedule.py checks both).
