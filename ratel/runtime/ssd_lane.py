@@ -31,6 +31,18 @@ import torch
 POLL_SECONDS = 0.0002     # how often the lane looks again when every queued request waits on a GPU copy
 
 
+def _wait_all(waits) -> None:
+    """Call every wait; then raise the first error (each is settled before any error leaves)."""
+    first = None
+    for wait in waits:
+        try:
+            wait()
+        except BaseException as exc:  # noqa: BLE001 - raised once all are settled
+            first = first or exc
+    if first is not None:
+        raise first
+
+
 def _settled(dependency) -> bool:
     if dependency is None:
         return True
@@ -135,14 +147,7 @@ class SsdLane:
         """Wait for every write-back submitted so far; raise the first error nobody has seen."""
         with self._cond:
             writes, self._writes = self._writes, []
-        first = None
-        for request in writes:
-            try:
-                request.wait()
-            except BaseException as exc:  # noqa: BLE001 - the first is raised once all are settled
-                first = first or exc
-        if first is not None:
-            raise first
+        _wait_all(request.wait for request in writes)
 
     def close(self) -> None:
         with self._cond:
@@ -207,11 +212,4 @@ class StagingRing:
 
     def settle(self) -> None:
         """Wait for every slot's I/O; raise the first error nobody has seen."""
-        first = None
-        for slot in self.slots:
-            try:
-                slot.settle()
-            except BaseException as exc:  # noqa: BLE001 - the first is raised once all are settled
-                first = first or exc
-        if first is not None:
-            raise first
+        _wait_all(slot.settle for slot in self.slots)
