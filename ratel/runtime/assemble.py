@@ -23,7 +23,7 @@ from ratel.ir.budget import Budget, ssd_dirs
 from ratel.ir.layout import ceil_div, program_pool_bytes, store_pool_bytes
 from ratel.runtime.activations import ActivationStore
 from ratel.runtime.engine import Runtime
-from ratel.runtime.memory import Lanes, PinnedPool
+from ratel.runtime.memory import Lanes, PinnedPool, expandable_segments
 from ratel.runtime.optimizer import CPUOptimizer, Hyper
 from ratel.runtime.param_store import ParamStore, materialise_module
 from ratel.runtime.saved import SavedActivations, SsdSaved
@@ -73,6 +73,8 @@ class Resources:
         self.progress = progress
         self.keep_swap_files = keep_swap_files
         self.lanes = Lanes(device)
+        # The plan counts tensor bytes: the allocator must not strand reserved memory between them.
+        self.expandable_segments = expandable_segments() if device.type == "cuda" else False
         self.store: ParamStore | None = None
         self.store_pool: PinnedPool | None = None
         self.optimizer: CPUOptimizer | None = None
