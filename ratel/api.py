@@ -30,7 +30,7 @@ def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | Non
             device: str | torch.device | None = None, hardware: HardwareProfile | None = None,
             weights: str | None = None, depth: int = 2, progress: bool = True,
             keep_swap_files: bool = False, activations: str = "auto", accumulate: int = 1,
-            max_grad_norm: float | None = None, resume: str | None = None) -> Engine:
+            max_grad_norm: float | None = None, resume: str | None = None, keep_logits: bool = False) -> Engine:
     """Compile ``model`` for training under ``budget``.
 
     model           an nn.Module with repeated blocks (a ``ratel.models.GPT`` or a transformers causal LM),
@@ -50,6 +50,9 @@ def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | Non
     keep_swap_files leave the SSD swap files in place on close (they are named after the model)
     activations     "auto" (plan every saved tensor: keep / host / SSD / recompute), or a fixed policy:
                     "recompute" (checkpoint unit inputs only), "keep", "host", "ssd"
+    keep_logits     a loss computed from the LM head's logits is computed over chunks of tokens, never holding
+                    them all; the output's ``logits`` are then not computed (using them raises, saying to pass
+                    ``keep_logits=True``, which returns them and costs batch x seq x vocabulary on the GPU)
     resume          a folder ``engine.save`` wrote: weights, Adam states, update count, param-group
                     hyper-parameters and RNG states are restored, so the following steps equal those of the
                     run that saved it (``engine.resumed`` has its step and state=; ``engine.restore_scheduler``)
@@ -68,7 +71,7 @@ def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | Non
         checkpoint = open_checkpoint(resume, model)
     engine = Engine(model, _as_budget(budget), optimizer, device, hardware, weights=weights,
                     depth=depth, progress=progress, keep_swap_files=keep_swap_files, activations=activations,
-                    accumulate=accumulate, max_grad_norm=max_grad_norm, resume=checkpoint)
+                    accumulate=accumulate, max_grad_norm=max_grad_norm, resume=checkpoint, keep_logits=keep_logits)
     if example_inputs is not None:
         example_inputs = tuple(example_inputs)
         kwargs = default_kwargs(model, example_inputs, example_kwargs)

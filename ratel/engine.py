@@ -35,13 +35,39 @@ from ratel.trace import call_kwargs, capturing
 log = logging.getLogger("ratel")
 
 
+class LogitsNotKept:
+    """Stands in an output for the logits Ratel did not compute: the loss was computed from the LM head over
+    chunks of tokens. Any use raises and says how to keep them."""
+
+    _MESSAGE = ("the logits were not kept: Ratel computes the loss from the LM head over chunks of tokens and "
+                "never holds all of them. Pass ratel.compile(..., keep_logits=True) to have them returned (they "
+                "cost batch x seq x vocabulary elements on the GPU), or call the engine without labels")
+
+    def __getattr__(self, name):
+        raise RatelError(self._MESSAGE)
+
+    def __getitem__(self, index):
+        raise RatelError(self._MESSAGE)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        raise RatelError(cls._MESSAGE)
+
+    def __bool__(self):
+        raise RatelError(self._MESSAGE)
+
+    def __repr__(self) -> str:
+        return "<logits not kept: ratel.compile(..., keep_logits=True) returns them>"
+
+
 class Engine:
     """Trains a compiled model: ``engine(**batch).loss``, ``engine.backward(loss)``, ``engine.step()``."""
 
     def __init__(self, model: nn.Module, budget: Budget, optimizer, device: torch.device,
                  hardware: HardwareProfile, weights=None, depth: int = 2, max_programs: int = 4,
                  progress: bool = True, keep_swap_files: bool = False, activations: str = "auto",
-                 accumulate: int = 1, max_grad_norm: float | None = None, resume: Checkpoint | None = None):
+                 accumulate: int = 1, max_grad_norm: float | None = None, resume: Checkpoint | None = None,
+                 keep_logits: bool = False):
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise ValueError(f"accumulate={accumulate!r}: give the number of micro-batches per update, an int >= 1")
         if max_grad_norm is not None and not (float(max_grad_norm) > 0):
@@ -58,6 +84,7 @@ class Engine:
         #: so torch LR schedulers drive it; ``engine.optimizer.step()`` is ``engine.step()``
         self.optimizer = EngineOptimizer(groups, defaults, self._step)
         self.depth = depth
+        self.keep_logits = bool(keep_logits)
         self.max_programs = max_programs
         self.progress = progress
         self._weights = weights
@@ -108,7 +135,8 @@ class Engine:
         self._check_open("run a forward")
         traced, gm, plan = plan_call(self.model, args, kwargs, self.budget, self.hardware, self.device,
                                      training=self._training, depth=self.depth, activations=self._activations,
-                                     accumulate=self.accumulate, clip=self.max_grad_norm is not None)
+                                     accumulate=self.accumulate, clip=self.max_grad_norm is not None,
+                                     keep_logits=self.keep_logits)
         if not self._resources.created:
             self._resources.create(plan, traced, Hyper.of(self.optimizer.defaults),
                                    segments=segments_of(plan.groups, self._group_of),
@@ -151,10 +179,12 @@ class Engine:
         self._latest = program
         self._recorder = Recorder(self.device, len(plan.steps)) if self.profile and torch.is_grad_enabled() else None
         runtime.begin(self._recorder)
-        out_flat = gm(runtime, *flat)
+        out_flat = list(gm(runtime, *flat))
         if not torch.is_grad_enabled():
             runtime.finish_step()
-        return pytree.tree_unflatten(list(out_flat), self._out_spec(gm))
+        for index in gm.meta.get("ratel.dropped_outputs", ()):
+            out_flat[index] = LogitsNotKept()
+        return pytree.tree_unflatten(out_flat, self._out_spec(gm))
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate ``loss``: exactly the gradients ``loss.backward()`` computes. Without accumulation

@@ -29,7 +29,8 @@ META_UNIT_CALL = "ratel.unit_call"
 
 META_KEYS: dict[str, tuple[str, str, str]] = {
     # key: (record type, written by, read by) -- tests/test_layers.py checks them against the code
-    META_UNIT: ("str: name of the unit the node belongs to", "trace.discover_units", "outline_units, printer"),
+    META_UNIT: ("str: name of the unit the node belongs to",
+                "trace.discover_units (and chunk_head_loss for the nodes it creates)", "outline_units, printer"),
     META_TENSOR: ("TensorMeta", "annotate_shapes (and outline_units for the nodes it creates)",
                   "estimate_costs, outline_units, build_lifetimes, plan_activations, simulate, printer"),
     META_COST: ("NodeCost", "estimate_costs", "printer"),
@@ -38,7 +39,7 @@ META_KEYS: dict[str, tuple[str, str, str]] = {
     META_TRANSFER: ("Transfer, on nodes inserted by insert_transfers / insert_releases",
                     "insert_transfers, insert_releases", "runtime.engine (graph-bound transfers), printer"),
     META_PROVENANCE: ("Provenance: which pass created the node and why",
-                      "outline_units, insert_transfers, insert_releases", "printer"),
+                      "chunk_head_loss, outline_units, insert_transfers, insert_releases", "printer"),
     META_UNIT_CALL: ("UnitCall, on the run_unit nodes of the outlined graph", "outline_units",
                      "estimate_costs, build_lifetimes, runtime.engine, runtime.eager, printer"),
 }
@@ -268,6 +269,17 @@ class Provenance:
     pass_name: str
     action: str
     reason: str = ""
+
+
+@dataclass(frozen=True)
+class HeadLoss:
+    """What chunk_head_loss did: the loss nodes it computes over chunks of ``chunk_rows`` rows, and the graph
+    outputs (indices in the flat output) whose logits it no longer computes (none when ``kept_logits``)."""
+
+    losses: tuple[str, ...]
+    dropped_outputs: tuple[int, ...]
+    chunk_rows: int
+    kept_logits: bool
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ratel.ir import (META_COST, META_TENSOR, META_UNIT_CALL, CostModel, NodeCost, PackRef, SavedValue, UnitCall,
                       UnitCost)
 from ratel.passes.canonicalize_graph import canonicalize
+from ratel.ir.losses import linear_cross_entropy
 from ratel.passes.manager import PassContext, PassResult, graph_pass
 from ratel.trace import is_random
 
@@ -69,6 +70,13 @@ def node_flops(node: fx.Node) -> NodeCost:
         elif t in (aten.scaled_dot_product_attention.default,):
             q, k, v = (_shape(a) for a in node.args[:3])
             fwd = 2 * math.prod(q[:-1]) * k[-2] * q[-1] + 2 * math.prod(q[:-1]) * k[-2] * v[-1]
+        elif t is linear_cross_entropy:
+            # The backward computes the chunk's logits again before its two products: three times the forward.
+            hidden, weight, seq_slice = _shape(node.args[0]), _shape(node.args[1]), node.args[7]
+            if seq_slice is not None:
+                hidden = (hidden[0], len(range(hidden[1])[seq_slice[0]:seq_slice[1]]), *hidden[2:])
+            fwd = 2 * math.prod(hidden[:-1]) * math.prod(weight)
+            return NodeCost(int(fwd), int(3 * fwd))
         else:
             return NodeCost(0, 0)
     except (KeyError, AttributeError, IndexError):

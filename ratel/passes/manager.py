@@ -60,6 +60,8 @@ class PassContext:
     activation_policy: str = "auto"             # plan_activations: auto | recompute | keep | host | ssd
     accumulate: int = 1                         # micro-batches per update: > 1 plans fp32 gradient sums on host
     clip: bool = False                          # global-norm clipping: every update waits for the whole gradient
+    keep_logits: bool = False                   # chunk_head_loss: still return the logits a chunked loss needs not
+    head_chunk_bytes: int = 256 << 20           # chunk_head_loss: fp32 logits of one chunk of rows
     debug: bool = field(default_factory=lambda: os.environ.get("RATEL_DEBUG", "") not in ("", "0"))
     dump_dir: Path | None = field(default_factory=lambda: Path(os.environ["RATEL_DUMP_DIR"])
                                   if os.environ.get("RATEL_DUMP_DIR") else None)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ratel.ir import Plan
+from ratel.ir import HeadLoss, Plan
 from ratel.ir.budget import Budget
 from ratel.ir.hardware import HardwareProfile
 from ratel.passes.annotate_shapes import annotate_shapes
 from ratel.passes.build_lifetimes import build_lifetimes
 from ratel.passes.canonicalize_graph import canonicalize_graph
+from ratel.passes.chunk_head_loss import chunk_head_loss
 from ratel.passes.estimate_costs import estimate_costs
 from ratel.passes.insert_releases import insert_releases
 from ratel.passes.insert_transfers import insert_transfers
@@ -24,6 +25,7 @@ from ratel.trace import TracedModel, trace_model
 
 PIPELINE = [
     canonicalize_graph,
+    chunk_head_loss,
     annotate_shapes,
     outline_units,
     estimate_costs,
@@ -49,19 +51,21 @@ def compute_dtype_of(traced: TracedModel) -> torch.dtype:
 
 
 def plan_program(traced: TracedModel, budget: Budget, hardware: HardwareProfile, device: torch.device,
-                 depth: int = 2, activations: str = "auto", accumulate: int = 1, clip: bool = False):
+                 depth: int = 2, activations: str = "auto", accumulate: int = 1, clip: bool = False,
+                 keep_logits: bool = False):
     """Run the pass pipeline on a traced model; returns the rewritten GraphModule and its Plan."""
     ctx = PassContext(traced=traced, budget=budget, hardware=hardware, compute_dtype=compute_dtype_of(traced),
                       device=str(device), depth=depth, activation_policy=activations, accumulate=accumulate,
-                      clip=clip)
+                      clip=clip, keep_logits=keep_logits)
     gm = default_pass_manager().run(traced.gm, ctx)
     gm.meta["ratel.out_spec"] = traced.out_spec
+    gm.meta["ratel.dropped_outputs"] = ctx.get(HeadLoss).dropped_outputs
     return gm, ctx.get(Plan)
 
 
 def plan_call(model: nn.Module, args: tuple, kwargs: dict, budget: Budget, hardware: HardwareProfile,
               device: torch.device, *, training: bool = True, depth: int = 2, activations: str = "auto",
-              accumulate: int = 1, clip: bool = False):
+              accumulate: int = 1, clip: bool = False, keep_logits: bool = False):
     """Trace ``model(*args, **kwargs)`` in train (or eval) mode and plan it: (traced, gm, plan)."""
     was_training = model.training
     model.train(training)
@@ -69,5 +73,6 @@ def plan_call(model: nn.Module, args: tuple, kwargs: dict, budget: Budget, hardw
         traced = trace_model(model, args, kwargs)
     finally:
         model.train(was_training)
-    gm, plan = plan_program(traced, budget, hardware, device, depth, activations, accumulate=accumulate, clip=clip)
+    gm, plan = plan_program(traced, budget, hardware, device, depth, activations, accumulate=accumulate, clip=clip,
+                            keep_logits=keep_logits)
     return traced, gm, plan

@@ -94,7 +94,9 @@ def simulate_memory(gm: fx.GraphModule, ctx: PassContext, acts: ActivationPlan |
             workspace = cost.bwd_only_workspace if saved_mode else cost.bwd_workspace
             held = sum(b for _, b in user_outputs)
             previous = steps[t - 1]
-            in_flight = grad_bytes[previous.unit] if previous.phase == Phase.BWD else 0
+            # The unit's flat gradient buffer fills during its own backward (autograd's per-parameter
+            # gradients, in the workspace, are copied into it); the previous unit's is still copying out.
+            in_flight = grad_bytes[step.unit] + (grad_bytes[previous.unit] if previous.phase == Phase.BWD else 0)
         accumulating = sum(b for first, last, b in shared if first <= t <= last)
         saved = sum(saved_bytes_alive(acts, u.index, t, fwd, bwd) for u in ctx.traced.units
                     if not (step.phase == Phase.FWD and u.index == step.unit))

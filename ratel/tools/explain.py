@@ -54,7 +54,8 @@ def call_arguments(model: nn.Module, example_inputs: tuple, example_kwargs: dict
 
 def explain(model: nn.Module, budget, example_inputs, example_kwargs: dict | None = None, *,
             hardware: HardwareProfile | None = None, device: str | torch.device = "cuda", depth: int = 2,
-            activations: str = "auto", accumulate: int = 1, max_grad_norm: float | None = None) -> Plan:
+            activations: str = "auto", accumulate: int = 1, max_grad_norm: float | None = None,
+            keep_logits: bool = False) -> Plan:
     """Plan ``model`` for training under ``budget`` and return the Plan; nothing runs, nothing is allocated.
 
     model           an nn.Module, on the meta device (nothing is materialised) or the CPU
@@ -66,6 +67,7 @@ def explain(model: nn.Module, budget, example_inputs, example_kwargs: dict | Non
     device          the device the plan is for (default "cuda", whether or not this machine has one)
     activations     the activation policy, as in ``compile`` ("auto", "recompute", "keep", "host", "ssd")
     accumulate, max_grad_norm   as in ``compile``: accumulation buffers in host memory, updates after the norm
+    keep_logits     as in ``compile``: plan the logits as an output too
 
     Raises ``BudgetError`` (with the minimum needed) when the budget cannot hold the plan, as ``compile`` does.
     """
@@ -81,7 +83,7 @@ def explain(model: nn.Module, budget, example_inputs, example_kwargs: dict | Non
     start = time.perf_counter()
     _, _, plan = plan_call(model, example_inputs, kwargs, budget, hardware, device, training=model.training,
                            depth=depth, activations=activations, accumulate=accumulate,
-                           clip=max_grad_norm is not None)
+                           clip=max_grad_norm is not None, keep_logits=keep_logits)
     log.info("explained %s for %s in %.1f s: GPU peak %s of %s, host %s, predicted step %.3g s",
              type(model).__name__, device, time.perf_counter() - start, format_bytes(plan.memory.gpu_peak),
              format_bytes(plan.budget_gpu), format_bytes(plan.memory.host_total), plan.times.total)

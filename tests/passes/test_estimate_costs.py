@@ -17,8 +17,14 @@ def test_flops_follow_the_documented_formula():
     block = 2 * b * s * (d * 3 * d + d * d + d * ff + ff * d) + 4 * b * s * s * d
     assert costs.units[1].fwd_flops == block and costs.units[2].fwd_flops == block
     assert costs.units[1].bwd_flops == 2 * block
-    assert costs.units[-1].fwd_flops == 2 * b * s * d * 64     # the LM head
     assert costs.units[0].fwd_flops == 0                       # embeddings are lookups
+    # The LM head: the returned logits' product, then the loss's over the positions it reads (all but the
+    # last), whose backward computes the logits again before its two products.
+    head = costs.units[-1]
+    assert head.fwd_flops == 2 * b * s * d * 64 + 2 * b * (s - 1) * d * 64
+    assert head.bwd_flops == 2 * (2 * b * s * d * 64) + 3 * (2 * b * (s - 1) * d * 64)
+    _, ctx, _, _ = run_until("estimate_costs", keep_logits=False)
+    assert ctx.get(CostModel).units[-1].fwd_flops == 2 * b * (s - 1) * d * 64
 
 
 def test_unit_memory_matches_a_real_run():

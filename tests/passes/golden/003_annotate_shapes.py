@@ -55,10 +55,7 @@ def forward(self, p_wte_weight: "f32[64, 32]", p_wpe_weight: "f32[16, 32]", p_bl
     add_4: "f32[2, 8, 32]" = aten.add.Tensor(add_3, dropout_4)  # unit=blocks.1
     layer_norm_4: "f32[2, 8, 32]" = aten.layer_norm.default(add_4, [32], p_ln_f_weight, p_ln_f_bias, 1e-05, False)  # unit=head
     linear_8: "f32[2, 8, 64]" = aten.linear.default(layer_norm_4, p_lm_head_weight)  # unit=head
-    slice_1: "f32[2, 7, 64]" = aten.slice.Tensor(linear_8, 1, 0, -1)  # unit=head
-    reshape_2: "f32[14, 64]" = aten.reshape.default(slice_1, [-1, 64])  # unit=head
-    to: "f32[14, 64]" = aten.to.dtype(reshape_2, torch.float32)  # unit=head
     slice_2: "i64[2, 7]" = aten.slice.Tensor(labels, 1, 1, 9223372036854775807)  # unit=head
     reshape_3: "i64[14]" = aten.reshape.default(slice_2, [-1])  # unit=head
-    cross_entropy_loss: "f32[]" = aten.cross_entropy_loss.default(to, reshape_3)  # unit=head
-    return (cross_entropy_loss, linear_8)
+    linear_cross_entropy: "f32[]" = ratel.linear_cross_entropy(layer_norm_4, p_lm_head_weight, None, reshape_3, -100, 1, 1048576, (0, -1))  # unit=head; by chunk_head_loss
+    return (linear_cross_entropy, linear_8)

@@ -1,32 +1,15 @@
 # top-level graph
 def forward(self, runtime, input_ids: "i64[2, 8]", labels: "i64[2, 8]"):
-    keep_activation = ratel.keep_activation(runtime, 'input_ids', input_ids)  # by insert_transfers
-    keep_activation_1 = ratel.keep_activation(runtime, 'labels', labels)  # by insert_transfers
-    prefetch_params = ratel.prefetch_params(runtime, 'embed', 0)  # fetch_params host->gpu 10.00 KiB step=0 needed_by=0 slot=0; by insert_transfers
-    prefetch_params_1 = ratel.prefetch_params(runtime, 'blocks.0', 1)  # fetch_params host->gpu 49.75 KiB step=0 needed_by=1 slot=1; by insert_transfers
-    wait_params = ratel.wait_params(runtime, 'embed')  # by insert_transfers
     unit_embed = ratel.run_unit(runtime, 'embed', input_ids)  # by outline_units
     dropout: "f32[2, 8, 32]" = unit_embed[0]  # unit=embed; activation=host (2.00 KiB, unit input checkpoint)
-    offload_activation = ratel.offload_activation(runtime, 'dropout', dropout)  # offload_activation gpu->host 2.00 KiB step=0 needed_by=6; by insert_transfers
-    release_params = ratel.release_params(runtime, 'embed')  # release_params 10.00 KiB step=0 needed_by=0 slot=0; by insert_releases
-    prefetch_params_2 = ratel.prefetch_params(runtime, 'blocks.1', 0)  # fetch_params host->gpu 49.75 KiB step=1 needed_by=2 slot=0; by insert_transfers
-    wait_params_1 = ratel.wait_params(runtime, 'blocks.0')  # by insert_transfers
     unit_blocks_0 = ratel.run_unit(runtime, 'blocks.0', dropout)  # by outline_units
     add_2: "f32[2, 8, 32]" = unit_blocks_0[0]  # unit=blocks.0; activation=host (2.00 KiB, unit input checkpoint)
-    offload_activation_1 = ratel.offload_activation(runtime, 'add_2', add_2)  # offload_activation gpu->host 2.00 KiB step=1 needed_by=5; by insert_transfers
-    release_params_1 = ratel.release_params(runtime, 'blocks.0')  # release_params 49.75 KiB step=1 needed_by=1 slot=1; by insert_releases
-    prefetch_params_3 = ratel.prefetch_params(runtime, 'head', 1)  # fetch_params host->gpu 8.25 KiB step=2 needed_by=3 slot=1; by insert_transfers
-    wait_params_2 = ratel.wait_params(runtime, 'blocks.1')  # by insert_transfers
     unit_blocks_1 = ratel.run_unit(runtime, 'blocks.1', add_2)  # by outline_units
     add_4: "f32[2, 8, 32]" = unit_blocks_1[0]  # unit=blocks.1; activation=gpu (2.00 KiB, read again at the next step)
-    keep_activation_2 = ratel.keep_activation(runtime, 'add_4', add_4)  # by insert_transfers
-    release_params_2 = ratel.release_params(runtime, 'blocks.1')  # release_params 49.75 KiB step=2 needed_by=2 slot=0; by insert_releases
-    prefetch_params_4 = ratel.prefetch_params(runtime, 'blocks.1', 0)  # fetch_params host->gpu 49.75 KiB step=3 needed_by=5 slot=0; by insert_transfers
-    wait_params_3 = ratel.wait_params(runtime, 'head')  # by insert_transfers
     unit_head = ratel.run_unit(runtime, 'head', add_4, labels)  # by outline_units
     linear_8: "f32[2, 8, 64]" = unit_head[0]  # unit=head
-    cross_entropy_loss: "f32[]" = unit_head[1]  # unit=head
-    return (cross_entropy_loss, linear_8)
+    linear_cross_entropy: "f32[]" = unit_head[1]  # unit=head
+    return (linear_cross_entropy, linear_8)
 
 # unit embed (self.unit_embed): reads 2 parameters, 0 buffers
 def forward(self, input_ids: "i64[2, 8]", p_lm_head_weight: "f32[64, 32]", p_wpe_weight: "f32[16, 32]"):
@@ -97,44 +80,7 @@ def forward(self, add_2: "f32[2, 8, 32]", p_blocks_1_ln_1_weight: "f32[32]", p_b
 def forward(self, add_4: "f32[2, 8, 32]", labels: "i64[2, 8]", p_ln_f_weight: "f32[32]", p_ln_f_bias: "f32[32]", p_lm_head_weight: "f32[64, 32]"):
     layer_norm_4: "f32[2, 8, 32]" = aten.layer_norm.default(add_4, [32], p_ln_f_weight, p_ln_f_bias, 1e-05, False)  # unit=head
     linear_8: "f32[2, 8, 64]" = aten.linear.default(layer_norm_4, p_lm_head_weight)  # unit=head; flops=65536
-    slice_1: "f32[2, 7, 64]" = aten.slice.Tensor(linear_8, 1, 0, -1)  # unit=head
-    reshape_2: "f32[14, 64]" = aten.reshape.default(slice_1, [-1, 64])  # unit=head
-    to: "f32[14, 64]" = aten.to.dtype(reshape_2, torch.float32)  # unit=head
     slice_2: "i64[2, 7]" = aten.slice.Tensor(labels, 1, 1, 9223372036854775807)  # unit=head
     reshape_3: "i64[14]" = aten.reshape.default(slice_2, [-1])  # unit=head
-    cross_entropy_loss: "f32[]" = aten.cross_entropy_loss.default(to, reshape_3)  # unit=head
-    return (linear_8, cross_entropy_loss)
-
-# schedule: step stage kind subject bytes src->dst needed_by [slot] (dynamic: who issues it)
-#     0 before fetch_params embed 10.00 KiB host->gpu needed_by=0 slot=0
-#     0 before fetch_params blocks.0 49.75 KiB host->gpu needed_by=1 slot=1
-#     0 after  offload_activation dropout 2.00 KiB gpu->host needed_by=6
-#     0 after  release_params embed 10.00 KiB gpu->- needed_by=0 slot=0
-#     1 before fetch_params blocks.1 49.75 KiB host->gpu needed_by=2 slot=0
-#     1 after  offload_activation add_2 2.00 KiB gpu->host needed_by=5
-#     1 after  release_params blocks.0 49.75 KiB gpu->- needed_by=1 slot=1
-#     2 before fetch_params head 8.25 KiB host->gpu needed_by=3 slot=1
-#     2 after  release_params blocks.1 49.75 KiB gpu->- needed_by=2 slot=0
-#     3 before fetch_params blocks.1 49.75 KiB host->gpu needed_by=5 slot=0
-#     4 before fetch_activation add_2 2.00 KiB host->gpu needed_by=5
-#     4 after  flush_grads head 8.25 KiB gpu->host needed_by=4
-#     4 after  optimizer_step head 1.00 KiB host->host needed_by=8
-#     4 after  release_params head 8.25 KiB gpu->- needed_by=4 slot=1
-#     4 after  release_activation add_4 2.00 KiB gpu->- needed_by=4
-#     4 after  release_activation labels 128 B gpu->- needed_by=4
-#     5 before fetch_params blocks.0 49.75 KiB host->gpu needed_by=6 slot=1
-#     5 before fetch_activation dropout 2.00 KiB host->gpu needed_by=6
-#     5 after  flush_grads blocks.1 49.62 KiB gpu->host needed_by=5
-#     5 after  optimizer_step blocks.1 198.50 KiB host->host needed_by=8
-#     5 after  release_params blocks.1 49.75 KiB gpu->- needed_by=5 slot=0
-#     5 after  release_activation add_2 2.00 KiB gpu->- needed_by=5
-#     6 before fetch_params embed 10.00 KiB host->gpu needed_by=7 slot=0
-#     6 after  flush_grads blocks.0 49.62 KiB gpu->host needed_by=6
-#     6 after  optimizer_step blocks.0 198.50 KiB host->host needed_by=8
-#     6 after  release_params blocks.0 49.75 KiB gpu->- needed_by=6 slot=1
-#     6 after  release_activation dropout 2.00 KiB gpu->- needed_by=6
-#     7 after  flush_grads embed 10.00 KiB gpu->host needed_by=7
-#     7 after  optimizer_step embed 8.00 KiB host->host needed_by=8
-#     7 after  optimizer_step embed+head 32.00 KiB host->host needed_by=8
-#     7 after  release_params embed 10.00 KiB gpu->- needed_by=7 slot=0
-#     7 after  release_activation input_ids 128 B gpu->- needed_by=7
+    linear_cross_entropy: "f32[]" = ratel.linear_cross_entropy(layer_norm_4, p_lm_head_weight, None, reshape_3, -100, 1, 1048576, (0, -1))  # unit=head; flops=57344; by chunk_head_loss
+    return (linear_8, linear_cross_entropy)

@@ -1,15 +1,15 @@
 # top-level graph
 def forward(self, runtime, input_ids: "i64[2, 8]", labels: "i64[2, 8]"):
     unit_embed = ratel.run_unit(runtime, 'embed', input_ids)  # by outline_units
-    dropout: "f32[2, 8, 32]" = unit_embed[0]  # unit=embed; activation=host (2.00 KiB, unit input checkpoint)
+    dropout: "f32[2, 8, 32]" = unit_embed[0]  # unit=embed
     unit_blocks_0 = ratel.run_unit(runtime, 'blocks.0', dropout)  # by outline_units
-    add_2: "f32[2, 8, 32]" = unit_blocks_0[0]  # unit=blocks.0; activation=host (2.00 KiB, unit input checkpoint)
+    add_2: "f32[2, 8, 32]" = unit_blocks_0[0]  # unit=blocks.0
     unit_blocks_1 = ratel.run_unit(runtime, 'blocks.1', add_2)  # by outline_units
-    add_4: "f32[2, 8, 32]" = unit_blocks_1[0]  # unit=blocks.1; activation=gpu (2.00 KiB, read again at the next step)
+    add_4: "f32[2, 8, 32]" = unit_blocks_1[0]  # unit=blocks.1
     unit_head = ratel.run_unit(runtime, 'head', add_4, labels)  # by outline_units
     linear_8: "f32[2, 8, 64]" = unit_head[0]  # unit=head
-    cross_entropy_loss: "f32[]" = unit_head[1]  # unit=head
-    return (cross_entropy_loss, linear_8)
+    linear_cross_entropy: "f32[]" = unit_head[1]  # unit=head
+    return (linear_cross_entropy, linear_8)
 
 # unit embed (self.unit_embed): reads 2 parameters, 0 buffers
 def forward(self, input_ids: "i64[2, 8]", p_lm_head_weight: "f32[64, 32]", p_wpe_weight: "f32[16, 32]"):
@@ -80,10 +80,7 @@ def forward(self, add_2: "f32[2, 8, 32]", p_blocks_1_ln_1_weight: "f32[32]", p_b
 def forward(self, add_4: "f32[2, 8, 32]", labels: "i64[2, 8]", p_ln_f_weight: "f32[32]", p_ln_f_bias: "f32[32]", p_lm_head_weight: "f32[64, 32]"):
     layer_norm_4: "f32[2, 8, 32]" = aten.layer_norm.default(add_4, [32], p_ln_f_weight, p_ln_f_bias, 1e-05, False)  # unit=head
     linear_8: "f32[2, 8, 64]" = aten.linear.default(layer_norm_4, p_lm_head_weight)  # unit=head; flops=65536
-    slice_1: "f32[2, 7, 64]" = aten.slice.Tensor(linear_8, 1, 0, -1)  # unit=head
-    reshape_2: "f32[14, 64]" = aten.reshape.default(slice_1, [-1, 64])  # unit=head
-    to: "f32[14, 64]" = aten.to.dtype(reshape_2, torch.float32)  # unit=head
     slice_2: "i64[2, 7]" = aten.slice.Tensor(labels, 1, 1, 9223372036854775807)  # unit=head
     reshape_3: "i64[14]" = aten.reshape.default(slice_2, [-1])  # unit=head
-    cross_entropy_loss: "f32[]" = aten.cross_entropy_loss.default(to, reshape_3)  # unit=head
-    return (linear_8, cross_entropy_loss)
+    linear_cross_entropy: "f32[]" = ratel.linear_cross_entropy(layer_norm_4, p_lm_head_weight, None, reshape_3, -100, 1, 1048576, (0, -1))  # unit=head; flops=57344; by chunk_head_loss
+    return (linear_8, linear_cross_entropy)

@@ -8,8 +8,8 @@ def forward(self, runtime, input_ids: "i64[2, 8]", labels: "i64[2, 8]"):
     add_4: "f32[2, 8, 32]" = unit_blocks_1[0]  # unit=blocks.1
     unit_head = ratel.run_unit(runtime, 'head', add_4, labels)  # by outline_units
     linear_8: "f32[2, 8, 64]" = unit_head[0]  # unit=head
-    cross_entropy_loss: "f32[]" = unit_head[1]  # unit=head
-    return (cross_entropy_loss, linear_8)
+    linear_cross_entropy: "f32[]" = unit_head[1]  # unit=head
+    return (linear_cross_entropy, linear_8)
 
 # unit embed (self.unit_embed): reads 2 parameters, 0 buffers
 def forward(self, input_ids: "i64[2, 8]", p_lm_head_weight: "f32[64, 32]", p_wpe_weight: "f32[16, 32]"):
@@ -23,7 +23,7 @@ def forward(self, input_ids: "i64[2, 8]", p_lm_head_weight: "f32[64, 32]", p_wpe
 # unit blocks.0 (self.unit_blocks_0): reads 12 parameters, 0 buffers
 def forward(self, dropout: "f32[2, 8, 32]", p_blocks_0_ln_1_weight: "f32[32]", p_blocks_0_ln_1_bias: "f32[32]", p_blocks_0_attn_qkv_weight: "f32[96, 32]", p_blocks_0_attn_qkv_bias: "f32[96]", p_blocks_0_attn_proj_weight: "f32[32, 32]", p_blocks_0_attn_proj_bias: "f32[32]", p_blocks_0_ln_2_weight: "f32[32]", p_blocks_0_ln_2_bias: "f32[32]", p_blocks_0_mlp_up_weight: "f32[128, 32]", p_blocks_0_mlp_up_bias: "f32[128]", p_blocks_0_mlp_down_weight: "f32[32, 128]", p_blocks_0_mlp_down_bias: "f32[32]"):
     layer_norm: "f32[2, 8, 32]" = aten.layer_norm.default(dropout, [32], p_blocks_0_ln_1_weight, p_blocks_0_ln_1_bias, 1e-05, False)  # unit=blocks.0
-    linear: "f32[2, 8, 96]" = aten.linear.default(layer_norm, p_blocks_0_attn_qkv_weight, p_blocks_0_attn_qkv_bias)  # unit=blocks.0; flops=98304
+    linear: "f32[2, 8, 96]" = aten.linear.default(layer_norm, p_blocks_0_attn_qkv_weight, p_blocks_0_attn_qkv_bias)  # unit=blocks.0
     split: "tuple[3]" = aten.split.Tensor(linear, 32, -1)  # unit=blocks.0
     getitem: "f32[2, 8, 32]" = split[0]  # unit=blocks.0
     getitem_1: "f32[2, 8, 32]" = split[1]  # unit=blocks.0
@@ -34,16 +34,16 @@ def forward(self, dropout: "f32[2, 8, 32]", p_blocks_0_ln_1_weight: "f32[32]", p
     transpose_1: "f32[2, 2, 8, 16]" = aten.transpose.int(view_1, 1, 2)  # unit=blocks.0
     view_2: "f32[2, 8, 2, 16]" = aten.view.default(getitem_2, [2, 8, 2, 16])  # unit=blocks.0
     transpose_2: "f32[2, 2, 8, 16]" = aten.transpose.int(view_2, 1, 2)  # unit=blocks.0
-    scaled_dot_product_attention: "f32[2, 2, 8, 16]" = aten.scaled_dot_product_attention.default(transpose, transpose_1, transpose_2, None, 0.0, True)  # unit=blocks.0; flops=16384
+    scaled_dot_product_attention: "f32[2, 2, 8, 16]" = aten.scaled_dot_product_attention.default(transpose, transpose_1, transpose_2, None, 0.0, True)  # unit=blocks.0
     transpose_3: "f32[2, 8, 2, 16]" = aten.transpose.int(scaled_dot_product_attention, 1, 2)  # unit=blocks.0
     reshape: "f32[2, 8, 32]" = aten.reshape.default(transpose_3, [2, 8, 32])  # unit=blocks.0
-    linear_1: "f32[2, 8, 32]" = aten.linear.default(reshape, p_blocks_0_attn_proj_weight, p_blocks_0_attn_proj_bias)  # unit=blocks.0; flops=32768
+    linear_1: "f32[2, 8, 32]" = aten.linear.default(reshape, p_blocks_0_attn_proj_weight, p_blocks_0_attn_proj_bias)  # unit=blocks.0
     dropout_1: "f32[2, 8, 32]" = aten.dropout.default(linear_1, 0.0, True)  # unit=blocks.0
     add_1: "f32[2, 8, 32]" = aten.add.Tensor(dropout, dropout_1)  # unit=blocks.0
     layer_norm_1: "f32[2, 8, 32]" = aten.layer_norm.default(add_1, [32], p_blocks_0_ln_2_weight, p_blocks_0_ln_2_bias, 1e-05, False)  # unit=blocks.0
-    linear_2: "f32[2, 8, 128]" = aten.linear.default(layer_norm_1, p_blocks_0_mlp_up_weight, p_blocks_0_mlp_up_bias)  # unit=blocks.0; flops=131072
+    linear_2: "f32[2, 8, 128]" = aten.linear.default(layer_norm_1, p_blocks_0_mlp_up_weight, p_blocks_0_mlp_up_bias)  # unit=blocks.0
     gelu: "f32[2, 8, 128]" = aten.gelu.default(linear_2, approximate='tanh')  # unit=blocks.0
-    linear_3: "f32[2, 8, 32]" = aten.linear.default(gelu, p_blocks_0_mlp_down_weight, p_blocks_0_mlp_down_bias)  # unit=blocks.0; flops=131072
+    linear_3: "f32[2, 8, 32]" = aten.linear.default(gelu, p_blocks_0_mlp_down_weight, p_blocks_0_mlp_down_bias)  # unit=blocks.0
     dropout_2: "f32[2, 8, 32]" = aten.dropout.default(linear_3, 0.0, True)  # unit=blocks.0
     add_2: "f32[2, 8, 32]" = aten.add.Tensor(add_1, dropout_2)  # unit=blocks.0
     return (add_2,)
@@ -51,7 +51,7 @@ def forward(self, dropout: "f32[2, 8, 32]", p_blocks_0_ln_1_weight: "f32[32]", p
 # unit blocks.1 (self.unit_blocks_1): reads 12 parameters, 0 buffers
 def forward(self, add_2: "f32[2, 8, 32]", p_blocks_1_ln_1_weight: "f32[32]", p_blocks_1_ln_1_bias: "f32[32]", p_blocks_1_attn_qkv_weight: "f32[96, 32]", p_blocks_1_attn_qkv_bias: "f32[96]", p_blocks_1_attn_proj_weight: "f32[32, 32]", p_blocks_1_attn_proj_bias: "f32[32]", p_blocks_1_ln_2_weight: "f32[32]", p_blocks_1_ln_2_bias: "f32[32]", p_blocks_1_mlp_up_weight: "f32[128, 32]", p_blocks_1_mlp_up_bias: "f32[128]", p_blocks_1_mlp_down_weight: "f32[32, 128]", p_blocks_1_mlp_down_bias: "f32[32]"):
     layer_norm_2: "f32[2, 8, 32]" = aten.layer_norm.default(add_2, [32], p_blocks_1_ln_1_weight, p_blocks_1_ln_1_bias, 1e-05, False)  # unit=blocks.1
-    linear_4: "f32[2, 8, 96]" = aten.linear.default(layer_norm_2, p_blocks_1_attn_qkv_weight, p_blocks_1_attn_qkv_bias)  # unit=blocks.1; flops=98304
+    linear_4: "f32[2, 8, 96]" = aten.linear.default(layer_norm_2, p_blocks_1_attn_qkv_weight, p_blocks_1_attn_qkv_bias)  # unit=blocks.1
     split_1: "tuple[3]" = aten.split.Tensor(linear_4, 32, -1)  # unit=blocks.1
     getitem_3: "f32[2, 8, 32]" = split_1[0]  # unit=blocks.1
     getitem_4: "f32[2, 8, 32]" = split_1[1]  # unit=blocks.1
@@ -62,16 +62,16 @@ def forward(self, add_2: "f32[2, 8, 32]", p_blocks_1_ln_1_weight: "f32[32]", p_b
     transpose_5: "f32[2, 2, 8, 16]" = aten.transpose.int(view_4, 1, 2)  # unit=blocks.1
     view_5: "f32[2, 8, 2, 16]" = aten.view.default(getitem_5, [2, 8, 2, 16])  # unit=blocks.1
     transpose_6: "f32[2, 2, 8, 16]" = aten.transpose.int(view_5, 1, 2)  # unit=blocks.1
-    scaled_dot_product_attention_1: "f32[2, 2, 8, 16]" = aten.scaled_dot_product_attention.default(transpose_4, transpose_5, transpose_6, None, 0.0, True)  # unit=blocks.1; flops=16384
+    scaled_dot_product_attention_1: "f32[2, 2, 8, 16]" = aten.scaled_dot_product_attention.default(transpose_4, transpose_5, transpose_6, None, 0.0, True)  # unit=blocks.1
     transpose_7: "f32[2, 8, 2, 16]" = aten.transpose.int(scaled_dot_product_attention_1, 1, 2)  # unit=blocks.1
     reshape_1: "f32[2, 8, 32]" = aten.reshape.default(transpose_7, [2, 8, 32])  # unit=blocks.1
-    linear_5: "f32[2, 8, 32]" = aten.linear.default(reshape_1, p_blocks_1_attn_proj_weight, p_blocks_1_attn_proj_bias)  # unit=blocks.1; flops=32768
+    linear_5: "f32[2, 8, 32]" = aten.linear.default(reshape_1, p_blocks_1_attn_proj_weight, p_blocks_1_attn_proj_bias)  # unit=blocks.1
     dropout_3: "f32[2, 8, 32]" = aten.dropout.default(linear_5, 0.0, True)  # unit=blocks.1
     add_3: "f32[2, 8, 32]" = aten.add.Tensor(add_2, dropout_3)  # unit=blocks.1
     layer_norm_3: "f32[2, 8, 32]" = aten.layer_norm.default(add_3, [32], p_blocks_1_ln_2_weight, p_blocks_1_ln_2_bias, 1e-05, False)  # unit=blocks.1
-    linear_6: "f32[2, 8, 128]" = aten.linear.default(layer_norm_3, p_blocks_1_mlp_up_weight, p_blocks_1_mlp_up_bias)  # unit=blocks.1; flops=131072
+    linear_6: "f32[2, 8, 128]" = aten.linear.default(layer_norm_3, p_blocks_1_mlp_up_weight, p_blocks_1_mlp_up_bias)  # unit=blocks.1
     gelu_1: "f32[2, 8, 128]" = aten.gelu.default(linear_6, approximate='tanh')  # unit=blocks.1
-    linear_7: "f32[2, 8, 32]" = aten.linear.default(gelu_1, p_blocks_1_mlp_down_weight, p_blocks_1_mlp_down_bias)  # unit=blocks.1; flops=131072
+    linear_7: "f32[2, 8, 32]" = aten.linear.default(gelu_1, p_blocks_1_mlp_down_weight, p_blocks_1_mlp_down_bias)  # unit=blocks.1
     dropout_4: "f32[2, 8, 32]" = aten.dropout.default(linear_7, 0.0, True)  # unit=blocks.1
     add_4: "f32[2, 8, 32]" = aten.add.Tensor(add_3, dropout_4)  # unit=blocks.1
     return (add_4,)
@@ -79,11 +79,8 @@ def forward(self, add_2: "f32[2, 8, 32]", p_blocks_1_ln_1_weight: "f32[32]", p_b
 # unit head (self.unit_head): reads 3 parameters, 0 buffers
 def forward(self, add_4: "f32[2, 8, 32]", labels: "i64[2, 8]", p_ln_f_weight: "f32[32]", p_ln_f_bias: "f32[32]", p_lm_head_weight: "f32[64, 32]"):
     layer_norm_4: "f32[2, 8, 32]" = aten.layer_norm.default(add_4, [32], p_ln_f_weight, p_ln_f_bias, 1e-05, False)  # unit=head
-    linear_8: "f32[2, 8, 64]" = aten.linear.default(layer_norm_4, p_lm_head_weight)  # unit=head; flops=65536
-    slice_1: "f32[2, 7, 64]" = aten.slice.Tensor(linear_8, 1, 0, -1)  # unit=head
-    reshape_2: "f32[14, 64]" = aten.reshape.default(slice_1, [-1, 64])  # unit=head
-    to: "f32[14, 64]" = aten.to.dtype(reshape_2, torch.float32)  # unit=head
+    linear_8: "f32[2, 8, 64]" = aten.linear.default(layer_norm_4, p_lm_head_weight)  # unit=head
     slice_2: "i64[2, 7]" = aten.slice.Tensor(labels, 1, 1, 9223372036854775807)  # unit=head
     reshape_3: "i64[14]" = aten.reshape.default(slice_2, [-1])  # unit=head
-    cross_entropy_loss: "f32[]" = aten.cross_entropy_loss.default(to, reshape_3)  # unit=head
-    return (linear_8, cross_entropy_loss)
+    linear_cross_entropy: "f32[]" = ratel.linear_cross_entropy(layer_norm_4, p_lm_head_weight, None, reshape_3, -100, 1, 1048576, (0, -1))  # unit=head; by chunk_head_loss
+    return (linear_8, linear_cross_entropy)
