@@ -8,7 +8,8 @@
 
 — the head projection and the loss as transformers' ``ForCausalLMLoss`` and Ratel's GPT compute them.
 
-When all the loss's rows fit in one chunk it runs exactly those ops (and its backward recomputes them under
+When the loss's rows are few (a quarter of a chunk: the eager ops then hold no more than a chunked pass) it
+runs exactly those ops (and its backward recomputes them under
 autograd): the same kernels on the same shapes, so the same bits as the eager model. Beyond one chunk, the
 forward computes each chunk's logits in the model's dtype, upcasts them and keeps only their per-row
 log-sum-exp (4 bytes a token); the backward computes each chunk's logits again, the softmax from the kept
@@ -55,7 +56,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, target, ignore_index: int, reduction: int, chunk_rows: int, seq_slice):
         ctx.options = (ignore_index, reduction, chunk_rows, seq_slice)
         rows = _rows(hidden, seq_slice)
-        if rows.shape[0] <= chunk_rows:
+        if rows.shape[0] <= chunk_rows // 4:     # the eager ops hold about four chunks' worth of logits
             ctx.save_for_backward(hidden, weight, bias, target)
             return _whole(hidden, weight, bias, target, ignore_index, reduction, seq_slice)
         upcast = torch.promote_types(hidden.dtype, torch.float32)
