@@ -1,0 +1,39 @@
+"""Plans of the scale issue's rows on the meta device (nothing allocated, seconds each): what a 24 GiB card
+can train now that the LM head's loss runs over token chunks, and what still bounds the rest."""
+import pytest
+import torch
+
+import ratel
+from ratel.errors import BudgetError
+from ratel.ir.hardware import HardwareProfile
+from ratel.models import GPT, GPTConfig
+
+
+def plan(layers, hidden, heads, vocab, batch, seq, gpu="24GiB", host="1TiB"):
+    with torch.device("meta"):
+        model = GPT(GPTConfig(vocab_size=vocab, n_layer=layers, n_head=heads, d_model=hidden, max_seq_len=seq,
+                              tie_embeddings=False)).to(torch.bfloat16)
+    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    return ratel.explain(model, ratel.Budget(gpu=gpu, host=host), (ids,), hardware=HardwareProfile.h100())
+
+
+@pytest.mark.parametrize("layers,hidden,heads,vocab,batch,seq", [
+    (40, 5120, 40, 50304, 64, 1024),     # GPT 13B at batch 64 x 1024 (was refused: 63.7 GiB, the head)
+    (16, 4096, 32, 50257, 32, 2048),     # GPT 3.6B at batch 32 x 2048 (was refused: 42.9 GiB, the head)
+])
+def test_rows_the_chunked_head_brings_within_24_gib(layers, hidden, heads, vocab, batch, seq):
+    result = plan(layers, hidden, heads, vocab, batch, seq)
+    assert result.memory.gpu_peak <= ratel.parse_bytes("24GiB")
+    # The head's backward holds tokens x hidden and vocabulary x hidden buffers and a few chunks of logits,
+    # never tokens x vocabulary in fp32 (the unchunked head needed four times that: 54.7 GiB for the 13B row).
+    logits_fp32 = batch * seq * vocab * 4
+    assert result.costs.units[-1].bwd_workspace < logits_fp32 / 2
+
+
+def test_a_block_too_large_for_the_budget_is_refused_naming_the_unit_workspace():
+    """GPT 3.6B at batch 64 x 2048: one block's recompute and backward need more than 24 GiB; units finer
+    than a block are what it takes (not built yet). The refusal names the minimum and what bounds it."""
+    with pytest.raises(BudgetError) as info:
+        plan(16, 4096, 32, 50257, 64, 2048)
+    assert info.value.tier == "gpu" and info.value.needed > ratel.parse_bytes("24GiB")
+    assert "unit workspace" in str(info.value) and "bwd blocks." in str(info.value)
