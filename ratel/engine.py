@@ -16,7 +16,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from ratel.checkpoint import Checkpoint, Resumed, restore_rng, save as save_checkpoint
-from ratel.errors import RatelError
+from ratel.errors import BudgetError, RatelError
 from ratel.runtime.tensor_files import CheckpointError
 from ratel.ir import Plan, canonical_parameter_names, format_bytes
 from ratel.ir.budget import Budget
@@ -85,6 +85,7 @@ class Engine:
         self.optimizer = EngineOptimizer(groups, defaults, self._step)
         self.depth = depth
         self.keep_logits = bool(keep_logits)
+        self._split_blocks: bool | None = None   # whole blocks or halves: decided by the first program
         self.max_programs = max_programs
         self.progress = progress
         self._weights = weights
@@ -133,10 +134,19 @@ class Engine:
 
     def _build(self, args: tuple, kwargs: dict) -> Program:
         self._check_open("run a forward")
-        traced, gm, plan = plan_call(self.model, args, kwargs, self.budget, self.hardware, self.device,
-                                     training=self._training, depth=self.depth, activations=self._activations,
-                                     accumulate=self.accumulate, clip=self.max_grad_norm is not None,
-                                     keep_logits=self.keep_logits)
+        try:
+            # Every program shares one parameter store, so all take the units the first one took.
+            traced, gm, plan = plan_call(self.model, args, kwargs, self.budget, self.hardware, self.device,
+                                         training=self._training, depth=self.depth, activations=self._activations,
+                                         accumulate=self.accumulate, clip=self.max_grad_norm is not None,
+                                         keep_logits=self.keep_logits, split_blocks=self._split_blocks)
+        except BudgetError as error:
+            if error.tier != "gpu" or self._split_blocks is not False:
+                raise
+            raise BudgetError(f"{error}\nThis engine's units are whole blocks, as its first input shape was planned; "
+                              "cutting blocks in two may fit this shape: compile with the largest shape as "
+                              "example_inputs.", tier="gpu", needed=error.needed, budget=error.budget) from None
+        self._split_blocks = traced.split_blocks
         if not self._resources.created:
             self._resources.create(plan, traced, Hyper.of(self.optimizer.defaults),
                                    segments=segments_of(plan.groups, self._group_of),

@@ -67,6 +67,7 @@ class TracedModel:
     units: tuple[Unit, ...]
     block_path: str | None
     trace_device: str
+    split_blocks: bool = False               # each block is two units (see block_cut)
 
     def param(self, name: str) -> ParamInfo:
         return self._param_index()[name]
@@ -210,9 +211,54 @@ def is_random(node: fx.Node) -> bool:
     return any(word in name for word in ("bernoulli", "rand", "normal", "multinomial"))
 
 
+def _storages(node: fx.Node) -> dict[int, int]:
+    """The storages a node's value holds (a tuple's too), by identity -> bytes."""
+    return {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
+            for t in pytree.tree_leaves(node.meta.get("val")) if isinstance(t, torch.Tensor)}
+
+
+def block_cut(members: list[fx.Node], param_of: dict[str, str]) -> int | None:
+    """Where to cut a block in two: the position (a node index in ``members``) with parameters on both sides
+    whose crossing values take the fewest bytes — values made before it and read at or after it (or after
+    the block), and the block's inputs still read after it; in a transformer block, the residual stream after
+    attention. Ties go to the most even split of parameter bytes. None when no cut leaves parameters on both
+    sides."""
+    def params_read(node):
+        return [p for p in node.all_input_nodes if p.op == "placeholder" and p.name in param_of]
+
+    param_bytes = [sum(sum(_storages(p).values()) for p in params_read(n)) for n in members]
+    total = sum(param_bytes)
+    position = {n: i for i, n in enumerate(members)}
+    # Activations from outside the block (its inputs): the last member reading each.
+    external: dict[fx.Node, int] = {}
+    for i, n in enumerate(members):
+        for a in n.all_input_nodes:
+            if a not in position and not (a.op == "placeholder" and a.name in param_of) and a.op != "get_attr":
+                external[a] = i
+    best = None
+    before_params = 0
+    for cut in range(1, len(members)):
+        before_params += param_bytes[cut - 1]
+        if before_params == 0 or before_params == total:
+            continue
+        crossing: dict[int, int] = {}
+        for n in members[:cut]:
+            if any(position.get(u, len(members)) >= cut for u in n.users):
+                crossing.update(_storages(n))
+        for a, last in external.items():
+            if last >= cut:
+                crossing.update(_storages(a))
+        key = (sum(crossing.values()), abs(2 * before_params - total))
+        if best is None or key < best[0]:
+            best = (key, cut)
+    return None if best is None else best[1]
+
+
 def discover_units(gm: fx.GraphModule, block_path: str | None, num_blocks: int,
-                   param_of: dict[str, str], buffer_of: dict[str, str]) -> tuple[Unit, ...]:
-    """Tag every compute node with its unit name and describe the units in forward order."""
+                   param_of: dict[str, str], buffer_of: dict[str, str],
+                   split_blocks: bool = False) -> tuple[Unit, ...]:
+    """Tag every compute node with its unit name and describe the units in forward order. With
+    ``split_blocks`` each block becomes two units, ``<block>:0`` and ``<block>:1``, cut by ``block_cut``."""
     compute = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     explicit = {n: _block_index(n, block_path) for n in compute} if block_path else {n: None for n in compute}
     positions = [i for i, n in enumerate(compute) if explicit[n] is not None]
@@ -230,6 +276,18 @@ def discover_units(gm: fx.GraphModule, block_path: str | None, num_blocks: int,
             assignment[node] = POST_UNIT
         else:
             assignment[node] = current
+    if split_blocks:
+        halves = []
+        for name in names:
+            members = [n for n in compute if assignment[n] == name]
+            cut = block_cut(members, param_of)
+            if cut is None:
+                halves.append(name)
+                continue
+            for i, node in enumerate(members):
+                assignment[node] = f"{name}:{0 if i < cut else 1}"
+            halves += [f"{name}:0", f"{name}:1"]
+        names = halves
     for node, unit in assignment.items():
         node.meta[META_UNIT] = unit
 
@@ -254,8 +312,8 @@ def discover_units(gm: fx.GraphModule, block_path: str | None, num_blocks: int,
     return tuple(units)
 
 
-def trace_model(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> TracedModel:
-    """Capture ``model(*args, **kwargs)`` and discover its units."""
+def trace_model(model: nn.Module, args: tuple, kwargs: dict[str, Any], split_blocks: bool = False) -> TracedModel:
+    """Capture ``model(*args, **kwargs)`` and discover its units (each block cut in two with ``split_blocks``)."""
     program = capture(model, args, kwargs)
     canonical = canonical_parameter_names(model)
     param_of: dict[str, str] = {}
@@ -280,7 +338,7 @@ def trace_model(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Traced
     block_path = find_block_list(model)
     num_blocks = len(model.get_submodule(block_path)) if block_path else 0
     gm = program.graph_module
-    units = discover_units(gm, block_path, num_blocks, param_of, buffer_of)
+    units = discover_units(gm, block_path, num_blocks, param_of, buffer_of, split_blocks)
     constants = tuple(sorted(program.constants.items(), key=lambda kv: kv[0]))
     trainable = {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)}
     placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
@@ -292,7 +350,7 @@ def trace_model(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Traced
     return TracedModel(gm=gm, in_spec=program.call_spec.in_spec, out_spec=program.call_spec.out_spec,
                        params=tuple(param_of.items()), buffers=tuple(buffer_of.items()), constants=constants,
                        user_inputs=tuple(user_inputs), param_info=tuple(param_info.values()), units=units, block_path=block_path,
-                       trace_device=str(_model_device(model)))
+                       trace_device=str(_model_device(model)), split_blocks=split_blocks)
 
 
 def default_kwargs(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None) -> dict:

@@ -129,3 +129,52 @@ def test_a_wrong_dtype_input_gives_a_short_error_with_the_users_line():
     assert "self.wte(input_ids)" in str(info.value) and "dtype and shape" in str(info.value)
     assert info.value.original is not None            # export's own error is kept for whoever debugs
     engine.close()
+
+
+@pytest.mark.parametrize("kind", ["gpt", "gpt2", "llama", "qwen2"])
+def test_split_blocks_cut_each_block_at_the_residual_stream_after_attention(kind):
+    from ratel.trace import call_kwargs
+    model = make_model(kind, layers=2)
+    ids = batches(1, batch=2, seq=8)[0][0]
+    traced = trace_model(model, (ids,), call_kwargs(model, {"labels": ids}), split_blocks=True)
+    names = [u.name for u in traced.units]
+    assert names[0] == "embed" and names[-1] == "head" and len(names) == 2 + 2 * 2
+    assert traced.split_blocks
+    for first, second in zip(traced.units[1::2], traced.units[2::2]):
+        assert first.name.endswith(":0") and second.name.endswith(":1")
+        assert any("attn" in p for p in first.params) and not any("mlp" in p for p in first.params)
+        assert any("mlp" in p for p in second.params)
+        # One value crosses the cut: the residual stream, [batch, seq, hidden].
+        members = {n for n in traced.gm.graph.nodes if n.meta.get(META_UNIT) == first.name}
+        later = {n for n in traced.gm.graph.nodes if n.meta.get(META_UNIT) == second.name}
+        crossing = {n for n in members if any(u in later for u in n.users)}
+        assert len(crossing) == 1
+        (value,) = crossing
+        assert value.target == torch.ops.aten.add.Tensor and tuple(value.meta["val"].shape)[:2] == (2, 8)
+
+
+def test_block_cut_prefers_the_fewest_crossing_bytes_on_a_synthetic_block():
+    """a = f(x), b = g(a), s = a + b, c = h(s), k(c): a cut right after b sends a and b across, after s only s
+    (as after c only c); of the two one-value cuts, the one after s splits the parameters evenly."""
+    from ratel.trace import block_cut
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f, self.g, self.h = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+            self.k = nn.Linear(8, 8)
+
+        def forward(self, x):
+            a = self.f(x)
+            b = self.g(a)
+            c = self.h(a + b)
+            return self.k(c)
+
+    exported = torch.export.export(Block(), (torch.randn(2, 8),), strict=False)
+    param_of = {s.arg.name: s.target for s in exported.graph_signature.input_specs
+                if s.kind == torch.export.graph_signature.InputKind.PARAMETER}
+    members = [n for n in exported.graph_module.graph.nodes if n.op == "call_function"]
+    cut = block_cut(members, param_of)
+    aten = torch.ops.aten
+    assert [n.target for n in members[:cut]] == [aten.linear.default, aten.linear.default, aten.add.Tensor]
+    assert block_cut(members[:1], param_of) is None                                # one linear: nothing to cut

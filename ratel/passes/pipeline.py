@@ -3,10 +3,13 @@ model and one call's inputs into a rewritten program and its Plan. ``ratel.compi
 shape) and ``ratel.explain`` both plan through it, so the plan explained is the plan executed."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from ratel.ir import HeadLoss, Plan
+from ratel.errors import BudgetError
+from ratel.ir import HeadLoss, Plan, format_bytes
 from ratel.ir.budget import Budget
 from ratel.ir.hardware import HardwareProfile
 from ratel.passes.annotate_shapes import annotate_shapes
@@ -65,14 +68,43 @@ def plan_program(traced: TracedModel, budget: Budget, hardware: HardwareProfile,
 
 def plan_call(model: nn.Module, args: tuple, kwargs: dict, budget: Budget, hardware: HardwareProfile,
               device: torch.device, *, training: bool = True, depth: int = 2, activations: str = "auto",
-              accumulate: int = 1, clip: bool = False, keep_logits: bool = False):
-    """Trace ``model(*args, **kwargs)`` in train (or eval) mode and plan it: (traced, gm, plan)."""
-    was_training = model.training
-    model.train(training)
-    try:
-        traced = trace_model(model, args, kwargs)
-    finally:
-        model.train(was_training)
-    gm, plan = plan_program(traced, budget, hardware, device, depth, activations, accumulate=accumulate, clip=clip,
-                            keep_logits=keep_logits)
-    return traced, gm, plan
+              accumulate: int = 1, clip: bool = False, keep_logits: bool = False, split_blocks: bool | None = None):
+    """Trace ``model(*args, **kwargs)`` in train (or eval) mode and plan it: (traced, gm, plan).
+
+    ``split_blocks``: None plans whole blocks and, when the GPU budget refuses them, each block cut in two
+    units (``trace.block_cut``: attention, then the MLP); True or False asks for one of the two."""
+    refused = None
+    for split in ([False, True] if split_blocks is None else [split_blocks]):
+        was_training = model.training
+        model.train(training)
+        try:
+            traced = trace_model(model, args, kwargs, split_blocks=split)
+        finally:
+            model.train(was_training)
+        if split and len(traced.units) == len(refused.units if refused else ()):
+            break     # no block could be cut: the first refusal stands
+        try:
+            gm, plan = plan_program(traced, budget, hardware, device, depth, activations, accumulate=accumulate,
+                                    clip=clip, keep_logits=keep_logits)
+            return traced, gm, plan
+        except BudgetError as error:
+            if error.tier != "gpu" or split or split_blocks is not None:
+                if refused is not None and split:
+                    raise _refused_both(refused.error, error) from None
+                raise
+            refused = _Refusal(error, traced.units)
+    raise refused.error
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    error: BudgetError
+    units: tuple
+
+
+def _refused_both(whole: BudgetError, split: BudgetError) -> BudgetError:
+    """The GPU budget refused whole blocks and halves: the smaller minimum, naming both choices."""
+    best = min(whole, split, key=lambda e: e.needed)
+    return BudgetError(f"{split}\nWith whole blocks as units it needs at least {format_bytes(whole.needed)}; with "
+                       f"each block cut in two units (attention, then the MLP) {format_bytes(split.needed)}.",
+                       tier="gpu", needed=best.needed, budget=split.budget)

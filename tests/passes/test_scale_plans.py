@@ -1,5 +1,6 @@
 """Plans of the scale issue's rows on the meta device (nothing allocated, seconds each): what a 24 GiB card
-can train now that the LM head's loss runs over token chunks, and what still bounds the rest."""
+can train now that the LM head's loss runs over token chunks and blocks too large for the budget are cut in
+two units, and what still bounds the rest."""
 import pytest
 import torch
 
@@ -17,23 +18,28 @@ def plan(layers, hidden, heads, vocab, batch, seq, gpu="24GiB", host="1TiB"):
     return ratel.explain(model, ratel.Budget(gpu=gpu, host=host), (ids,), hardware=HardwareProfile.h100())
 
 
-@pytest.mark.parametrize("layers,hidden,heads,vocab,batch,seq", [
-    (40, 5120, 40, 50304, 64, 1024),     # GPT 13B at batch 64 x 1024 (was refused: 63.7 GiB, the head)
-    (16, 4096, 32, 50257, 32, 2048),     # GPT 3.6B at batch 32 x 2048 (was refused: 42.9 GiB, the head)
+@pytest.mark.parametrize("layers,hidden,heads,vocab,batch,seq,cut", [
+    (40, 5120, 40, 50304, 64, 1024, False),   # GPT 13B at batch 64 x 1024 (was refused: 63.7 GiB, the head)
+    (16, 4096, 32, 50257, 32, 2048, False),   # GPT 3.6B at batch 32 x 2048 (was refused: 42.9 GiB, the head)
+    (16, 4096, 32, 50257, 64, 2048, True),    # GPT 3.6B at batch 64 x 2048 (one block's backward: 23.3 GiB)
 ])
-def test_rows_the_chunked_head_brings_within_24_gib(layers, hidden, heads, vocab, batch, seq):
+def test_rows_that_now_fit_24_gib(layers, hidden, heads, vocab, batch, seq, cut):
     result = plan(layers, hidden, heads, vocab, batch, seq)
     assert result.memory.gpu_peak <= ratel.parse_bytes("24GiB")
+    halves = all(u.name.endswith((":0", ":1")) for u in result.units if u.kind == "block")
+    assert halves == cut                    # only the row whose whole blocks do not fit is cut
     # The head's backward holds tokens x hidden and vocabulary x hidden buffers and a few chunks of logits,
     # never tokens x vocabulary in fp32 (the unchunked head needed four times that: 54.7 GiB for the 13B row).
     logits_fp32 = batch * seq * vocab * 4
     assert result.costs.units[-1].bwd_workspace < logits_fp32 / 2
 
 
-def test_a_block_too_large_for_the_budget_is_refused_naming_the_unit_workspace():
-    """GPT 3.6B at batch 64 x 2048: one block's recompute and backward need more than 24 GiB; units finer
-    than a block are what it takes (not built yet). The refusal names the minimum and what bounds it."""
+def test_a_row_beyond_halves_is_refused_naming_both_minimums():
+    """GPT 3.6B at batch 128 x 2048: even half a block's backward needs more than 24 GiB. The refusal names
+    the minimum of each choice and what bounds it."""
     with pytest.raises(BudgetError) as info:
-        plan(16, 4096, 32, 50257, 64, 2048)
+        plan(16, 4096, 32, 50257, 128, 2048)
+    message = str(info.value)
     assert info.value.tier == "gpu" and info.value.needed > ratel.parse_bytes("24GiB")
-    assert "unit workspace" in str(info.value) and "bwd blocks." in str(info.value)
+    assert "unit workspace" in message and "bwd blocks." in message
+    assert "With whole blocks as units it needs at least" in message

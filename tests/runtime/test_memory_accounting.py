@@ -49,3 +49,26 @@ def test_planned_gpu_peak_bounds_the_real_step(kind, policy, mix):
     ring = plan.placement.depth * plan.placement.slot_bytes   # allocated before the step: not in `peak`
     assert peak <= plan.memory.gpu_peak - ring, f"measured {peak} > planned {plan.memory.gpu_peak - ring}"
     assert plan.memory.gpu_peak <= ratel.parse_bytes(budget)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+@pytest.mark.parametrize("keep_logits", [False, True])
+def test_planned_gpu_peak_bounds_the_real_step_with_blocks_in_halves_and_a_chunked_head(kind, keep_logits,
+                                                                                         monkeypatch):
+    """A budget below what whole blocks need: each block runs as two units; the head's loss runs in chunks of
+    16 rows (with the logits returned or not). The plan still bounds what the step allocates."""
+    import ratel.passes.chunk_head_loss as chunk_head_loss
+    monkeypatch.setattr(chunk_head_loss, "chunk_rows_for", lambda vocab, nbytes: 16)
+    model = make_model(kind, layers=4)
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    whole = ratel.explain(model, "1TiB", (ids,), device="cpu", activations="recompute").memory.gpu_peak
+    budget = int(whole * 0.9)
+    engine = ratel.compile(model, budget=budget, example_inputs=(ids,), device="cpu", progress=False,
+                           keep_logits=keep_logits)
+    assert any(u.name.endswith(":1") for u in engine.plan.units)
+    peak = measured_step_peak(engine, ids)
+    plan = engine.plan
+    engine.close()
+    ring = plan.placement.depth * plan.placement.slot_bytes
+    assert peak <= plan.memory.gpu_peak - ring, f"measured {peak} > planned {plan.memory.gpu_peak - ring}"
+    assert plan.memory.gpu_peak <= budget

@@ -36,11 +36,15 @@ def test_budget_as_string_int_or_budget_and_too_small_refused():
     b = ratel.explain(model, 1 << 30, (ids,), device="cpu")
     c = ratel.explain(model, ratel.Budget(gpu="1GiB", host="8GiB"), (ids,), device="cpu")
     assert a.budget_gpu == b.budget_gpu == c.budget_gpu == 1 << 30 and c.budget_host == 8 << 30
-    # Below the most frugal plan's peak (every unit recomputed) nothing fits; the error names that minimum.
-    frugal = ratel.explain(model, "1GiB", (ids,), device="cpu", activations="recompute").memory.gpu_peak
+    # Below the most frugal plan's peak (every unit recomputed, blocks in halves) nothing fits; the error
+    # names that minimum, and the minimum plans.
+    with pytest.raises(ratel.BudgetError) as info:
+        ratel.explain(model, 1, (ids,), device="cpu")
+    frugal = info.value.needed
     with pytest.raises(ratel.BudgetError) as info:
         ratel.explain(model, frugal - 1, (ids,), device="cpu")
     assert info.value.needed == frugal
+    assert ratel.explain(model, frugal, (ids,), device="cpu").memory.gpu_peak <= frugal
 
 
 def test_a_cuda_target_defaults_to_the_h100_profile_without_a_gpu(monkeypatch):
