@@ -18,6 +18,7 @@ SLOT_ALIGN = 256
 SSD_STAGING_BUFFERS = 3   # optimizer states: one being read, one being updated, one being written back
 SSD_PARAM_BUFFERS = 4     # parameter groups on SSD: two read ahead, one copying to the GPU, one written back
 SAVED_SSD_REGIONS = 3     # saved activations on SSD: one filling, one writing behind, one read back
+GRAD_RING_SLOTS = 4       # gradients on their way to the CPU optimizer: landing, waiting, being updated
 
 
 def ceil_div(n: int, d: int) -> int:
@@ -44,11 +45,38 @@ def ssd_state_bytes(group: ParamGroup) -> int:
     return group.numel * 4 * (2 if group.dtype == torch.float32 else 3)
 
 
-def store_pool_bytes(groups: tuple[ParamGroup, ...], params_on_ssd: set[str] = frozenset()) -> int:
+def grad_ring_slots(groups, accumulate: int = 1, clip: bool = False) -> int | None:
+    """Slots of the ring gradients stream through from the GPU to the CPU optimizer, or None when every group
+    needs a buffer of its own: clipping without accumulation updates only after the whole backward, from the
+    gradients as they landed; and when the slots would take more than a buffer per group (a small model).
+    Enough slots for the groups one unit's backward completes, and one more."""
+    trainable = [g for g in groups if g.trainable]
+    if not trainable or (clip and accumulate == 1):
+        return None
+    per_unit: dict[int, int] = {}
+    for g in trainable:
+        per_unit[g.update_unit] = per_unit.get(g.update_unit, 0) + 1
+    slots = max(GRAD_RING_SLOTS, max(per_unit.values()) + 1)
+    if slots * page(max(g.nbytes for g in trainable)) >= sum(page(g.nbytes) for g in trainable):
+        return None
+    return slots
+
+
+def grad_staging_sizes(groups, accumulate: int = 1, clip: bool = False) -> list[int]:
+    """Bytes of each pinned gradient staging buffer: ring slots of the largest group, or one per group."""
+    slots = grad_ring_slots(groups, accumulate, clip)
+    trainable = [g for g in groups if g.trainable]
+    if slots is None:
+        return [g.nbytes for g in trainable]
+    return [max(g.nbytes for g in trainable)] * slots
+
+
+def store_pool_bytes(groups: tuple[ParamGroup, ...], params_on_ssd: set[str] = frozenset(), accumulate: int = 1,
+                     clip: bool = False) -> int:
     """Pinned bytes the parameter store takes: compute copies (fp32 masters double as them), gradient
     staging, and the staging ring of parameter groups whose compute copies live on SSD."""
     sizes = [g.nbytes for g in groups if g.name not in params_on_ssd]
-    sizes += [g.nbytes for g in groups if g.trainable]
+    sizes += grad_staging_sizes(groups, accumulate, clip)
     total = pool_bytes(sizes, slack=0)
     ssd = [g for g in groups if g.name in params_on_ssd]
     if ssd:
@@ -102,7 +130,8 @@ def program_pool_bytes(activations: tuple[ActivationPlacement, ...], acts: Activ
 
 
 def host_usage(groups, optimizer_tier: dict[str, Tier], activations, torch_adam: bool,
-               param_tier: dict[str, Tier] | None = None, accumulate: int = 1) -> tuple[tuple[str, int], ...]:
+               param_tier: dict[str, Tier] | None = None, accumulate: int = 1,
+               clip: bool = False) -> tuple[tuple[str, int], ...]:
     """Every host buffer the runtime allocates for this placement, by name (pinned and pageable)."""
     param_tier = param_tier or {}
     if accumulate > 1:   # fp32 sums of the micro-batches' gradients, as p.grad accumulates them
@@ -125,7 +154,11 @@ def host_usage(groups, optimizer_tier: dict[str, Tier], activations, torch_adam:
                 usage.append((f"compute copy:{g.name}", page(g.nbytes)))
             if on_host:
                 usage.append((f"fp32 master + adam states:{g.name}", g.numel * 12))
-        usage.append((f"gradient staging:{g.name}", page(g.nbytes)))
+    slots = grad_ring_slots(groups, accumulate, clip)
+    if slots is None:
+        usage += [(f"gradient staging:{g.name}", page(g.nbytes)) for g in groups if g.trainable]
+    elif slots:
+        usage.append(("gradient staging ring", sum(page(n) for n in grad_staging_sizes(groups, accumulate, clip))))
     ssd_params = [g for g in groups if param_tier.get(g.name) == Tier.SSD]
     if ssd_params:
         usage.append(("parameter SSD staging", SSD_PARAM_BUFFERS * (page(max(g.nbytes for g in ssd_params)) + PAGE)))

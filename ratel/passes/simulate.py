@@ -4,13 +4,15 @@ Not a pass: plan_activations evaluates candidate plans with it, verify_plan chec
 """
 from __future__ import annotations
 
+import math
+
 import torch.fx as fx
 
 from ratel.ir import (META_TENSOR, ActivationPlan, CostModel, Lifetimes, MemoryProfile, Phase, PlacementPlan, Span,
                       StepMemory, StepTime, Tier, TimeProfile, TransferKind as K, step_index)
 from ratel.passes.build_lifetimes import boundary_values, unit_calls
 from ratel.passes.manager import PassContext
-from ratel.ir.layout import host_usage, saved_host_bytes, ssd_state_bytes
+from ratel.ir.layout import grad_ring_slots, host_usage, saved_host_bytes, ssd_state_bytes
 
 
 def _user_outputs(gm: fx.GraphModule, boundary: dict) -> list[tuple[str, int]]:
@@ -108,7 +110,7 @@ def simulate_memory(gm: fx.GraphModule, ctx: PassContext, acts: ActivationPlan |
     peak = max(profile, key=lambda s: s.gpu)
 
     host = host_usage(lifetimes.groups, dict(placement.optimizer_tier), placement.activations, ctx.hardware.torch_cpu_adam,
-                      dict(placement.param_tier), accumulate=ctx.accumulate)
+                      dict(placement.param_tier), accumulate=ctx.accumulate, clip=ctx.clip)
     ssd_total = sum(ssd_state_bytes(g) for g in lifetimes.groups
                     if g.trainable and placement.optimizer_tier_of(g.name) == Tier.SSD)
     ssd_total += sum(g.nbytes for g in lifetimes.groups if placement.param_tier_of(g.name) == Tier.SSD)
@@ -157,6 +159,12 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
     went_out: dict[tuple, float] = {}       # (what, subject) -> when its copy out / update / write ended
     read_done: dict[tuple, float] = {}      # (what, subject) -> when its SSD read ended
     grads_out: dict[str, float] = {}        # unit name -> when its gradients landed on the host
+    # Gradients land in a ring of host slots (ir.layout.grad_ring_slots): a unit's flush waits for as many
+    # slots as it has groups, each free once the optimizer has used the gradient it held — its update, or
+    # with accumulation its sum into fp32 as it lands.
+    ring = grad_ring_slots(lifetimes.groups, ctx.accumulate, ctx.clip)
+    slot_free = [0.0] * (ring or 0)         # when each slot is free again
+    slot_of: dict[int, int] = {}            # group -> the slot its gradient landed in
     spans = []
     times = []
     gpu = h2d_lane = d2h_lane = ssd_lane = optimizer_lane = 0.0
@@ -203,7 +211,17 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
         for tr in at:      # copies out take what this step's compute produced
             if tr.lane == "d2h":
                 seconds = tr.nbytes / (hw.d2h_gbps * 1e9)
-                d2h_lane = run(d2h_lane, gpu, seconds, "d2h", f"{_D2H_LABEL[tr.kind]} {tr.subject}", t, tr.nbytes)
+                ready = gpu
+                if tr.kind == K.FLUSH_GRADS and ring:
+                    landing = [g.index for g in lifetimes.groups if g.trainable and g.update_unit == step.unit]
+                    slots = sorted(range(ring), key=lambda s: slot_free[s])[:len(landing)]
+                    ready = max([gpu] + [slot_free[s] for s in slots])
+                    for group, s in zip(landing, slots):
+                        slot_of[group], slot_free[s] = s, math.inf     # held until its update has run
+                d2h_lane = run(d2h_lane, ready, seconds, "d2h", f"{_D2H_LABEL[tr.kind]} {tr.subject}", t, tr.nbytes)
+                if tr.kind == K.FLUSH_GRADS and ring and ctx.accumulate > 1:
+                    for group in landing:
+                        slot_free[slot_of.pop(group)] = d2h_lane
                 went_out[(what(tr.kind), tr.subject)] = d2h_lane
                 if tr.kind == K.FLUSH_GRADS:
                     grads_out[tr.subject] = d2h_lane
@@ -216,6 +234,8 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
                                      tr.nbytes)
                 went_out[("states", tr.subject)] = optimizer_lane
                 went_out[("params", tr.subject)] = optimizer_lane
+                if tr.group in slot_of:
+                    slot_free[slot_of.pop(tr.group)] = optimizer_lane
                 opt += seconds
         for tr in at:
             if tr.lane == "ssd" and tr.kind.spec.src == Tier.HOST:

@@ -104,11 +104,13 @@ class Resources:
             self.ssd = SsdStates(self.ssd_lane(), ssd_groups, model_key(self.model),
                                  order=plan.ssd_state_order())
         params_on_ssd = [g for g in plan.groups if plan.placement.param_tier_of(g.name) == Tier.SSD]
-        self.store_pool = PinnedPool(store_pool_bytes(plan.groups, {g.name for g in params_on_ssd}),
+        self.store_pool = PinnedPool(store_pool_bytes(plan.groups, {g.name for g in params_on_ssd}, accumulate,
+                                                      max_grad_norm is not None),
                                      pin=self.device.type == "cuda")
         ssd_params = (SsdParams(self.ssd_lane(), params_on_ssd, model_key(self.model), self.store_pool)
                       if params_on_ssd else None)
-        self.store = ParamStore(plan, self.device, self.store_pool, ssd=self.ssd, ssd_params=ssd_params)
+        self.store = ParamStore(plan, self.device, self.store_pool, ssd=self.ssd, ssd_params=ssd_params,
+                                accumulate=accumulate, clip=max_grad_norm is not None)
         self.store.load(self.model, self.weights, progress=self.progress, checkpoint=self.checkpoint,
                         step=self.optimizer_step)
         if self.checkpoint is not None:

@@ -126,7 +126,7 @@ class Runtime:
         """Start a forward: drop whatever an unfinished previous step left behind."""
         self.recorder = recorder
         self.schedule.begin()
-        self._flushed.clear()
+        self._drop_unsubmitted()
         self._attach_schedule()
         self.activations.recorder = recorder
         self.saved.recorder = recorder
@@ -346,7 +346,7 @@ class Runtime:
                 if self.optimizer is not None and self.optimizer.norms_on_device:
                     # clip_grad_norm_'s per-parameter norms, where the gradient is (free on a GPU)
                     norms = torch._foreach_norm(g.views(flat), 2.0)
-                copied = self.lanes.copy(self.store.grad_staging[g.index], flat, self.lanes.d2h, after=after,
+                copied = self.lanes.copy(self.store.grad_landing(g), flat, self.lanes.d2h, after=after,
                                          span=(self.recorder, "d2h", f"grads {g.name}", self._step))
                 if self.optimizer is not None and self.optimizer.deferred:
                     self.optimizer.submit(g, copied, self.recorder, self._step, norms)
@@ -363,12 +363,20 @@ class Runtime:
             copied, norms = self._flushed.pop(group.index)
             self.optimizer.submit(group, copied, self.recorder, self._step, norms)
 
+    def _drop_unsubmitted(self) -> None:
+        """Gradients copied out but never handed to the optimizer (a step that failed half way) give their
+        staging slots back."""
+        for index in list(self._flushed):
+            self.store.grad_consumed(self.plan.groups[index])
+            del self._flushed[index]
+
     def finish_step(self) -> None:
         """After backward (or an inference forward): nothing of this step stays on the device."""
         for index in list(self._slot_of):
             self._release_params(index)
         self._ready.clear()
         self._grad_buffers.clear()
+        self._drop_unsubmitted()
         self.activations.clear()
         self.saved.clear()
         self._rng.clear()

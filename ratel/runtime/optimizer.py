@@ -274,11 +274,12 @@ class CPUOptimizer:
             if copied is not None:
                 copied.synchronize()
             start = time.perf_counter()
-            grad = self.store.grad_staging[group.index]
+            grad = self.store.grad_of(group)
             if self.accumulate > 1:
                 acc = self.acc[group.index]
                 # PyTorch's first backward sets p.grad; later ones add to it
                 accumulate_(acc, grad, copy=micro == 0, num_threads=self.threads)
+                self.store.grad_consumed(group)
                 grad = acc
             if final and self.deferred:
                 self._norms[group.index] = norms if norms is not None else self._param_norms(group, grad)
@@ -286,12 +287,14 @@ class CPUOptimizer:
                 return                   # updated in _clip_and_update; stays "not done" until then
             if final:
                 self._update(group, grad, 1.0)
+            self.store.grad_consumed(group)
             if recorder is not None:
                 label = "adamw" if final else "accumulate"
                 recorder.cpu_span("optimizer", f"{label} {group.name}", step, start, time.perf_counter(),
                                   group.numel * 4)
             self._done[group.index].set()
         except BaseException:
+            self.store.grad_consumed(group)
             self._done[group.index].set()
             raise
 
@@ -330,8 +333,7 @@ class CPUOptimizer:
         try:
             for g in groups:
                 start = time.perf_counter()
-                self._update(g, self.acc[g.index] if self.accumulate > 1 else self.store.grad_staging[g.index],
-                             grad_scale)
+                self._update(g, self.acc[g.index] if self.accumulate > 1 else self.store.grad_of(g), grad_scale)
                 if recorder is not None:
                     recorder.cpu_span("optimizer", f"adamw {g.name}", step, start, time.perf_counter(), g.numel * 4)
                 self._done[g.index].set()

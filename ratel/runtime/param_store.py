@@ -19,6 +19,7 @@ import copy
 import math
 import logging
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -27,14 +28,49 @@ from tqdm.auto import tqdm
 
 from ratel.errors import RatelError
 from ratel.ir import ParamGroup, Plan, canonical_parameter_names
+from ratel.ir.layout import grad_ring_slots, grad_staging_sizes
 from ratel.runtime.memory import PinnedPool
 from ratel.runtime.tensor_files import TensorSet
 
 log = logging.getLogger("ratel.runtime")
 
 
+class GradientRing:
+    """Pinned slots gradients stream through: the flush takes one per group, the optimizer gives it back."""
+
+    def __init__(self, buffers: list[torch.Tensor]):
+        self.free = list(buffers)
+        self.holding: dict[int, torch.Tensor] = {}
+        self._cond = threading.Condition()
+
+    def take(self, group: ParamGroup) -> torch.Tensor:
+        with self._cond:
+            self._cond.wait_for(lambda: self.free)
+            slot = self.free.pop(0)
+            self.holding[group.index] = slot
+        return slot[: group.nbytes].view(group.dtype)
+
+    def held(self, group: ParamGroup) -> torch.Tensor:
+        return self.holding[group.index][: group.nbytes].view(group.dtype)
+
+    def give_back(self, group: ParamGroup) -> None:
+        with self._cond:
+            slot = self.holding.pop(group.index, None)
+            if slot is not None:
+                self.free.append(slot)
+                self._cond.notify()
+
+    def reset(self) -> None:
+        """A step abandoned half way (an error): every slot is free again."""
+        with self._cond:
+            self.free += list(self.holding.values())
+            self.holding.clear()
+            self._cond.notify_all()
+
+
 class ParamStore:
-    def __init__(self, plan: Plan, device: torch.device, pool: PinnedPool, ssd=None, ssd_params=None):
+    def __init__(self, plan: Plan, device: torch.device, pool: PinnedPool, ssd=None, ssd_params=None,
+                 accumulate: int = 1, clip: bool = False):
         self.plan = plan
         self.ssd = ssd                  # SsdStates holding the optimizer states of groups placed on SSD
         self.ssd_params = ssd_params    # SsdParams holding the compute copies of groups placed on SSD
@@ -58,12 +94,37 @@ class ParamStore:
                 if not on_ssd:
                     self.exp_avg[g.index] = torch.zeros(g.numel, dtype=torch.float32)
                     self.exp_avg_sq[g.index] = torch.zeros(g.numel, dtype=torch.float32)
-                self.grad_staging[g.index] = pool.take(g.nbytes, g.dtype)
                 self.steps[g.index] = torch.zeros((), dtype=torch.float32)
+        slots = grad_ring_slots(self.groups, accumulate, clip)
+        if slots is None:
+            for g in self.groups:
+                if g.trainable:
+                    self.grad_staging[g.index] = pool.take(g.nbytes, g.dtype)
+            self.grad_ring = None
+        else:
+            self.grad_ring = GradientRing([pool.take(n) for n in grad_staging_sizes(self.groups, accumulate, clip)])
         placement = plan.placement
         self.ring = [torch.empty(placement.slot_bytes, dtype=torch.uint8, device=device)
                      for _ in range(placement.depth)]
         self._param_location = {name: (g.index, i) for g in self.groups for i, name in enumerate(g.params)}
+
+    def grad_landing(self, group: ParamGroup) -> torch.Tensor:
+        """Where the group's gradient lands from the GPU: its own buffer, or a ring slot (waits for one: the
+        backward does not run further ahead of the CPU optimizer than the ring holds)."""
+        if self.grad_ring is None:
+            return self.grad_staging[group.index]
+        return self.grad_ring.take(group)
+
+    def grad_of(self, group: ParamGroup) -> torch.Tensor:
+        """The group's gradient as it landed on the host."""
+        if self.grad_ring is None:
+            return self.grad_staging[group.index]
+        return self.grad_ring.held(group)
+
+    def grad_consumed(self, group: ParamGroup) -> None:
+        """The optimizer has used the group's gradient (summed or applied it): its ring slot is free."""
+        if self.grad_ring is not None:
+            self.grad_ring.give_back(group)
 
     def on_ssd(self, group: ParamGroup) -> bool:
         return self.ssd is not None and group.index in self.ssd.groups

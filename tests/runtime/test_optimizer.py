@@ -58,6 +58,12 @@ class _Store:
     def params_on_ssd(self, group):
         return False
 
+    def grad_of(self, group):
+        return self.grad_staging[group.index]
+
+    def grad_consumed(self, group):
+        self.consumed = getattr(self, "consumed", 0) + 1
+
 
 def _group(numel=8):
     return ParamGroup(0, "g", ("w",), ((numel,),), (0,), numel, torch.float32, (0,), True)

@@ -31,3 +31,56 @@ def test_a_source_of_the_wrong_shape_is_refused(tmp_path):
     with pytest.raises(RatelError, match="wpe.weight"):
         ratel.compile(model, budget="1GiB", weights=tmp_path, example_inputs=(batches(1)[0][0],), device="cpu",
                       progress=False)
+
+
+@pytest.mark.parametrize("accumulate,max_norm", [(1, None), (2, None), (2, 0.05)])
+def test_gradients_streamed_through_a_ring_train_like_pytorch_with_a_slow_optimizer(accumulate, max_norm,
+                                                                                  monkeypatch):
+    """Eight blocks: the gradients pass through a ring of a few host slots instead of a buffer per group. An
+    optimizer slowed down makes the backward wait for free slots; the result is still PyTorch's."""
+    import time
+
+    import ratel.runtime.optimizer as optimizer_module
+    from helpers import assert_trained_alike, train_like_pytorch
+
+    update = optimizer_module.adamw_update
+
+    def slow(*args, **kwargs):
+        time.sleep(0.01)
+        return update(*args, **kwargs)
+
+    monkeypatch.setattr(optimizer_module, "adamw_update", slow)
+    from ratel.ir.layout import grad_ring_slots
+    from ratel.runtime.param_store import GradientRing
+    take, waited = GradientRing.take, []
+
+    def watched(self, group):
+        waited.append(not self.free)          # no slot free: the flush waits for the optimizer
+        return take(self, group)
+
+    monkeypatch.setattr(GradientRing, "take", watched)
+    model = make_model("gpt", layers=8, dropout=0.1)
+    result = train_like_pytorch(model, batches(3 * accumulate), accumulate=accumulate, max_grad_norm=max_norm)
+    engine = result["engine"]
+    usage = dict(engine.plan.memory.host_bytes)
+    assert "gradient staging ring" in usage and not any(k.startswith("gradient staging:") for k in usage)
+    ring, slots = engine._store.grad_ring, grad_ring_slots(engine.plan.groups, accumulate, max_norm is not None)
+    assert slots < sum(g.trainable for g in engine.plan.groups)
+    assert engine.host_bytes_allocated() <= engine.plan.memory.host_total
+    assert_trained_alike(result)
+    assert not ring.holding and len(ring.free) == slots       # every slot given back
+    if accumulate == 1:
+        assert any(waited)                                     # the slow updates did hold the backward back
+    engine.close()
+
+
+def test_clipping_without_accumulation_keeps_a_buffer_per_group():
+    """Updates after the whole backward need every gradient at once: no ring then."""
+    model = make_model("gpt", layers=8)
+    ids = batches(1)[0][0]
+    plain = ratel.explain(model, "1GiB", (ids,), device="cpu")
+    clipped = ratel.explain(model, "1GiB", (ids,), device="cpu", max_grad_norm=1.0)
+    assert "gradient staging ring" in dict(plain.memory.host_bytes)
+    staging = [k for k, _ in clipped.memory.host_bytes if k.startswith("gradient staging:")]
+    assert len(staging) == sum(g.trainable for g in clipped.groups)
+    assert plain.memory.host_total < clipped.memory.host_total

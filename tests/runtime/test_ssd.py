@@ -182,7 +182,7 @@ def test_accumulation_and_clipping_with_states_on_ssd_equal_pytorch(kind, accumu
     probe.close()
     states = {g.name: Tier.SSD for g in plan.groups if g.trainable}
     host = sum(b for _, b in host_usage(plan.groups, states, plan.placement.activations, (cpu_adam_kernel() == "torch"),
-                                        accumulate=accumulate))
+                                        accumulate=accumulate, clip=max_norm is not None))
     result = train_like_pytorch(model, data, accumulate=accumulate, max_grad_norm=max_norm,
                                 budget=ratel.Budget(gpu="1GiB", host=host, ssd_dir=str(tmp_path)))
     engine = result["engine"]
