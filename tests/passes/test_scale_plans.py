@@ -43,3 +43,24 @@ def test_a_row_beyond_halves_is_refused_naming_both_minimums():
     assert info.value.tier == "gpu" and info.value.needed > ratel.parse_bytes("24GiB")
     assert "unit workspace" in message and "bwd blocks." in message
     assert "With whole blocks as units it needs at least" in message
+
+
+def test_a_175b_gpt_plans_within_24_gib_of_gpu_and_256_gib_of_host(tmp_path):
+    """The README's plan: GPT-3's shape at batch 8 x 1024. Gradients stream through a few host slots, so host
+    memory holds what the plan chooses (states and copies beyond it on SSD); the SSD bounds the step."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig(vocab_size=50304, n_layer=96, n_head=96, d_model=12288,
+                              max_seq_len=2048)).to(torch.bfloat16)
+    ids = torch.zeros(8, 1024, dtype=torch.long, device="meta")
+    result = ratel.explain(model, ratel.Budget(gpu="24GiB", host="256GiB", ssd_dir=str(tmp_path)), (ids,),
+                           hardware=HardwareProfile.h100())
+    assert result.memory.gpu_peak <= ratel.parse_bytes("24GiB")
+    assert result.memory.host_total <= ratel.parse_bytes("256GiB")
+    assert result.memory.ssd_total > ratel.parse_bytes("1TiB")
+    assert "gradient staging ring" in dict(result.memory.host_bytes)
+    lanes = {s.lane: 0.0 for s in result.times.spans}
+    for s in result.times.spans:
+        lanes[s.lane] += s.end - s.start
+    assert max(lanes, key=lanes.get) == "ssd"
+    step_line = next(line for line in str(ratel.summary(result)).splitlines() if "step time" in line)
+    assert "SSD" in step_line                 # the summary says what bounds the step
