@@ -26,20 +26,7 @@ from ratel.errors import BudgetError
 from ratel.ir import format_bytes
 from ratel.models import GPT, GPTConfig
 from ratel.tools.bench import model_flops
-
-
-def write_random_weights(model, path: Path) -> None:
-    from safetensors.torch import save_file
-    g = torch.Generator(device="cuda").manual_seed(0)
-    tensors = {}
-    for name, p in model.named_parameters():
-        t = torch.empty(p.shape, dtype=p.dtype, device="cuda")
-        if p.ndim >= 2:
-            t.normal_(0.0, 0.02, generator=g)
-        else:
-            t.fill_(1.0 if name.endswith("weight") else 0.0)
-        tensors[name] = t.cpu()
-    save_file(tensors, str(path))
+from training_semantics import write_random_weights   # a script beside this one
 
 
 def run(meta_model, cfg, batch, seq, budget, weights, steps) -> dict:

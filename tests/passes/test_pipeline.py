@@ -1,12 +1,9 @@
 """plan_call: whole blocks first; when the GPU budget refuses them, each block cut in two units. The halves
 train exactly like PyTorch, need less GPU memory, and a refusal names both minimums."""
-import copy
-
 import pytest
-import torch
 
 import ratel
-from helpers import batches, make_model, max_relative_difference
+from helpers import batches, make_model, max_relative_difference, train_like_pytorch
 from ratel.errors import BudgetError
 
 
@@ -17,27 +14,15 @@ def whole_block_minimum(model, ids) -> int:
 @pytest.mark.parametrize("kind", ["gpt", "gpt2", "llama"])
 def test_a_budget_below_the_whole_block_minimum_trains_in_halves_exactly_like_pytorch(kind):
     model = make_model(kind, layers=3, dropout=0.1)
-    reference = copy.deepcopy(model)
     data = batches(3, batch=4, seq=16)
     budget = int(whole_block_minimum(model, data[0][0]) * 0.9)
-    engine = ratel.compile(model, budget=budget, optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1),
-                           example_inputs=(data[0][0],), device="cpu", progress=False)
+    result = train_like_pytorch(model, data, budget=budget)
+    engine = result["engine"]
     names = [u.name for u in engine.plan.units]
     assert len(names) == 2 + 2 * 3 and names[1].endswith(":0") and names[2].endswith(":1")
     assert engine.plan.memory.gpu_peak <= budget
-    opt = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
-    for step, (ids, labels) in enumerate(data):
-        torch.manual_seed(step)
-        loss = engine(ids, labels=labels).loss
-        engine.backward(loss)
-        engine.step()
-        torch.manual_seed(step)
-        expected = reference(ids, labels=labels).loss
-        expected.backward()
-        opt.step()
-        opt.zero_grad()
-        assert loss.item() == expected.item()
-    worst, name = max_relative_difference(engine.state_dict(), reference)
+    assert result["losses"] == result["ref_losses"]
+    worst, name = max_relative_difference(engine.state_dict(), result["reference"])
     engine.close()
     assert worst == 0.0, name
 
