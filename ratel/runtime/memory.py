@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 
 import torch
 
@@ -31,7 +32,9 @@ def expandable_segments() -> bool:
     conf = ",".join(os.environ.get(k, "") for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"))
     if "expandable_segments" in conf:
         return "expandable_segments:true" in conf.replace(" ", "").lower()
-    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    with warnings.catch_warnings():   # torch 2.11 warns that this spelling will move; it is the one measured
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
     return True
 
 
