@@ -28,6 +28,7 @@ from ratel.passes import plan_call
 from ratel.passes.plan_activations import POLICIES
 from ratel.program_cache import ProgramCache
 from ratel.runtime.assemble import Program, Resources, persistent_buffers, rebuild_meta_buffer
+from ratel.runtime.memory import return_freed_host_memory
 from ratel.runtime.optimizer import Hyper
 from ratel.runtime.recorder import Recorder
 from ratel.trace import call_kwargs, capturing
@@ -429,6 +430,7 @@ class Engine:
         self._latest = None
         for action in self._resources.close_storage():
             attempt(action)
+        attempt(return_freed_host_memory)
         if errors:
             raise errors[0]
 

@@ -181,7 +181,11 @@ class Resources:
         if self.swapper is not None:
             swapper = self.swapper
             out.append(lambda: swapper.close(remove=not self.keep_swap_files))
-        self.store = self.store_pool = self.ssd = self.lane = self.swapper = None
+        if self.store is not None:
+            out.append(self.store.drop)
+        # Whatever else still points at the store (the optimizer, a caller's engine) must not keep its host
+        # memory alive: close() frees it, the engine object may live on.
+        self.store = self.store_pool = self.ssd = self.lane = self.swapper = self.optimizer = self.buffers = None
         return out
 
 

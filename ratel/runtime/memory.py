@@ -8,6 +8,8 @@ out aligned views. On a CPU-only run the "GPU tier" is another host buffer and n
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import warnings
@@ -35,6 +37,23 @@ def expandable_segments() -> bool:
     with warnings.catch_warnings():   # torch 2.11 warns that this spelling will move; it is the one measured
         warnings.simplefilter("ignore", FutureWarning)
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    return True
+
+
+def return_freed_host_memory() -> bool:
+    """Give the heap memory freed so far back to the operating system (glibc's ``malloc_trim``); False where
+    there is no glibc. Why: an engine frees gigabytes of medium-sized host buffers when it closes, and glibc
+    keeps much of it in its arenas: on a 2-core CPU three compile/step/close cycles of a 0.2B model left 1.2 GiB
+    more resident with no tensor alive (0.36 GiB after a trim), and on the H200 a process that trained a second
+    engine after closing a first was killed for memory its plan did not count."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)
     return True
 
 

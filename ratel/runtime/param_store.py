@@ -108,6 +108,13 @@ class ParamStore:
                      for _ in range(placement.depth)]
         self._param_location = {name: (g.index, i) for g in self.groups for i, name in enumerate(g.params)}
 
+    def drop(self) -> None:
+        """Let go of every host and device buffer (the engine is closing)."""
+        for table in (self.master, self.exp_avg, self.exp_avg_sq, self.compute, self.grad_staging, self.steps):
+            table.clear()
+        self.grad_ring = None
+        self.ring = []
+
     def grad_landing(self, group: ParamGroup) -> torch.Tensor:
         """Where the group's gradient lands from the GPU: its own buffer, or a ring slot (waits for one: the
         backward does not run further ahead of the CPU optimizer than the ring holds)."""
