@@ -154,10 +154,9 @@ def host_usage(groups, optimizer_tier: dict[str, Tier], activations, torch_adam:
                 usage.append((f"compute copy:{g.name}", page(g.nbytes)))
             if on_host:
                 usage.append((f"fp32 master + adam states:{g.name}", g.numel * 12))
-    slots = grad_ring_slots(groups, accumulate, clip)
-    if slots is None:
+    if grad_ring_slots(groups, accumulate, clip) is None:
         usage += [(f"gradient staging:{g.name}", page(g.nbytes)) for g in groups if g.trainable]
-    elif slots:
+    else:
         usage.append(("gradient staging ring", sum(page(n) for n in grad_staging_sizes(groups, accumulate, clip))))
     ssd_params = [g for g in groups if param_tier.get(g.name) == Tier.SSD]
     if ssd_params:

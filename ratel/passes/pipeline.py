@@ -3,8 +3,6 @@ model and one call's inputs into a rewritten program and its Plan. ``ratel.compi
 shape) and ``ratel.explain`` both plan through it, so the plan explained is the plan executed."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -73,7 +71,7 @@ def plan_call(model: nn.Module, args: tuple, kwargs: dict, budget: Budget, hardw
 
     ``split_blocks``: None plans whole blocks and, when the GPU budget refuses them, each block cut in two
     units (``trace.block_cut``: attention, then the MLP); True or False asks for one of the two."""
-    refused = None
+    refused, whole_units = None, 0     # the whole-block plan's refusal, and how many units it had
     for split in ([False, True] if split_blocks is None else [split_blocks]):
         was_training = model.training
         model.train(training)
@@ -81,7 +79,7 @@ def plan_call(model: nn.Module, args: tuple, kwargs: dict, budget: Budget, hardw
             traced = trace_model(model, args, kwargs, split_blocks=split)
         finally:
             model.train(was_training)
-        if split and len(traced.units) == len(refused.units if refused else ()):
+        if split and len(traced.units) == whole_units:
             break     # no block could be cut: the first refusal stands
         try:
             gm, plan = plan_program(traced, budget, hardware, device, depth, activations, accumulate=accumulate,
@@ -90,16 +88,10 @@ def plan_call(model: nn.Module, args: tuple, kwargs: dict, budget: Budget, hardw
         except BudgetError as error:
             if error.tier != "gpu" or split or split_blocks is not None:
                 if refused is not None and split:
-                    raise _refused_both(refused.error, error) from None
+                    raise _refused_both(refused, error) from None
                 raise
-            refused = _Refusal(error, traced.units)
-    raise refused.error
-
-
-@dataclass(frozen=True)
-class _Refusal:
-    error: BudgetError
-    units: tuple
+            refused, whole_units = error, len(traced.units)
+    raise refused
 
 
 def _refused_both(whole: BudgetError, split: BudgetError) -> BudgetError:

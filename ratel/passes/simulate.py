@@ -165,6 +165,10 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
     ring = grad_ring_slots(lifetimes.groups, ctx.accumulate, ctx.clip)
     slot_free = [0.0] * (ring or 0)         # when each slot is free again
     slot_of: dict[int, int] = {}            # group -> the slot its gradient landed in
+    landing: dict[int, list[int]] = {}      # unit -> the groups whose gradient its backward completes
+    for g in lifetimes.groups:
+        if g.trainable:
+            landing.setdefault(g.update_unit, []).append(g.index)
     spans = []
     times = []
     gpu = h2d_lane = d2h_lane = ssd_lane = optimizer_lane = 0.0
@@ -212,15 +216,15 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
             if tr.lane == "d2h":
                 seconds = tr.nbytes / (hw.d2h_gbps * 1e9)
                 ready = gpu
-                if tr.kind == K.FLUSH_GRADS and ring:
-                    landing = [g.index for g in lifetimes.groups if g.trainable and g.update_unit == step.unit]
-                    slots = sorted(range(ring), key=lambda s: slot_free[s])[:len(landing)]
+                groups = landing.get(step.unit, []) if tr.kind == K.FLUSH_GRADS and ring else []
+                if groups:
+                    slots = sorted(range(ring), key=lambda s: slot_free[s])[:len(groups)]
                     ready = max([gpu] + [slot_free[s] for s in slots])
-                    for group, s in zip(landing, slots):
+                    for group, s in zip(groups, slots):
                         slot_of[group], slot_free[s] = s, math.inf     # held until its update has run
                 d2h_lane = run(d2h_lane, ready, seconds, "d2h", f"{_D2H_LABEL[tr.kind]} {tr.subject}", t, tr.nbytes)
-                if tr.kind == K.FLUSH_GRADS and ring and ctx.accumulate > 1:
-                    for group in landing:
+                if ctx.accumulate > 1:
+                    for group in groups:
                         slot_free[slot_of.pop(group)] = d2h_lane
                 went_out[(what(tr.kind), tr.subject)] = d2h_lane
                 if tr.kind == K.FLUSH_GRADS:

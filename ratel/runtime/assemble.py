@@ -73,8 +73,8 @@ class Resources:
         self.progress = progress
         self.keep_swap_files = keep_swap_files
         self.lanes = Lanes(device)
-        # The plan counts tensor bytes: the allocator must not strand reserved memory between them.
-        self.expandable_segments = expandable_segments() if device.type == "cuda" else False
+        if device.type == "cuda":   # the plan counts tensor bytes: the allocator must not strand memory between them
+            expandable_segments()
         self.store: ParamStore | None = None
         self.store_pool: PinnedPool | None = None
         self.optimizer: CPUOptimizer | None = None

@@ -60,13 +60,6 @@ class GradientRing:
                 self.free.append(slot)
                 self._cond.notify()
 
-    def reset(self) -> None:
-        """A step abandoned half way (an error): every slot is free again."""
-        with self._cond:
-            self.free += list(self.holding.values())
-            self.holding.clear()
-            self._cond.notify_all()
-
 
 class ParamStore:
     def __init__(self, plan: Plan, device: torch.device, pool: PinnedPool, ssd=None, ssd_params=None,
