@@ -147,6 +147,50 @@ class UnitProfile:
     packs: tuple[PackRef, ...]
 
 
+class _FusedAttention(torch.autograd.Function):
+    """Attention with the memory CUDA's fused kernels use (memory-efficient attention: it takes masks and
+    dropout; flash keeps the same tensors): the output and a float log-sum-exp per query row are saved,
+    never the scores. Only measured on fake tensors (see ``_attend_as_cuda_does``)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, dropout_p, is_causal, scale):
+        if mask is not None and mask.dtype == torch.bool:   # as sdpa converts a boolean mask on CUDA
+            mask = torch.zeros_like(mask, dtype=q.dtype).masked_fill_(mask.logical_not(), float("-inf"))
+        out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(
+            q, k, v, mask, True, dropout_p, is_causal, scale=scale)
+        ctx.save_for_backward(q, k, v, mask, out, lse, seed, offset)
+        ctx.dropout_p, ctx.is_causal, ctx.scale = dropout_p, is_causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, mask, out, lse, seed, offset = ctx.saved_tensors
+        wanted = [q.requires_grad, k.requires_grad, v.requires_grad, False]
+        gq, gk, gv, _ = aten._scaled_dot_product_efficient_attention_backward(
+            grad, q, k, v, mask, out, lse, seed, offset, ctx.dropout_p, wanted, ctx.is_causal, scale=ctx.scale)
+        return gq, gk, gv, None, None, None, None
+
+
+def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
+    if enable_gqa and q.shape[-3] != k.shape[-3]:   # CUDA's efficient kernel takes no grouped heads
+        return aten.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale,
+                                                 enable_gqa=enable_gqa)
+    return _FusedAttention.apply(q, k, v, attn_mask, dropout_p, is_causal, scale)
+
+
+def _attend_as_cuda_does(gm: fx.GraphModule) -> None:
+    """A unit planned for CUDA but measured with CPU kernels (this machine has no GPU): the CPU's
+    scaled_dot_product_attention takes its math path under dropout, holding batch x heads x seq² scores
+    (16 GiB per GPT-3-sized block at 8 x 1024) that CUDA's fused kernels never make. Measure those."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is aten.scaled_dot_product_attention.default:
+            node.target = _fused_attention
+            changed = True
+    if changed:
+        gm.recompile()
+
+
 def _random_node(node: fx.Node) -> bool:
     return is_random(node)
 
@@ -179,6 +223,7 @@ def profile_unit(sub: fx.GraphModule, call: UnitCall, device: str,
         sub = copy.deepcopy(sub)
         for module in [m for m in sub.modules() if isinstance(m, fx.GraphModule)]:
             canonicalize(module, torch.device(device), torch.device(fake_device))
+            _attend_as_cuda_does(module)
     with FakeTensorMode(allow_non_fake_inputs=True):
         args = _fake_inputs(metas, fake_device, requires_grad=False)
         args = [a if a is not None else n.meta.get("val") for a, n in zip(args, placeholders)]

@@ -188,3 +188,25 @@ def test_bf16_resume_on_the_gpu_equals_the_uninterrupted_run(tmp_path):
     assert first + rest == whole
     for name, value in final.items():
         assert torch.equal(state[name], value), name
+
+
+def test_the_stand_in_for_cuda_attention_measures_what_cuda_allocates(monkeypatch):
+    """Plans for CUDA made on a machine without one measure attention with a stand-in for CUDA's fused
+    kernels (estimate_costs); on a GPU, the same unit measured with fake CUDA tensors (sdpa picks its real
+    backend) must agree, or plans made on a laptop would be wrong for the card."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    config = GPT2Config(vocab_size=VOCAB, n_embd=256, n_layer=2, n_head=4, n_positions=512, bos_token_id=0,
+                        eos_token_id=0)
+    model = GPT2LMHeadModel(config).to(torch.bfloat16).train()
+    ids = torch.randint(0, VOCAB, (4, 512))
+
+    def block():
+        plan = ratel.explain(model, "1TiB", (ids,), device="cuda", activations="keep")
+        return plan.costs.units[1]   # embed, block, head
+    real = block()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    stand_in = block()
+    print(f"\n[attention profile] cuda saved {real.saved_bytes} bwd {real.bwd_workspace}; "
+          f"stand-in saved {stand_in.saved_bytes} bwd {stand_in.bwd_workspace}")
+    assert stand_in.saved_bytes == pytest.approx(real.saved_bytes, rel=0.05)
+    assert stand_in.bwd_workspace == pytest.approx(real.bwd_workspace, rel=0.10)

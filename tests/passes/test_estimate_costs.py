@@ -75,3 +75,31 @@ def test_frozen_parameters_are_profiled_as_the_runtime_runs_them():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         sub(x, *params)
     assert len(saved) == len(frozen.packs)
+
+
+
+def _attention_block_costs(device, batch, seq):
+    """GPT-2 (HF, sdpa with its boolean mask and attention dropout): the first block's measured cost."""
+    import ratel
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=8, n_positions=seq,
+                                       bos_token_id=0, eos_token_id=0)).to(torch.bfloat16).train()
+    ids = torch.randint(0, 128, (batch, seq))
+    plan = ratel.explain(model, "1TiB", (ids,), device=device, activations="keep")
+    return plan.costs.units[1]   # embed, the first block, ...
+
+
+def test_a_plan_for_cuda_made_without_a_gpu_measures_attention_as_cuda_runs_it():
+    """The CPU's attention kernel under dropout materialises batch x heads x seq² scores; CUDA's fused
+    kernels (what the plan is for) keep a float per query row. A plan for CUDA made on this CPU must not
+    count the scores — they were 16 GiB per block of a GPT-3-sized GPT-2 at 8 x 1024 and refused the plan."""
+    from ratel.passes.estimate_costs import workspace_bound
+    batch, heads, seq = 2, 8, 512
+    scores = batch * heads * seq * seq * 2                 # one bf16 score tensor: 8 MiB
+    on_cpu = _attention_block_costs("cpu", batch, seq)
+    for_cuda = _attention_block_costs("cuda", batch, seq)
+    assert on_cpu.saved_bytes > 3 * scores                 # float scores, their softmax, the dropout mask, ...
+    assert for_cuda.saved_bytes < scores                   # q, k, v, the output, the row log-sum-exp, the mask
+    assert on_cpu.bwd_workspace > 3 * scores
+    assert for_cuda.bwd_workspace < workspace_bound(scores, "cuda")

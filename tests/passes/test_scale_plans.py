@@ -64,3 +64,19 @@ def test_a_175b_gpt_plans_within_24_gib_of_gpu_and_256_gib_of_host(tmp_path):
     assert max(lanes, key=lanes.get) == "ssd"
     step_line = next(line for line in str(ratel.summary(result)).splitlines() if "step time" in line)
     assert "SSD" in step_line                 # the summary says what bounds the step
+
+
+def test_hugging_face_gpt2_at_175b_plans_within_24_gib_of_gpu_and_256_gib_of_host(tmp_path):
+    """The same shape as Hugging Face's GPT-2 architecture (its attention takes a boolean mask and dropout,
+    tied embeddings): half a block per unit, attention measured as CUDA's fused kernels run it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    config = GPT2Config(n_layer=96, n_head=96, n_embd=12288, n_positions=1024, vocab_size=50257)
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(config).to(torch.bfloat16)
+    ids = torch.zeros(8, 1024, dtype=torch.long, device="meta")
+    result = ratel.explain(model, ratel.Budget(gpu="24GiB", host="256GiB", ssd_dir=str(tmp_path)), (ids,),
+                           hardware=HardwareProfile.h100())
+    assert result.memory.gpu_peak <= ratel.parse_bytes("24GiB")
+    assert result.memory.host_total <= ratel.parse_bytes("256GiB")
+    assert sum(p.numel() for p in model.parameters()) > 174e9
+    assert all(u.name.endswith((":0", ":1")) for u in result.units if u.kind == "block")
