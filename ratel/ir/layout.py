@@ -6,6 +6,8 @@ memory a plan predicts is the memory the runtime takes (``engine.host_bytes_allo
   PAGE          host buffers start on a page: what O_DIRECT needs for the SSD tier, and what pinned copies like
   SLOT_ALIGN    parameter groups inside a GPU ring slot start on 256 bytes (CUDA's allocation granularity)
   staging rings how many buffers each SSD tier stages through (states, parameters, saved activations)
+  state pieces  a group's optimizer states on SSD move in pieces of at most SSD_PIECE_NUMEL elements, so
+                the host stages a few pieces, not a few groups (a GPT-3-sized block's states are 21 GiB)
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ SSD_STAGING_BUFFERS = 3   # optimizer states: one being read, one being updated,
 SSD_PARAM_BUFFERS = 4     # parameter groups on SSD: two read ahead, one copying to the GPU, one written back
 SAVED_SSD_REGIONS = 3     # saved activations on SSD: one filling, one writing behind, one read back
 GRAD_RING_SLOTS = 4       # gradients on their way to the CPU optimizer: landing, waiting, being updated
+SSD_PIECE_NUMEL = 1 << 25  # 384 MiB of master + moments: large requests keep the disk at its rate
 
 
 def ceil_div(n: int, d: int) -> int:
@@ -39,10 +42,32 @@ def pool_bytes(sizes, slack: int = PAGE) -> int:
     return sum(page(n) + slack for n in sizes)
 
 
+def ssd_state_pieces(group: ParamGroup) -> tuple[tuple[int, int, int], ...]:
+    """The pieces a group's optimizer states on SSD move in: (first element, end element, file offset). A
+    piece holds [master | exp_avg | exp_avg_sq] of its elements (no master when the group computes in fp32:
+    the master is its compute copy and stays in host memory) and starts on a page of the file."""
+    pieces, offset = [], 0
+    for start in range(0, max(group.numel, 1), SSD_PIECE_NUMEL):   # an empty group: one empty piece
+        end = min(start + SSD_PIECE_NUMEL, group.numel)
+        pieces.append((start, end, offset))
+        offset += page(ssd_piece_bytes(group, end - start))
+    return tuple(pieces)
+
+
+def ssd_piece_bytes(group: ParamGroup, numel: int) -> int:
+    """Bytes of ``numel`` elements' optimizer states on SSD (see ``ssd_state_pieces``)."""
+    return numel * 4 * (2 if group.dtype == torch.float32 else 3)
+
+
+def ssd_staging_bytes(group: ParamGroup) -> int:
+    """The largest piece of a group's states: what one staging buffer must hold."""
+    return ssd_piece_bytes(group, min(group.numel, SSD_PIECE_NUMEL))
+
+
 def ssd_state_bytes(group: ParamGroup) -> int:
-    """Bytes of a group's optimizer state on SSD: exp_avg and exp_avg_sq, plus the fp32 master unless the
-    group computes in fp32 (then the master is its compute copy and stays in host memory)."""
-    return group.numel * 4 * (2 if group.dtype == torch.float32 else 3)
+    """Bytes of a group's optimizer state on SSD, its pieces each starting on a page."""
+    start, end, offset = ssd_state_pieces(group)[-1]
+    return offset + ssd_piece_bytes(group, end - start)
 
 
 def grad_ring_slots(groups, accumulate: int = 1, clip: bool = False) -> int | None:
@@ -167,8 +192,9 @@ def host_usage(groups, optimizer_tier: dict[str, Tier], activations, torch_adam:
             usage.append(("fp32 gradient scratch", scratch))
     ssd = [g for g in groups if g.trainable and optimizer_tier[g.name] == Tier.SSD]
     if ssd:
-        biggest = max(page(ssd_state_bytes(g)) + PAGE for g in ssd)
-        usage.append(("SSD staging buffers", min(SSD_STAGING_BUFFERS, len(ssd)) * biggest))
+        biggest = max(page(ssd_staging_bytes(g)) + PAGE for g in ssd)
+        pieces = sum(len(ssd_state_pieces(g)) for g in ssd)
+        usage.append(("SSD staging buffers", min(SSD_STAGING_BUFFERS, pieces) * biggest))
     pool = sum(page(a.nbytes) + PAGE for a in activations if a.tier == Tier.HOST)
     if pool:
         usage.append(("activation pool", pool + PAGE))

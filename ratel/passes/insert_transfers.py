@@ -33,7 +33,7 @@ import torch.fx as fx
 
 from ratel.ir import (META_PROVENANCE, META_TRANSFER, ActivationPlan, Lifetimes, Phase, PlacementPlan, Provenance,
                       Schedule, Tier, Transfer, TransferKind as K, schedule_order, step_index)
-from ratel.ir.layout import SSD_STAGING_BUFFERS, ssd_state_bytes
+from ratel.ir.layout import SSD_STAGING_BUFFERS, ssd_state_bytes, ssd_state_pieces
 from ratel.passes.build_lifetimes import unit_calls
 from ratel.passes.manager import PassContext, PassResult, graph_pass
 from ratel.ir import ops
@@ -213,12 +213,16 @@ def insert_transfers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 def ssd_transfers(lifetimes: Lifetimes, plan: PlacementPlan, bwd: dict[int, int], num_steps: int,
                   clip: bool = False) -> list[Transfer]:
     """Optimizer states on SSD, in update order: the first reads start with the forward, each later read when
-    the update two groups earlier finishes (a ring of staging buffers), and each write-back after its update.
+    the update one or two groups earlier finishes (a ring of staging buffers), and each write-back after its
+    update.
     With clipping every update runs after the backward, in forward order."""
     sign = 1 if clip else -1
     ssd = sorted((g for g in lifetimes.groups if g.trainable and plan.optimizer_tier_of(g.name) == Tier.SSD),
                  key=lambda g: (sign * g.update_unit, g.index))
-    ahead = max(1, min(SSD_STAGING_BUFFERS, len(ssd)) - 1)
+    # The ring stages pieces (ir/layout.ssd_state_pieces): groups of one piece are read two ahead; a group of
+    # several streams through the ring while the group before it updates.
+    pieces = sum(len(ssd_state_pieces(g)) for g in ssd)
+    ahead = max(1, min(SSD_STAGING_BUFFERS, pieces) - 1) if pieces == len(ssd) else 1
     out = []
     for k, g in enumerate(ssd):
         update = num_steps - 1 if clip else bwd[g.update_unit]

@@ -348,19 +348,29 @@ class CPUOptimizer:
         slot = None
         if s.params_on_ssd(group):
             slot, out = s.ssd_params.write_buffer(group)
+        s.steps[i] += 1
         if s.on_ssd(group):
-            master, exp_avg, exp_avg_sq = self.ssd.acquire(group)
-            master = s.master[i] if master is None else master
+            # Piece by piece as the states stream through the staging ring: element ranges of the piece,
+            # cut by the hyper-parameter segments they cross.
+            for piece, (first, last) in enumerate(self.ssd.piece_ranges(group)):
+                master, exp_avg, exp_avg_sq = self.ssd.acquire(group, piece)
+                if master is None:   # an fp32 group: its master is its compute copy, in host memory
+                    master = s.master[i][first:last]
+                for start, end, h in self.segments[i]:
+                    start, end = max(start, first), min(end, last)
+                    if start < end:
+                        a, b = start - first, end - first
+                        adamw_update(master[a:b], grad[start:end], exp_avg[a:b], exp_avg_sq[a:b], s.steps[i],
+                                     self.hypers[h], out=None if out is None else out[start:end],
+                                     num_threads=self.threads, grad_scale=grad_scale)
+                self.ssd.release(group, piece)
+            self._report(K.SSD_WRITE_STATES, group)
         else:
             master, exp_avg, exp_avg_sq = s.master[i], s.exp_avg[i], s.exp_avg_sq[i]
-        s.steps[i] += 1
-        for start, end, h in self.segments[i]:
-            adamw_update(master[start:end], grad[start:end], exp_avg[start:end], exp_avg_sq[start:end], s.steps[i],
-                         self.hypers[h], out=None if out is None else out[start:end], num_threads=self.threads,
-                         grad_scale=grad_scale)
-        if s.on_ssd(group):
-            self.ssd.release(group)
-            self._report(K.SSD_WRITE_STATES, group)
+            for start, end, h in self.segments[i]:
+                adamw_update(master[start:end], grad[start:end], exp_avg[start:end], exp_avg_sq[start:end],
+                             s.steps[i], self.hypers[h], out=None if out is None else out[start:end],
+                             num_threads=self.threads, grad_scale=grad_scale)
         if slot is not None:
             s.ssd_params.commit_write(group, slot)
             self._report(K.SSD_WRITE_PARAMS, group)

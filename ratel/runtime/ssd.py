@@ -6,9 +6,9 @@ computes in fp32, whose master is its compute copy in host memory) in the swap f
 The name derives from the model's class and parameter shapes, so a run of the same model reuses the same
 files, step after step; ``close`` removes them unless kept.
 
-States: the optimizer thread calls ``begin_step`` (read the first groups while the forward runs),
-``acquire(g)`` (wait for g's states; views into its staging slot), ``release(g)`` (queue the write-back, read
-the next group in the Plan's order). Every I/O error surfaces on the waiting thread as ``SwapIOError`` naming
+States move in pieces of a group (``ir/layout.ssd_state_pieces``): the optimizer thread calls ``begin_step``
+(read the first pieces while the forward runs), ``acquire(g, piece)`` (wait for the piece's states; views into
+its staging slot), ``release(g, piece)`` (queue the write-back, read the next piece in the Plan's order). Every I/O error surfaces on the waiting thread as ``SwapIOError`` naming
 file and offset.
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ from torch import nn
 
 from ratel.errors import RatelError
 from ratel.ir import ParamGroup, TransferKind
-from ratel.ir.layout import SSD_PARAM_BUFFERS, SSD_STAGING_BUFFERS, ssd_state_bytes
+from ratel.ir.layout import (SSD_PARAM_BUFFERS, SSD_STAGING_BUFFERS, ssd_piece_bytes, ssd_staging_bytes,
+                             ssd_state_bytes, ssd_state_pieces)
 from ratel.runtime.ssd_lane import SsdLane, StagingRing
 from ratel.runtime.swapper import aligned_empty
 
@@ -40,19 +41,24 @@ def _file_name(key: str, group: ParamGroup, suffix: str) -> str:
 
 
 class SsdStates:
+    """A group's states move in pieces (``ssd_state_pieces``): the staging ring holds a few pieces, read ahead
+    in the order updates run and written back as each piece's update is done."""
+
     def __init__(self, lane: SsdLane, groups: list[ParamGroup], key: str, order: tuple[int, ...]):
         self.lane = lane
         self.groups = {g.index: g for g in groups}
         # The Plan's order of ssd_read_states: the order updates run in (as gradients complete in backward,
         # or in forward order when updates wait for the whole gradient).
-        self.order = list(order)
-        if sorted(self.order) != sorted(self.groups):
-            raise RatelError(f"the plan reads the SSD states of groups {self.order}, but {sorted(self.groups)} live "
-                             "on SSD (plan bug)")
+        if sorted(order) != sorted(self.groups):
+            raise RatelError(f"the plan reads the SSD states of groups {list(order)}, but {sorted(self.groups)} "
+                             "live on SSD (plan bug)")
+        self.pieces = {g.index: ssd_state_pieces(g) for g in groups}
+        self.order = [(g, p) for g in order for p in range(len(self.pieces[g]))]
         self.files = {g.index: lane.file(_file_name(key, g, "adam"), ssd_state_bytes(g)) for g in groups}
-        biggest = max(ssd_state_bytes(g) for g in groups)
-        self.ring = StagingRing([aligned_empty(biggest) for _ in range(min(SSD_STAGING_BUFFERS, len(groups)))])
-        self._read: dict = {}         # group -> slot holding (or reading) its states for this step's update
+        biggest = max(ssd_staging_bytes(g) for g in groups)
+        slots = min(SSD_STAGING_BUFFERS, len(self.order))
+        self.ring = StagingRing([aligned_empty(biggest) for _ in range(slots)])
+        self._read: dict = {}         # (group, piece) -> slot holding (or reading) it for this step's update
         self._next = 0                # position in self.order of the next read to issue
         self.schedule = None          # the running program's executor: each read issued is reported to it
 
@@ -60,64 +66,88 @@ class SsdStates:
     def buffers(self) -> list[torch.Tensor]:
         return [slot.data for slot in self.ring.slots]
 
-    def _span(self, group: ParamGroup, data: torch.Tensor) -> list:
-        return [(0, data[: ssd_state_bytes(group)])]
+    def piece_ranges(self, group: ParamGroup) -> list[tuple[int, int]]:
+        """The element ranges [start, end) of the group's pieces, in order."""
+        return [(start, end) for start, end, _ in self.pieces[group.index]]
+
+    def _span(self, group: ParamGroup, piece: int, data: torch.Tensor) -> list:
+        start, end, offset = self.pieces[group.index][piece]
+        return [(offset, data[: ssd_piece_bytes(group, end - start)])]
 
     # ------------------------------------------------------------------ layout
-    def views(self, group: ParamGroup, data: torch.Tensor):
-        """(master or None, exp_avg, exp_avg_sq) as fp32 views of a staging buffer."""
-        n = group.numel
-        flat = data[: ssd_state_bytes(group)].view(torch.float32)
+    @staticmethod
+    def views(group: ParamGroup, numel: int, data: torch.Tensor):
+        """(master or None, exp_avg, exp_avg_sq) of ``numel`` elements, as fp32 views of ``data``."""
+        flat = data[: ssd_piece_bytes(group, numel)].view(torch.float32)
         if group.dtype == torch.float32:
-            return None, flat[:n], flat[n: 2 * n]
-        return flat[:n], flat[n: 2 * n], flat[2 * n: 3 * n]
+            return None, flat[:numel], flat[numel: 2 * numel]
+        return flat[:numel], flat[numel: 2 * numel], flat[2 * numel: 3 * numel]
 
     # ------------------------------------------------------------------ initial values and read-out
     def initialize(self, group: ParamGroup, master: torch.Tensor | None) -> None:
         """Write a group's starting states: its master values (if kept on SSD) and zero moments."""
-        with self.staged(group) as (m_master, m, v):
-            if m_master is not None:
-                m_master.copy_(master)
-            m.zero_()
-            v.zero_()
+        for piece, (start, end) in enumerate(self.piece_ranges(group)):
+            slot = self._outside_step(group, piece)
+            try:
+                m_master, m, v = self.views(group, end - start, slot.data)
+                if m_master is not None:
+                    m_master.copy_(master[start:end])
+                m.zero_()
+                v.zero_()
+                slot.io = self.lane.write(self.files[group.index], self._span(group, piece, slot.data))
+                slot.io.wait()
+            finally:
+                slot.in_use = False
 
     @contextlib.contextmanager
     def staged(self, group: ParamGroup):
-        """Outside a step: (master or None, exp_avg, exp_avg_sq) views of a staging slot to fill; written
-        to the group's swap file when the block ends."""
-        slot = self._outside_step(group)
-        try:
-            yield self.views(group, slot.data)
-            slot.io = self.lane.write(self.files[group.index], self._span(group, slot.data))
-            slot.io.wait()
-        finally:
-            slot.in_use = False
+        """Outside a step: (master or None, exp_avg, exp_avg_sq) of the whole group to fill (a host buffer the
+        size of the group's states), written to its swap file piece by piece when the block ends."""
+        whole = torch.empty(ssd_piece_bytes(group, group.numel), dtype=torch.uint8)
+        yield self.views(group, group.numel, whole)
+        for piece, (start, end) in enumerate(self.piece_ranges(group)):
+            slot = self._outside_step(group, piece)
+            try:
+                for into, value in zip(self.views(group, end - start, slot.data),
+                                       self.views(group, group.numel, whole)):
+                    if into is not None:
+                        into.copy_(value[start:end])
+                slot.io = self.lane.write(self.files[group.index], self._span(group, piece, slot.data))
+                slot.io.wait()
+            finally:
+                slot.in_use = False
 
     def read_group(self, group: ParamGroup):
-        """Outside a step: the group's current (master or None, exp_avg, exp_avg_sq), as views of a staging
-        slot valid until the next call (waits for pending write-backs)."""
-        slot = self._outside_step(group)
-        try:
-            slot.load(self.lane, self.files[group.index], self._span(group, slot.data)).wait()
-        finally:
-            slot.in_use = False
-        return self.views(group, slot.data)
+        """Outside a step: the group's current (master or None, exp_avg, exp_avg_sq), read piece by piece into
+        a host buffer the size of the group's states (waits for pending write-backs)."""
+        whole = torch.empty(ssd_piece_bytes(group, group.numel), dtype=torch.uint8)
+        out = self.views(group, group.numel, whole)
+        for piece, (start, end) in enumerate(self.piece_ranges(group)):
+            slot = self._outside_step(group, piece)
+            try:
+                slot.load(self.lane, self.files[group.index], self._span(group, piece, slot.data)).wait()
+                for into, value in zip(out, self.views(group, end - start, slot.data)):
+                    if into is not None:
+                        into[start:end].copy_(value)
+            finally:
+                slot.in_use = False
+        return out
 
     def read_master(self, group: ParamGroup) -> torch.Tensor:
         """The current fp32 master of a group whose master lives on SSD (waits for pending write-backs)."""
-        return self.read_group(group)[0].clone()
+        return self.read_group(group)[0]
 
-    def _outside_step(self, group: ParamGroup):
+    def _outside_step(self, group: ParamGroup, piece: int):
         self.flush()
         if self._read:
             raise RuntimeError("SSD states read outside a step while a step holds staging slots (internal error)")
-        slot = self.ring.claim(group.index)
+        slot = self.ring.claim((group.index, piece))
         slot.settle()
         return slot
 
     # ------------------------------------------------------------------ the step
     def begin_step(self) -> None:
-        """Start reading the first groups to be updated (while the forward and early backward run)."""
+        """Start reading the first pieces to be updated (while the forward and early backward run)."""
         self.abandon_step()
         self._next = 0
         for _ in range(max(len(self.ring.slots) - 1, 1)):
@@ -131,35 +161,38 @@ class SsdStates:
             slot.io.done.wait()      # an error of a read nobody uses is not an error of the run
             slot.in_use, slot.holds = False, None
 
-    def acquire(self, group: ParamGroup):
-        """Wait until the group's states are in a staging slot; returns (master or None, exp_avg, exp_avg_sq)."""
-        if group.index not in self._read:      # not prefetched (out of order): read it now
-            self._next = self.order.index(group.index)
+    def acquire(self, group: ParamGroup, piece: int):
+        """Wait until the piece's states are in a staging slot; returns (master or None, exp_avg, exp_avg_sq)
+        of its elements."""
+        key = (group.index, piece)
+        if key not in self._read:      # not prefetched (out of order): read it now
+            self._next = self.order.index(key)
             self._read_next()
-        slot = self._read.get(group.index)
+        slot = self._read.get(key)
         if slot is None:
-            raise RuntimeError(f"no SSD staging slot free for {group.name}: every slot holds a group not yet "
-                               "updated (internal error)")
+            raise RuntimeError(f"no SSD staging slot free for {group.name} piece {piece}: every slot holds a "
+                               "piece not yet updated (internal error)")
         slot.io.wait()
-        return self.views(group, slot.data)
+        start, end = self.piece_ranges(group)[piece]
+        return self.views(group, end - start, slot.data)
 
-    def release(self, group: ParamGroup) -> None:
-        """The update is done: queue the write-back (reads go first) and read the next group."""
-        slot = self._read.pop(group.index)
-        slot.io = self.lane.write(self.files[group.index], self._span(group, slot.data))
+    def release(self, group: ParamGroup, piece: int) -> None:
+        """The piece's update is done: queue its write-back (reads go first) and read the next piece."""
+        slot = self._read.pop((group.index, piece))
+        slot.io = self.lane.write(self.files[group.index], self._span(group, piece, slot.data))
         slot.in_use, slot.holds = False, None
         self._read_next()
 
     def _read_next(self) -> None:
         if self._next >= len(self.order) or len(self._read) >= len(self.ring.slots):
             return
-        index = self.order[self._next]
+        index, piece = self.order[self._next]
         self._next += 1
-        slot = self.ring.claim(index)
-        self._read[index] = slot
-        if self.schedule is not None:
+        slot = self.ring.claim((index, piece))
+        self._read[(index, piece)] = slot
+        if self.schedule is not None and piece == 0:
             self.schedule.report(TransferKind.SSD_READ_STATES, group=index)
-        slot.load(self.lane, self.files[index], self._span(self.groups[index], slot.data))
+        slot.load(self.lane, self.files[index], self._span(self.groups[index], piece, slot.data))
 
     def flush(self) -> None:
         """Wait until every write-back is done; raise the first I/O error."""

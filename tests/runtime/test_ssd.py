@@ -50,7 +50,11 @@ def test_states_on_ssd_train_exactly_like_pytorch_adamw(kind, tmp_path):
     assert worst < 1e-5, name
 
 
-def test_bf16_masters_on_ssd_equal_mixed_precision_pytorch(tmp_path):
+@pytest.mark.parametrize("piece", [None, 3000], ids=["whole groups", "pieces of 3000"])
+def test_bf16_masters_on_ssd_equal_mixed_precision_pytorch(tmp_path, monkeypatch, piece):
+    if piece is not None:
+        from ratel.ir import layout
+        monkeypatch.setattr(layout, "SSD_PIECE_NUMEL", piece)
     # The reference GPT: its exported graph runs the very ops eager runs. (transformers' Llama on the CPU
     # takes sdpa's enable_gqa path in eager but repeat_kv in the exported graph: the same function, rounded
     # differently in bf16.)
@@ -246,3 +250,31 @@ def test_an_ssd_folder_too_small_is_refused_before_anything_is_written(tmp_path,
     message = str(info.value)
     assert info.value.tier == "ssd" and "on SSD" in message and "4.00 KiB free" in message
     assert not any(files for _, _, files in os.walk(tmp_path)), "nothing may be written before the refusal"
+
+
+def test_states_move_in_pieces_and_train_exactly_like_whole_groups_in_host_memory(tmp_path, monkeypatch):
+    """Pieces smaller than a group (and crossing its weight-decay segments) stage a few pieces, not groups:
+    the updates, a checkpoint written and resumed through them, equal the host tier's bit for bit."""
+    import checkpoint_run as run
+    from ratel.ir import layout
+    monkeypatch.setattr(layout, "SSD_PIECE_NUMEL", 5000)
+    engine, scheduler = run.build(tmp_path / "host", ssd=False)
+    expected = run.train(engine, scheduler, 0, run.STEPS)
+    expected_state = engine.state_dict()
+    engine.close()
+
+    engine, scheduler = run.build(tmp_path / "swap")
+    ssd = engine._resources.ssd
+    assert set(ssd.groups) == {g.index for g in engine.plan.groups}
+    assert max(len(ssd.piece_ranges(g)) for g in ssd.groups.values()) >= 5
+    staging = dict(engine.plan.memory.host_bytes)["SSD staging buffers"]
+    assert staging == 3 * (layout.page(5000 * 8) + layout.PAGE) and len(ssd.buffers) == 3   # fp32: moments
+    first = run.train(engine, scheduler, 0, 3, save=lambda step: tmp_path / "ckpt" if step == 3 else None)
+    engine.close()
+    engine, scheduler = run.build(tmp_path / "swap", resume=tmp_path / "ckpt")
+    rest = run.train(engine, scheduler, 3, run.STEPS)
+    state = engine.state_dict()
+    engine.close()
+    assert first + rest == expected
+    for name, value in expected_state.items():
+        assert torch.equal(state[name], value), name
