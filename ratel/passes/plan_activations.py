@@ -55,6 +55,7 @@ def recompute_closure(sub: fx.GraphModule, key: str, stored: set[str]) -> list[f
     """Nodes to run again to rebuild value ``key`` when ``stored`` values are available; None if a random op
     (or anything not a function call) would have to run again."""
     nodes = {n.name: n for n in sub.graph.nodes}
+    position = {name: i for i, name in enumerate(nodes)}
     if key not in nodes:
         return None
     needed: dict[str, fx.Node] = {}
@@ -70,7 +71,7 @@ def recompute_closure(sub: fx.GraphModule, key: str, stored: set[str]) -> list[f
             if inp.op in ("placeholder", "get_attr") or inp.name in stored:
                 continue
             stack.append(inp)
-    return sorted(needed.values(), key=lambda n: list(nodes).index(n.name))
+    return sorted(needed.values(), key=lambda n: position[n.name])
 
 
 def _unit_decisions(sub, saved, tiers: dict[str, Tier | None], hw) -> tuple[SavedDecision, ...] | None:
@@ -155,8 +156,9 @@ def plan_activations(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     last = len(ctx.traced.units) - 1
 
     # Capacities: GPU memory the rest of the plan leaves over, host memory left after parameters and states.
+    decided: dict = {}
     everything_host = _assign(candidates, len(candidates), 0, math.inf, ssd_ok, last)
-    base_plan = _plan(costs, subs, hw, everything_host)
+    base_plan = _plan(costs, subs, hw, everything_host, decided)
     gpu_free = int(ctx.budget.gpu) - (simulate_memory(gm, ctx, base_plan).gpu_peak if base_plan else 0)
     host_fixed = sum(b for _, b in host_usage(lifetimes.groups, dict(placement.optimizer_tier),
                                               placement.activations, ctx.hardware.torch_cpu_adam, dict(placement.param_tier),
@@ -170,7 +172,7 @@ def plan_activations(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             return priced[k]
         result = None
         tiers = _assign(candidates, k, max(gpu_free, 0), host_free, ssd_ok, last)
-        plan = _plan(costs, subs, hw, tiers) if tiers is not None else None
+        plan = _plan(costs, subs, hw, tiers, decided) if tiers is not None else None
         if plan is not None:
             seconds, peak = price(plan)
             # Keeps beyond what fits: hand the lowest-priority ones to the host until the peak fits.
@@ -178,7 +180,7 @@ def plan_activations(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             while peak > ctx.budget.gpu and shrink > 0 and plan is not None:
                 shrink -= max(peak - int(ctx.budget.gpu), 1 << 20)
                 tiers = _assign(candidates, k, max(shrink, 0), host_free, ssd_ok, last)
-                plan = _plan(costs, subs, hw, tiers) if tiers is not None else None
+                plan = _plan(costs, subs, hw, tiers, decided) if tiers is not None else None
                 if plan is not None:
                     seconds, peak = price(plan)
             if plan is not None:
@@ -267,10 +269,19 @@ def _assign(candidates, k: int, gpu_free: float, host_free: float, ssd_ok: bool,
     return None
 
 
-def _plan(costs: CostModel, subs, hw, tiers) -> ActivationPlan | None:
+def _plan(costs: CostModel, subs, hw, tiers, decided: dict | None = None) -> ActivationPlan | None:
+    """``decided``: decisions already made, by unit and tiers: the search prices dozens of k that change
+    the tiers of one or two units each, and a unit's decisions cost a recompute closure per value."""
     units = []
     for cost in costs.units:
-        decisions = _unit_decisions(subs[cost.unit], cost.saved, tiers.get(cost.unit, {}), hw)
+        unit_tiers = tiers.get(cost.unit, {})
+        key = (cost.unit, tuple(unit_tiers.items()))
+        if decided is not None and key in decided:
+            decisions = decided[key]
+        else:
+            decisions = _unit_decisions(subs[cost.unit], cost.saved, unit_tiers, hw)
+            if decided is not None:
+                decided[key] = decisions
         if decisions is None:
             return None
         units.append(UnitActivations(cost.unit, "saved", decisions))
