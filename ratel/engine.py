@@ -2,9 +2,11 @@
 parameters, optimizer states and SSD tiers (``ratel.runtime.assemble.Resources``), and keeps the model object
 pointing at the weights it trains.
 
-Every new input shape (batch and sequence sizes may change between steps) is traced and planned once
-(``ratel.passes.plan_call``) and kept in a ``ProgramCache`` bounded by count and by the host memory its
-pinned pools take.
+Every new input shape (batch and sequence sizes may change between steps) is planned once
+(``ratel.passes.plan_call``; from the second shape on its graph comes from one symbolic capture of the
+model, ``ratel.shape_trace``, instead of a new export) and kept in a ``ProgramCache`` bounded by the host
+memory its pinned pools take (and by a count, 128, that only a CPU engine, whose programs pin nothing,
+reaches).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from ratel.optim import EngineOptimizer, build_param_groups, norm_order, segment
 from ratel.passes import plan_call
 from ratel.passes.plan_activations import POLICIES
 from ratel.program_cache import ProgramCache
+from ratel.shape_trace import TraceCache
 from ratel.runtime.assemble import Program, Resources, persistent_buffers, rebuild_meta_buffer
 from ratel.runtime.memory import return_freed_host_memory
 from ratel.runtime.optimizer import Hyper
@@ -65,7 +68,7 @@ class Engine:
     """Trains a compiled model: ``engine(**batch).loss``, ``engine.backward(loss)``, ``engine.step()``."""
 
     def __init__(self, model: nn.Module, budget: Budget, optimizer, device: torch.device,
-                 hardware: HardwareProfile, weights=None, depth: int = 2, max_programs: int = 4,
+                 hardware: HardwareProfile, weights=None, depth: int = 2, max_programs: int = 128,
                  progress: bool = True, keep_swap_files: bool = False, activations: str = "auto",
                  accumulate: int = 1, max_grad_norm: float | None = None, resume: Checkpoint | None = None,
                  keep_logits: bool = False):
@@ -103,6 +106,7 @@ class Engine:
                                     checkpoint=resume.tensors() if resume is not None else None,
                                     optimizer_step=resume.state["optimizer_step"] if resume is not None else 0)
         self._programs = ProgramCache(max_programs)
+        self._traces = TraceCache()        # one symbolic capture per call signature, shared by its shapes
         self.keep_swap_files = keep_swap_files
         self._activations = activations
         self._latest: tuple | None = None
@@ -140,7 +144,8 @@ class Engine:
             traced, gm, plan = plan_call(self.model, args, kwargs, self.budget, self.hardware, self.device,
                                          training=self._training, depth=self.depth, activations=self._activations,
                                          accumulate=self.accumulate, clip=self.max_grad_norm is not None,
-                                         keep_logits=self.keep_logits, split_blocks=self._split_blocks)
+                                         keep_logits=self.keep_logits, split_blocks=self._split_blocks,
+                                         traces=self._traces)
         except BudgetError as error:
             if error.tier != "gpu" or self._split_blocks is not False:
                 raise

@@ -14,7 +14,7 @@ from ratel.runtime.assemble import Program
 
 
 class ProgramCache:
-    def __init__(self, max_programs: int = 32):
+    def __init__(self, max_programs: int = 128):
         if max_programs < 1:
             raise ValueError(f"max_programs={max_programs}: keep at least one program")
         self.max_programs = max_programs

@@ -154,14 +154,16 @@ def _capturing():
         _CAPTURE.depth -= 1
 
 
-def capture(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.export.ExportedProgram:
-    """torch.export the model as it is called for training; a failure names the module and the line."""
+def capture(model: nn.Module, args: tuple, kwargs: dict[str, Any],
+            dynamic_shapes: tuple | None = None) -> torch.export.ExportedProgram:
+    """torch.export the model as it is called for training; a failure names the module and the line.
+    ``dynamic_shapes`` (export's, one entry per argument then per keyword): sizes traced as symbols."""
     device = _model_device(model)
     args = tuple(_trace_arg(a, device) for a in args)
     kwargs = {k: _trace_arg(v, device) for k, v in kwargs.items()}
     try:
         with _capturing():
-            return torch.export.export(model, args, kwargs=kwargs, strict=False)
+            return torch.export.export(model, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     except Exception as exc:  # noqa: BLE001 - re-raised with the location the user needs
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if re.search(r"scalar type|dtype|Expected tensor|shape|size mismatch|must match", message):
@@ -315,6 +317,13 @@ def discover_units(gm: fx.GraphModule, block_path: str | None, num_blocks: int,
 def trace_model(model: nn.Module, args: tuple, kwargs: dict[str, Any], split_blocks: bool = False) -> TracedModel:
     """Capture ``model(*args, **kwargs)`` and discover its units (each block cut in two with ``split_blocks``)."""
     program = capture(model, args, kwargs)
+    return from_export(program, program.graph_module, model, split_blocks)
+
+
+def from_export(program: torch.export.ExportedProgram, gm: fx.GraphModule, model: nn.Module,
+                split_blocks: bool = False) -> TracedModel:
+    """The TracedModel of an export whose graph is ``gm`` (the program's own, or a static graph made from
+    a symbolic one, ``ratel.shape_trace``): placeholders mapped to parameters and inputs, units tagged."""
     canonical = canonical_parameter_names(model)
     param_of: dict[str, str] = {}
     buffer_of: dict[str, str] = {}
@@ -337,7 +346,6 @@ def trace_model(model: nn.Module, args: tuple, kwargs: dict[str, Any], split_blo
 
     block_path = find_block_list(model)
     num_blocks = len(model.get_submodule(block_path)) if block_path else 0
-    gm = program.graph_module
     units = discover_units(gm, block_path, num_blocks, param_of, buffer_of, split_blocks)
     constants = tuple(sorted(program.constants.items(), key=lambda kv: kv[0]))
     trainable = {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)}

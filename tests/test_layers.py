@@ -19,6 +19,7 @@ LAYERS = {
     "ratel.ir": "ir",
     "ratel.models": "ir",          # reference models: plain torch, usable by every layer
     "ratel.trace": "passes",       # capture and unit discovery: the compiler's front end
+    "ratel.shape_trace": "passes", # one symbolic capture, a static graph per input shape
     "ratel.passes": "passes",
     "ratel.runtime": "runtime",
     "ratel._adam": "runtime",      # native extensions

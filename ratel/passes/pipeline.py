@@ -22,6 +22,7 @@ from ratel.passes.outline_units import outline_units
 from ratel.passes.plan_activations import plan_activations
 from ratel.passes.plan_placement import plan_placement
 from ratel.passes.verify_plan import check_plan_invariants, verify_plan
+from ratel.shape_trace import TraceCache
 from ratel.trace import TracedModel, trace_model
 
 PIPELINE = [
@@ -66,17 +67,21 @@ def plan_program(traced: TracedModel, budget: Budget, hardware: HardwareProfile,
 
 def plan_call(model: nn.Module, args: tuple, kwargs: dict, budget: Budget, hardware: HardwareProfile,
               device: torch.device, *, training: bool = True, depth: int = 2, activations: str = "auto",
-              accumulate: int = 1, clip: bool = False, keep_logits: bool = False, split_blocks: bool | None = None):
+              accumulate: int = 1, clip: bool = False, keep_logits: bool = False, split_blocks: bool | None = None,
+              traces: TraceCache | None = None):
     """Trace ``model(*args, **kwargs)`` in train (or eval) mode and plan it: (traced, gm, plan).
 
     ``split_blocks``: None plans whole blocks and, when the GPU budget refuses them, each block cut in two
-    units (``trace.block_cut``: attention, then the MLP); True or False asks for one of the two."""
+    units (``trace.block_cut``: attention, then the MLP); True or False asks for one of the two.
+    ``traces``: an engine's captures of this model, so a new shape substitutes its sizes into the symbolic
+    capture instead of exporting again (``ratel.shape_trace``)."""
     refused, whole_units = None, 0     # the whole-block plan's refusal, and how many units it had
     for split in ([False, True] if split_blocks is None else [split_blocks]):
         was_training = model.training
         model.train(training)
         try:
-            traced = trace_model(model, args, kwargs, split_blocks=split)
+            traced = (traces.trace(model, args, kwargs, split_blocks=split) if traces is not None
+                      else trace_model(model, args, kwargs, split_blocks=split))
         finally:
             model.train(was_training)
         if split and len(traced.units) == whole_units:
