@@ -104,8 +104,7 @@ def main():
     torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).cuda()
     t0 = time.perf_counter()
-    engine = ratel.compile(model, budget=budget, optimizer=ratel.AdamW(lr=1e-5), example_inputs=(ids,),
-                           progress=False)
+    engine = ratel.compile(model, budget=budget, optimizer=ratel.AdamW(lr=1e-5), example_inputs=(ids,))
     row["compile_s"] = time.perf_counter() - t0
     row["rss_after_compile"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     save()

@@ -34,8 +34,8 @@ def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | Non
     """Compile ``model`` for training under ``budget``.
 
     model           an nn.Module with repeated blocks (a ``ratel.models.GPT`` or a transformers causal LM),
-                    possibly created on the meta device (its parameters are then initialised or read from
-                    ``weights``, one module at a time, straight into host memory)
+                    possibly created on the meta device (its parameters are then initialised — on the GPU
+                    when training on one — or read from ``weights``, one module at a time, into host memory)
     budget          GPU bytes ("24GiB") or a ``Budget(gpu=, host=, ssd=, ssd_dir=)``
     optimizer       ``ratel.AdamW(lr=..., weight_decay=...)``, or ``torch.optim.AdamW(param_groups, ...)`` for
                     per-group options; the update runs on the CPU during backward. ``engine.optimizer`` is a

@@ -157,7 +157,7 @@ class ParamStore:
                 if files is not None:
                     value = _read_safetensors(files, aliases.get(name, [name]), shape)
                 elif on_meta:
-                    value = _initialise(model, name, init_cache)
+                    value = _initialise(model, name, init_cache, self.device)
                 else:
                     value = model.get_parameter(name).detach()
                 if tuple(value.shape) != tuple(shape):
@@ -342,12 +342,13 @@ def _read_safetensors(files: list[Path], names: list[str], shape) -> torch.Tenso
                      "the weights do not match the model's parameter names")
 
 
-def materialise_module(model: nn.Module, module_path: str) -> nn.Module:
-    """A CPU copy of a meta-device module, its own parameters and buffers filled by the model's initialiser
-    (``init_module`` or ``_init_weights``, else the module's ``reset_parameters``). Children stay on meta."""
+def materialise_module(model: nn.Module, module_path: str, device: str | torch.device = "cpu") -> nn.Module:
+    """A copy of a meta-device module on ``device``, its own parameters and buffers filled by the model's
+    initialiser (``init_module`` or ``_init_weights``, else the module's ``reset_parameters``). Children stay
+    on meta."""
     owner = model.get_submodule(module_path) if module_path else model
     shell = copy.deepcopy(owner)
-    shell.to_empty(device="cpu", recurse=False)   # only the owner's own tensors become real
+    shell.to_empty(device=device, recurse=False)   # only the owner's own tensors become real
     init = getattr(model, "init_module", None) or getattr(model, "_init_weights", None)
     with torch.no_grad():
         if init is not None:
@@ -361,11 +362,14 @@ def materialise_module(model: nn.Module, module_path: str) -> nn.Module:
     return shell
 
 
-def _initialise(model: nn.Module, name: str, cache: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
-    """Materialise the module owning ``name`` on the CPU, a copy at a time, and run the model's initialiser."""
+def _initialise(model: nn.Module, name: str, cache: dict[str, dict[str, torch.Tensor]],
+                device: torch.device) -> torch.Tensor:
+    """Materialise the module owning ``name``, a copy at a time, and run the model's initialiser. Training on
+    a GPU, it runs there: the CPU draws random numbers on one thread (minutes for a 13B model), the GPU in
+    milliseconds — from the CUDA generator, so the values differ from a CPU initialisation's."""
     module_path, _, leaf = name.rpartition(".")
     if module_path not in cache:
-        shell = materialise_module(model, module_path)
+        shell = materialise_module(model, module_path, device if device.type == "cuda" else "cpu")
         cache.clear()   # modules come in order; keep one at a time
         cache[module_path] = {n: p.detach() for n, p in shell.named_parameters(recurse=False)}
     return cache[module_path][leaf]

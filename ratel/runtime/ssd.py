@@ -86,18 +86,21 @@ class SsdStates:
     # ------------------------------------------------------------------ initial values and read-out
     def initialize(self, group: ParamGroup, master: torch.Tensor | None) -> None:
         """Write a group's starting states: its master values (if kept on SSD) and zero moments."""
+        self.flush()
         for piece, (start, end) in enumerate(self.piece_ranges(group)):
-            slot = self._outside_step(group, piece)
+            # Up to a ring of writes in flight: the next piece fills while the disk writes the last ones.
+            slot = self.ring.claim((group.index, piece))
             try:
+                slot.settle()
                 m_master, m, v = self.views(group, end - start, slot.data)
                 if m_master is not None:
                     m_master.copy_(master[start:end])
                 m.zero_()
                 v.zero_()
                 slot.io = self.lane.write(self.files[group.index], self._span(group, piece, slot.data))
-                slot.io.wait()
             finally:
                 slot.in_use = False
+        self.flush()
 
     @contextlib.contextmanager
     def staged(self, group: ParamGroup):
