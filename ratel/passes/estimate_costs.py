@@ -106,18 +106,27 @@ class PeakMemory(TorchDispatchMode):
     Each op's outputs are registered by storage (views share one); after every op, storages nothing holds
     any more are dropped. The peak is read right after an op allocated, before its dead inputs are freed,
     as a caching allocator sees it. Storages that existed before (inputs, parameters) are not counted.
+
+    ``carried``: storages a previous tracker left alive (what a forward leaves for its backward), counted as
+    live from the start and freed when they die; ``new_peak`` is the peak of what this tracker allocated.
     """
 
-    def __init__(self, preexisting=()):
+    def __init__(self, preexisting=(), carried: dict | None = None):
         super().__init__()
         self.ignore = set(preexisting)
-        self.live: dict[StorageWeakRef, int] = {}
-        self.current = 0
-        self.peak = 0
+        self.live: dict[StorageWeakRef, int] = dict(carried or {})
+        self.carried = set(self.live)
+        self.current = sum(self.live.values())
+        self.peak = self.current
+        self.new_current = 0
+        self.new_peak = 0
 
     def _expire(self) -> None:
         for key in [k for k in self.live if k.expired()]:
-            self.current -= self.live.pop(key)
+            nbytes = self.live.pop(key)
+            self.current -= nbytes
+            if key not in self.carried:
+                self.new_current -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self._expire()   # what Python dropped since the last op is free before this one allocates
@@ -128,7 +137,9 @@ class PeakMemory(TorchDispatchMode):
                 if key not in self.live and key not in self.ignore:
                     self.live[key] = t.untyped_storage().nbytes()
                     self.current += self.live[key]
+                    self.new_current += self.live[key]
         self.peak = max(self.peak, self.current)
+        self.new_peak = max(self.new_peak, self.new_current)
         self._expire()
         return out
 
@@ -286,28 +297,18 @@ def profile_unit(sub: fx.GraphModule, call: UnitCall, device: str,
             packs.append(PackRef(index=len(packs), source=source, name=name, shape=tuple(t.shape),
                                  stride=tuple(t.stride()), offset=int(t.storage_offset()), dtype=t.dtype))
         raw.clear()   # the fake tensors it holds are no longer needed
-        # The backward alone, given every saved value (what a unit that kept its activations runs).
-        existing = set(owner) | {StorageWeakRef(o.untyped_storage()) for o in outs if isinstance(o, torch.Tensor)}
-        with PeakMemory(existing) as tracker:
-            diff = [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
-            if diff and leaves:
-                torch.autograd.backward(diff, [torch.ones_like(o) for o in diff], inputs=leaves)
-            del diff
-        bwd_only_peak = tracker.peak
-        del outs
-
-        # Recompute + backward, as a checkpointed unit runs it.
-        grad_args = _fake_inputs(metas, fake_device, requires_grad=wants_grad)
-        grad_args = [a if a is not None else n.meta.get("val") for a, n in zip(grad_args, placeholders)]
-        leaves = [a for a in grad_args if isinstance(a, torch.Tensor) and a.requires_grad]
-        input_storages = {StorageWeakRef(a.untyped_storage()) for a in grad_args if isinstance(a, torch.Tensor)}
-        with PeakMemory(input_storages) as tracker:
-            outs = sub(*grad_args)
+        t = None      # the loop variable held the last saved tensor
+        # The backward, from what the forward left alive: its new allocations alone are the backward of a
+        # unit that kept its activations; with what the forward left, less what autograd frees on the way,
+        # the backward of a checkpointed unit after its recompute (whose forward peaks as this one did).
+        tracker._expire()
+        with PeakMemory(input_storages, carried=tracker.live) as tracker:
             diff = [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
             if diff and leaves:
                 torch.autograd.backward(diff, [torch.ones_like(o) for o in diff], inputs=leaves)
             del outs, diff
-        bwd_peak = tracker.peak
+        bwd_only_peak = tracker.new_peak
+        bwd_peak = max(grad_fwd_peak, tracker.peak)
     return UnitProfile(fwd_workspace=fwd_peak, saved_bytes=sum(v.nbytes for v in values.values()),
                        bwd_workspace=bwd_peak, output_bytes=output_bytes, grad_fwd_workspace=grad_fwd_peak,
                        bwd_only_workspace=bwd_only_peak, saved=tuple(values.values()), packs=tuple(packs))
