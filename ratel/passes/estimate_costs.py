@@ -4,8 +4,9 @@ Stages:
   1. FLOPs per node (``node.meta["ratel.cost"] = NodeCost``), for the matrix-class ops that dominate time.
      Counting follows docs/architecture.md: a (m×k)·(k×n) product is 2·m·k·n; attention is 4·b·heads·s_q·s_k·d forward
      (causal not halved); backward is 2× forward. Element-wise ops count 0: their cost is memory traffic.
-  2. Memory per unit, by running the unit's graph once under FakeTensorMode with a storage-level peak
-     tracker (``PeakMemory``; no real allocation, so a 175B plan is made on a laptop): the peak of a no-grad forward
+  2. Memory per unit, by running the unit's graph on tensors without data — meta tensors, or fake tensors
+     of the target GPU when this machine has it (``profile_unit``) — with a storage-level peak tracker
+     (``PeakMemory``; no real allocation, so a 175B plan is made on a laptop): the peak of a no-grad forward
      (``fwd_workspace``), the bytes autograd saves (``saved_bytes``, deduplicated by storage), and the peak
      of recompute + backward (``bwd_workspace``, including parameter and input gradients). Inputs and
      parameters are excluded: the planner accounts for them. Units with the same graph and input shapes
@@ -26,7 +27,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from ratel.ir import (META_COST, META_TENSOR, META_UNIT_CALL, CostModel, NodeCost, PackRef, SavedValue, UnitCall,
                       UnitCost)
@@ -109,10 +110,16 @@ class PeakMemory(TorchDispatchMode):
 
     ``carried``: storages a previous tracker left alive (what a forward leaves for its backward), counted as
     live from the start and freed when they die; ``new_peak`` is the peak of what this tracker allocated.
+    ``meta_only``: every tensor must be a meta tensor (an op that would allocate real memory raises
+    ``_NotOnMeta`` before it runs). ``as_cpu``: meta tensors standing in for CPU ones, whose layer norm keeps
+    its statistics in the input's dtype (meta kernels keep them in float, as CUDA does).
     """
 
-    def __init__(self, preexisting=(), carried: dict | None = None):
+    def __init__(self, preexisting=(), meta_only: bool = False, carried: dict | None = None,
+                 as_cpu: bool = False):
         super().__init__()
+        self.meta_only = meta_only
+        self.as_cpu = as_cpu
         self.ignore = set(preexisting)
         self.live: dict[StorageWeakRef, int] = dict(carried or {})
         self.carried = set(self.live)
@@ -130,9 +137,17 @@ class PeakMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self._expire()   # what Python dropped since the last op is free before this one allocates
+        if self.meta_only:
+            device = (kwargs or {}).get("device")
+            if device is not None and torch.device(device).type != "meta":
+                raise _NotOnMeta(f"{func} makes a tensor on {device}")
         out = func(*args, **(kwargs or {}))
+        if self.as_cpu and func is aten.native_layer_norm.default:
+            out = (out[0], *(torch.empty(t.shape, dtype=args[0].dtype, device=t.device) for t in out[1:]))
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
+                if self.meta_only and t.device.type != "meta":
+                    raise _NotOnMeta(f"{func} returned a tensor on {t.device}")
                 key = StorageWeakRef(t.untyped_storage())
                 if key not in self.live and key not in self.ignore:
                     self.live[key] = t.untyped_storage().nbytes()
@@ -190,16 +205,49 @@ def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *,
 
 
 def _attend_as_cuda_does(gm: fx.GraphModule) -> None:
-    """A unit planned for CUDA but measured with CPU kernels (this machine has no GPU): the CPU's
-    scaled_dot_product_attention takes its math path under dropout, holding batch x heads x seq² scores
+    """A unit planned for CUDA but measured without it (this machine has no GPU): the CPU's and meta's
+    scaled_dot_product_attention take the math path under dropout, holding batch x heads x seq² scores
     (16 GiB per GPT-3-sized block at 8 x 1024) that CUDA's fused kernels never make. Measure those."""
+    _replace_attention(gm, _fused_attention)
+
+
+def _replace_attention(gm: fx.GraphModule, function) -> None:
     changed = False
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is aten.scaled_dot_product_attention.default:
-            node.target = _fused_attention
+            node.target = function
             changed = True
     if changed:
         gm.recompile()
+
+
+_SDPA_FLASH = 1   # torch's SDPBackend numbering, as ``torch._fused_sdp_choice`` answers
+
+
+def _attend_as_the_cpu_does(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
+                            enable_gqa=False):
+    """scaled_dot_product_attention on meta tensors with the kernel the CPU picks for these inputs (meta
+    always takes the math path): torch's own choice, asked of CPU tensors of the same geometry that are
+    allocated but never touched, then the ops the CPU's flash path runs (a boolean mask made additive)."""
+    def untouched(t):
+        if t is None:
+            return None
+        real = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
+        return real.requires_grad_(t.requires_grad) if t.dtype.is_floating_point else real
+    with _disable_current_modes():      # the measuring mode sees only the meta ops
+        choice = torch._fused_sdp_choice(untouched(q), untouched(k), untouched(v), untouched(attn_mask),
+                                         dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+    if choice != _SDPA_FLASH:
+        return aten.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale,
+                                                 enable_gqa=enable_gqa)
+    if enable_gqa and q.shape[-3] != k.shape[-3]:
+        raise _NotOnMeta("grouped-query attention on the CPU's flash kernel")
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        neg_inf = torch.scalar_tensor(float("-inf"), dtype=q.dtype, device=q.device)
+        zero = torch.scalar_tensor(0.0, dtype=q.dtype, device=q.device)
+        attn_mask = torch.where(attn_mask, zero, neg_inf)
+    return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal, attn_mask=attn_mask,
+                                                            scale=scale)[0]
 
 
 def _random_node(node: fx.Node) -> bool:
@@ -208,16 +256,59 @@ def _random_node(node: fx.Node) -> bool:
 
 def profile_unit(sub: fx.GraphModule, call: UnitCall, device: str,
                  trainable: frozenset[str] | None = None) -> UnitProfile:
-    """Run a unit graph on fake tensors: with and without autograd, recording what autograd saves.
+    """Run a unit graph on tensors without data: with and without autograd, recording what autograd saves.
 
     Placeholders are the unit's activations, then parameters, then buffers (``UnitCall`` order). Each saved
     tensor is traced to the graph value owning its storage (an fx Interpreter records node outputs), so
     the planner can recompute it from its node or move it as a whole storage, views rebuilt on the way back.
+
+    A unit for the CPU, or for CUDA on a machine without it, runs on meta tensors (five times cheaper than
+    fake tensors at a new shape: a new input shape re-plans every unit), its attention calls taking the
+    kernel the target would (``_attend_as_the_cpu_does``, ``_attend_as_cuda_does``); a unit meta kernels
+    cannot run, and a unit for a GPU this machine has, runs on fake tensors of the target device (sdpa then
+    picks its real backend).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    if device.startswith("cuda") and torch.cuda.is_available():
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            return _measure(sub, call, device, trainable)
+    on_meta = copy.deepcopy(sub)
+    for module in [m for m in on_meta.modules() if isinstance(m, fx.GraphModule)]:
+        canonicalize(module, torch.device(device), torch.device("meta"))
+        if device.startswith("cuda"):
+            _attend_as_cuda_does(module)
+        else:
+            _replace_attention(module, _attend_as_the_cpu_does)
+    try:
+        return _measure(on_meta, call, "meta", trainable, names_from=sub, as_cpu=device == "cpu")
+    except (NotImplementedError, RuntimeError, _NotOnMeta) as why:
+        log.debug("ratel: unit %s measured on fake tensors (meta: %s)", call.module, why)
+    # Planning for a GPU this machine lacks: fake CUDA tensors cannot run autograd without CUDA, so the unit
+    # is measured as CPU kernels would run it (its device arguments retargeted on a copy).
+    measured = sub
+    if device != "cpu":
+        measured = copy.deepcopy(sub)
+        for module in [m for m in measured.modules() if isinstance(m, fx.GraphModule)]:
+            canonicalize(module, torch.device(device), torch.device("cpu"))
+            _attend_as_cuda_does(module)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        return _measure(measured, call, "cpu", trainable, names_from=sub)
+
+
+class _NotOnMeta(Exception):
+    """This unit needs fake tensors (an input with no tensor metadata, an attention the stand-in cannot
+    place)."""
+
+
+def _measure(sub: fx.GraphModule, call: UnitCall, tensor_device: str, trainable,
+             names_from: fx.GraphModule | None = None, as_cpu: bool = False) -> UnitProfile:
+    """The body of ``profile_unit``: tensors on ``tensor_device`` (meta, or fake under an active mode)."""
     placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
     metas = [n.meta.get(META_TENSOR) for n in placeholders]
+    if tensor_device == "meta" and any(m is None and isinstance(n.meta.get("val"), torch.Tensor)
+                                       for m, n in zip(metas, placeholders)):
+        raise _NotOnMeta("a tensor input without metadata")
     # As the runtime runs the unit: activations require grad, parameters only when trainable, buffers never.
     wants_grad = ([True] * len(call.inputs)
                   + [trainable is None or name in trainable for name in call.params] + [False] * len(call.buffers))
@@ -226,92 +317,83 @@ def profile_unit(sub: fx.GraphModule, call: UnitCall, device: str,
     output_node = next(n for n in sub.graph.nodes if n.op == "output")
     out_metas = [n.meta.get(META_TENSOR) for n in output_node.args[0]]
     output_bytes = sum(m.nbytes for m in out_metas if m is not None)
-    nodes = {n.name: n for n in sub.graph.nodes}
-    fake_device = device if (not device.startswith("cuda") or torch.cuda.is_available()) else "cpu"
-    if fake_device != device:
-        # Planning for a GPU this machine lacks: fake CUDA tensors cannot run autograd without CUDA, so the
-        # unit is measured as CPU kernels would run it (its device arguments retargeted on a copy).
-        sub = copy.deepcopy(sub)
-        for module in [m for m in sub.modules() if isinstance(m, fx.GraphModule)]:
-            canonicalize(module, torch.device(device), torch.device(fake_device))
-            _attend_as_cuda_does(module)
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        args = _fake_inputs(metas, fake_device, requires_grad=False)
-        args = [a if a is not None else n.meta.get("val") for a, n in zip(args, placeholders)]
-        storages = [StorageWeakRef(a.untyped_storage()) for a in args if isinstance(a, torch.Tensor)]
-        with torch.no_grad(), PeakMemory(storages) as tracker:
-            outs = sub(*args)
-            del outs
-        fwd_peak = tracker.peak
+    nodes = {n.name: n for n in (names_from or sub).graph.nodes}
+    args = _fake_inputs(metas, tensor_device, requires_grad=False)
+    args = [a if a is not None else n.meta.get("val") for a, n in zip(args, placeholders)]
+    storages = [StorageWeakRef(a.untyped_storage()) for a in args if isinstance(a, torch.Tensor)]
+    with torch.no_grad(), PeakMemory(storages, meta_only=tensor_device == "meta", as_cpu=as_cpu) as tracker:
+        outs = sub(*args)
+        del outs
+    fwd_peak = tracker.peak
 
-        # Forward with autograd, recording every saved tensor and which graph value owns its storage.
-        grad_args = _fake_inputs(metas, fake_device, requires_grad=wants_grad)
-        grad_args = [a if a is not None else n.meta.get("val") for a, n in zip(grad_args, placeholders)]
-        leaves = [a for a in grad_args if isinstance(a, torch.Tensor) and a.requires_grad]
-        owner: dict[StorageWeakRef, tuple[str, str]] = {}
-        for source, name, a in zip(sources, names, grad_args):
-            if isinstance(a, torch.Tensor):
-                owner[StorageWeakRef(a.untyped_storage())] = (source, name)
-        input_storages = set(owner)
+    # Forward with autograd, recording every saved tensor and which graph value owns its storage.
+    grad_args = _fake_inputs(metas, tensor_device, requires_grad=wants_grad)
+    grad_args = [a if a is not None else n.meta.get("val") for a, n in zip(grad_args, placeholders)]
+    leaves = [a for a in grad_args if isinstance(a, torch.Tensor) and a.requires_grad]
+    owner: dict[StorageWeakRef, tuple[str, str]] = {}
+    for source, name, a in zip(sources, names, grad_args):
+        if isinstance(a, torch.Tensor):
+            owner[StorageWeakRef(a.untyped_storage())] = (source, name)
+    input_storages = set(owner)
 
-        class _Owners(fx.Interpreter):
-            def run_node(self, n):
-                out = super().run_node(n)
-                for t in pytree.tree_leaves(out):
-                    if isinstance(t, torch.Tensor):
-                        owner.setdefault(StorageWeakRef(t.untyped_storage()), ("value", n.name))
-                return out
+    class _Owners(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    owner.setdefault(StorageWeakRef(t.untyped_storage()), ("value", n.name))
+            return out
 
-        raw: list[tuple[StorageWeakRef, torch.Tensor]] = []
+    raw: list[tuple[StorageWeakRef, torch.Tensor]] = []
 
-        def pack(t):
-            # Resolved after the forward: an op saves its output before the Interpreter sees it returned.
-            raw.append((StorageWeakRef(t.untyped_storage()), t))
-            return t
+    def pack(t):
+        # Resolved after the forward: an op saves its output before the Interpreter sees it returned.
+        raw.append((StorageWeakRef(t.untyped_storage()), t))
+        return t
 
-        with PeakMemory(input_storages) as tracker:
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                outs = _Owners(sub).run(*grad_args)
-        grad_fwd_peak = tracker.peak
-        packs: list[PackRef] = []
-        values: dict[str, SavedValue] = {}
-        for key, t in raw:
-            source, name = owner.get(key, ("value", None))
-            if name is None:
-                name = f"internal:{len(packs)}"
-                owner[key] = ("value", name)
-            if source == "value" and name not in values:
-                node = nodes.get(name)
-                recomputable = node is not None and node.op == "call_function" and not _random_node(node)
-                cost = node_flops(node) if node is not None else NodeCost(0, 0)
-                touched = t.untyped_storage().nbytes() + sum(
-                    a.meta[META_TENSOR].value_bytes for a in (node.all_input_nodes if node is not None else ())
-                    if a.meta.get(META_TENSOR) is not None)
-                val = node.meta.get("val") if node is not None else None
-                geometry = ((tuple(val.shape), tuple(val.stride()), int(val.storage_offset()))
-                            if isinstance(val, torch.Tensor) else ((), (), 0))
-                values[name] = SavedValue(key=name, node=node.name if node is not None else None,
-                                          nbytes=t.untyped_storage().nbytes(), recompute_flops=cost.fwd_flops,
-                                          recompute_bytes=touched, recomputable=recomputable and bool(geometry[0]),
-                                          shape=geometry[0], stride=geometry[1], offset=geometry[2])
-            packs.append(PackRef(index=len(packs), source=source, name=name, shape=tuple(t.shape),
-                                 stride=tuple(t.stride()), offset=int(t.storage_offset()), dtype=t.dtype))
-        raw.clear()   # the fake tensors it holds are no longer needed
-        t = None      # the loop variable held the last saved tensor
-        # The backward, from what the forward left alive: its new allocations alone are the backward of a
-        # unit that kept its activations; with what the forward left, less what autograd frees on the way,
-        # the backward of a checkpointed unit after its recompute (whose forward peaks as this one did).
-        tracker._expire()
-        with PeakMemory(input_storages, carried=tracker.live) as tracker:
-            diff = [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
-            if diff and leaves:
-                torch.autograd.backward(diff, [torch.ones_like(o) for o in diff], inputs=leaves)
-            del outs, diff
-        bwd_only_peak = tracker.new_peak
-        bwd_peak = max(grad_fwd_peak, tracker.peak)
+    with PeakMemory(input_storages, meta_only=tensor_device == "meta", as_cpu=as_cpu) as tracker:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            outs = _Owners(sub).run(*grad_args)
+    grad_fwd_peak = tracker.peak
+    packs: list[PackRef] = []
+    values: dict[str, SavedValue] = {}
+    for key, t in raw:
+        source, name = owner.get(key, ("value", None))
+        if name is None:
+            name = f"internal:{len(packs)}"
+            owner[key] = ("value", name)
+        if source == "value" and name not in values:
+            node = nodes.get(name)
+            recomputable = node is not None and node.op == "call_function" and not _random_node(node)
+            cost = node_flops(node) if node is not None else NodeCost(0, 0)
+            touched = t.untyped_storage().nbytes() + sum(
+                a.meta[META_TENSOR].value_bytes for a in (node.all_input_nodes if node is not None else ())
+                if a.meta.get(META_TENSOR) is not None)
+            val = node.meta.get("val") if node is not None else None
+            geometry = ((tuple(val.shape), tuple(val.stride()), int(val.storage_offset()))
+                        if isinstance(val, torch.Tensor) else ((), (), 0))
+            values[name] = SavedValue(key=name, node=node.name if node is not None else None,
+                                      nbytes=t.untyped_storage().nbytes(), recompute_flops=cost.fwd_flops,
+                                      recompute_bytes=touched, recomputable=recomputable and bool(geometry[0]),
+                                      shape=geometry[0], stride=geometry[1], offset=geometry[2])
+        packs.append(PackRef(index=len(packs), source=source, name=name, shape=tuple(t.shape),
+                             stride=tuple(t.stride()), offset=int(t.storage_offset()), dtype=t.dtype))
+    raw.clear()   # the fake tensors it holds are no longer needed
+    t = None      # the loop variable held the last saved tensor
+    # The backward, from what the forward left alive: its new allocations alone are the backward of a
+    # unit that kept its activations; with what the forward left, less what autograd frees on the way,
+    # the backward of a checkpointed unit after its recompute (whose forward peaks as this one did).
+    tracker._expire()
+    with PeakMemory(input_storages, meta_only=tensor_device == "meta", as_cpu=as_cpu, carried=tracker.live) as tracker:
+        diff = [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
+        if diff and leaves:
+            torch.autograd.backward(diff, [torch.ones_like(o) for o in diff], inputs=leaves)
+        del outs, diff
+    bwd_only_peak = tracker.new_peak
+    bwd_peak = max(grad_fwd_peak, tracker.peak)
     return UnitProfile(fwd_workspace=fwd_peak, saved_bytes=sum(v.nbytes for v in values.values()),
-                       bwd_workspace=bwd_peak, output_bytes=output_bytes, grad_fwd_workspace=grad_fwd_peak,
-                       bwd_only_workspace=bwd_only_peak, saved=tuple(values.values()), packs=tuple(packs))
+                   bwd_workspace=bwd_peak, output_bytes=output_bytes, grad_fwd_workspace=grad_fwd_peak,
+                   bwd_only_workspace=bwd_only_peak, saved=tuple(values.values()), packs=tuple(packs))
 
 
 def _rename(profile: UnitProfile, old: UnitCall, new: UnitCall, old_sub: fx.GraphModule,

@@ -1,3 +1,6 @@
+import importlib
+
+import pytest
 import torch
 
 from pipeline_util import assert_matches_golden, run_until
@@ -103,3 +106,30 @@ def test_a_plan_for_cuda_made_without_a_gpu_measures_attention_as_cuda_runs_it()
     assert for_cuda.saved_bytes < scores                   # q, k, v, the output, the row log-sum-exp, the mask
     assert on_cpu.bwd_workspace > 3 * scores
     assert for_cuda.bwd_workspace < workspace_bound(scores, "cuda")
+
+
+@pytest.mark.parametrize("kind", ["gpt", "gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])       # without dropout the CPU's flash kernel, with it math
+def test_units_measured_on_meta_tensors_equal_fake_cpu_tensors(kind, dtype, dropout, monkeypatch):
+    """Units for the CPU run on meta tensors (five times cheaper at a new shape) with the CPU's attention
+    kernel and layer-norm statistics: every figure and every saved tensor equals the fake-CPU measurement."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    import ratel
+    from helpers import batches, make_model
+    estimate = importlib.import_module("ratel.passes.estimate_costs")
+    measured = []
+    profile = estimate.profile_unit
+
+    def both(sub, call, device, trainable=None):
+        on_meta = profile(sub, call, device, trainable)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            on_fake = estimate._measure(sub, call, "cpu", trainable)
+        measured.append((call.module, on_meta, on_fake))
+        return on_meta
+    monkeypatch.setattr(estimate, "profile_unit", both)
+    model = make_model(kind, dropout=dropout, layers=2, dtype=dtype)
+    ratel.explain(model, "1TiB", (batches(1, batch=2, seq=24)[0][0],), device="cpu", activations="keep")
+    assert len(measured) >= 3
+    for name, on_meta, on_fake in measured:
+        assert on_meta == on_fake, name
