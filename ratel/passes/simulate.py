@@ -37,22 +37,49 @@ def resident_buffer_bytes(gm: fx.GraphModule) -> int:
     return sum(sizes.values())
 
 
-def saved_bytes_alive(acts: ActivationPlan | None, unit: int, t: int, fwd: dict, bwd: dict) -> int:
-    """GPU bytes of a saved-mode unit's saved values at step t (outside the unit's own forward step):
-    kept values from its forward to its backward; swapped ones while their copy out runs (the next step)
-    and from the step before their backward (prefetch); recomputed ones during its backward."""
-    if acts is None or acts.of(unit).mode != "saved":
-        return 0
-    plan = acts.of(unit)
-    f, b = fwd[unit], bwd[unit]
-    total = 0
-    if f < t <= b:
-        total += plan.bytes_on(Tier.GPU)
-    if t == f + 1 or b - 1 <= t <= b:
-        total += plan.bytes_on(Tier.HOST) + plan.bytes_on(Tier.SSD)
-    if t == b:
-        total += plan.bytes_on(None)
-    return total
+def _add_intervals(totals: list[int], intervals, nbytes: int, skip: int | None = None) -> None:
+    """Add ``nbytes`` to every step covered by the union of closed ``intervals``, except step ``skip``."""
+    covered = set()
+    for first, last in intervals:
+        covered.update(range(max(first, 0), min(last, len(totals) - 1) + 1))
+    covered.discard(skip)
+    for t in covered:
+        totals[t] += nbytes
+
+
+def _boundary_bytes_by_step(activations, fwd: dict, bwd: dict, num_steps: int) -> list[int]:
+    """GPU bytes of unit-boundary activations at each step: on the GPU from their producer's forward to
+    their first consumer's backward; otherwise until their last consumer's forward and around each
+    consumer's backward (fetched the step before). The producer's own forward counts them in its workspace."""
+    totals = [0] * num_steps
+    for act in activations:
+        produced = fwd[act.producer] if act.producer >= 0 else 0
+        if act.tier == Tier.GPU:
+            intervals = [(produced, bwd[min(act.consumers)])]
+        else:
+            intervals = [(produced, max(fwd[c] for c in act.consumers))]
+            intervals += [(bwd[c] - 1, bwd[c]) for c in act.consumers]
+        _add_intervals(totals, intervals, act.nbytes, skip=fwd.get(act.producer) if act.producer >= 0 else None)
+    return totals
+
+
+def _saved_bytes_by_step(acts: ActivationPlan | None, units, fwd: dict, bwd: dict, num_steps: int) -> list[int]:
+    """GPU bytes of saved-mode units' saved values at each step: kept values from the unit's forward to its
+    backward; swapped ones while their copy out runs (the next step) and from the step before their backward
+    (prefetch); recomputed ones during its backward. The unit's own forward holds them in its workspace."""
+    totals = [0] * num_steps
+    if acts is None:
+        return totals
+    for u in units:
+        plan = acts.of(u.index)
+        if plan.mode != "saved":
+            continue
+        f, b = fwd[u.index], bwd[u.index]
+        _add_intervals(totals, [(f + 1, b)], plan.bytes_on(Tier.GPU), skip=f)
+        _add_intervals(totals, [(f + 1, f + 1), (b - 1, b)], plan.bytes_on(Tier.HOST) + plan.bytes_on(Tier.SSD),
+                       skip=f)
+        _add_intervals(totals, [(b, b)], plan.bytes_on(None), skip=f)
+    return totals
 
 
 def simulate_memory(gm: fx.GraphModule, ctx: PassContext, acts: ActivationPlan | None = None) -> MemoryProfile:
@@ -72,20 +99,12 @@ def simulate_memory(gm: fx.GraphModule, ctx: PassContext, acts: ActivationPlan |
     shared = [(bwd[max(g.users)], bwd[min(g.users)], g.nbytes) for g in lifetimes.groups
               if g.trainable and len(g.users) > 1]
 
+    boundary_at = _boundary_bytes_by_step(placement.activations, fwd, bwd, len(steps))
+    saved_at = _saved_bytes_by_step(acts, ctx.traced.units, fwd, bwd, len(steps))
     profile = []
     for step in steps:
         t = step.index
-        boundary_acts = 0
-        for act in placement.activations:
-            produced = fwd[act.producer] if act.producer >= 0 else 0
-            if step.phase == Phase.FWD and act.producer == step.unit:
-                continue   # counted inside the unit's forward workspace
-            if act.tier == Tier.GPU:
-                alive = produced <= t <= bwd[min(act.consumers)]
-            else:
-                alive = produced <= t <= max(fwd[c] for c in act.consumers) or any(
-                    bwd[c] - 1 <= t <= bwd[c] for c in act.consumers)
-            boundary_acts += act.nbytes if alive else 0
+        boundary_acts = boundary_at[t]
         cost = costs[step.unit]
         saved_mode = acts is not None and acts.of(step.unit).mode == "saved"
         if step.phase == Phase.FWD:
@@ -100,8 +119,7 @@ def simulate_memory(gm: fx.GraphModule, ctx: PassContext, acts: ActivationPlan |
             # gradients, in the workspace, are copied into it); the previous unit's is still copying out.
             in_flight = grad_bytes[step.unit] + (grad_bytes[previous.unit] if previous.phase == Phase.BWD else 0)
         accumulating = sum(b for first, last, b in shared if first <= t <= last)
-        saved = sum(saved_bytes_alive(acts, u.index, t, fwd, bwd) for u in ctx.traced.units
-                    if not (step.phase == Phase.FWD and u.index == step.unit))
+        saved = saved_at[t]
         parts = (("param ring", ring), ("resident buffers", resident), ("activations", boundary_acts),
                  ("saved activations", saved),
                  ("unit workspace", workspace), ("gradients in flight", in_flight),
