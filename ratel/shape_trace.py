@@ -24,6 +24,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.export import Dim
 from torch.fx.node import map_aggregate
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from ratel.trace import TracedModel, capture, from_export, trace_model
 
@@ -146,6 +147,7 @@ class SymbolicCapture:
             return mapping[a] if isinstance(a, fx.Node) else a
 
         sizes_of: dict[fx.Node, tuple | None] = {}     # the concrete shape of each new tensor node
+        origin: dict[fx.Node, fx.Node] = {}             # new node -> the symbolic node it stands for
         run: _IndexRun | None = None
 
         def close_run():
@@ -155,6 +157,7 @@ class SymbolicCapture:
                                           name="alias")
                 alias.meta = {k: v for k, v in run.last.meta.items() if k not in ("val", "tensor_meta")}
                 mapping[run.last] = alias
+                origin[alias] = run.last
                 sizes_of[alias] = sizes_of.get(run.input)
             run = None
 
@@ -191,9 +194,10 @@ class SymbolicCapture:
                                     type_expr=node.type)
             new.meta = {k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")}
             mapping[node] = new
+            origin[new] = node
             sizes_of[new] = _concrete_shape(val, size_of)
         gm = fx.GraphModule(source, graph)
-        _propagate_fakes(gm, source, flat_inputs, self.program)
+        _propagate_fakes(gm, source, flat_inputs, self.program, origin, size_of)
         return gm
 
     def traced(self, model: nn.Module, flat_inputs: list, split_blocks: bool) -> TracedModel:
@@ -246,15 +250,37 @@ def _full_slice(node: fx.Node, args: tuple, sizes_of: dict) -> bool:
     return (start in (0, None)) and (end is None or end >= shape[dim]) and step == 1
 
 
-def _propagate_fakes(gm: fx.GraphModule, source: fx.GraphModule, flat_inputs: list, program) -> None:
-    """``meta["val"]`` of every node, from running the static graph on fake tensors (aliasing included:
-    annotate_shapes reads views from shared storages)."""
+def _propagate_fakes(gm: fx.GraphModule, source: fx.GraphModule, flat_inputs: list, program,
+                     origin: dict, size_of) -> None:
+    """``meta["val"]`` of every node, aliasing included (annotate_shapes reads views from shared storages).
+
+    An op's value is its symbolic value with the sizes put in: a fake tensor of the concrete shape, strides
+    and offset, on a storage of the concrete size shared as the symbolic values share theirs — a few times
+    cheaper than running the op on fake tensors, which a new shape makes miss fake tensors' cache. A value
+    that cannot be rebuilt so (a storage viewed at another dtype) is computed by running its op."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     originals = {n.name: n.meta.get("val") for n in source.graph.nodes if n.op == "placeholder"}
     user_names = [spec.arg.name for spec in program.graph_signature.input_specs
                   if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT]
     user_values = dict(zip(user_names, flat_inputs))
+    storages: dict[StorageWeakRef, torch.Tensor] = {}    # symbolic storage -> a concrete tensor on its twin
+
+    def concrete(value):
+        return size_of(value) if isinstance(value, torch.SymInt) else int(value)
+
+    def rebuilt(symbolic: torch.Tensor) -> torch.Tensor | None:
+        key = StorageWeakRef(symbolic.untyped_storage())
+        base = storages.get(key)
+        if base is None:
+            base = torch.empty(concrete(symbolic.untyped_storage().nbytes()) // symbolic.element_size(),
+                               dtype=symbolic.dtype, device=symbolic.device)
+            storages[key] = base
+        elif base.dtype != symbolic.dtype:
+            return None
+        return base.as_strided(tuple(concrete(d) for d in symbolic.shape),
+                               tuple(concrete(d) for d in symbolic.stride()), concrete(symbolic.storage_offset()))
+
     # No autograd: export's metadata carries no requires_grad on computed values.
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
         env: dict[fx.Node, Any] = {}
@@ -265,15 +291,28 @@ def _propagate_fakes(gm: fx.GraphModule, source: fx.GraphModule, flat_inputs: li
                 if isinstance(real, torch.Tensor):
                     val = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device=old.device)
                 elif isinstance(old, torch.Tensor):
-                    val = torch.empty_strided(tuple(int(s) for s in old.shape), tuple(int(s) for s in old.stride()),
-                                              dtype=old.dtype, device=old.device)
+                    shared = rebuilt(old) if StorageWeakRef(old.untyped_storage()) in storages else None
+                    val = shared if shared is not None else torch.empty_strided(
+                        tuple(int(s) for s in old.shape), tuple(int(s) for s in old.stride()), dtype=old.dtype,
+                        device=old.device)
                     if old.requires_grad:
                         val.requires_grad_(True)
                 else:
                     val = old
+                if isinstance(old, torch.Tensor) and isinstance(val, torch.Tensor):   # tied weights share one
+                    storages.setdefault(StorageWeakRef(old.untyped_storage()), val.detach().as_strided(
+                        (val.untyped_storage().nbytes() // val.element_size(),), (1,), 0))
             elif node.op == "call_function":
-                args, kwargs = map_aggregate((node.args, node.kwargs), lambda a: env[a] if isinstance(a, fx.Node) else a)
-                val = node.target(*args, **kwargs)
+                symbolic = origin[node].meta.get("val")
+                leaves, spec = pytree.tree_flatten(symbolic)
+                built = [rebuilt(t) if isinstance(t, torch.Tensor) else
+                         (size_of(t) if isinstance(t, _SYMBOLIC) else t) for t in leaves]
+                if symbolic is None or any(b is None for b, t in zip(built, leaves) if isinstance(t, torch.Tensor)):
+                    args, kwargs = map_aggregate((node.args, node.kwargs),
+                                                 lambda a: env[a] if isinstance(a, fx.Node) else a)
+                    val = node.target(*args, **kwargs)
+                else:
+                    val = pytree.tree_unflatten(built, spec)
             elif node.op == "output":
                 continue
             else:

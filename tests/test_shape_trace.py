@@ -15,8 +15,10 @@ from helpers import VOCAB, assert_trained_alike, make_model, train_like_pytorch
 def _graph_record(gm):
     """Everything that makes two graphs the same program: ops, arguments, names, value geometry, units."""
     out = []
+    storages = {}       # which values share a storage: the first node holding it, and the storage's size
     for node in gm.graph.nodes:
-        vals = [(tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype)
+        vals = [(tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype, t.requires_grad,
+                 storages.setdefault(t.untyped_storage()._cdata, (node.name, t.untyped_storage().nbytes())))
                 for t in pytree.tree_leaves(node.meta.get("val")) if isinstance(t, torch.Tensor)]
         args = pytree.tree_map(lambda a: a.name if isinstance(a, torch.fx.Node) else a, (node.args, node.kwargs))
         out.append((node.op, node.name, str(node.target), repr(args), vals, node.meta.get(META_UNIT)))
