@@ -40,7 +40,10 @@ def detect(device: str | torch.device, measure: bool = True) -> HardwareProfile:
     if not measure:
         return dataclasses.replace(HardwareProfile.h100(), name=torch.cuda.get_device_name(device),
                                    host_bytes=host_memory(), cpu_adam_kernel=kernel)
-    profile = measure_cuda(device)
+    # Measuring draws random numbers: the caller's seed must give the same model whether or not this
+    # machine was measured before (a meta-device model is initialised after planning, from these streams).
+    with torch.random.fork_rng(devices=[device.index if device.index is not None else torch.cuda.current_device()]):
+        profile = measure_cuda(device)
     data = _load_cache()
     data[key] = dataclasses.asdict(profile)
     try:

@@ -212,10 +212,13 @@ def test_the_stand_in_for_cuda_attention_measures_what_cuda_allocates(monkeypatc
     assert stand_in.bwd_workspace == pytest.approx(real.bwd_workspace, rel=0.10)
 
 
-def test_a_meta_model_compiled_for_cuda_is_initialised_on_the_gpu_as_its_initialiser_says():
+def test_a_meta_model_compiled_for_cuda_is_initialised_on_the_gpu_as_its_initialiser_says(tmp_path, monkeypatch):
     """The initialiser runs on the GPU (the CPU draws random numbers on one thread: minutes at 13B): the same
-    distributions, the same values for the same seed."""
+    distributions, the same values for the same seed — also when the first compile measures the machine
+    (an empty hardware cache), which draws random numbers of its own."""
     from ratel.models import GPT, GPTConfig
+    from ratel.runtime import calibrate
+    monkeypatch.setattr(calibrate, "CACHE", tmp_path / "hardware.json")
 
     def initialised():
         with torch.device("meta"):
