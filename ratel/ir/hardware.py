@@ -16,7 +16,7 @@ class HardwareProfile:
     gpu_tflops: float              # dense matrix rate in the compute dtype, TFLOP/s
     h2d_gbps: float                # pinned host -> GPU, GB/s
     d2h_gbps: float                # GPU -> pinned host, GB/s
-    ssd_read_gbps: float
+    ssd_read_gbps: float           # the SSD, one direction at a time, GB/s
     ssd_write_gbps: float
     cpu_adam_gparams: float        # CPU AdamW, billions of parameters per second
     host_bytes: int                # host memory available to Ratel
@@ -26,6 +26,9 @@ class HardwareProfile:
     # The CPU AdamW kernel the target runs: "native" (ratel._adam, reads low-precision gradients as they are)
     # or "torch" (torch's fused AdamW, which needs an fp32 copy of the largest gradient: planned host memory).
     cpu_adam_kernel: str = "native"
+    # Bytes read plus bytes written per second while the SSD lane's read and write channels run side by side
+    # (many disks move more so than one direction alone, and less than the two rates added).
+    ssd_both_gbps: float = 2.0
 
     @property
     def torch_cpu_adam(self) -> bool:
@@ -33,15 +36,18 @@ class HardwareProfile:
 
     @classmethod
     def h100(cls) -> "HardwareProfile":
-        """The project's H100 80GB machine (measured 2026-11: bf16 GEMM 790 TFLOP/s, PCIe 55/52 GB/s)."""
+        """The project's H100 80GB machine (measured 2026-11: bf16 GEMM 790 TFLOP/s, PCIe 55/52 GB/s); the disk
+        figures are the lent H200 host's (benchmarks/RESULTS.md, "The SSD lane": 1 GiB O_DIRECT requests, read
+        1.74-1.76, write 2.60-2.61, both at once 1.90-2.11 GB/s)."""
         return cls(name="NVIDIA H100 80GB HBM3", gpu_tflops=790.0, h2d_gbps=55.0, d2h_gbps=52.0,
-                   ssd_read_gbps=1.5, ssd_write_gbps=2.0, cpu_adam_gparams=3.9, host_bytes=128 << 30)
+                   ssd_read_gbps=1.75, ssd_write_gbps=2.6, ssd_both_gbps=2.0, cpu_adam_gparams=3.9,
+                   host_bytes=128 << 30)
 
     @classmethod
     def cpu(cls, cpu_adam_kernel: str = "native") -> "HardwareProfile":
         """A nominal CPU-only machine: the 'GPU tier' is another host buffer."""
         return cls(name="cpu", gpu_tflops=0.2, h2d_gbps=10.0, d2h_gbps=10.0, ssd_read_gbps=1.0,
-                   ssd_write_gbps=1.0, cpu_adam_gparams=0.5, host_bytes=host_memory(), min_offload_bytes=0,
+                   ssd_write_gbps=1.0, ssd_both_gbps=1.0, cpu_adam_gparams=0.5, host_bytes=host_memory(), min_offload_bytes=0,
                    hbm_gbps=20.0, cpu_adam_kernel=cpu_adam_kernel)
 
 

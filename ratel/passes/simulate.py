@@ -166,6 +166,20 @@ def what(kind: K) -> str:
     return _MOVES[kind]
 
 
+def _ssd_rate(transfers, hw) -> float:
+    """Bytes per second of the SSD lane for this plan's mix of reads and writes. Its two channels run side
+    by side, so the lane moves the step's bytes in max(read / read rate, written / write rate, both / both
+    rate) — the roofline measured SSD-bound steps run at 0.85-1.0 of (benchmarks/RESULTS.md); the lane is
+    simulated as one queue at the rate that gives that time."""
+    read = sum(t.nbytes for t in transfers if t.lane == "ssd" and t.kind.spec.dst == Tier.HOST)
+    written = sum(t.nbytes for t in transfers if t.lane == "ssd" and t.kind.spec.src == Tier.HOST)
+    if not read and not written:
+        return hw.ssd_read_gbps * 1e9
+    seconds = max(read / (hw.ssd_read_gbps * 1e9), written / (hw.ssd_write_gbps * 1e9),
+                  (read + written) / (hw.ssd_both_gbps * 1e9) if read and written else 0.0)
+    return (read + written) / seconds
+
+
 def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = None) -> TimeProfile:
     """Simulate one step: compute, the H2D and D2H copy lanes, the SSD and the CPU optimizer, each a queue.
 
@@ -199,6 +213,7 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
     spans = []
     times = []
     gpu = h2d_lane = d2h_lane = ssd_lane = optimizer_lane = 0.0
+    ssd_rate = _ssd_rate(transfers, hw)
 
     def run(lane_end: float, ready: float, seconds: float, lane: str, label: str, step: int, nbytes: int):
         begin = max(lane_end, ready)
@@ -221,7 +236,7 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
         h2d = d2h = ssd = opt = 0.0
         for tr in at:      # SSD reads and host-to-GPU copies are issued as the step begins
             if tr.lane == "ssd" and tr.kind.spec.dst == Tier.HOST:
-                seconds = tr.nbytes / (hw.ssd_read_gbps * 1e9)
+                seconds = tr.nbytes / ssd_rate
                 key = (what(tr.kind), tr.subject)
                 ssd_lane = run(ssd_lane, max(issue, went_out.get(key, 0.0)), seconds, "ssd",
                                f"read {tr.subject}", t, tr.nbytes)
@@ -270,7 +285,7 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
                 opt += seconds
         for tr in at:
             if tr.lane == "ssd" and tr.kind.spec.src == Tier.HOST:
-                seconds = tr.nbytes / (hw.ssd_write_gbps * 1e9)
+                seconds = tr.nbytes / ssd_rate
                 ssd_lane = run(ssd_lane, went_out.get((what(tr.kind), tr.subject), gpu), seconds, "ssd",
                                f"write {tr.subject}", t, tr.nbytes)
                 ssd += seconds

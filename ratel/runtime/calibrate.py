@@ -119,6 +119,9 @@ def measure_cuda(device: torch.device) -> HardwareProfile:
         best = min(best, time.perf_counter() - t0)
     adam = numel / best / 1e9
     props = torch.cuda.get_device_properties(device)
-    return HardwareProfile(name=props.name, gpu_tflops=tflops, h2d_gbps=h2d, d2h_gbps=d2h, ssd_read_gbps=1.5,
-                           ssd_write_gbps=2.0, cpu_adam_gparams=adam, host_bytes=host_memory(),
+    # The disk is not measured here (which one is the user's ssd_dir?): the H200 host's figures.
+    disk = HardwareProfile.h100()
+    return HardwareProfile(name=props.name, gpu_tflops=tflops, h2d_gbps=h2d, d2h_gbps=d2h,
+                           ssd_read_gbps=disk.ssd_read_gbps, ssd_write_gbps=disk.ssd_write_gbps,
+                           ssd_both_gbps=disk.ssd_both_gbps, cpu_adam_gparams=adam, host_bytes=host_memory(),
                            hbm_gbps=hbm, cpu_adam_kernel=cpu_adam_kernel())

@@ -87,3 +87,26 @@ def test_a_plan_for_cuda_holds_cublas_workspace_at_every_step():
         plan = ratel.explain(tiny_model(), "1GiB", (ids,), device=device)
         assert all(dict(s.breakdown)["cuBLAS workspace"] == expected for s in plan.memory.steps)
         assert plan.memory.gpu_peak >= expected
+
+
+def test_the_ssd_lane_moves_a_steps_bytes_at_the_disks_roofline(tmp_path):
+    """Reads and writes run side by side on the SSD lane: its busy time is max(read / read rate, written /
+    write rate, both / both-at-once rate), not the two directions one after the other (that over-predicted
+    the 12.53B step by 14 % on the H200)."""
+    import dataclasses
+    import ratel
+    from ratel.ir.hardware import HardwareProfile
+    from helpers import batches, host_minimum, make_model
+    model = make_model("gpt", layers=4)
+    ids = batches(1)[0][0]
+    budget = ratel.Budget(gpu="1GiB", host=host_minimum(model, ids), ssd_dir=str(tmp_path))
+    for read, write, both in ((2.0, 4.0, 3.0), (2.0, 4.0, 1.0), (0.5, 4.0, 9.0)):
+        hw = dataclasses.replace(HardwareProfile.cpu(), ssd_read_gbps=read, ssd_write_gbps=write,
+                                 ssd_both_gbps=both)
+        plan = ratel.explain(model, budget, (ids,), device="cpu", hardware=hw)
+        moved_in = sum(t.nbytes for t in plan.transfers if t.lane == "ssd" and t.kind.spec.dst == ratel.ir.Tier.HOST)
+        moved_out = sum(t.nbytes for t in plan.transfers if t.lane == "ssd" and t.kind.spec.src == ratel.ir.Tier.HOST)
+        assert moved_in and moved_out
+        busy = sum(s.end - s.start for s in plan.times.spans if s.lane == "ssd")
+        roofline = max(moved_in / (read * 1e9), moved_out / (write * 1e9), (moved_in + moved_out) / (both * 1e9))
+        assert busy == pytest.approx(roofline, rel=1e-9)
