@@ -93,3 +93,13 @@ def test_plan_says_when_the_ssd_folder_does_not_exist_here(tmp_path):
     assert code == 0 and "is not a folder on this machine" in out
     code, out = run(base + ["--ssd-dir", str(tmp_path)])
     assert code == 0 and "not a folder" not in out
+
+
+def test_the_readme_175b_plan_fits_24_gib_and_says_the_ssd_bounds_its_step(tmp_path):
+    """The scale issue's command: GPT-3's shape at 8 x 1024 on a 24 GiB card with 256 GiB of host memory."""
+    code, out = run(["plan", "--model", "gpt-175b", "--budget", "24GiB", "--host", "256GiB", "--ssd-dir",
+                     str(tmp_path), "--batch", "8", "--seq", "1024", "--no-plots"])
+    assert code == 0, out
+    step = next(line for line in out.splitlines() if "step time" in line)
+    assert "SSD" in step
+    assert "of 24.00 GiB budget" in out and "of 256.00 GiB budget" in out
