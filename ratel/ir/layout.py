@@ -64,6 +64,12 @@ def ssd_staging_bytes(group: ParamGroup) -> int:
     return ssd_piece_bytes(group, min(group.numel, SSD_PIECE_NUMEL))
 
 
+def ssd_staging_slots(groups) -> int:
+    """Staging buffers the SSD states of ``groups`` pass through: a ring of SSD_STAGING_BUFFERS pieces, fewer
+    when there are fewer pieces."""
+    return min(SSD_STAGING_BUFFERS, sum(len(ssd_state_pieces(g)) for g in groups))
+
+
 def ssd_state_bytes(group: ParamGroup) -> int:
     """Bytes of a group's optimizer state on SSD, its pieces each starting on a page."""
     start, end, offset = ssd_state_pieces(group)[-1]
@@ -193,8 +199,7 @@ def host_usage(groups, optimizer_tier: dict[str, Tier], activations, torch_adam:
     ssd = [g for g in groups if g.trainable and optimizer_tier[g.name] == Tier.SSD]
     if ssd:
         biggest = max(page(ssd_staging_bytes(g)) + PAGE for g in ssd)
-        pieces = sum(len(ssd_state_pieces(g)) for g in ssd)
-        usage.append(("SSD staging buffers", min(SSD_STAGING_BUFFERS, pieces) * biggest))
+        usage.append(("SSD staging buffers", ssd_staging_slots(ssd) * biggest))
     pool = sum(page(a.nbytes) + PAGE for a in activations if a.tier == Tier.HOST)
     if pool:
         usage.append(("activation pool", pool + PAGE))

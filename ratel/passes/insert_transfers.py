@@ -33,7 +33,7 @@ import torch.fx as fx
 
 from ratel.ir import (META_PROVENANCE, META_TRANSFER, ActivationPlan, Lifetimes, Phase, PlacementPlan, Provenance,
                       Schedule, Tier, Transfer, TransferKind as K, schedule_order, step_index)
-from ratel.ir.layout import SSD_STAGING_BUFFERS, ssd_state_bytes, ssd_state_pieces
+from ratel.ir.layout import ssd_staging_slots, ssd_state_bytes, ssd_state_pieces
 from ratel.passes.build_lifetimes import unit_calls
 from ratel.passes.manager import PassContext, PassResult, graph_pass
 from ratel.ir import ops
@@ -221,8 +221,8 @@ def ssd_transfers(lifetimes: Lifetimes, plan: PlacementPlan, bwd: dict[int, int]
                  key=lambda g: (sign * g.update_unit, g.index))
     # The ring stages pieces (ir/layout.ssd_state_pieces): groups of one piece are read two ahead; a group of
     # several streams through the ring while the group before it updates.
-    pieces = sum(len(ssd_state_pieces(g)) for g in ssd)
-    ahead = max(1, min(SSD_STAGING_BUFFERS, pieces) - 1) if pieces == len(ssd) else 1
+    whole_groups = all(len(ssd_state_pieces(g)) == 1 for g in ssd)
+    ahead = max(1, ssd_staging_slots(ssd) - 1) if whole_groups else 1
     out = []
     for k, g in enumerate(ssd):
         update = num_steps - 1 if clip else bwd[g.update_unit]

@@ -8,8 +8,8 @@ files, step after step; ``close`` removes them unless kept.
 
 States move in pieces of a group (``ir/layout.ssd_state_pieces``): the optimizer thread calls ``begin_step``
 (read the first pieces while the forward runs), ``acquire(g, piece)`` (wait for the piece's states; views into
-its staging slot), ``release(g, piece)`` (queue the write-back, read the next piece in the Plan's order). Every I/O error surfaces on the waiting thread as ``SwapIOError`` naming
-file and offset.
+its staging slot), ``release(g, piece)`` (queue the write-back, read the next piece in the Plan's order).
+Every I/O error surfaces on the waiting thread as ``SwapIOError`` naming file and offset.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from torch import nn
 
 from ratel.errors import RatelError
 from ratel.ir import ParamGroup, TransferKind
-from ratel.ir.layout import (SSD_PARAM_BUFFERS, SSD_STAGING_BUFFERS, ssd_piece_bytes, ssd_staging_bytes,
+from ratel.ir.layout import (SSD_PARAM_BUFFERS, ssd_piece_bytes, ssd_staging_bytes, ssd_staging_slots,
                              ssd_state_bytes, ssd_state_pieces)
 from ratel.runtime.ssd_lane import SsdLane, StagingRing
 from ratel.runtime.swapper import aligned_empty
@@ -56,8 +56,7 @@ class SsdStates:
         self.order = [(g, p) for g in order for p in range(len(self.pieces[g]))]
         self.files = {g.index: lane.file(_file_name(key, g, "adam"), ssd_state_bytes(g)) for g in groups}
         biggest = max(ssd_staging_bytes(g) for g in groups)
-        slots = min(SSD_STAGING_BUFFERS, len(self.order))
-        self.ring = StagingRing([aligned_empty(biggest) for _ in range(slots)])
+        self.ring = StagingRing([aligned_empty(biggest) for _ in range(ssd_staging_slots(groups))])
         self._read: dict = {}         # (group, piece) -> slot holding (or reading) it for this step's update
         self._next = 0                # position in self.order of the next read to issue
         self.schedule = None          # the running program's executor: each read issued is reported to it
@@ -86,39 +85,41 @@ class SsdStates:
     # ------------------------------------------------------------------ initial values and read-out
     def initialize(self, group: ParamGroup, master: torch.Tensor | None) -> None:
         """Write a group's starting states: its master values (if kept on SSD) and zero moments."""
-        self.flush()
-        for piece, (start, end) in enumerate(self.piece_ranges(group)):
-            # Up to a ring of writes in flight: the next piece fills while the disk writes the last ones.
-            slot = self.ring.claim((group.index, piece))
-            try:
-                slot.settle()
-                m_master, m, v = self.views(group, end - start, slot.data)
-                if m_master is not None:
-                    m_master.copy_(master[start:end])
-                m.zero_()
-                v.zero_()
-                slot.io = self.lane.write(self.files[group.index], self._span(group, piece, slot.data))
-            finally:
-                slot.in_use = False
-        self.flush()
+        def fill(start, end, m_master, m, v):
+            if m_master is not None:
+                m_master.copy_(master[start:end])
+            m.zero_()
+            v.zero_()
+        self._write_pieces(group, fill)
 
     @contextlib.contextmanager
     def staged(self, group: ParamGroup):
         """Outside a step: (master or None, exp_avg, exp_avg_sq) of the whole group to fill (a host buffer the
         size of the group's states), written to its swap file piece by piece when the block ends."""
         whole = torch.empty(ssd_piece_bytes(group, group.numel), dtype=torch.uint8)
-        yield self.views(group, group.numel, whole)
+        states = self.views(group, group.numel, whole)
+        yield states
+
+        def fill(start, end, *piece_states):
+            for into, value in zip(piece_states, states):
+                if into is not None:
+                    into.copy_(value[start:end])
+        self._write_pieces(group, fill)
+
+    def _write_pieces(self, group: ParamGroup, fill) -> None:
+        """Outside a step: ``fill(start, end, master or None, exp_avg, exp_avg_sq)`` each piece's views of a
+        staging slot, and write them to the group's swap file, a ring of writes in flight (the next piece
+        fills while the disk writes the last ones); returns once all are written."""
+        self._settle_outside_step()
         for piece, (start, end) in enumerate(self.piece_ranges(group)):
-            slot = self._outside_step(group, piece)
+            slot = self.ring.claim((group.index, piece))
             try:
-                for into, value in zip(self.views(group, end - start, slot.data),
-                                       self.views(group, group.numel, whole)):
-                    if into is not None:
-                        into.copy_(value[start:end])
+                slot.settle()
+                fill(start, end, *self.views(group, end - start, slot.data))
                 slot.io = self.lane.write(self.files[group.index], self._span(group, piece, slot.data))
-                slot.io.wait()
             finally:
                 slot.in_use = False
+        self.flush()
 
     def read_group(self, group: ParamGroup):
         """Outside a step: the group's current (master or None, exp_avg, exp_avg_sq), read piece by piece into
@@ -140,10 +141,13 @@ class SsdStates:
         """The current fp32 master of a group whose master lives on SSD (waits for pending write-backs)."""
         return self.read_group(group)[0]
 
-    def _outside_step(self, group: ParamGroup, piece: int):
+    def _settle_outside_step(self) -> None:
         self.flush()
         if self._read:
-            raise RuntimeError("SSD states read outside a step while a step holds staging slots (internal error)")
+            raise RuntimeError("SSD states moved outside a step while a step holds staging slots (internal error)")
+
+    def _outside_step(self, group: ParamGroup, piece: int):
+        self._settle_outside_step()
         slot = self.ring.claim((group.index, piece))
         slot.settle()
         return slot
