@@ -349,31 +349,35 @@ class CPUOptimizer:
         if s.params_on_ssd(group):
             slot, out = s.ssd_params.write_buffer(group)
         s.steps[i] += 1
-        if s.on_ssd(group):
-            # Piece by piece as the states stream through the staging ring: element ranges of the piece,
-            # cut by the hyper-parameter segments they cross.
-            for piece, (first, last) in enumerate(self.ssd.piece_ranges(group)):
-                master, exp_avg, exp_avg_sq = self.ssd.acquire(group, piece)
-                if master is None:   # an fp32 group: its master is its compute copy, in host memory
-                    master = s.master[i][first:last]
-                for start, end, h in self.segments[i]:
-                    start, end = max(start, first), min(end, last)
-                    if start < end:
-                        a, b = start - first, end - first
-                        adamw_update(master[a:b], grad[start:end], exp_avg[a:b], exp_avg_sq[a:b], s.steps[i],
-                                     self.hypers[h], out=None if out is None else out[start:end],
-                                     num_threads=self.threads, grad_scale=grad_scale)
-                self.ssd.release(group, piece)
-            self._report(K.SSD_WRITE_STATES, group)
-        else:
-            master, exp_avg, exp_avg_sq = s.master[i], s.exp_avg[i], s.exp_avg_sq[i]
+        for first, last, (master, exp_avg, exp_avg_sq) in self._states(group):
+            # The state span's elements, cut by the hyper-parameter segments they cross.
             for start, end, h in self.segments[i]:
-                adamw_update(master[start:end], grad[start:end], exp_avg[start:end], exp_avg_sq[start:end],
-                             s.steps[i], self.hypers[h], out=None if out is None else out[start:end],
-                             num_threads=self.threads, grad_scale=grad_scale)
+                start, end = max(start, first), min(end, last)
+                if start < end:
+                    a, b = start - first, end - first
+                    adamw_update(master[a:b], grad[start:end], exp_avg[a:b], exp_avg_sq[a:b], s.steps[i],
+                                 self.hypers[h], out=None if out is None else out[start:end],
+                                 num_threads=self.threads, grad_scale=grad_scale)
+        if s.on_ssd(group):
+            self._report(K.SSD_WRITE_STATES, group)
         if slot is not None:
             s.ssd_params.commit_write(group, slot)
             self._report(K.SSD_WRITE_PARAMS, group)
+
+    def _states(self, group: ParamGroup):
+        """(first element, end element, (master, exp_avg, exp_avg_sq)) spans of the group's states: the whole
+        group when they live in host memory; on SSD, piece by piece as they stream through the staging ring,
+        each piece written back once the caller moves on to the next."""
+        s, i = self.store, group.index
+        if not s.on_ssd(group):
+            yield 0, group.numel, (s.master[i], s.exp_avg[i], s.exp_avg_sq[i])
+            return
+        for piece, (first, last) in enumerate(self.ssd.piece_ranges(group)):
+            master, exp_avg, exp_avg_sq = self.ssd.acquire(group, piece)
+            if master is None:   # an fp32 group: its master is its compute copy, in host memory
+                master = s.master[i][first:last]
+            yield first, last, (master, exp_avg, exp_avg_sq)
+            self.ssd.release(group, piece)
 
     def _report(self, kind, group: ParamGroup) -> None:
         if self.schedule is not None:
