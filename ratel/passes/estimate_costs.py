@@ -176,7 +176,7 @@ class UnitProfile:
 class _FusedAttention(torch.autograd.Function):
     """Attention with the memory CUDA's fused kernels use (memory-efficient attention: it takes masks and
     dropout; flash keeps the same tensors): the output and a float log-sum-exp per query row are saved,
-    never the scores. Only measured on fake tensors (see ``_attend_as_cuda_does``)."""
+    never the scores. Only run on tensors without data (see ``_stand_in``)."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, dropout_p, is_causal, scale):
@@ -204,21 +204,24 @@ def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *,
     return _FusedAttention.apply(q, k, v, attn_mask, dropout_p, is_causal, scale)
 
 
-def _attend_as_cuda_does(gm: fx.GraphModule) -> None:
-    """A unit planned for CUDA but measured without it (this machine has no GPU): the CPU's and meta's
-    scaled_dot_product_attention take the math path under dropout, holding batch x heads x seq² scores
-    (16 GiB per GPT-3-sized block at 8 x 1024) that CUDA's fused kernels never make. Measure those."""
-    _replace_attention(gm, _fused_attention)
-
-
-def _replace_attention(gm: fx.GraphModule, function) -> None:
-    changed = False
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is aten.scaled_dot_product_attention.default:
-            node.target = function
-            changed = True
-    if changed:
-        gm.recompile()
+def _stand_in(sub: fx.GraphModule, device: str, tensors_on: str) -> fx.GraphModule:
+    """A copy of a unit for ``device`` that runs on ``tensors_on`` tensors: its device arguments retargeted,
+    its attention taking the kernel ``device`` would. Why: the CPU's (under dropout) and meta's
+    scaled_dot_product_attention take the math path, holding batch x heads x seq² scores (16 GiB per
+    GPT-3-sized block at 8 x 1024) that CUDA's fused kernels never make; and meta never takes the CPU's
+    flash kernel. A CPU unit on fake CPU tensors needs neither."""
+    attention = (_fused_attention if device.startswith("cuda") else
+                 _attend_as_the_cpu_does if tensors_on == "meta" else None)
+    copied = copy.deepcopy(sub)
+    for module in [m for m in copied.modules() if isinstance(m, fx.GraphModule)]:
+        canonicalize(module, torch.device(device), torch.device(tensors_on))
+        calls = [n for n in module.graph.nodes if attention is not None and n.op == "call_function"
+                 and n.target is aten.scaled_dot_product_attention.default]
+        for node in calls:
+            node.target = attention
+        if calls:
+            module.recompile()
+    return copied
 
 
 _SDPA_FLASH = 1   # torch's SDPBackend numbering, as ``torch._fused_sdp_choice`` answers
@@ -264,34 +267,22 @@ def profile_unit(sub: fx.GraphModule, call: UnitCall, device: str,
 
     A unit for the CPU, or for CUDA on a machine without it, runs on meta tensors (five times cheaper than
     fake tensors at a new shape: a new input shape re-plans every unit), its attention calls taking the
-    kernel the target would (``_attend_as_the_cpu_does``, ``_attend_as_cuda_does``); a unit meta kernels
-    cannot run, and a unit for a GPU this machine has, runs on fake tensors of the target device (sdpa then
-    picks its real backend).
+    kernel the target would (``_stand_in``); a unit meta kernels cannot run, and a unit for a GPU this
+    machine has, runs on fake tensors of the target device (sdpa then picks its real backend).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     if device.startswith("cuda") and torch.cuda.is_available():
         with FakeTensorMode(allow_non_fake_inputs=True):
             return _measure(sub, call, device, trainable)
-    on_meta = copy.deepcopy(sub)
-    for module in [m for m in on_meta.modules() if isinstance(m, fx.GraphModule)]:
-        canonicalize(module, torch.device(device), torch.device("meta"))
-        if device.startswith("cuda"):
-            _attend_as_cuda_does(module)
-        else:
-            _replace_attention(module, _attend_as_the_cpu_does)
     try:
-        return _measure(on_meta, call, "meta", trainable, names_from=sub, as_cpu=device == "cpu")
+        return _measure(_stand_in(sub, device, "meta"), call, "meta", trainable, names_from=sub,
+                        as_cpu=device == "cpu")
     except (NotImplementedError, RuntimeError, _NotOnMeta) as why:
         log.debug("ratel: unit %s measured on fake tensors (meta: %s)", call.module, why)
     # Planning for a GPU this machine lacks: fake CUDA tensors cannot run autograd without CUDA, so the unit
-    # is measured as CPU kernels would run it (its device arguments retargeted on a copy).
-    measured = sub
-    if device != "cpu":
-        measured = copy.deepcopy(sub)
-        for module in [m for m in measured.modules() if isinstance(m, fx.GraphModule)]:
-            canonicalize(module, torch.device(device), torch.device("cpu"))
-            _attend_as_cuda_does(module)
+    # is measured as CPU kernels would run it.
+    measured = sub if device == "cpu" else _stand_in(sub, device, "cpu")
     with FakeTensorMode(allow_non_fake_inputs=True):
         return _measure(measured, call, "cpu", trainable, names_from=sub)
 
