@@ -35,6 +35,7 @@ import ratel
 from ratel.errors import BudgetError
 from ratel.ir import Tier
 from ratel.models import GPT, GPTConfig
+from ratel.passes.simulate import ssd_bytes_moved
 from ratel.runtime.swapper import Swapper, aligned_empty
 
 
@@ -66,13 +67,6 @@ def raw_rates(folder: str, nbytes: int) -> dict:
 
 def roofline(read: float, written: float, disk: dict) -> float:
     return max(read / disk["read"], written / disk["write"], (read + written) / disk["both"])
-
-
-def ssd_bytes(plan) -> tuple[int, int]:
-    """(read, written) bytes the plan moves on the SSD lane per step."""
-    read = sum(t.nbytes for t in plan.transfers if t.lane == "ssd" and t.src == Tier.SSD)
-    written = sum(t.nbytes for t in plan.transfers if t.lane == "ssd" and t.dst == Tier.SSD)
-    return read, written
 
 
 def write_random_weights(model, path: Path) -> None:
@@ -116,7 +110,7 @@ def run(meta_model, ids, gpu_budget, host, ssd_dir, weights, steps, activations)
     swapper.wait_all()
     moved = {k: (swapper.stats()[k] - counted[k]) / steps for k in ("bytes_read", "bytes_written")}
     plan = engine.plan
-    read, written = ssd_bytes(plan)
+    read, written = ssd_bytes_moved(plan.transfers)
     placement = plan.placement
     out = {"step": statistics.median(times), "range": [min(times), max(times)], "predicted": plan.times.total,
            "planned_read": read, "planned_written": written, "read": moved["bytes_read"],

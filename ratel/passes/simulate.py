@@ -166,13 +166,19 @@ def what(kind: K) -> str:
     return _MOVES[kind]
 
 
+def ssd_bytes_moved(transfers) -> tuple[int, int]:
+    """(bytes read, bytes written) on the SSD lane by these transfers: one step's, for a plan's."""
+    read = sum(t.nbytes for t in transfers if t.lane == "ssd" and t.kind.spec.dst == Tier.HOST)
+    written = sum(t.nbytes for t in transfers if t.lane == "ssd" and t.kind.spec.src == Tier.HOST)
+    return read, written
+
+
 def _ssd_rate(transfers, hw) -> float:
     """Bytes per second of the SSD lane for this plan's mix of reads and writes. Its two channels run side
     by side, so the lane moves the step's bytes in max(read / read rate, written / write rate, both / both
     rate) — the roofline measured SSD-bound steps run at 0.85-1.0 of (benchmarks/RESULTS.md); the lane is
     simulated as one queue at the rate that gives that time."""
-    read = sum(t.nbytes for t in transfers if t.lane == "ssd" and t.kind.spec.dst == Tier.HOST)
-    written = sum(t.nbytes for t in transfers if t.lane == "ssd" and t.kind.spec.src == Tier.HOST)
+    read, written = ssd_bytes_moved(transfers)
     if not read and not written:
         return hw.ssd_read_gbps * 1e9
     seconds = max(read / (hw.ssd_read_gbps * 1e9), written / (hw.ssd_write_gbps * 1e9),
