@@ -231,10 +231,14 @@ def _name_candidate(node: fx.Node) -> str:
     return re.sub(r"_\d+$", "", node.name)
 
 
+def _concrete(size, size_of) -> int:
+    return size_of(size) if isinstance(size, torch.SymInt) else int(size)
+
+
 def _concrete_shape(val, size_of) -> tuple | None:
     if not isinstance(val, torch.Tensor):
         return None
-    return tuple(size_of(s) if isinstance(s, torch.SymInt) else int(s) for s in val.shape)
+    return tuple(_concrete(s, size_of) for s in val.shape)
 
 
 def _full_slice(node: fx.Node, args: tuple, sizes_of: dict) -> bool:
@@ -266,20 +270,18 @@ def _propagate_fakes(gm: fx.GraphModule, source: fx.GraphModule, flat_inputs: li
     user_values = dict(zip(user_names, flat_inputs))
     storages: dict[StorageWeakRef, torch.Tensor] = {}    # symbolic storage -> a concrete tensor on its twin
 
-    def concrete(value):
-        return size_of(value) if isinstance(value, torch.SymInt) else int(value)
-
     def rebuilt(symbolic: torch.Tensor) -> torch.Tensor | None:
         key = StorageWeakRef(symbolic.untyped_storage())
         base = storages.get(key)
         if base is None:
-            base = torch.empty(concrete(symbolic.untyped_storage().nbytes()) // symbolic.element_size(),
+            base = torch.empty(_concrete(symbolic.untyped_storage().nbytes(), size_of) // symbolic.element_size(),
                                dtype=symbolic.dtype, device=symbolic.device)
             storages[key] = base
         elif base.dtype != symbolic.dtype:
             return None
-        return base.as_strided(tuple(concrete(d) for d in symbolic.shape),
-                               tuple(concrete(d) for d in symbolic.stride()), concrete(symbolic.storage_offset()))
+        return base.as_strided(_concrete_shape(symbolic, size_of),
+                               tuple(_concrete(d, size_of) for d in symbolic.stride()),
+                               _concrete(symbolic.storage_offset(), size_of))
 
     # No autograd: export's metadata carries no requires_grad on computed values.
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
