@@ -6,6 +6,8 @@ any memory is taken), materialises the parameters into host memory and returns a
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -16,6 +18,7 @@ from ratel.ir.budget import Budget, parse_bytes
 from ratel.ir.hardware import HardwareProfile
 from ratel.runtime.calibrate import detect, this_machine
 from ratel.runtime.optimizer import AdamW
+from ratel.runtime.ranks import Ranks
 from ratel.trace import default_kwargs
 
 
@@ -56,14 +59,24 @@ def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | Non
     resume          a folder ``engine.save`` wrote: weights, Adam states, update count, param-group
                     hyper-parameters and RNG states are restored, so the following steps equal those of the
                     run that saved it (``engine.resumed`` has its step and state=; ``engine.restore_scheduler``)
+
+    Several GPUs: under ``torchrun --nproc-per-node N`` every rank calls ``compile`` and trains on its own rows
+    of each global batch, as with DistributedDataParallel (``torch.distributed`` is initialised here when the
+    caller has not; each rank takes GPU ``LOCAL_RANK``). Gradients are averaged over the ranks and each rank's
+    CPU AdamW updates 1/N of every parameter group (``ratel.runtime.ranks``). ``Budget.host`` and ``Budget.ssd``
+    are per host: its ranks share them. ``engine.save`` and ``engine.state_dict`` are then collectives (every rank
+    calls them; rank 0 writes), and a checkpoint resumes on any number of ranks.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"ratel.compile expects an nn.Module, got {type(model).__name__}")
+    ranks = Ranks.of_environment()
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+        device = torch.device("cuda", _local_gpu(ranks))
     # The plan is executed here: it prices the host memory of this process's CPU AdamW kernel.
     hardware = this_machine(hardware) if hardware is not None else detect(device)
+    if ranks is not None:       # one measurement for all: ranks that plan alike run the same collectives
+        hardware = ranks.from_rank0(hardware)
     checkpoint = None
     if resume is not None:
         if weights is not None:
@@ -71,13 +84,23 @@ def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | Non
         checkpoint = open_checkpoint(resume, model)
     engine = Engine(model, _as_budget(budget), optimizer, device, hardware, weights=weights,
                     depth=depth, progress=progress, keep_swap_files=keep_swap_files, activations=activations,
-                    accumulate=accumulate, max_grad_norm=max_grad_norm, resume=checkpoint, keep_logits=keep_logits)
+                    accumulate=accumulate, max_grad_norm=max_grad_norm, resume=checkpoint, keep_logits=keep_logits,
+                    ranks=ranks)
     if example_inputs is not None:
         example_inputs = tuple(example_inputs)
         kwargs = default_kwargs(model, example_inputs, example_kwargs)
         engine._latest, _ = engine._program(tuple(engine._to_device(a) for a in example_inputs),
                                             {k: engine._to_device(v) for k, v in kwargs.items()})
     return engine
+
+
+def _local_gpu(ranks: Ranks | None) -> int:
+    """Under torchrun each rank of a host takes its own GPU (LOCAL_RANK), unless the caller chose one."""
+    if ranks is None:
+        return torch.cuda.current_device()
+    local = int(os.environ.get("LOCAL_RANK", ranks.rank % ranks.local_world))
+    torch.cuda.set_device(local)
+    return local
 
 
 __all__ = ["AdamW", "Budget", "BudgetError", "Engine", "compile", "parse_bytes"]

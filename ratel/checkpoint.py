@@ -96,6 +96,15 @@ def save(engine, path, *, scheduler=None, state: Any = None, max_shard_size: int
     optimizer.wait_all()
     # Before any byte is written: a state that cannot be saved is refused at once, not after the tensors.
     trainer_state = _trainer_state(engine, scheduler, state)
+    ranks = engine._ranks
+    if ranks is not None:
+        # Each rank holds current states only in its slice: gather them, then rank 0 writes the checkpoint
+        # alone, one that loads on any number of ranks (each reads all of it).
+        store.gather_states()
+        if ranks.rank != 0:
+            if not ranks.all_agree(True):
+                raise RatelError(f"rank {ranks.rank}: rank 0 failed to write the checkpoint {path} (its error says why)")
+            return Path(path).absolute()
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.parent / f".{path.name}.partial-{os.getpid()}-{time.time_ns()}"
@@ -103,6 +112,7 @@ def save(engine, path, *, scheduler=None, state: Any = None, max_shard_size: int
     start = time.perf_counter()
     pool = hash_pool()
     weights = states = None
+    told_ranks = ranks is None
     try:
         weight_entries, state_entries = store.checkpoint_entries()
         buffers = [(name, value.detach().cpu().contiguous()) for name, value in _buffers(engine)]
@@ -124,7 +134,10 @@ def save(engine, path, *, scheduler=None, state: Any = None, max_shard_size: int
         _write_json(partial / MANIFEST, {"format": FORMAT, "step": trainer_state["step"], "files": files}, None)
         _fsync_dir(partial)
         _replace(partial, path)
+        told_ranks = ranks is None or ranks.all_agree(True)
     except BaseException:
+        if not told_ranks:
+            ranks.all_agree(False)
         for writer in (weights, states):
             if writer is not None:
                 writer.abort()
@@ -158,7 +171,8 @@ def _trainer_state(engine, scheduler, state: Any) -> dict:
     out = {"format": FORMAT, "step": engine.global_step, "optimizer_step": steps.pop() if steps else 0,
            "param_groups": groups, "scheduler": scheduler.state_dict() if scheduler is not None else None,
            "state": state, "rng": rng, "model": {"class": type(model).__name__, "parameters": _parameter_list(model)},
-           "accumulate": engine.accumulate, "max_grad_norm": engine.max_grad_norm, "time": time.time()}
+           "accumulate": engine.accumulate, "max_grad_norm": engine.max_grad_norm, "world_size": engine.world_size,
+           "time": time.time()}
     try:
         json.dumps(out)
     except TypeError as exc:

@@ -10,6 +10,8 @@ reaches).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from torch import nn
 from ratel.checkpoint import Checkpoint, Resumed, restore_rng, save as save_checkpoint
 from ratel.errors import BudgetError, RatelError
 from ratel.runtime.tensor_files import CheckpointError
-from ratel.ir import Plan, canonical_parameter_names, format_bytes
+from ratel.ir import Plan, TransferKind as K, canonical_parameter_names, format_bytes
 from ratel.ir.budget import Budget
 from ratel.ir.hardware import HardwareProfile
 from ratel.ir.layout import program_pool_bytes
@@ -37,6 +39,15 @@ from ratel.runtime.recorder import Recorder
 from ratel.trace import call_kwargs, capturing
 
 log = logging.getLogger("ratel")
+
+
+def _schedule_fingerprint(plan: Plan) -> int:
+    """What the ranks' collectives follow (the parameter groups and when each gradient goes out and each
+    update is issued), as a number every rank must agree on."""
+    collective = (K.FLUSH_GRADS, K.OPTIMIZER_STEP)
+    text = repr(([(g.name, g.numel, g.update_unit) for g in plan.groups],
+                 [(t.kind.value, t.subject, t.step) for t in plan.transfers if t.kind in collective]))
+    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:7], "little")
 
 
 class LogitsNotKept:
@@ -71,7 +82,7 @@ class Engine:
                  hardware: HardwareProfile, weights=None, depth: int = 2, max_programs: int = 128,
                  progress: bool = True, keep_swap_files: bool = False, activations: str = "auto",
                  accumulate: int = 1, max_grad_norm: float | None = None, resume: Checkpoint | None = None,
-                 keep_logits: bool = False):
+                 keep_logits: bool = False, ranks=None):
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise ValueError(f"accumulate={accumulate!r}: give the number of micro-batches per update, an int >= 1")
         if max_grad_norm is not None and not (float(max_grad_norm) > 0):
@@ -80,7 +91,13 @@ class Engine:
         self.model = model
         self.device = device
         self.hardware = hardware
+        #: the data-parallel ranks this engine is one of (``ratel.runtime.ranks.Ranks``), or None
+        self._ranks = ranks
         self.budget = budget.resolved(hardware)
+        if ranks is not None:    # host memory and SSD budgets are per host: its ranks share them
+            self.budget = dataclasses.replace(self.budget, host=self.budget.host // ranks.local_world,
+                                              ssd=None if self.budget.ssd is None
+                                              else self.budget.ssd // ranks.local_world)
         self.accumulate = accumulate
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         groups, defaults, self._group_of = build_param_groups(model, optimizer)
@@ -104,7 +121,8 @@ class Engine:
         self._resources = Resources(model, device, self.budget, weights=weights, progress=progress,
                                     keep_swap_files=keep_swap_files,
                                     checkpoint=resume.tensors() if resume is not None else None,
-                                    optimizer_step=resume.state["optimizer_step"] if resume is not None else 0)
+                                    optimizer_step=resume.state["optimizer_step"] if resume is not None else 0,
+                                    ranks=ranks)
         self._programs = ProgramCache(max_programs)
         self._traces = TraceCache()        # one symbolic capture per call signature, shared by its shapes
         self.keep_swap_files = keep_swap_files
@@ -153,6 +171,12 @@ class Engine:
                               "cutting blocks in two may fit this shape: compile with the largest shape as "
                               "example_inputs.", tier="gpu", needed=error.needed, budget=error.budget) from None
         self._split_blocks = traced.split_blocks
+        if self._ranks is not None:
+            if self._optimizer is not None:
+                self._optimizer.wait_all()    # its worker's collectives are over before this thread's
+            self._ranks.same_everywhere(_schedule_fingerprint(plan), "the plan of this input shape",
+                                        "every rank must run the same input shapes (the same batch and sequence "
+                                        "sizes at each step) with the same budget and options")
         if not self._resources.created:
             self._resources.create(plan, traced, Hyper.of(self.optimizer.defaults),
                                    segments=segments_of(plan.groups, self._group_of),
@@ -238,6 +262,16 @@ class Engine:
         if self._recorder is not None:
             self.last_step = self._recorder.finish()
             self._recorder = None
+
+    @property
+    def rank(self) -> int:
+        """This process's rank among the data-parallel ranks (0 with one process)."""
+        return self._ranks.rank if self._ranks is not None else 0
+
+    @property
+    def world_size(self) -> int:
+        """The number of data-parallel ranks (``torchrun --nproc-per-node``); 1 with one process."""
+        return self._ranks.world if self._ranks is not None else 1
 
     @property
     def grad_norm(self) -> float | None:
@@ -381,7 +415,8 @@ class Engine:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The model's persistent state under its own names, as CPU tensors: the fp32 master of every
         parameter (frozen ones: their values) and the persistent buffers, so
-        ``fresh_model.load_state_dict(engine.state_dict())`` loads strictly. Waits for updates in flight."""
+        ``fresh_model.load_state_dict(engine.state_dict())`` loads strictly. Waits for updates in flight.
+        With several ranks it is a collective: every rank calls it (each updates only its slice of the masters)."""
         self._check_open("read the state_dict")
         if self._store is None:
             raise RatelError("no parameters yet: compile with example_inputs or run a forward first")

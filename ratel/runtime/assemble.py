@@ -63,8 +63,10 @@ class Resources:
     """What the programs of one engine share, created from its first plan (see the module docstring)."""
 
     def __init__(self, model: nn.Module, device: torch.device, budget: Budget, *, weights=None,
-                 progress: bool = True, keep_swap_files: bool = False, checkpoint=None, optimizer_step: int = 0):
+                 progress: bool = True, keep_swap_files: bool = False, checkpoint=None, optimizer_step: int = 0,
+                 ranks=None):
         self.model = model
+        self.ranks = ranks                      # data-parallel ranks (ratel.runtime.ranks), or None
         self.checkpoint = checkpoint            # a TensorSet to resume from, read once by create()
         self.optimizer_step = optimizer_step
         self.device = device
@@ -84,6 +86,12 @@ class Resources:
         self.buffers: dict[str, torch.Tensor] | None = None
 
     @property
+    def key(self) -> str:
+        """The folder of this engine's swap files under each SSD folder (one per rank: ranks share the SSDs)."""
+        key = model_key(self.model)
+        return f"{key}-rank{self.ranks.rank}" if self.ranks is not None else key
+
+    @property
     def created(self) -> bool:
         return self.store is not None
 
@@ -98,26 +106,29 @@ class Resources:
                max_grad_norm: float | None) -> None:
         """Materialise the parameters and states the plan places (once, from the first plan)."""
         if plan.memory.ssd_total:
-            check_ssd_space(plan.memory.ssd_total, ssd_dirs(self.budget.ssd_dir), model_key(self.model))
+            # The ranks of one host share its SSDs: each puts its own copy there.
+            on_host = self.ranks.local_world if self.ranks is not None else 1
+            check_ssd_space(plan.memory.ssd_total * on_host, ssd_dirs(self.budget.ssd_dir), self.key)
         ssd_groups = [g for g in plan.groups if g.trainable and plan.placement.optimizer_tier_of(g.name) == Tier.SSD]
         if ssd_groups:
-            self.ssd = SsdStates(self.ssd_lane(), ssd_groups, model_key(self.model),
+            self.ssd = SsdStates(self.ssd_lane(), ssd_groups, self.key,
                                  order=plan.ssd_state_order())
         params_on_ssd = [g for g in plan.groups if plan.placement.param_tier_of(g.name) == Tier.SSD]
         self.store_pool = PinnedPool(store_pool_bytes(plan.groups, {g.name for g in params_on_ssd}, accumulate,
                                                       max_grad_norm is not None),
                                      pin=self.device.type == "cuda")
-        ssd_params = (SsdParams(self.ssd_lane(), params_on_ssd, model_key(self.model), self.store_pool)
+        ssd_params = (SsdParams(self.ssd_lane(), params_on_ssd, self.key, self.store_pool)
                       if params_on_ssd else None)
         self.store = ParamStore(plan, self.device, self.store_pool, ssd=self.ssd, ssd_params=ssd_params,
                                 accumulate=accumulate, clip=max_grad_norm is not None)
+        self.store.ranks = self.ranks
         self.store.load(self.model, self.weights, progress=self.progress, checkpoint=self.checkpoint,
                         step=self.optimizer_step)
         if self.checkpoint is not None:
             self.checkpoint.close()
             self.checkpoint = None
         self.optimizer = CPUOptimizer(self.store, hyper, ssd=self.ssd, segments=segments, accumulate=accumulate,
-                                      max_grad_norm=max_grad_norm, norm_order=norm_order)
+                                      max_grad_norm=max_grad_norm, norm_order=norm_order, ranks=self.ranks)
         self.buffers = load_buffers(self.model, traced, self.device)
 
     def program(self, gm: fx.GraphModule, plan: Plan) -> Program:
@@ -131,7 +142,7 @@ class Resources:
         if any(d.tier == Tier.SSD for u in plan.activations.units for d in u.decisions):
             layout = tuple((u.unit, d.key, d.nbytes) for u in plan.activations.units for d in u.decisions
                            if d.tier == Tier.SSD)
-            name = f"{model_key(self.model)}/activations-{hashlib.sha1(repr(layout).encode()).hexdigest()[:10]}"
+            name = f"{self.key}/activations-{hashlib.sha1(repr(layout).encode()).hexdigest()[:10]}"
             ssd_saved = SsdSaved(self.ssd_lane(), plan.activations, pool, name)
         saved = SavedActivations(self.lanes, pool, self.device, ssd_saved)
         runtime = Runtime(gm, plan, self.store, self.buffers, self.lanes, activations, self.optimizer, saved)

@@ -15,6 +15,8 @@ depending on where the step is in its update cycle:
                  gradient scaled by the clip coefficient. A non-finite norm skips the step: no state changes.
 
 ``wait(group)`` blocks until a group's work is done: the next forward never reads a stale weight.
+With several ranks (``ratel.runtime.ranks``), the updating micro-batch first averages the group's gradient
+over the ranks, then updates this rank's slice of it and gathers the other slices' new weights.
 Hyper-parameters (lr, betas, eps, weight decay) come per parameter *segment*: a flat group may hold
 parameters of several user param groups (no weight decay on norms and biases), each updated with its own.
 """
@@ -114,8 +116,9 @@ class CPUOptimizer:
     """
 
     def __init__(self, store, cfg: AdamW | Hyper, ssd=None, *, segments: dict | None = None, accumulate: int = 1,
-                 max_grad_norm: float | None = None, norm_order: tuple = ()):
+                 max_grad_norm: float | None = None, norm_order: tuple = (), ranks=None):
         self.store = store
+        self.ranks = ranks             # several data-parallel ranks, or None
         self.ssd = ssd
         self.cfg = cfg
         self.accumulate = int(accumulate)
@@ -190,7 +193,7 @@ class CPUOptimizer:
     def norms_on_device(self) -> bool:
         """Whether the runtime computes per-parameter norms where the gradient is made (clipping without
         accumulation: the device holds the whole gradient of each parameter, and the norms cost nothing there)."""
-        return self.deferred and self.accumulate == 1
+        return self.deferred and self.accumulate == 1 and self.ranks is None
 
     def submit(self, group: ParamGroup, copied, recorder=None, step: int = -1, norms=None) -> None:
         """Take ``group``'s gradient once the event ``copied`` (its D2H copy) has completed; ``norms``: its
@@ -212,6 +215,10 @@ class CPUOptimizer:
     def finish_cycle(self) -> None:
         """``engine.step()``: make sure this cycle's update is applied, even after fewer than k micro-batches
         (the last, partial accumulation of an epoch), then wait for it."""
+        if self.ranks is not None:
+            self.wait_all()     # the worker's collectives are over: this thread's cannot interleave with them
+            self.ranks.same_everywhere(self.micro, "the number of backward() calls before step()",
+                                       "every rank runs the same number of micro-batches per update")
         if 0 < self.micro < self.accumulate:
             for g in self.forward_order:
                 self._done[g.index].clear()
@@ -257,6 +264,9 @@ class CPUOptimizer:
                 elif item[0] == "finalize":
                     self._clip_and_update(list(item[1]))
                 elif item[0] == "partial":
+                    if self.ranks is not None:
+                        for g in self.forward_order:
+                            self.ranks.average_(self.acc[g.index])
                     if self.deferred:
                         for g in self.forward_order:
                             self._norms[g.index] = self._param_norms(g, self.acc[g.index])
@@ -281,6 +291,8 @@ class CPUOptimizer:
                 accumulate_(acc, grad, copy=micro == 0, num_threads=self.threads)
                 self.store.grad_consumed(group)
                 grad = acc
+            if final and self.ranks is not None:
+                self.ranks.average_(grad)     # once per cycle, on the sum of its micro-batches
             if final and self.deferred:
                 self._norms[group.index] = norms if norms is not None else self._param_norms(group, grad)
                 self._recorder = (recorder, step)
@@ -349,15 +361,18 @@ class CPUOptimizer:
         if s.params_on_ssd(group):
             slot, out = s.ssd_params.write_buffer(group)
         s.steps[i] += 1
+        mine = self.ranks.shard(group.numel) if self.ranks is not None else (0, group.numel)
         for first, last, (master, exp_avg, exp_avg_sq) in self._states(group):
-            # The state span's elements, cut by the hyper-parameter segments they cross.
+            # The state span's elements, cut by the hyper-parameter segments they cross (and this rank's slice).
             for start, end, h in self.segments[i]:
-                start, end = max(start, first), min(end, last)
+                start, end = max(start, first, mine[0]), min(end, last, mine[1])
                 if start < end:
                     a, b = start - first, end - first
                     adamw_update(master[a:b], grad[start:end], exp_avg[a:b], exp_avg_sq[a:b], s.steps[i],
                                  self.hypers[h], out=None if out is None else out[start:end],
                                  num_threads=self.threads, grad_scale=grad_scale)
+        if self.ranks is not None:
+            self.ranks.gather_(out if out is not None else s.master[i])    # the next forward's weights
         if s.on_ssd(group):
             self._report(K.SSD_WRITE_STATES, group)
         if slot is not None:

@@ -65,6 +65,8 @@ class ParamStore:
     def __init__(self, plan: Plan, device: torch.device, pool: PinnedPool, ssd=None, ssd_params=None,
                  accumulate: int = 1, clip: bool = False):
         self.plan = plan
+        self.ranks = None               # several data-parallel ranks: masters and moments are current only in
+                                        # this rank's slice of each group until gathered
         self.ssd = ssd                  # SsdStates holding the optimizer states of groups placed on SSD
         self.ssd_params = ssd_params    # SsdParams holding the compute copies of groups placed on SSD
         self.groups = plan.groups
@@ -224,6 +226,25 @@ class ParamStore:
                     states += [(f"{kind}/{name}", torch.float32, tuple(shape)) for kind in kinds]
         return weights, states
 
+    def gather_states(self) -> None:
+        """With several ranks: every rank's slice of the masters and Adam moments goes to all of them (SSD-resident
+        states are read, gathered and written back), so any rank holds the whole state (a collective)."""
+        for g in self.groups:
+            if not g.trainable:
+                continue
+            if self.on_ssd(g):
+                current = self.ssd.read_group(g)
+                for state in current:
+                    if state is not None:
+                        self.ranks.gather_(state)
+                with self.ssd.staged(g) as staged:
+                    for into, value in zip(staged, current):
+                        if into is not None:
+                            into.copy_(value)
+            else:
+                for state in (self.master[g.index], self.exp_avg[g.index], self.exp_avg_sq[g.index]):
+                    self.ranks.gather_(state)
+
     def write_checkpoint(self, weights, states, progress: bool = True) -> None:
         """Stream every value and state into the writers ``weights`` and ``states`` (``put(name, tensor)``,
         ``wait_hashes()``), a group at a time: groups on SSD pass through one staging buffer, never all at once."""
@@ -268,6 +289,8 @@ class ParamStore:
                 source = self.master[g.index]
             else:
                 source = self.ssd.read_master(g)
+            if self.ranks is not None and g.trainable:
+                self.ranks.gather_(source)
             for name, shape, offset in zip(g.params, g.shapes, g.offsets):
                 value = source[offset:offset + math.prod(shape)].view(shape).clone()
                 for alias in aliases.get(name, [name]):

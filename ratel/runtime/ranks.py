@@ -1,0 +1,91 @@
+"""Data parallel over ``torch.distributed``: the ranks of one training job and what they exchange.
+
+Each rank runs its own engine on its share of the global batch (as with DistributedDataParallel, the user
+gives each rank its rows). Gradients land in host memory as on one GPU; then, once per update cycle, each
+group's gradient is averaged over the ranks (all-reduce), every rank's CPU AdamW updates only its own slice
+of the group (``shard``: 1/N of the elements), and each slice's new compute copy is sent to the other ranks
+(``gather_``), so every rank holds the same weights for the next forward. Masters and Adam moments outside a
+rank's slice are not kept current on that rank: a checkpoint or ``state_dict()`` gathers them first, which
+is why those are collectives (every rank calls them).
+
+Collectives run on a gloo group of their own, created when the engine is compiled: the host tensors they
+move are the CPU optimizer's, it issues them from its worker thread, and a group of its own keeps them from
+interleaving with any collective the user's code runs on the default group.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ratel.errors import RatelError
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int
+    world: int
+    local_world: int                 # ranks on this host: they share its host memory and SSDs
+    group: object = None             # the gloo process group of Ratel's host collectives
+
+    @classmethod
+    def of_environment(cls) -> "Ranks | None":
+        """The job this process is a rank of (``torchrun`` sets WORLD_SIZE), or None for one process. The
+        default process group is initialised here when the caller has not (NCCL with GPUs, else gloo)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if not dist.is_available() or (world <= 1 and not dist.is_initialized()):
+            return None
+        if not dist.is_initialized():
+            if "MASTER_ADDR" not in os.environ:
+                raise RatelError(f"WORLD_SIZE={world} but no MASTER_ADDR: start the job with torchrun "
+                                 "(torchrun --nproc-per-node N train.py), or call "
+                                 "torch.distributed.init_process_group() before ratel.compile")
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        world = dist.get_world_size()
+        if world == 1:
+            return None
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        return cls(dist.get_rank(), world, local, dist.new_group(backend="gloo"))
+
+    # ------------------------------------------------------------------ slices of a flat group
+    def shard(self, numel: int, rank: int | None = None) -> tuple[int, int]:
+        """The elements ``[start, end)`` of a flat group of ``numel`` that ``rank`` (default: this one) updates."""
+        rank = self.rank if rank is None else rank
+        chunk = -(-numel // self.world)
+        return min(numel, rank * chunk), min(numel, (rank + 1) * chunk)
+
+    # ------------------------------------------------------------------ collectives (every rank, same order)
+    def average_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (a host gradient) becomes its mean over the ranks, as DistributedDataParallel averages."""
+        dist.all_reduce(tensor, group=self.group)
+        return tensor.div_(self.world)
+
+    def gather_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's slice of the flat ``tensor`` goes to all ranks: afterwards each holds all of it."""
+        for rank in range(self.world):
+            start, end = self.shard(tensor.numel(), rank)
+            if start < end:
+                dist.broadcast(tensor[start:end], src=rank, group=self.group)
+        return tensor
+
+    def all_agree(self, ok: bool) -> bool:
+        """Whether every rank says ``ok`` (one failing rank fails them all, instead of leaving them waiting)."""
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
+        dist.all_reduce(flag, group=self.group)
+        return int(flag) == 0
+
+    def same_everywhere(self, value: int, what: str, hint: str) -> None:
+        """Raise, on every rank, unless every rank passes the same ``value`` (e.g. a count of micro-batches)."""
+        values = torch.tensor([value, -value], dtype=torch.int64)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+        if int(values[0]) != value or -int(values[1]) != value:
+            raise RatelError(f"rank {self.rank}: {what} differs between ranks (here {value}; from "
+                             f"{-int(values[1])} to {int(values[0])} across them): {hint}")
+
+    def from_rank0(self, value):
+        """Rank 0's ``value`` on every rank (what all must decide alike, e.g. the measured hardware)."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]

@@ -1,0 +1,108 @@
+"""One data-parallel training run, started by the rank tests under torchrun (gloo, CPU)::
+
+    torchrun --standalone --nproc-per-node N ranks_run.py OUT --steps S [--resume CKPT] [--save-at K] [--ssd]
+
+Each rank trains a small Llama on its share of a global batch of ``ROWS`` rows per micro-batch (``ACCUMULATE``
+micro-batches per update, the loss divided by k, clipping at ``MAX_NORM``, per-group weight decay). Rank 0
+writes OUT/result.pt: the mean loss over the ranks of every micro-batch, the gradient norms and the final
+``state_dict()``. ``--save-at K`` checkpoints into OUT/checkpoint after update K; ``--ssd`` puts every
+optimizer state on SSD (give ``--layers 4``: 2 layers' states take less host memory than SSD staging) (a folder per run under OUT). ``--init-by-ratel`` leaves the process group to
+``ratel.compile``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ratel  # noqa: E402
+from helpers import batches, host_minimum, make_model, no_decay_groups  # noqa: E402
+
+ROWS = 6            # divides by 1, 2 and 3 ranks
+ACCUMULATE = 2
+MAX_NORM = 0.5
+LR = 2e-3
+STEPS = 4
+DATA = batches(STEPS * ACCUMULATE, batch=ROWS)
+
+
+def build(resume=None, ssd_dir: Path | None = None, layers: int = 2):
+    model = make_model("llama", layers=layers)
+    ids = DATA[0][0]
+    budget = ratel.Budget(gpu="1GiB", host="1TiB")
+    if ssd_dir is not None:
+        ssd_dir.mkdir(parents=True, exist_ok=True)
+        # Budget.host is the host's, shared by its ranks
+        ranks = dist.get_world_size() if dist.is_initialized() else 1
+        budget = ratel.Budget(gpu="1GiB", host=host_minimum(model, _share(ids), ACCUMULATE) * ranks,
+                              ssd_dir=str(ssd_dir))
+    opt = torch.optim.AdamW(no_decay_groups(model, 0.1), lr=LR)
+    return ratel.compile(model, budget=budget, optimizer=opt, example_inputs=(_share(ids),), device="cpu",
+                         progress=False, accumulate=ACCUMULATE, max_grad_norm=MAX_NORM, resume=resume)
+
+
+def _share(rows: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a global micro-batch (all of them with one process)."""
+    if not dist.is_initialized():
+        return rows
+    n, r = dist.get_world_size(), dist.get_rank()
+    per = rows.shape[0] // n
+    return rows[r * per:(r + 1) * per]
+
+
+def train(engine, start: int, stop: int, save_at: int | None = None, folder: Path | None = None):
+    losses, norms = [], []
+    for step in range(start, stop):
+        for micro in range(ACCUMULATE):
+            ids, labels = DATA[step * ACCUMULATE + micro]
+            loss = engine(_share(ids), labels=_share(labels)).loss / ACCUMULATE
+            engine.backward(loss)
+            mean = loss.detach().clone()
+            if dist.is_initialized():     # a user's own collective, on the default group, between Ratel's
+                dist.all_reduce(mean)
+                mean /= dist.get_world_size()
+            losses.append(float(mean))
+        engine.step()
+        norms.append(engine.grad_norm)
+        if save_at is not None and step + 1 == save_at:
+            engine.save(folder, state={"next_step": step + 1})
+    return losses, norms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--resume", type=Path)
+    parser.add_argument("--save-at", type=int)
+    parser.add_argument("--ssd", action="store_true")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--init-by-ratel", action="store_true",
+                        help="leave torch.distributed to ratel.compile (the example batch is then the global one)")
+    args = parser.parse_args()
+    if not args.init_by_ratel:
+        dist.init_process_group("gloo")
+    args.out.mkdir(parents=True, exist_ok=True)
+    engine = build(args.resume, args.out / "ssd" if args.ssd else None, args.layers)
+    start = engine.resumed.step if engine.resumed is not None else 0
+    losses, norms = train(engine, start, args.steps, args.save_at, args.out / "checkpoint")
+    state = engine.state_dict()
+    swap_folders = sorted(p.name for p in (args.out / "ssd").glob("*")) if args.ssd else []
+    if engine.rank == 0:
+        torch.save({"losses": losses, "norms": norms, "state": state, "world_size": engine.world_size,
+                    "ssd_bytes": engine.plan.memory.ssd_total,
+                    "swap_folders": swap_folders},
+                   args.out / "result.pt")
+    engine.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

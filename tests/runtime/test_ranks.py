@@ -1,0 +1,113 @@
+"""Data parallel (ratel/runtime/ranks.py): gloo ranks under torchrun on the CPU train as one process does on
+the same global batch — accumulation, clipping, per-group weight decay — and a checkpoint written by one
+number of ranks resumes on another."""
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ratel
+from ratel.runtime.ranks import Ranks
+
+sys.path.insert(0, os.path.dirname(__file__))
+import ranks_run as run  # noqa: E402
+from helpers import make_model, no_decay_groups  # noqa: E402
+
+WORKER = Path(run.__file__)
+# Ranks sum gradients in another order than one process's backward: fp32 rounding, amplified a little by Adam.
+TOLERANCE = dict(rtol=1e-4, atol=2e-5)
+
+
+def torchrun(ranks: int, out: Path, *args: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(ratel.__file__).parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+                           str(WORKER), str(out), *args], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
+    return torch.load(out / "result.pt", weights_only=True)
+
+
+@functools.lru_cache
+def pytorch_reference(steps: int = run.STEPS, layers: int = 2):
+    """Plain PyTorch on the whole global batch, as a user writes it: loss / k per micro-batch,
+    clip_grad_norm_, torch.optim.AdamW(fused=True) with per-group weight decay."""
+    model = make_model("llama", layers=layers)
+    opt = torch.optim.AdamW(no_decay_groups(model, 0.1), lr=run.LR, fused=True)
+    losses, norms, states = [], [], []
+    for step in range(steps):
+        for micro in range(run.ACCUMULATE):
+            ids, labels = run.DATA[step * run.ACCUMULATE + micro]
+            loss = model(ids, labels=labels).loss / run.ACCUMULATE
+            loss.backward()
+            losses.append(loss.item())
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), run.MAX_NORM)))
+        opt.step()
+        opt.zero_grad()
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    moments = {f"{kind}/{name}": opt.state[p][kind].clone() for name, p in model.named_parameters()
+               for kind in ("exp_avg", "exp_avg_sq")}
+    return losses, norms, states, moments
+
+
+def assert_same_training(result: dict, reference, start: int = 0) -> None:
+    losses, norms, states, _ = reference
+    assert result["losses"] == pytest.approx(losses[start * run.ACCUMULATE:], rel=1e-5)
+    assert result["norms"] == pytest.approx(norms[start:], rel=1e-5)
+    assert max(norms) > run.MAX_NORM, "the run must clip for the test to say anything about clipping"
+    final = states[-1]
+    assert set(result["state"]) == set(final)
+    for name, value in final.items():
+        torch.testing.assert_close(result["state"][name], value, **TOLERANCE, msg=name)
+
+
+def test_a_slice_per_rank_covers_each_element_once():
+    for world in (1, 2, 3, 4, 7):
+        for numel in (0, 1, 2, 5, 6, 1000, 1001):
+            ranks = Ranks(rank=0, world=world, local_world=world)
+            covered = [i for r in range(world) for i in range(*ranks.shard(numel, r))]
+            assert covered == list(range(numel))
+
+
+def test_two_ranks_equal_one_process_and_their_checkpoint_resumes_on_one_and_on_three(tmp_path):
+    reference = pytorch_reference()
+    two = torchrun(2, tmp_path / "two", "--save-at", "2")
+    assert two["world_size"] == 2
+    assert_same_training(two, reference)
+    checkpoint = tmp_path / "two" / "checkpoint"
+
+    # One process, no torchrun: the checkpoint holds every rank's slice of the Adam states.
+    engine = run.build(resume=checkpoint)
+    assert engine.world_size == 1 and engine.resumed.step == 2
+    losses, norms = run.train(engine, 2, run.STEPS)
+    assert_same_training({"losses": losses, "norms": norms, "state": engine.state_dict()}, reference, start=2)
+    engine.close()
+
+    # ratel.compile starts torch.distributed itself here
+    three = torchrun(3, tmp_path / "three", "--resume", str(checkpoint), "--init-by-ratel")
+    assert three["world_size"] == 3
+    assert_same_training(three, reference, start=2)
+
+
+def test_three_ranks_with_every_optimizer_state_on_ssd_equal_one_process(tmp_path):
+    result = torchrun(3, tmp_path / "ssd", "--ssd", "--layers", "4", "--save-at", str(run.STEPS))
+    assert result["ssd_bytes"] > 0
+    reference = pytorch_reference(layers=4)
+    assert_same_training(result, reference)
+    # The checkpoint gathered each rank's slice of the Adam moments from its swap files
+    saved = {}
+    for file in (tmp_path / "ssd" / "checkpoint").glob("optimizer*.safetensors"):
+        saved.update(load_file(file))
+    moments = reference[3]
+    assert set(moments) <= set(saved)
+    for name, value in moments.items():
+        torch.testing.assert_close(saved[name], value, **TOLERANCE, msg=name)
+    # each rank swaps to files of its own
+    assert [name.rsplit("-", 1)[1] for name in result["swap_folders"]] == ["rank0", "rank1", "rank2"]
