@@ -1,0 +1,87 @@
+"""benchmarks/throughput.py: the --smoke run on the CPU end to end (every row in its own process, rows.jsonl,
+the table), and DeepSpeed's rows through a stand-in for its harness (DeepSpeed is not installed here)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import throughput  # noqa: E402  (benchmarks/throughput.py)
+
+
+def test_smoke_run_writes_a_row_per_configuration_and_the_table(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("OUT", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--smoke", "--batches", "1",
+                           "--out", str(out), "--ssd-dir", str(tmp_path / "ssd")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    by_system = {r["system"]: r for r in rows}
+    assert [r["system"] for r in rows] == ["resident", "ratel", "zero_offload", "zero3_cpu", "disk", "ssd"]
+    for system in ("resident", "ratel", "ssd", "disk"):
+        assert by_system[system]["status"] == "ok", proc.stdout[-3000:]
+    for system in ("resident", "ratel", "ssd"):
+        r = by_system[system]
+        assert r["step"] > 0 and r["tflops"] > 0 and r["rss"] > 0
+    assert by_system["ratel"]["predicted"] > 0
+    assert by_system["resident"]["measured_layers"] == 2
+    ssd = by_system["ssd"]
+    assert ssd["layers"] == 3 and ssd["states_on_ssd"] > 0 and ssd["read"] > 0 and ssd["written"] > 0
+    assert set(by_system["disk"]["disk"]) == {"read", "write", "both"}
+    for mode in throughput.DEEPSPEED:
+        assert by_system[mode]["status"] == "skipped" and "DeepSpeed" in by_system[mode]["note"]
+    assert "skipped: --smoke runs no DeepSpeed" in proc.stdout
+    text = (out / "table.md").read_text()
+    assert text in proc.stdout
+    assert "| Ratel | 1 |" in text and "| GPU-resident PyTorch (bound) | 1 |" in text and "| 3L (" in text
+    assert "roofline / step" in text and "Card: CPU" in text
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "throughput.png").stat().st_size > 0
+
+
+FAKE_HARNESS = textwrap.dedent("""
+    # Stands in for ds_bench.py: takes its options, writes its JSON lines; an OOM from batch 4 on.
+    import argparse, json, os
+    p = argparse.ArgumentParser()
+    for name in ("--mode", "--layers", "--hidden", "--heads", "--seq", "--vocab", "--batches", "--warmup",
+                 "--steps", "--cap-gib", "--out", "--time-budget"):
+        p.add_argument(name, required=True)
+    a = p.parse_args()
+    assert os.environ["MASTER_PORT"] and os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    with open(os.path.join(a.out, "results.jsonl"), "a") as f:
+        for b in map(int, a.batches.split(",")):
+            r = dict(mode=a.mode, layers=int(a.layers), B=b, device="cpu")
+            if b >= 4:
+                f.write(json.dumps(dict(r, status="OOM", note="CUDA out of memory")) + "\\n")
+                break
+            f.write(json.dumps(dict(r, status="ok", step_s=0.5 * b, step_times=[0.5 * b] * 2, losses=[1.0, 1.0],
+                                    maxrss_gib=1.0, peak_reserved_gib=2.0, peak_alloc_gib=1.5)) + "\\n")
+""")
+
+
+def test_deepspeed_rows_come_from_the_harness_and_stop_at_its_first_oom(tmp_path, monkeypatch, capsys):
+    harness = tmp_path / "harness"
+    harness.mkdir()
+    assert "no ds_bench.py" in throughput.deepspeed_missing(harness)
+    (harness / "ds_bench.py").write_text(FAKE_HARNESS)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
+    args = throughput.parse_args(["--smoke", "--batches", "1", "2", "4", "8", "--out", str(tmp_path / "out")])
+    runner = throughput.Runner(args, [], str(tmp_path))
+    runner.deepspeed("zero3_cpu", harness, 29502)
+    rows = runner.rows
+    assert [(r["batch"], r["status"]) for r in rows] == [(1, "ok"), (2, "ok"), (4, "OOM"), (8, "failed")]
+    assert "stopped at batch 4 (OOM)" in rows[3]["note"]
+    # TFLOPS counted as for Ratel's rows: every parameter in N.
+    assert rows[1]["tflops"] == throughput.flops(args, args.layers, 2) / 1.0 / 1e12
+    assert len((tmp_path / "out" / "rows.jsonl").read_text().splitlines()) == 4
+    ratel_row = dict(rows[1], system="ratel", step=0.25, tflops=2 * rows[1]["tflops"], predicted=0.3)
+    text = throughput.table(rows + [ratel_row], args)
+    assert "| Ratel | 2 | 0.250 s" in text and "| 2.00x |" in text and "0.300 s (1.20)" in text
+    assert "| ZeRO-Infinity (CPU) | 8 | failed |" in text
