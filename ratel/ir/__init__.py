@@ -32,7 +32,7 @@ META_KEYS: dict[str, tuple[str, str, str]] = {
     META_UNIT: ("str: name of the unit the node belongs to",
                 "trace.discover_units (and chunk_head_loss for the nodes it creates)", "outline_units, printer"),
     META_TENSOR: ("TensorMeta", "annotate_shapes (and outline_units for the nodes it creates)",
-                  "estimate_costs, outline_units, build_lifetimes, plan_activations, simulate, printer"),
+                  "estimate_costs, time_units, outline_units, build_lifetimes, plan_activations, simulate, printer"),
     META_COST: ("NodeCost", "estimate_costs", "printer"),
     META_ACTIVATION: ("ActivationPlacement, on unit-output getitem nodes of the outlined graph",
                       "plan_placement", "printer"),
@@ -412,6 +412,15 @@ class UnitCost:
     bwd_only_workspace: int = 0    # peak bytes of the backward alone, given every saved value
     saved: tuple[SavedValue, ...] = ()
     packs: tuple[PackRef, ...] = ()
+    # Seconds measured on the target device (passes/time_units.py); None: not measured, the simulator prices
+    # the unit from its FLOPs. A no-grad forward, a forward with autograd, the backward alone.
+    fwd_seconds: float | None = None
+    grad_fwd_seconds: float | None = None
+    bwd_seconds: float | None = None
+
+    @property
+    def measured(self) -> bool:
+        return self.fwd_seconds is not None
 
 
 @dataclass(frozen=True)

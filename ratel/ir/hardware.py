@@ -7,7 +7,9 @@ the laptop.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,13 @@ class HardwareProfile:
         return cls(name="cpu", gpu_tflops=0.2, h2d_gbps=10.0, d2h_gbps=10.0, ssd_read_gbps=1.0,
                    ssd_write_gbps=1.0, ssd_both_gbps=1.0, cpu_adam_gparams=0.5, host_bytes=host_memory(), min_offload_bytes=0,
                    hbm_gbps=20.0, cpu_adam_kernel=cpu_adam_kernel)
+
+
+def cache_dir() -> Path:
+    """Where what was measured on this machine is kept (the hardware profile, unit times):
+    ``$RATEL_CACHE_DIR``, else ``~/.cache/ratel``. Read at each call, so a test or a job can point it
+    elsewhere."""
+    return Path(os.environ.get("RATEL_CACHE_DIR", Path.home() / ".cache" / "ratel"))
 
 
 def host_memory() -> int:

@@ -11,6 +11,11 @@ Stages:
      of recompute + backward (``bwd_workspace``, including parameter and input gradients). Inputs and
      parameters are excluded: the planner accounts for them. Units with the same graph and input shapes
      (the repeated blocks) are measured once.
+  3. Seconds per unit on the target device, when it is this machine's and measuring is on
+     (``PassContext.measure_units`` / ``RATEL_MEASURE_UNITS``; ``passes/time_units.py``): each distinct
+     unit run with random data, cached per machine and unit signature, stored in ``UnitCost.fwd_seconds``,
+     ``grad_fwd_seconds`` and ``bwd_seconds`` for the simulator. A unit whose bytes do not fit keeps None
+     (priced from FLOPs).
 
 Before / after: the graph is unchanged; nodes gain ``# flops=...`` in dumps and the ``CostModel`` analysis
 holds one ``UnitCost`` per unit.
@@ -21,6 +26,7 @@ import copy
 import dataclasses
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +36,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from ratel.ir import (META_COST, META_TENSOR, META_UNIT_CALL, CostModel, NodeCost, PackRef, SavedValue, UnitCall,
-                      UnitCost)
+                      UnitCost, format_bytes)
+from ratel.passes import time_units
 from ratel.passes.canonicalize_graph import canonicalize
 from ratel.ir.losses import linear_cross_entropy
 from ratel.passes.manager import PassContext, PassResult, graph_pass
@@ -425,9 +432,42 @@ def structure_key(sub: fx.GraphModule) -> tuple:
     return tuple(key)
 
 
+def _unit_times(sub: fx.GraphModule, call: UnitCall, key: tuple, profile: UnitProfile, ctx: PassContext,
+                times: time_units.TimeCache, room: int) -> time_units.UnitTimes | None:
+    """Seconds of one distinct unit on the target device: cached, or measured now when its bytes fit."""
+    cache_key = time_units.cache_key(ctx.device, time_units.signature(*key))
+    cached = times.get(cache_key)
+    if cached is not None:
+        return cached
+    # What measuring allocates: the unit's placeholders, then at most its own workspace (measured on
+    # tensors without data, with the margin real kernels need on CUDA).
+    workspace = max(profile.fwd_workspace, profile.grad_fwd_workspace, profile.bwd_workspace)
+    need = time_units.placeholder_bytes(sub) + workspace_bound(workspace, ctx.device)
+    if need > room:
+        log.info("estimate_costs: unit %s (%s) not timed: it takes %s, %s may be used; priced from FLOPs",
+                 call.unit, call.name, format_bytes(need), format_bytes(room))
+        return None
+    start = time.perf_counter()
+    try:
+        measured = time_units.time_unit(sub, call, ctx.device, trainable=frozenset(
+            name for name, train in zip(call.params, key[1]) if train))
+    except (RuntimeError, NotImplementedError) as why:   # e.g. out of memory: planning goes on from FLOPs
+        log.warning("estimate_costs: unit %s (%s) could not be timed on %s, priced from FLOPs: %s",
+                    call.unit, call.name, ctx.device, why)
+        return None
+    if measured is not None:
+        log.debug("estimate_costs: timed unit %s (%s) in %.3f s: fwd %.3g s, grad fwd %.3g s, bwd %.3g s",
+                  call.unit, call.name, time.perf_counter() - start, measured.fwd, measured.grad_fwd, measured.bwd)
+        times.put(cache_key, measured)
+    return measured
+
+
 @graph_pass(requires=("graph:outlined",), ensures=("analysis:CostModel", "meta:ratel.cost"))
 def estimate_costs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    cache: dict[tuple, tuple[int, int, int, int]] = {}
+    cache: dict[tuple, tuple[UnitProfile, UnitCall, fx.GraphModule, time_units.UnitTimes | None]] = {}
+    measure = time_units.should_measure(ctx.measure_units, ctx.device)
+    times = time_units.TimeCache() if measure else None
+    room = time_units.room(ctx.device, ctx.budget.gpu) if measure else 0
     costs = []
     for call_node in gm.graph.nodes:
         call: UnitCall | None = call_node.meta.get(META_UNIT_CALL)
@@ -444,8 +484,10 @@ def estimate_costs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         trainable = frozenset(name for name in call.params if ctx.traced.param(name).trainable)
         key = (structure_key(sub), tuple(name in trainable for name in call.params))
         if key not in cache:
-            cache[key] = (profile_unit(sub, call, ctx.device, trainable), call, sub)
-        profile, measured_call, measured_sub = cache[key]
+            profile = profile_unit(sub, call, ctx.device, trainable)
+            timed = _unit_times(sub, call, key, profile, ctx, times, room) if measure else None
+            cache[key] = (profile, call, sub, timed)
+        profile, measured_call, measured_sub, timed = cache[key]
         if measured_call is not call:   # same structure, other names: rename what the profile refers to
             profile = _rename(profile, measured_call, call, measured_sub, sub)
         param_bytes = sum(ctx.traced.param_nbytes(name) for name in set(call.params))
@@ -456,7 +498,12 @@ def estimate_costs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                               output_bytes=profile.output_bytes,
                               grad_fwd_workspace=workspace_bound(profile.grad_fwd_workspace, ctx.device),
                               bwd_only_workspace=workspace_bound(profile.bwd_only_workspace, ctx.device),
-                              saved=profile.saved, packs=profile.packs))
+                              saved=profile.saved, packs=profile.packs,
+                              fwd_seconds=timed.fwd if timed else None,
+                              grad_fwd_seconds=timed.grad_fwd if timed else None,
+                              bwd_seconds=timed.bwd if timed else None))
+    if times is not None:
+        times.save()
     model = CostModel(units=tuple(costs), total_fwd_flops=sum(c.fwd_flops for c in costs),
                       total_bwd_flops=sum(c.bwd_flops for c in costs))
     return PassResult(gm, modified=False, analysis=model)

@@ -9,7 +9,8 @@ import math
 import torch.fx as fx
 
 from ratel.ir import (META_TENSOR, ActivationPlan, CostModel, Lifetimes, MemoryProfile, Phase, PlacementPlan, Span,
-                      StepMemory, StepTime, Tier, TimeProfile, TransferKind as K, step_index)
+                      StepMemory, StepTime, Tier, TimeProfile, TransferKind as K, UnitActivations, UnitCost,
+                      step_index)
 from ratel.passes.build_lifetimes import boundary_values, unit_calls
 from ratel.passes.manager import PassContext
 from ratel.ir.layout import grad_ring_slots, host_usage, saved_host_bytes, ssd_state_bytes
@@ -186,6 +187,29 @@ def _ssd_rate(transfers, hw) -> float:
     return (read + written) / seconds
 
 
+def compute_seconds(cost: UnitCost, phase: Phase, saved: UnitActivations | None, rate: float) -> float:
+    """Seconds of one unit's compute in one step. ``saved``: the unit's plan when its forward keeps saved
+    values (None: the unit is checkpointed at its inputs and its backward runs the forward again).
+
+    Measured seconds (``UnitCost.fwd_seconds`` etc., estimate_costs) when the unit was timed, else FLOPs at
+    ``rate``. Values the plan rebuilds one by one are priced by plan_activations from FLOPs and HBM bytes;
+    with a measured unit they are scaled by how far its measured forward is from its FLOP estimate (the
+    nodes rebuilt are mostly the unit's own products, at the rate the unit reached)."""
+    rebuilt = sum(d.recompute_seconds for d in saved.decisions if d.tier is None) if saved is not None else 0.0
+    if not cost.measured:
+        if phase == Phase.FWD:
+            return cost.fwd_flops / rate
+        if saved is not None:
+            return cost.bwd_flops / rate + rebuilt
+        return (cost.fwd_flops + cost.bwd_flops) / rate
+    if phase == Phase.FWD:
+        return cost.grad_fwd_seconds if saved is not None else cost.fwd_seconds
+    if saved is not None:
+        scale = cost.fwd_seconds / (cost.fwd_flops / rate) if cost.fwd_flops else 1.0
+        return cost.bwd_seconds + rebuilt * scale
+    return cost.grad_fwd_seconds + cost.bwd_seconds
+
+
 def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = None) -> TimeProfile:
     """Simulate one step: compute, the H2D and D2H copy lanes, the SSD and the CPU optimizer, each a queue.
 
@@ -230,13 +254,7 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
         t = step.index
         cost = costs[step.unit]
         saved_mode = acts is not None and acts.of(step.unit).mode == "saved"
-        if step.phase == Phase.FWD:
-            compute = cost.fwd_flops / rate
-        elif saved_mode:
-            compute = cost.bwd_flops / rate + sum(d.recompute_seconds for d in acts.of(step.unit).decisions
-                                                  if d.tier is None)
-        else:
-            compute = (cost.fwd_flops + cost.bwd_flops) / rate
+        compute = compute_seconds(cost, step.phase, acts.of(step.unit) if saved_mode else None, rate)
         at = by_step.get(t, [])
         issue = gpu
         h2d = d2h = ssd = opt = 0.0

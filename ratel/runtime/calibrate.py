@@ -11,18 +11,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import platform
 import time
-from pathlib import Path
 
 import torch
 
-from ratel.ir.hardware import HardwareProfile, host_memory
+from ratel.ir.hardware import HardwareProfile, cache_dir, host_memory
 from ratel.runtime.cpu_adam import _auto_backend, adamw_step
 
 log = logging.getLogger("ratel.runtime")
-CACHE = Path(os.environ.get("RATEL_CACHE_DIR", Path.home() / ".cache" / "ratel")) / "hardware.json"
+CACHE = cache_dir() / "hardware.json"   # unit times (passes/time_units.py) are kept beside it
 
 
 def detect(device: str | torch.device, measure: bool = True) -> HardwareProfile:

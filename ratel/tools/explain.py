@@ -83,7 +83,8 @@ def explain(model: nn.Module, budget, example_inputs, example_kwargs: dict | Non
     start = time.perf_counter()
     _, _, plan = plan_call(model, example_inputs, kwargs, budget, hardware, device, training=model.training,
                            depth=depth, activations=activations, accumulate=accumulate,
-                           clip=max_grad_norm is not None, keep_logits=keep_logits)
+                           clip=max_grad_norm is not None, keep_logits=keep_logits,
+                           measure_units=False)   # explaining runs nothing: compute priced from FLOPs
     log.info("explained %s for %s in %.1f s: GPU peak %s of %s, host %s, predicted step %.3g s",
              type(model).__name__, device, time.perf_counter() - start, format_bytes(plan.memory.gpu_peak),
              format_bytes(plan.budget_gpu), format_bytes(plan.memory.host_total), plan.times.total)

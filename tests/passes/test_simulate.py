@@ -1,0 +1,76 @@
+"""simulate: compute is priced from measured unit seconds when estimate_costs has them, from FLOPs otherwise
+(device-free: synthetic costs, nothing is timed)."""
+import dataclasses
+
+import pytest
+
+from pipeline_util import run_until
+from ratel.ir import (ActivationPlan, CostModel, Phase, SavedDecision, Schedule, Tier, UnitActivations, UnitCost)
+from ratel.passes.simulate import compute_seconds, predict_times
+
+RATE = 1e9   # FLOP/s
+
+
+def _cost(**seconds) -> UnitCost:
+    return UnitCost(unit=0, fwd_flops=4_000, bwd_flops=8_000, param_bytes=0, fwd_workspace=0, saved_bytes=0,
+                    bwd_workspace=0, output_bytes=0, **seconds)
+
+
+MEASURED = dict(fwd_seconds=1.0, grad_fwd_seconds=1.5, bwd_seconds=3.0)
+REBUILT = UnitActivations(0, "saved", (SavedDecision("a", 8, None, 2e-6), SavedDecision("b", 8, Tier.GPU, 0.0)))
+KEPT = UnitActivations(0, "saved", (SavedDecision("b", 8, Tier.GPU, 0.0),))
+
+
+def test_unmeasured_units_are_priced_from_flops():
+    cost = _cost()
+    assert not cost.measured
+    assert compute_seconds(cost, Phase.FWD, None, RATE) == pytest.approx(4e-6)
+    assert compute_seconds(cost, Phase.FWD, KEPT, RATE) == pytest.approx(4e-6)
+    assert compute_seconds(cost, Phase.BWD, None, RATE) == pytest.approx(12e-6)      # recompute + backward
+    assert compute_seconds(cost, Phase.BWD, REBUILT, RATE) == pytest.approx(8e-6 + 2e-6)
+
+
+def test_measured_units_are_priced_from_their_seconds():
+    cost = _cost(**MEASURED)
+    assert cost.measured
+    assert compute_seconds(cost, Phase.FWD, None, RATE) == 1.0          # checkpointed: no-grad forward
+    assert compute_seconds(cost, Phase.FWD, KEPT, RATE) == 1.5          # saved mode: forward with autograd
+    assert compute_seconds(cost, Phase.BWD, None, RATE) == 1.5 + 3.0    # the forward again, then backward
+    assert compute_seconds(cost, Phase.BWD, KEPT, RATE) == 3.0
+    # A value rebuilt one node at a time: its FLOP-rate estimate scaled as the unit's forward was
+    # (measured 1 s where FLOPs said 4 us).
+    assert compute_seconds(cost, Phase.BWD, REBUILT, RATE) == pytest.approx(3.0 + 2e-6 * (1.0 / 4e-6))
+    # No FLOPs to scale by (an embedding): the rebuilt values' own estimate.
+    lookup = dataclasses.replace(cost, fwd_flops=0)
+    assert compute_seconds(lookup, Phase.BWD, REBUILT, RATE) == pytest.approx(3.0 + 2e-6)
+
+
+@pytest.mark.parametrize("activations", ["recompute", "keep"])
+def test_the_compute_lane_takes_measured_seconds_when_given_and_flops_otherwise(activations):
+    gm, ctx, _, _ = run_until("verify_plan", activations=activations)
+    acts, transfers = ctx.get(ActivationPlan), ctx.get(Schedule).transfers
+    hw = ctx.hardware
+    rate = hw.gpu_tflops * 1e12 * hw.matmul_efficiency
+    costs = ctx.get(CostModel)
+    assert not any(c.measured for c in costs.units)          # the CPU target is not timed by default
+    saved = activations == "keep"
+    flops = predict_times(ctx, transfers, acts)
+    expected = sum(c.fwd_flops / rate + (c.bwd_flops if saved else c.fwd_flops + c.bwd_flops) / rate
+                   for c in costs.units)
+    assert flops.compute == pytest.approx(expected)
+
+    timed = dataclasses.replace(costs, units=tuple(
+        dataclasses.replace(c, fwd_seconds=0.01 * (c.unit + 1), grad_fwd_seconds=0.02 * (c.unit + 1),
+                            bwd_seconds=0.05 * (c.unit + 1)) for c in costs.units))
+    ctx.analyses[CostModel] = timed
+    measured = predict_times(ctx, transfers, acts)
+    per_unit = [((0.02 if saved else 0.01) + (0.05 if saved else 0.07)) * (u + 1) for u in range(len(costs.units))]
+    assert measured.compute == pytest.approx(sum(per_unit))
+    labels = [s for s in measured.spans if s.lane == "compute"]
+    assert len(labels) == 2 * len(costs.units)
+    # Only some units timed (one too large to materialise): the others keep the FLOP price.
+    ctx.analyses[CostModel] = dataclasses.replace(timed, units=(costs.units[0],) + timed.units[1:])
+    mixed = predict_times(ctx, transfers, acts)
+    first = costs.units[0]
+    assert mixed.compute == pytest.approx(sum(per_unit[1:]) + first.fwd_flops / rate
+                                          + (first.bwd_flops if saved else first.fwd_flops + first.bwd_flops) / rate)
