@@ -22,6 +22,11 @@ The run, in order:
    run would have gone on.
 
 The result loads with ``AutoModelForCausalLM.from_pretrained("out/checkpoint-N")``.
+
+Under ``torchrun --nproc-per-node N -m ratel train ...`` the run is data parallel: ``batch`` rows a micro-batch
+on each rank (N x ``batch`` rows in all, drawn in the order one process with N x ``batch`` would draw them),
+the loss the mean over every trained token of all ranks; rank 0 prints, logs and writes the checkpoints. A run
+resumes with another number of ranks when N x ``batch`` stays the same.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import ratel
@@ -47,6 +53,7 @@ from ratel.data import (IGNORE_INDEX, Batches, HFTokenizer, eval_batches, load_e
 from ratel.errors import RatelError
 from ratel.ir import format_bytes
 from ratel.ir.budget import Budget
+from ratel.runtime.ranks import Ranks
 from ratel.tools.bench import model_flops
 from ratel.tools.presets import ModelSpec, build_model, parse_dtype, resolve as resolve_model
 
@@ -158,6 +165,16 @@ class _Stop:
             signal.signal(signum, handler)
 
 
+class _NoMetrics:
+    """Ranks other than 0 log nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class _Metrics:
     """One JSON line per record in ``out/metrics.jsonl``, and TensorBoard scalars when it is installed."""
 
@@ -262,6 +279,10 @@ def train(config: TrainConfig, say: Callable[[str], None] = print,
     """Run ``config`` (see the module docstring). ``say`` prints the run's few lines; ``on_update`` gets every
     update's metrics record (step, loss, lr, grad_norm, eval_loss, ...)."""
     started = time.perf_counter()
+    ranks = Ranks.of_environment()
+    rank, world = (ranks.rank, ranks.world) if ranks is not None else (0, 1)
+    if rank != 0:
+        say = _quiet
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, weights, spec = build(config)
@@ -272,7 +293,7 @@ def train(config: TrainConfig, say: Callable[[str], None] = print,
     examples = load_examples(config.data, text_field=config.text_field, prompt_field=config.prompt_field,
                              completion_field=config.completion_field)
     train_set, held_out = split(pack(examples, tokenizer, config.seq), config.eval_fraction, seed=config.seed)
-    batches = Batches(train_set, config.batch, seed=config.seed)
+    batches = Batches(train_set, config.batch * world, seed=config.seed)   # the global micro-batches
     per_epoch = max(1, batches.batches_per_epoch // config.accumulate)
     total = config.steps if config.steps is not None else max(1, math.ceil(config.epochs * per_epoch))
     warmup = int(config.warmup if config.warmup >= 1 else round(config.warmup * total))
@@ -295,6 +316,7 @@ def train(config: TrainConfig, say: Callable[[str], None] = print,
                 raise RatelError(f"{resume}: not a checkpoint of `ratel train` (no data position in its state); "
                                  "continue it with your own loop and ratel.compile(..., resume=)")
             engine.restore_scheduler(scheduler)
+            _check_global_batch(state, config.batch * world, resume)
             batches.load_state_dict(state["data"])
         except BaseException:
             engine.close()      # its swap files and pinned memory go with it
@@ -303,23 +325,29 @@ def train(config: TrainConfig, say: Callable[[str], None] = print,
         say(f"ratel train: resumed from {resume} at update {engine.global_step}")
 
     n_params = sum(p.numel() for p in model.parameters())
-    flops = model_flops(n_params, spec.layers, spec.hidden, config.batch, config.seq) * config.accumulate
+    flops = model_flops(n_params, spec.layers, spec.hidden, config.batch * world, config.seq) * config.accumulate
     plan = engine.plan
     say(f"ratel train: {n_params / 1e6:,.1f}M parameters, {len(train_set)} rows of {config.seq} tokens "
         f"({train_set.tokens:,} trained tokens), {len(held_out) if held_out else 0} held out; {total} updates of "
-        f"{config.batch} x {config.accumulate} rows on {device}; GPU peak {format_bytes(plan.memory.gpu_peak)} of "
+        f"{config.batch} x {config.accumulate} rows on {device}"
+        + (f" x {world} ranks" if world > 1 else "") + f"; GPU peak {format_bytes(plan.memory.gpu_peak)} of "
         f"{format_bytes(plan.budget_gpu)}, host {format_bytes(plan.memory.host_total)}"
         + (f", SSD {format_bytes(plan.memory.ssd_total)}" if plan.memory.ssd_total else ""))
 
     extra_files = _tokenizer_files(tokenizer)
-    metrics = _Metrics(out, engine.global_step if resume is not None else None, config.tensorboard)
+    metrics = (_Metrics(out, engine.global_step if resume is not None else None, config.tensorboard) if rank == 0
+               else _NoMetrics())
 
     def save() -> None:
         folder = out / f"{CHECKPOINT_PREFIX}{engine.global_step}"
         begin = time.perf_counter()
-        engine.save(folder, scheduler=scheduler, extra_files=extra_files,
-                    state={"data": batches.state_dict(), "config": dataclasses.asdict(config)})
+        engine.save(folder, scheduler=scheduler, extra_files=extra_files,   # with ranks: all call it, rank 0 writes
+                    state={"data": batches.state_dict(), "config": dataclasses.asdict(config),
+                           "global_batch": config.batch * world})
         seconds = time.perf_counter() - begin
+        result.checkpoint = folder
+        if rank != 0:
+            return
         size = sum(f.stat().st_size for f in folder.iterdir())
         result.checkpoint, result.checkpoint_bytes = folder, size
         result.save_seconds.append(seconds)
@@ -345,11 +373,12 @@ def train(config: TrainConfig, say: Callable[[str], None] = print,
         return total_loss / count if count else None
 
     bar = tqdm(total=total, initial=engine.global_step, desc="ratel train", unit="update",
-               disable=not config.progress, dynamic_ncols=True)
+               disable=not config.progress or rank != 0, dynamic_ncols=True)
     try:
         with _Stop() as stop:
             first = True
-            while engine.global_step < total and stop.signal is None:
+            stopping = False
+            while engine.global_step < total and not stopping:
                 if first:
                     result.startup_seconds = time.perf_counter() - started
                     metrics.write({"step": engine.global_step, "startup_seconds": result.startup_seconds,
@@ -358,16 +387,24 @@ def train(config: TrainConfig, say: Callable[[str], None] = print,
                     first = False
                 begin = time.perf_counter()
                 micro = [next(batches) for _ in range(config.accumulate)]
+                cycle = sum(trained_tokens(m_labels) for _, m_labels in micro)   # of all ranks' rows
+                micro = [(m_ids[rank * config.batch:(rank + 1) * config.batch],
+                          m_labels[rank * config.batch:(rank + 1) * config.batch]) for m_ids, m_labels in micro]
                 counts = [trained_tokens(m_labels) for _, m_labels in micro]
-                cycle = sum(counts)
                 loss_sum = 0.0
                 for (m_ids, m_labels), n in zip(micro, counts):
                     if n == 0:
-                        continue        # a micro-batch with no trained position adds nothing (and its loss is 0/0)
+                        if ranks is None:
+                            continue    # a micro-batch with no trained position adds nothing (and its loss is 0/0)
+                        # Every rank runs as many backward passes: this one adds a zero gradient.
+                        m_labels = _one_trained_position(m_labels)
                     loss = engine(m_ids, labels=m_labels).loss
-                    # The mean over every trained token of the update, as one batch of all micro-batches gives.
-                    engine.backward(loss * (n / cycle))
+                    # The mean over every trained token of the update, as one batch of all micro-batches gives
+                    # (the ranks' gradients are averaged, hence the factor world).
+                    engine.backward(loss * (n * world / cycle))
                     loss_sum += loss.item() * n
+                if ranks is not None:
+                    loss_sum = _sum_over_ranks(loss_sum, ranks)
                 lr = engine.optimizer.param_groups[0]["lr"]
                 engine.step()
                 scheduler.step()
@@ -375,7 +412,7 @@ def train(config: TrainConfig, say: Callable[[str], None] = print,
                 value = loss_sum / cycle if cycle else float("nan")
                 result.losses.append(value)
                 record = {"step": engine.global_step, "loss": value, "lr": lr, "seconds": seconds,
-                          "tokens_per_s": config.accumulate * config.batch * config.seq / seconds,
+                          "tokens_per_s": config.accumulate * config.batch * world * config.seq / seconds,
                           "tflops": flops / seconds / 1e12, "epoch": batches.epoch}
                 if engine.grad_norm is not None:
                     record["grad_norm"] = engine.grad_norm
@@ -390,7 +427,8 @@ def train(config: TrainConfig, say: Callable[[str], None] = print,
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}",
                                 tflops=f"{record['tflops']:.3g}")
-                if (config.save_every and engine.global_step % config.save_every == 0) or stop.signal is not None:
+                stopping = _agreed_stop(stop, ranks)
+                if (config.save_every and engine.global_step % config.save_every == 0) or stopping:
                     save()
             if stop.signal is not None:
                 result.stopped_by = stop.signal
@@ -408,6 +446,44 @@ def train(config: TrainConfig, say: Callable[[str], None] = print,
         say(f"ratel train: {result.steps} updates done; the model is in {result.checkpoint} "
             "(AutoModelForCausalLM.from_pretrained loads it)")
     return result
+
+
+def _quiet(line: str) -> None:
+    """What ranks other than 0 print: nothing."""
+
+
+def _agreed_stop(stop: _Stop, ranks: Ranks | None) -> bool:
+    """Whether to stop now: a signal to any rank stops every rank after the same update."""
+    asked = stop.signal is not None
+    if ranks is None:
+        return asked
+    flag = torch.tensor([stop.signal or 0], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ranks.group)
+    if int(flag) and stop.signal is None:
+        stop.signal = int(flag)
+    return bool(int(flag))
+
+
+def _sum_over_ranks(value: float, ranks: Ranks) -> float:
+    total = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(total, group=ranks.group)     # gloo: a host value, whatever the default group's backend
+    return float(total)
+
+
+def _one_trained_position(labels: torch.Tensor) -> torch.Tensor:
+    """Labels with one trained position, for a rank whose share of a micro-batch has none: its loss is then
+    finite and, weighted by 0, adds a zero gradient (a loss over no token is 0/0)."""
+    labels = labels.clone()
+    labels[0, -1] = 0
+    return labels
+
+
+def _check_global_batch(state: dict, global_batch: int, resume: Path) -> None:
+    saved = state.get("global_batch", state.get("config", {}).get("batch"))
+    if saved is not None and saved != global_batch:
+        raise RatelError(f"{resume} was trained with {saved} rows per micro-batch over all ranks, this run has "
+                         f"{global_batch} (--batch x ranks): pass --batch so that --batch x ranks = {saved} to "
+                         "continue the same data order")
 
 
 def add_arguments(p) -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ratel.cli import main
+from ratel.errors import RatelError
 from ratel.data import Batches, load_examples, load_tokenizer, pack, split
 from ratel.tools.train import TrainConfig, decay_groups, train, trained_tokens, warmup_cosine
 
@@ -66,8 +67,9 @@ def config_for(model_dir, data_file, out, **overrides) -> TrainConfig:
     return TrainConfig(**{**values, **overrides})
 
 
-def reference_run(config: TrainConfig) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """The same fine-tuning in plain PyTorch: transformers' model, torch.optim.AdamW, clip_grad_norm_, LambdaLR."""
+def reference_run(config: TrainConfig, norms: list | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The same fine-tuning in plain PyTorch: transformers' model, torch.optim.AdamW, clip_grad_norm_, LambdaLR;
+    ``norms`` gets each update's gradient norm."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(config.model).train()
@@ -86,7 +88,9 @@ def reference_run(config: TrainConfig) -> tuple[list[float], dict[str, torch.Ten
             loss = model(ids, labels=labels).loss
             (loss * (trained_tokens(labels) / cycle)).backward()
             total += loss.item() * trained_tokens(labels)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        if norms is not None:
+            norms.append(float(norm))
         opt.step()
         opt.zero_grad()
         schedule.step()
@@ -214,3 +218,34 @@ def test_resuming_a_checkpoint_not_written_by_ratel_train_says_so(model_dir, dat
     engine.close()
     with pytest.raises(ratel.RatelError, match="not a checkpoint of `ratel train`"):
         train(config, say=lambda line: None)
+
+
+def test_two_ranks_under_torchrun_equal_one_process_and_resume_on_one(model_dir, data_file, tmp_path):
+    """``torchrun --nproc-per-node 2``: 2 rows a rank train as one process with 4 rows; SIGTERM to one rank
+    stops both after the same update with one checkpoint, which one process with --batch 4 continues."""
+    config = config_for(model_dir, data_file, tmp_path / "run", steps=6, save_every=100)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(HERE / "train_run.py"), json.dumps(dataclasses.asdict(config)), "3", "1"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert "stopped by SIGTERM after update 3" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "x 2 ranks" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-3"]
+
+    one = dataclasses.replace(config, batch=4, resume=True)
+    resumed = train(one, say=lambda line: None)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == config.steps and losses[3:] == resumed.losses
+
+    reference_norms = []
+    reference_losses, reference_state = reference_run(dataclasses.replace(config, batch=4), reference_norms)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-5, atol=0)
+    # Adam and clipping hide a gradient scaled by a constant: the norms do not
+    norms = [r["grad_norm"] for r in records if "grad_norm" in r]
+    torch.testing.assert_close(torch.tensor(norms), torch.tensor(reference_norms), rtol=1e-5, atol=0)
+    assert_close_states(load_trained(resumed.checkpoint), reference_state)
+
+    with pytest.raises(RatelError, match="--batch x ranks = 4"):     # another global batch: another data order
+        train(dataclasses.replace(config, resume=True, steps=8), say=lambda line: None)
