@@ -11,7 +11,7 @@ Stages:
      of recompute + backward (``bwd_workspace``, including parameter and input gradients). Inputs and
      parameters are excluded: the planner accounts for them. Units with the same graph and input shapes
      (the repeated blocks) are measured once.
-  3. Seconds per unit on the target device, when it is this machine's and measuring is on
+  3. Seconds per unit on the target device, when it is this machine's and timing is on
      (``PassContext.measure_units`` / ``RATEL_MEASURE_UNITS``; ``passes/time_units.py``): each distinct
      unit run with random data, cached per machine and unit signature, stored in ``UnitCost.fwd_seconds``,
      ``grad_fwd_seconds`` and ``bwd_seconds`` for the simulator. A unit whose bytes do not fit keeps None
@@ -433,11 +433,12 @@ def structure_key(sub: fx.GraphModule) -> tuple:
 
 
 def _unit_times(sub: fx.GraphModule, call: UnitCall, key: tuple, profile: UnitProfile, ctx: PassContext,
-                times: time_units.TimeCache, room: int) -> time_units.UnitTimes | None:
-    """Seconds of one distinct unit on the target device: cached, or measured now when its bytes fit."""
+                times: time_units.TimeCache, room: int, mode: str) -> time_units.UnitTimes | None:
+    """Seconds of one distinct unit on the target device: cached, or (``mode`` "measure") measured now when
+    its bytes fit."""
     cache_key = time_units.cache_key(ctx.device, time_units.signature(*key))
     cached = times.get(cache_key)
-    if cached is not None:
+    if cached is not None or mode == "cached":
         return cached
     # What measuring allocates: the unit's placeholders, then at most its own workspace (measured on
     # tensors without data, with the margin real kernels need on CUDA).
@@ -465,9 +466,9 @@ def _unit_times(sub: fx.GraphModule, call: UnitCall, key: tuple, profile: UnitPr
 @graph_pass(requires=("graph:outlined",), ensures=("analysis:CostModel", "meta:ratel.cost"))
 def estimate_costs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     cache: dict[tuple, tuple[UnitProfile, UnitCall, fx.GraphModule, time_units.UnitTimes | None]] = {}
-    measure = time_units.should_measure(ctx.measure_units, ctx.device)
-    times = time_units.TimeCache() if measure else None
-    room = time_units.room(ctx.device, ctx.budget.gpu) if measure else 0
+    mode = time_units.timing_mode(ctx.measure_units, ctx.device)
+    times = time_units.TimeCache() if mode != "off" else None
+    room = time_units.room(ctx.device, ctx.budget.gpu) if mode == "measure" else 0
     costs = []
     for call_node in gm.graph.nodes:
         call: UnitCall | None = call_node.meta.get(META_UNIT_CALL)
@@ -485,7 +486,7 @@ def estimate_costs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         key = (structure_key(sub), tuple(name in trainable for name in call.params))
         if key not in cache:
             profile = profile_unit(sub, call, ctx.device, trainable)
-            timed = _unit_times(sub, call, key, profile, ctx, times, room) if measure else None
+            timed = _unit_times(sub, call, key, profile, ctx, times, room, mode) if times is not None else None
             cache[key] = (profile, call, sub, timed)
         profile, measured_call, measured_sub, timed = cache[key]
         if measured_call is not call:   # same structure, other names: rename what the profile refers to
@@ -503,6 +504,8 @@ def estimate_costs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                               grad_fwd_seconds=timed.grad_fwd if timed else None,
                               bwd_seconds=timed.bwd if timed else None))
     if times is not None:
+        if times.new:
+            time_units.release(ctx.device)
         times.save()
     model = CostModel(units=tuple(costs), total_fwd_flops=sum(c.fwd_flops for c in costs),
                       total_bwd_flops=sum(c.bwd_flops for c in costs))

@@ -62,9 +62,10 @@ class PassContext:
     clip: bool = False                          # global-norm clipping: every update waits for the whole gradient
     keep_logits: bool = False                   # chunk_head_loss: still return the logits a chunked loss needs not
     head_chunk_bytes: int = 256 << 20           # chunk_head_loss: fp32 logits of one chunk of rows
-    # estimate_costs: time each distinct unit on the device (passes/time_units.py). None: RATEL_MEASURE_UNITS
-    # when set, else on CUDA only; never for a device this machine lacks.
-    measure_units: bool | None = None
+    # estimate_costs: time each distinct unit on the device (passes/time_units.py.timing_mode). None:
+    # RATEL_MEASURE_UNITS when set, else on CUDA only; "cached": the same, reading the cache but running
+    # nothing (ratel.explain); never for a device this machine lacks.
+    measure_units: bool | str | None = None
     debug: bool = field(default_factory=lambda: os.environ.get("RATEL_DEBUG", "") not in ("", "0"))
     dump_dir: Path | None = field(default_factory=lambda: Path(os.environ["RATEL_DUMP_DIR"])
                                   if os.environ.get("RATEL_DUMP_DIR") else None)

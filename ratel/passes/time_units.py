@@ -9,10 +9,11 @@ shape is wrong by half, and every choice the planner makes (recompute or swap, p
 compute against copies.
 
 Stages, per distinct unit:
-  1. Decide (``should_measure``): only for a device this machine has (a CUDA plan made on a CPU-only
-     machine, ``ratel.explain`` and the CLI never measure), when ``PassContext.measure_units`` or
-     ``RATEL_MEASURE_UNITS`` ask for it; by default only on CUDA (on the CPU target the planner's choices
-     are kept independent of the machine's speed: goldens and plans compare across machines).
+  1. Decide (``timing_mode``): only for a device this machine has (a CUDA plan made on a CPU-only machine
+     is priced from FLOPs), when ``PassContext.measure_units`` or ``RATEL_MEASURE_UNITS`` ask for it; by
+     default only on CUDA (on the CPU target the planner's choices are kept independent of the machine's
+     speed: goldens and plans compare across machines). ``ratel.explain`` and the CLI run nothing: they
+     read the cache only.
   2. Look the unit up in the cache (``unit_times.json`` beside the hardware profile, ``ir.hardware.cache_dir``),
      keyed by host, device name, torch version and the unit's signature (its graph, shapes, dtypes and
      which parameters train), so re-planning a shape seen before runs nothing.
@@ -75,16 +76,24 @@ def device_present(device: str) -> bool:
     return False
 
 
-def should_measure(requested: bool | None, device: str) -> bool:
-    """``requested`` (``PassContext.measure_units``): True or False decide, None takes ``RATEL_MEASURE_UNITS``
-    when set, else measures on CUDA only. Never for a device this machine lacks."""
-    if requested is None:
+def timing_mode(requested: bool | str | None, device: str) -> str:
+    """How estimate_costs gets unit times: "measure" (cached, or run now), "cached" (only what the cache
+    holds; nothing runs) or "off" (every unit priced from FLOPs).
+
+    ``requested`` (``PassContext.measure_units``): True or False decide; None takes ``RATEL_MEASURE_UNITS``
+    when set, else measures on CUDA only; "cached" is what None would decide with "measure" read as
+    "cached" (``ratel.explain``: it runs nothing, yet plans what ``compile`` would once the shapes were
+    timed). Never for a device this machine lacks."""
+    cached_only = requested == "cached"
+    if requested is None or cached_only:
         env = os.environ.get(MEASURE_ENV, "").strip().lower()
         requested = env not in ("0", "false", "off", "no") if env else torch.device(device).type == "cuda"
-    if requested and not device_present(device):
+    if not requested:
+        return "off"
+    if not device_present(device):
         log.info("ratel: units not timed: this machine has no %s (compute priced from FLOPs)", device)
-        return False
-    return requested
+        return "off"
+    return "cached" if cached_only else "measure"
 
 
 # ------------------------------------------------------------------------------------------------ cache
@@ -215,6 +224,14 @@ def _materialise(sub: fx.GraphModule, call: UnitCall, device: torch.device, trai
         args.append(t)
         grads.append(wanted and meta.dtype.is_floating_point)
     return args, grads
+
+
+def release(device: str) -> None:
+    """Give the blocks measuring left in torch's CUDA allocator back to the device: they were cut for the
+    units' shapes, not the engine's buffers, and would count against the budget as reserved memory."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
 
 
 class _Clock:

@@ -84,7 +84,9 @@ def explain(model: nn.Module, budget, example_inputs, example_kwargs: dict | Non
     _, _, plan = plan_call(model, example_inputs, kwargs, budget, hardware, device, training=model.training,
                            depth=depth, activations=activations, accumulate=accumulate,
                            clip=max_grad_norm is not None, keep_logits=keep_logits,
-                           measure_units=False)   # explaining runs nothing: compute priced from FLOPs
+                           # Runs nothing, but prices units with the times compile measured and cached, so
+                           # the plan explained is the one compile executes once these shapes were timed.
+                           measure_units="cached")
     log.info("explained %s for %s in %.1f s: GPU peak %s of %s, host %s, predicted step %.3g s",
              type(model).__name__, device, time.perf_counter() - start, format_bytes(plan.memory.gpu_peak),
              format_bytes(plan.budget_gpu), format_bytes(plan.memory.host_total), plan.times.total)

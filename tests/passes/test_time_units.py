@@ -36,19 +36,20 @@ def _model(d_model=64, seq=16, layers=3):
 
 
 def test_the_cpu_target_is_not_timed_by_default_and_a_missing_device_never(monkeypatch):
+    mode = time_units.timing_mode
     monkeypatch.delenv(time_units.MEASURE_ENV, raising=False)
-    assert not time_units.should_measure(None, "cpu")
-    assert time_units.should_measure(True, "cpu")
+    assert mode(None, "cpu") == "off" and mode("cached", "cpu") == "off"
+    assert mode(True, "cpu") == "measure"
     monkeypatch.setenv(time_units.MEASURE_ENV, "1")
-    assert time_units.should_measure(None, "cpu")
-    assert not time_units.should_measure(False, "cpu")     # the caller's word over the environment
+    assert mode(None, "cpu") == "measure" and mode("cached", "cpu") == "cached"
+    assert mode(False, "cpu") == "off"            # the caller's word over the environment
     monkeypatch.setenv(time_units.MEASURE_ENV, "0")
-    assert not time_units.should_measure(None, "cpu")
-    assert not time_units.should_measure(True, "meta")
-    if not torch.cuda.is_available():                      # a CUDA plan made on a CPU-only machine
-        assert not time_units.should_measure(True, "cuda:0")
+    assert mode(None, "cpu") == "off" and mode("cached", "cpu") == "off"
+    assert mode(True, "meta") == "off"
+    if not torch.cuda.is_available():             # a CUDA plan made on a CPU-only machine
+        assert mode(True, "cuda:0") == "off"
         monkeypatch.delenv(time_units.MEASURE_ENV)
-        assert not time_units.should_measure(None, "cuda:0")
+        assert mode(None, "cuda:0") == "off" and mode("cached", "cuda:0") == "off"
 
 
 def test_signature_is_the_same_in_every_process_and_differs_by_shape_and_training():
@@ -119,10 +120,20 @@ def test_the_program_still_equals_eager_when_timed(timing):
     assert torch.equal(loss, expected.loss) and torch.equal(logits, expected.logits)
 
 
-def test_explain_never_times(timing):
+def test_explain_never_times_but_reads_what_compile_cached(timing):
     model, (ids, labels) = tiny_model(), tiny_inputs()
-    ratel.explain(model, "1GiB", (ids,), {"labels": labels}, device="cpu")
-    assert timing == []
+    before = ratel.explain(model, "1GiB", (ids,), {"labels": labels}, device="cpu")
+    assert timing == [] and not any(c.measured for c in before.costs.units)
+    engine = ratel.compile(model, budget="1GiB", example_inputs=(ids,), example_kwargs={"labels": labels},
+                           device="cpu", progress=False)
+    compiled = engine.plan
+    engine.close()
+    runs = len(timing)
+    assert runs and all(c.measured for c in compiled.costs.units)
+    after = ratel.explain(model, "1GiB", (ids,), {"labels": labels}, device="cpu")
+    assert len(timing) == runs              # nothing ran: the times compile cached
+    assert [c.bwd_seconds for c in after.costs.units] == [c.bwd_seconds for c in compiled.costs.units]
+    assert after.times.total == compiled.times.total
 
 
 def _compute_ratio() -> float:
