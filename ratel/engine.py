@@ -10,6 +10,7 @@ reaches).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -157,6 +158,34 @@ class Engine:
 
     def _build(self, args: tuple, kwargs: dict) -> Program:
         self._check_open("run a forward")
+        with self._rank0_plans_first():
+            program = self._plan_and_assemble(args, kwargs)
+        if self._ranks is not None:
+            self._ranks.same_everywhere(_schedule_fingerprint(program.plan), "the plan of this input shape",
+                                        "every rank must run the same input shapes (the same batch and sequence "
+                                        "sizes at each step) with the same budget and options")
+        return program
+
+    @contextlib.contextmanager
+    def _rank0_plans_first(self):
+        """With several ranks, rank 0 plans first and the others after it: the unit times it measures are
+        cached for the host (``ratel.passes.time_units``), so every rank plans with the same times, hence the
+        same schedule, instead of each timing its units while the others load the GPUs."""
+        ranks = self._ranks
+        if ranks is None:
+            yield
+            return
+        if self._optimizer is not None:
+            self._optimizer.wait_all()    # its worker's collectives are over before this thread's
+        if ranks.rank != 0:
+            ranks.barrier()
+        try:
+            yield
+        finally:
+            if ranks.rank == 0:
+                ranks.barrier()
+
+    def _plan_and_assemble(self, args: tuple, kwargs: dict) -> Program:
         try:
             # Every program shares one parameter store, so all take the units the first one took.
             traced, gm, plan = plan_call(self.model, args, kwargs, self.budget, self.hardware, self.device,
@@ -171,12 +200,6 @@ class Engine:
                               "cutting blocks in two may fit this shape: compile with the largest shape as "
                               "example_inputs.", tier="gpu", needed=error.needed, budget=error.budget) from None
         self._split_blocks = traced.split_blocks
-        if self._ranks is not None:
-            if self._optimizer is not None:
-                self._optimizer.wait_all()    # its worker's collectives are over before this thread's
-            self._ranks.same_everywhere(_schedule_fingerprint(plan), "the plan of this input shape",
-                                        "every rank must run the same input shapes (the same batch and sequence "
-                                        "sizes at each step) with the same budget and options")
         if not self._resources.created:
             self._resources.create(plan, traced, Hyper.of(self.optimizer.defaults),
                                    segments=segments_of(plan.groups, self._group_of),

@@ -84,6 +84,9 @@ class Ranks:
             raise RatelError(f"rank {self.rank}: {what} differs between ranks (here {value}; from "
                              f"{-int(values[1])} to {int(values[0])} across them): {hint}")
 
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
+
     def from_rank0(self, value):
         """Rank 0's ``value`` on every rank (what all must decide alike, e.g. the measured hardware)."""
         box = [value]
