@@ -2,6 +2,7 @@
 simulator; never for a device this machine lacks, nor by ratel.explain. On the CPU (the target timed here)."""
 import json
 import logging
+import os
 
 import pytest
 import torch
@@ -158,14 +159,46 @@ def _compute_ratio() -> float:
 def test_predicted_compute_of_a_cpu_step_is_near_the_measured_one(timing, tmp_path, monkeypatch):
     """The compute lane predicted from the timed units against the compute spans of profiled steps, on a
     model large enough that the kernels, not the runtime's per-unit overhead (0.2-0.5 ms a unit on a
-    2-core CPU, outside the unit's kernels), dominate. Quiet, the ratio is 1.0-1.3. A CPU shared with other
-    processes slows two-thread kernels by bursts of up to 5x (threads wait at each barrier for one that
-    was descheduled), at compile or during the steps: a loose bound, and a burst is measured again with an
-    empty cache, up to three times."""
+    2-core CPU, outside the unit's kernels), dominate. Quiet, the ratio is 0.8-1.3. A CPU shared with other
+    processes stretches kernels by 2-100x for seconds (a two-thread op waits for a descheduled thread), at
+    compile or during the steps: a loose bound, measured again with an empty cache up to three times, and
+    skipped, saying so, when the machine is oversubscribed."""
     ratios = []
     for attempt in range(3):
         monkeypatch.setenv("RATEL_CACHE_DIR", str(tmp_path / str(attempt)))
         ratios.append(_compute_ratio())
         if 1 / 3 < ratios[-1] < 3:
             break
+    if not 1 / 3 < ratios[-1] < 3 and os.getloadavg()[0] > (os.cpu_count() or 1):
+        # Seen on the 2-core VM at load 3: an embedding lookup timed at 12 ms (0.04 ms quiet), for seconds.
+        pytest.skip(f"the CPU is oversubscribed (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): "
+                    f"timings mean nothing, ratios {ratios}")
     assert 1 / 3 < ratios[-1] < 3, ratios
+
+
+@pytest.mark.gpu
+def test_on_cuda_units_are_timed_by_default_and_predict_the_compute_lane(monkeypatch, tmp_path):
+    """On the GPU, with nothing asked: every unit timed, explain then reads the same times, and the compute
+    lane predicted from them is near the profiled steps' (the issue: FLOPs at one efficiency were 50 % long
+    on the H200)."""
+    monkeypatch.delenv(time_units.MEASURE_ENV, raising=False)
+    monkeypatch.setenv("RATEL_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=4096, n_layer=4, n_head=16, d_model=1024, max_seq_len=512)).to(torch.bfloat16)
+    ids = torch.randint(0, 4096, (8, 512), device="cuda")
+    engine = ratel.compile(model.train(), budget="8GiB", example_inputs=(ids,), device="cuda", progress=False)
+    assert all(c.measured for c in engine.plan.costs.units)
+    engine.profile = True
+    measured = []
+    for _ in range(4):
+        engine.backward(engine(ids, labels=ids).loss)
+        engine.step()
+        measured.append(sum(s.end - s.start for s in engine.last_step.spans if s.lane == "compute"))
+    predicted = engine.plan.times.compute
+    explained = ratel.explain(model, "8GiB", (ids,), device="cuda")
+    engine.close()
+    assert all(c.measured for c in explained.costs.units)
+    ratio = predicted / min(measured[1:])
+    print(f"CUDA compute lane: predicted {predicted * 1e3:.1f} ms, measured {min(measured[1:]) * 1e3:.1f} ms, "
+          f"ratio {ratio:.2f}")
+    assert 0.7 < ratio < 1.4
