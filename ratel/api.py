@@ -6,6 +6,7 @@ any memory is taken), materialises the parameters into host memory and returns a
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -76,7 +77,7 @@ def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | Non
     # The plan is executed here: it prices the host memory of this process's CPU AdamW kernel.
     hardware = this_machine(hardware) if hardware is not None else detect(device)
     if ranks is not None:       # one measurement for all: ranks that plan alike run the same collectives
-        hardware = ranks.from_rank0(hardware)
+        hardware = ranks.from_rank0(dataclasses.replace(hardware, ranks_gbps=ranks.measure_gbps()))
     checkpoint = None
     if resume is not None:
         if weights is not None:

@@ -192,7 +192,7 @@ class Engine:
                                          training=self._training, depth=self.depth, activations=self._activations,
                                          accumulate=self.accumulate, clip=self.max_grad_norm is not None,
                                          keep_logits=self.keep_logits, split_blocks=self._split_blocks,
-                                         traces=self._traces)
+                                         traces=self._traces, ranks=self.world_size)
         except BudgetError as error:
             if error.tier != "gpu" or self._split_blocks is not False:
                 raise

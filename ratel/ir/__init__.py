@@ -584,6 +584,7 @@ class StepTime:
     d2h: float
     optimizer: float    # seconds of CPU optimizer work that becomes ready in this step
     ssd: float = 0.0    # seconds of SSD reads and writes issued in this step
+    comm: float = 0.0   # seconds of the data-parallel ranks' exchange before the updates of this step
 
 
 @dataclass(frozen=True)
@@ -616,6 +617,7 @@ class Plan:
     budget_host: int
     compute_dtype: torch.dtype
     device: str
+    ranks: int = 1      # data-parallel ranks the plan is made for (each runs it on its share of the batch)
 
     def transfers_at(self, step: int) -> tuple[Transfer, ...]:
         return tuple(t for t in self.transfers if t.step == step)

@@ -31,6 +31,9 @@ class HardwareProfile:
     # Bytes read plus bytes written per second while the SSD lane's read and write channels run side by side
     # (many disks move more so than one direction alone, and less than the two rates added).
     ssd_both_gbps: float = 2.0
+    # Data-parallel ranks' exchange of gradients and weights through host memory (gloo), GB/s each rank sends:
+    # measured by ratel.compile when it runs under torchrun (Ranks.measure_gbps); a loopback guess otherwise.
+    ranks_gbps: float = 5.0
 
     @property
     def torch_cpu_adam(self) -> bool:

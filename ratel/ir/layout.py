@@ -76,6 +76,16 @@ def ssd_state_bytes(group: ParamGroup) -> int:
     return offset + ssd_piece_bytes(group, end - start)
 
 
+def exchange_bytes(group: ParamGroup, accumulate: int, ranks: int) -> int:
+    """Bytes one of ``ranks`` data-parallel ranks sends for a group's update (ratel.runtime.ranks): a ring
+    all-reduce of its gradient (the fp32 sum when accumulating, else the compute dtype), then its slice of the
+    new compute copy to every other rank."""
+    if ranks <= 1 or not group.trainable:
+        return 0
+    grad = group.numel * 4 if accumulate > 1 else group.nbytes
+    return (2 * grad + group.nbytes) * (ranks - 1) // ranks
+
+
 def grad_ring_slots(groups, accumulate: int = 1, clip: bool = False) -> int | None:
     """Slots of the ring gradients stream through from the GPU to the CPU optimizer, or None when every group
     needs a buffer of its own: clipping without accumulation updates only after the whole backward, from the

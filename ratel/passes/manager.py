@@ -60,6 +60,7 @@ class PassContext:
     activation_policy: str = "auto"             # plan_activations: auto | recompute | keep | host | ssd
     accumulate: int = 1                         # micro-batches per update: > 1 plans fp32 gradient sums on host
     clip: bool = False                          # global-norm clipping: every update waits for the whole gradient
+    ranks: int = 1                              # data-parallel ranks: updates wait for the exchange of gradients
     keep_logits: bool = False                   # chunk_head_loss: still return the logits a chunked loss needs not
     head_chunk_bytes: int = 256 << 20           # chunk_head_loss: fp32 logits of one chunk of rows
     # estimate_costs: time each distinct unit on the device (passes/time_units.py.timing_mode). None:

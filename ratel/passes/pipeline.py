@@ -54,12 +54,12 @@ def compute_dtype_of(traced: TracedModel) -> torch.dtype:
 
 def plan_program(traced: TracedModel, budget: Budget, hardware: HardwareProfile, device: torch.device,
                  depth: int = 2, activations: str = "auto", accumulate: int = 1, clip: bool = False,
-                 keep_logits: bool = False, measure_units: bool | str | None = None):
+                 keep_logits: bool = False, measure_units: bool | str | None = None, ranks: int = 1):
     """Run the pass pipeline on a traced model; returns the rewritten GraphModule and its Plan.
     ``measure_units``: time each distinct unit on ``device`` (``PassContext.measure_units``)."""
     ctx = PassContext(traced=traced, budget=budget, hardware=hardware, compute_dtype=compute_dtype_of(traced),
                       device=str(device), depth=depth, activation_policy=activations, accumulate=accumulate,
-                      clip=clip, keep_logits=keep_logits, measure_units=measure_units)
+                      clip=clip, keep_logits=keep_logits, measure_units=measure_units, ranks=ranks)
     gm = default_pass_manager().run(traced.gm, ctx)
     gm.meta["ratel.out_spec"] = traced.out_spec
     gm.meta["ratel.dropped_outputs"] = ctx.get(HeadLoss).dropped_outputs
@@ -69,7 +69,7 @@ def plan_program(traced: TracedModel, budget: Budget, hardware: HardwareProfile,
 def plan_call(model: nn.Module, args: tuple, kwargs: dict, budget: Budget, hardware: HardwareProfile,
               device: torch.device, *, training: bool = True, depth: int = 2, activations: str = "auto",
               accumulate: int = 1, clip: bool = False, keep_logits: bool = False, split_blocks: bool | None = None,
-              traces: TraceCache | None = None, measure_units: bool | str | None = None):
+              traces: TraceCache | None = None, measure_units: bool | str | None = None, ranks: int = 1):
     """Trace ``model(*args, **kwargs)`` in train (or eval) mode and plan it: (traced, gm, plan).
 
     ``split_blocks``: None plans whole blocks and, when the GPU budget refuses them, each block cut in two
@@ -78,7 +78,8 @@ def plan_call(model: nn.Module, args: tuple, kwargs: dict, budget: Budget, hardw
     capture instead of exporting again (``ratel.shape_trace``).
     ``measure_units``: time each distinct unit on ``device`` and predict compute from the times
     (``ratel.passes.time_units``); None: ``RATEL_MEASURE_UNITS`` when set, else on CUDA only, never for a
-    device this machine lacks; "cached": the same decision, but only times already cached are used."""
+    device this machine lacks; "cached": the same decision, but only times already cached are used.
+    ``ranks``: data-parallel ranks running the plan (their exchange before each update is simulated)."""
     refused, whole_units = None, 0     # the whole-block plan's refusal, and how many units it had
     for split in ([False, True] if split_blocks is None else [split_blocks]):
         was_training = model.training
@@ -92,7 +93,8 @@ def plan_call(model: nn.Module, args: tuple, kwargs: dict, budget: Budget, hardw
             break     # no block could be cut: the first refusal stands
         try:
             gm, plan = plan_program(traced, budget, hardware, device, depth, activations, accumulate=accumulate,
-                                    clip=clip, keep_logits=keep_logits, measure_units=measure_units)
+                                    clip=clip, keep_logits=keep_logits, measure_units=measure_units,
+                                    ranks=ranks)
             return traced, gm, plan
         except BudgetError as error:
             if error.tier != "gpu" or split or split_blocks is not None:

@@ -13,7 +13,7 @@ from ratel.ir import (META_TENSOR, ActivationPlan, CostModel, Lifetimes, MemoryP
                       step_index)
 from ratel.passes.build_lifetimes import boundary_values, unit_calls
 from ratel.passes.manager import PassContext
-from ratel.ir.layout import grad_ring_slots, host_usage, saved_host_bytes, ssd_state_bytes
+from ratel.ir.layout import exchange_bytes, grad_ring_slots, host_usage, saved_host_bytes, ssd_state_bytes
 
 
 def _user_outputs(gm: fx.GraphModule, boundary: dict) -> list[tuple[str, int]]:
@@ -257,7 +257,7 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
         compute = compute_seconds(cost, step.phase, acts.of(step.unit) if saved_mode else None, rate)
         at = by_step.get(t, [])
         issue = gpu
-        h2d = d2h = ssd = opt = 0.0
+        h2d = d2h = ssd = opt = comm = 0.0
         for tr in at:      # SSD reads and host-to-GPU copies are issued as the step begins
             if tr.lane == "ssd" and tr.kind.spec.dst == Tier.HOST:
                 seconds = tr.nbytes / ssd_rate
@@ -300,6 +300,14 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
             if tr.kind == K.OPTIMIZER_STEP:
                 seconds = tr.elements / (hw.cpu_adam_gparams * 1e9)
                 ready = max(grads_out.get(units[step.unit].name, gpu), read_done.get(("states", tr.subject), 0.0))
+                exchanged = exchange_bytes(lifetimes.groups[tr.group], ctx.accumulate, ctx.ranks)
+                if exchanged:
+                    # The optimizer's thread exchanges the group with the other ranks, then updates its slice:
+                    # 1/N of the elements, with 1/N of the host's cores (the ranks of one host share them).
+                    sent = exchanged / (hw.ranks_gbps * 1e9)
+                    ready = run(optimizer_lane, ready, sent, "comm", f"exchange {tr.subject}", t, exchanged)
+                    optimizer_lane = ready
+                    comm += sent
                 optimizer_lane = run(optimizer_lane, ready, seconds, "optimizer", f"adamw {tr.subject}", t,
                                      tr.nbytes)
                 went_out[("states", tr.subject)] = optimizer_lane
@@ -313,7 +321,7 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
                 ssd_lane = run(ssd_lane, went_out.get((what(tr.kind), tr.subject), gpu), seconds, "ssd",
                                f"write {tr.subject}", t, tr.nbytes)
                 ssd += seconds
-        times.append(StepTime(t, compute, h2d, d2h, opt, ssd))
+        times.append(StepTime(t, compute, h2d, d2h, opt, ssd, comm))
     # Write-backs of optimizer states may finish during the next forward; the next step's reads wait for them.
     # In steady state every lane must also fit its own work into one step: a lane busier than the GPU and
     # the optimizer together (the SSD, when states outgrow host memory) sets the step's period.

@@ -117,5 +117,5 @@ def verify_plan(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 placement=ctx.get(PlacementPlan), transfers=schedule.transfers, costs=ctx.get(CostModel),
                 memory=memory, times=predict_times(ctx, schedule.transfers, ctx.analyses.get(ActivationPlan)),
                 activations=ctx.analyses.get(ActivationPlan), budget_gpu=budget_gpu,
-                budget_host=budget_host, compute_dtype=ctx.compute_dtype, device=ctx.device)
+                budget_host=budget_host, compute_dtype=ctx.compute_dtype, device=ctx.device, ranks=ctx.ranks)
     return PassResult(gm, modified=False, analysis=plan)

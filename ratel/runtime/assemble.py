@@ -9,6 +9,7 @@ and ``ratel.ir.layout``.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,8 +129,18 @@ class Resources:
             self.checkpoint.close()
             self.checkpoint = None
         self.optimizer = CPUOptimizer(self.store, hyper, ssd=self.ssd, segments=segments, accumulate=accumulate,
-                                      max_grad_norm=max_grad_norm, norm_order=norm_order, ranks=self.ranks)
+                                      max_grad_norm=max_grad_norm, norm_order=norm_order, ranks=self.ranks,
+                                      threads=self._optimizer_threads())
         self.buffers = load_buffers(self.model, traced, self.device)
+
+    def _optimizer_threads(self) -> int:
+        """The CPU AdamW's threads. Alone: the training thread's. With ranks: the host's cores shared among its
+        ranks, at least (torchrun sets OMP_NUM_THREADS=1 when the user has not, which would leave the CPU
+        optimizer, the longest lane of a small batch, one core)."""
+        threads = torch.get_num_threads()
+        if self.ranks is None:
+            return threads
+        return max(threads, (os.cpu_count() or 1) // self.ranks.local_world)
 
     def program(self, gm: fx.GraphModule, plan: Plan) -> Program:
         """The Runtime of one plan, over the shared store, with a pinned pool of its own for activations."""

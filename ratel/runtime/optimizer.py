@@ -116,7 +116,7 @@ class CPUOptimizer:
     """
 
     def __init__(self, store, cfg: AdamW | Hyper, ssd=None, *, segments: dict | None = None, accumulate: int = 1,
-                 max_grad_norm: float | None = None, norm_order: tuple = (), ranks=None):
+                 max_grad_norm: float | None = None, norm_order: tuple = (), ranks=None, threads: int | None = None):
         self.store = store
         self.ranks = ranks             # several data-parallel ranks, or None
         self.ssd = ssd
@@ -147,7 +147,7 @@ class CPUOptimizer:
             event.set()
         self._error: BaseException | None = None
         # OpenMP thread counts are per calling thread: take the training thread's, not the worker's default.
-        self.threads = torch.get_num_threads()
+        self.threads = threads or torch.get_num_threads()
         self._thread = threading.Thread(target=self._work, name="ratel-cpu-adamw", daemon=True)
         self._thread.start()
 
@@ -292,7 +292,11 @@ class CPUOptimizer:
                 self.store.grad_consumed(group)
                 grad = acc
             if final and self.ranks is not None:
+                begin = time.perf_counter()
                 self.ranks.average_(grad)     # once per cycle, on the sum of its micro-batches
+                if recorder is not None:
+                    recorder.cpu_span("comm", f"exchange {group.name}", step, begin, time.perf_counter(),
+                                      grad.numel() * grad.element_size())
             if final and self.deferred:
                 self._norms[group.index] = norms if norms is not None else self._param_norms(group, grad)
                 self._recorder = (recorder, step)

@@ -15,6 +15,7 @@ interleaving with any collective the user's code runs on the default group.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,18 @@ class Ranks:
         if int(values[0]) != value or -int(values[1]) != value:
             raise RatelError(f"rank {self.rank}: {what} differs between ranks (here {value}; from "
                              f"{-int(values[1])} to {int(values[0])} across them): {hint}")
+
+    def measure_gbps(self, nbytes: int = 16 << 20, repeats: int = 3) -> float:
+        """GB/s each rank sends in an all-reduce of ``nbytes`` of host memory (the fastest of ``repeats``), as
+        the exchange before each update moves them."""
+        tensor = torch.ones(nbytes // 4, dtype=torch.float32)
+        best = float("inf")
+        for _ in range(repeats):
+            self.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(tensor, group=self.group)
+            best = min(best, time.perf_counter() - start)
+        return 2 * nbytes * (self.world - 1) / self.world / best / 1e9
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)

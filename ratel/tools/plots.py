@@ -20,14 +20,15 @@ import re
 from pathlib import Path
 
 from ratel.ir import Phase, Plan, StepRecord, format_bytes
-from ratel.tools.summary import (CATEGORIES, LANE_TITLES, accelerator, LANES, MEASURED_LANE, format_seconds, gpu_category,
+from ratel.tools.summary import (CATEGORIES, LANE_TITLES, accelerator, MEASURED_LANE, lanes_of, format_seconds, gpu_category,
                                  memory_by_tier, predicted_breakdown, tail_name)
 
 # One colour per memory category, shared by the GPU area and the host/SSD bars so one legend reads both.
 CATEGORY_COLORS = {"parameters": "#4C72B0", "gradients": "#DD8452", "optimizer states": "#937860",
                    "activations": "#55A868", "workspace": "#C44E52", "buffers and outputs": "#8172B3",
                    "other": "#BBBBBB"}
-LANE_COLORS = {"compute": "#4C72B0", "h2d": "#55A868", "d2h": "#8172B3", "ssd": "#937860", "optimizer": "#DD8452"}
+LANE_COLORS = {"compute": "#4C72B0", "h2d": "#55A868", "d2h": "#8172B3", "ssd": "#937860", "optimizer": "#DD8452",
+               "comm": "#C44E52"}
 BACKWARD_COMPUTE = "#27466F"
 _BINARY = (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10), ("B", 1))
 
@@ -261,7 +262,7 @@ def predicted_lanes(plan: Plan) -> tuple[dict[str, list[tuple[float, float, int]
     """Bars per lane as (start, duration, step) in seconds, and the start of every step (plus the end): the
     simulator's spans (``plan.times.spans``) as it scheduled them, the one timeline model the summary's
     figures also come from."""
-    bars: dict[str, list[tuple[float, float, int]]] = {lane: [] for lane in LANES}
+    bars: dict[str, list[tuple[float, float, int]]] = {lane: [] for lane in lanes_of(plan)}
     first: dict[int, float] = {}
     gpu_end = 0.0
     for span in plan.times.spans:
@@ -311,7 +312,7 @@ def _draw_predicted(ax, plan: Plan, bars, starts: list[float], end: float, title
     total = plan.times.total
     unit, scale = _time_unit(end)
     span = end / scale
-    rows = _lane_axis(ax, list(LANES))
+    rows = _lane_axis(ax, list(lanes_of(plan)))
     for lane, items in bars.items():
         for start, duration, step in items:
             if start / scale > span:
@@ -362,7 +363,7 @@ def plot_timeline(plan: Plan, measured: StepRecord | None = None, path: str | Pa
     if zoom:
         _draw_predicted(axes[1][0], plan, bars, starts, gpu_end * 1.02,
                         f"Predicted, the GPU's part ({format_seconds(gpu_end)}) enlarged")
-    lanes = list(LANES)
+    lanes = list(lanes_of(plan))
     phase_of = {s.index: s.phase for s in plan.steps}
     n = len(plan.steps)
 

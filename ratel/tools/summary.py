@@ -26,10 +26,17 @@ import torch
 from ratel.ir import Plan, StepRecord, Tier, format_bytes
 
 LANES = ("compute", "h2d", "d2h", "ssd", "optimizer")
-LANE_TITLES = {"compute": "compute", "h2d": "H2D", "d2h": "D2H", "ssd": "SSD", "optimizer": "CPU optimizer"}
+LANE_TITLES = {"compute": "compute", "h2d": "H2D", "d2h": "D2H", "ssd": "SSD", "optimizer": "CPU optimizer",
+               "comm": "ranks' exchange"}
 # StepRecord lanes -> summary lanes (SSD reads and writes share one lane here).
 MEASURED_LANE = {"compute": "compute", "h2d": "h2d", "d2h": "d2h", "ssd_read": "ssd", "ssd_write": "ssd",
-                 "ssd": "ssd", "optimizer": "optimizer"}
+                 "ssd": "ssd", "optimizer": "optimizer", "comm": "comm"}
+
+
+def lanes_of(plan: Plan) -> tuple[str, ...]:
+    """The lanes a plan has: with several data-parallel ranks, also their exchange before each update (on
+    the CPU optimizer's thread, gradients and weights through host memory)."""
+    return LANES + ("comm",) if plan.ranks > 1 else LANES
 
 CATEGORIES = ("parameters", "gradients", "optimizer states", "activations", "workspace", "buffers and outputs")
 # The planner names what it counts (``StepMemory.breakdown``, ``MemoryProfile.host_bytes``: "param ring",
@@ -90,14 +97,18 @@ class StepFigures:
         if not any(self.seconds.values()):
             return ""
         # Ties go to compute: a step whose copies exactly match its compute is not waiting on them.
-        return max(LANES, key=lambda lane: (self.seconds[lane], lane == "compute"))
+        return max(self.seconds, key=lambda lane: (self.seconds[lane], lane == "compute"))
 
 
 def step_figures(plan: Plan) -> list[StepFigures]:
     out = []
+    exchanges: dict[int, list] = {}      # the simulated exchanges of the ranks, by step (no transfer of the plan)
+    for span in plan.times.spans:
+        if span.lane == "comm":
+            exchanges.setdefault(span.step, []).append(span)
     for step, memory, time in zip(plan.steps, plan.memory.steps, plan.times.steps):
-        nbytes = dict.fromkeys(LANES, 0)
-        count = dict.fromkeys(LANES, 0)
+        nbytes = dict.fromkeys(lanes_of(plan), 0)
+        count = dict.fromkeys(lanes_of(plan), 0)
         for t in plan.transfers_at(step.index):
             lane = t.lane
             if lane is not None:
@@ -105,6 +116,10 @@ def step_figures(plan: Plan) -> list[StepFigures]:
                 count[lane] += 1
         seconds = {"compute": time.compute, "h2d": time.h2d, "d2h": time.d2h,
                    "ssd": getattr(time, "ssd", 0.0), "optimizer": time.optimizer}
+        if plan.ranks > 1:
+            seconds["comm"] = time.comm
+            nbytes["comm"] = sum(span.nbytes for span in exchanges.get(step.index, ()))
+            count["comm"] = len(exchanges.get(step.index, ()))
         out.append(StepFigures(step.index, step.label(plan.units), memory.gpu, nbytes, seconds, count))
     return out
 
@@ -133,8 +148,8 @@ def measured_by_step(plan: Plan, measured: StepRecord) -> dict[int, dict[str, fl
         if lane is None:
             continue
         step = span.step if 0 <= span.step < len(plan.steps) else -1
-        lanes = out.setdefault(step, dict.fromkeys(LANES, 0.0))
-        lanes[lane] += max(span.end - span.start, 0.0)
+        lanes = out.setdefault(step, dict.fromkeys(lanes_of(plan), 0.0))
+        lanes[lane] = lanes.get(lane, 0.0) + max(span.end - span.start, 0.0)
     return out
 
 
@@ -143,7 +158,7 @@ def measured_busy(measured: StepRecord) -> dict[str, float]:
     for span in measured.spans:
         lane = MEASURED_LANE.get(span.lane)
         if lane is not None:
-            busy[lane] += max(span.end - span.start, 0.0)
+            busy[lane] = busy.get(lane, 0.0) + max(span.end - span.start, 0.0)
     return busy
 
 
@@ -268,7 +283,8 @@ def _header(plan: Plan, measured: StepRecord | None) -> list[str]:
     split = predicted_breakdown(plan)
     peak_step = plan.steps[plan.memory.gpu_peak_step]
     lines = [
-        f"Ratel plan for {plan.device}: {len(units)} units ({shown})",
+        f"Ratel plan for {plan.device}: {len(units)} units ({shown})"
+        + (f", run by each of {plan.ranks} data-parallel ranks" if plan.ranks > 1 else ""),
         f"  parameters   {numel:,} in {len(plan.groups)} groups, {dtype} ({format_bytes(param_bytes)})",
         f"  step time    {format_seconds(split['total'])} predicted = compute {format_seconds(split['compute'])}"
         f" + waiting for copies {format_seconds(split['copy stalls'])}"
@@ -305,9 +321,9 @@ def _tier_section(plan: Plan, measured: StepRecord | None) -> list[str]:
 
 
 def _lane_section(plan: Plan, measured: StepRecord | None, figures: list[StepFigures]) -> list[str]:
-    busy = {lane: sum(f.seconds[lane] for f in figures) for lane in LANES}
-    nbytes = {lane: sum(f.nbytes[lane] for f in figures) for lane in LANES}
-    count = {lane: sum(f.transfers[lane] for f in figures) for lane in LANES}
+    busy = {lane: sum(f.seconds[lane] for f in figures) for lane in lanes_of(plan)}
+    nbytes = {lane: sum(f.nbytes[lane] for f in figures) for lane in lanes_of(plan)}
+    count = {lane: sum(f.transfers[lane] for f in figures) for lane in lanes_of(plan)}
     real = measured_busy(measured) if measured is not None else None
     largest = max([plan.times.total] + ([measured.wall] if measured is not None else []))
     unit, scale = _time_unit(largest)
@@ -315,13 +331,13 @@ def _lane_section(plan: Plan, measured: StepRecord | None, figures: list[StepFig
     if real is not None:
         header += [f"measured ({unit})", "of step"]
     rows = []
-    for lane in LANES:
-        moves = "updates" if lane == "optimizer" else ""
+    for lane in lanes_of(plan):
+        moves = "updates" if lane == "optimizer" else "groups" if lane == "comm" else ""
         row = [LANE_TITLES[lane], _t(busy[lane], scale), _pct(busy[lane], plan.times.total) if busy[lane] else "-",
                _b(nbytes[lane]) if lane != "compute" else "-",
                f"{count[lane]} {moves}".strip() if count[lane] else "-"]
         if real is not None:
-            row += [_t(real[lane], scale), _pct(real[lane], measured.wall) if real[lane] else "-"]
+            row += [_t(real.get(lane, 0.0), scale), _pct(real[lane], measured.wall) if real.get(lane) else "-"]
         rows.append(row)
     step_row = ["step", _t(plan.times.total, scale), "", "", ""]
     if real is not None:
@@ -417,12 +433,12 @@ def _step_section(plan: Plan, measured: StepRecord | None, figures: list[StepFig
         largest = max([largest] + [v for lanes in real.values() for v in lanes.values()])
     unit, scale = _time_unit(largest)
     show_ssd = any(f.nbytes["ssd"] for f in figures) or bool(real and any(v["ssd"] for v in real.values()))
-    lanes = [lane for lane in LANES if lane != "ssd" or show_ssd]
+    lanes = [lane for lane in lanes_of(plan) if lane != "ssd" or show_ssd]
     def cells_of(fs: list[StepFigures]) -> list[str]:
         n = len(fs)
         gpu = max(f.gpu for f in fs)
-        nbytes = {lane: sum(f.nbytes[lane] for f in fs) // n for lane in LANES}
-        seconds = {lane: sum(f.seconds[lane] for f in fs) / n for lane in LANES}
+        nbytes = {lane: sum(f.nbytes[lane] for f in fs) // n for lane in lanes_of(plan)}
+        seconds = {lane: sum(f.seconds[lane] for f in fs) / n for lane in lanes_of(plan)}
         return ([_b(gpu)] + [_b(nbytes[lane]) for lane in lanes if lane not in ("compute", "optimizer")]
                 + [_t(seconds[lane], scale) for lane in lanes] + [fs[0].bound])
 

@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 
 from pipeline_util import run_until
-from ratel.ir import (ActivationPlan, CostModel, Phase, SavedDecision, Schedule, Tier, UnitActivations, UnitCost)
+from ratel.ir import (ActivationPlan, CostModel, Lifetimes, Phase, Plan, SavedDecision, Schedule, Tier, UnitActivations,
+                      UnitCost)
 from ratel.passes.simulate import compute_seconds, predict_times
 
 RATE = 1e9   # FLOP/s
@@ -74,3 +75,44 @@ def test_the_compute_lane_takes_measured_seconds_when_given_and_flops_otherwise(
     first = costs.units[0]
     assert mixed.compute == pytest.approx(sum(per_unit[1:]) + first.fwd_flops / rate
                                           + (first.bwd_flops if saved else first.fwd_flops + first.bwd_flops) / rate)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_several_ranks_exchange_each_group_before_its_update_on_the_optimizers_thread(accumulate):
+    gm, ctx, _, _ = run_until("verify_plan")
+    ctx.accumulate = accumulate
+    acts, transfers = ctx.get(ActivationPlan), ctx.get(Schedule).transfers
+    alone = predict_times(ctx, transfers, acts)
+    assert not [s for s in alone.spans if s.lane == "comm"]
+    ctx.ranks = 4
+    ranked = predict_times(ctx, transfers, acts)
+    groups = {g.name: g for g in ctx.get(Lifetimes).groups}
+    exchanges = [s for s in ranked.spans if s.lane == "comm"]
+    updates = [s for s in ranked.spans if s.lane == "optimizer"]
+    assert [s.label.split()[1] for s in exchanges] == [s.label.split()[1] for s in updates]
+    for exchange, update in zip(exchanges, updates):
+        g = groups[exchange.label.split()[1]]
+        grad = g.numel * 4 if accumulate > 1 else g.nbytes        # the fp32 sum when accumulating
+        # a ring all-reduce of the gradient, then this rank's slice of the new weights to the 3 others
+        assert exchange.nbytes == (2 * grad + g.nbytes) * 3 // 4
+        assert exchange.end - exchange.start == pytest.approx(exchange.nbytes / (ctx.hardware.ranks_gbps * 1e9))
+        assert update.start >= exchange.end                        # one thread: exchange, then update
+    assert sum(t.comm for t in ranked.steps) == pytest.approx(sum(s.end - s.start for s in exchanges))
+    assert ranked.total >= alone.total
+
+
+def test_the_summary_shows_the_exchange_lane_only_with_several_ranks():
+    from ratel.tools.summary import plan_summary
+
+    gm, ctx, _, _ = run_until("verify_plan")
+    single = plan_summary(ctx.get(Plan))
+    assert "ranks' exchange" not in single
+    ctx.ranks = 2
+    plan = dataclasses.replace(ctx.get(Plan), ranks=2,
+                               times=predict_times(ctx, ctx.get(Schedule).transfers, ctx.get(ActivationPlan)))
+    text = plan_summary(plan)
+    assert "run by each of 2 data-parallel ranks" in text.splitlines()[0]
+    lane_row = next(line for line in text.splitlines() if line.strip().startswith("ranks' exchange"))
+    sent = sum(s.nbytes for s in plan.times.spans if s.lane == "comm")
+    assert sent > 0 and f"{len([g for g in plan.groups if g.trainable])} groups" in lane_row
+    assert "ranks' exchange" in text.split("Per step")[1]           # a column per step too

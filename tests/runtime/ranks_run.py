@@ -96,7 +96,8 @@ def main() -> None:
     swap_folders = sorted(p.name for p in (args.out / "ssd").glob("*")) if args.ssd else []
     if engine.rank == 0:
         torch.save({"losses": losses, "norms": norms, "state": state, "world_size": engine.world_size,
-                    "ssd_bytes": engine.plan.memory.ssd_total,
+                    "ssd_bytes": engine.plan.memory.ssd_total, "plan_ranks": engine.plan.ranks,
+                    "summary": ratel.summary(engine.plan),
                     "swap_folders": swap_folders},
                    args.out / "result.pt")
     engine.close()

@@ -79,7 +79,8 @@ def test_a_slice_per_rank_covers_each_element_once():
 def test_two_ranks_equal_one_process_and_their_checkpoint_resumes_on_one_and_on_three(tmp_path):
     reference = pytorch_reference()
     two = torchrun(2, tmp_path / "two", "--save-at", "2")
-    assert two["world_size"] == 2
+    assert two["world_size"] == two["plan_ranks"] == 2
+    assert "ranks' exchange" in two["summary"]       # the plan prices the exchange before each update
     assert_same_training(two, reference)
     checkpoint = tmp_path / "two" / "checkpoint"
 
