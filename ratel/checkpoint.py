@@ -98,10 +98,11 @@ def save(engine, path, *, scheduler=None, state: Any = None, max_shard_size: int
     trainer_state = _trainer_state(engine, scheduler, state)
     ranks = engine._ranks
     if ranks is not None:
-        # Each rank holds current states only in its slice: gather them, then rank 0 writes the checkpoint
-        # alone, one that loads on any number of ranks (each reads all of it).
-        store.gather_states()
+        # Each rank holds current states only in its slice: every rank takes part in gathering them group by
+        # group, and rank 0 writes the checkpoint alone, one that loads on any number of ranks.
+        store.gather_ssd_states()
         if ranks.rank != 0:
+            store.write_checkpoint(_Discard(), _Discard(), progress=False)
             if not ranks.all_agree(True):
                 raise RatelError(f"rank {ranks.rank}: rank 0 failed to write the checkpoint {path} (its error says why)")
             return Path(path).absolute()
@@ -150,6 +151,16 @@ def save(engine, path, *, scheduler=None, state: Any = None, max_shard_size: int
     seconds = time.perf_counter() - start
     log.info("ratel: saved %s (%s in %.1f s, %s/s)", path, format_bytes(size), seconds, format_bytes(int(size / seconds)))
     return path
+
+
+class _Discard:
+    """The writers of ranks other than 0: they gather states for rank 0 and keep nothing."""
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        pass
+
+    def wait_hashes(self) -> None:
+        pass
 
 
 def _buffers(engine) -> list[tuple[str, torch.Tensor]]:

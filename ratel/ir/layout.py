@@ -172,9 +172,14 @@ def program_pool_bytes(activations: tuple[ActivationPlacement, ...], acts: Activ
 
 def host_usage(groups, optimizer_tier: dict[str, Tier], activations, torch_adam: bool,
                param_tier: dict[str, Tier] | None = None, accumulate: int = 1,
-               clip: bool = False) -> tuple[tuple[str, int], ...]:
-    """Every host buffer the runtime allocates for this placement, by name (pinned and pageable)."""
+               clip: bool = False, ranks: int = 1) -> tuple[tuple[str, int], ...]:
+    """Every host buffer the runtime allocates for this placement, by name (pinned and pageable). With several
+    data-parallel ranks each keeps host-resident masters and Adam moments only for its slice of a group."""
     param_tier = param_tier or {}
+
+    def share(numel: int) -> int:
+        return ceil_div(numel, ranks)
+
     if accumulate > 1:   # fp32 sums of the micro-batches' gradients, as p.grad accumulates them
         usage = [(f"gradient accumulation (fp32):{g.name}", g.numel * 4) for g in groups if g.trainable]
     else:
@@ -189,12 +194,12 @@ def host_usage(groups, optimizer_tier: dict[str, Tier], activations, torch_adam:
         if g.dtype == torch.float32:
             usage.append((f"fp32 master (compute copy):{g.name}", page(g.nbytes)))
             if on_host:
-                usage.append((f"adam states:{g.name}", g.numel * 8))
+                usage.append((f"adam states:{g.name}", share(g.numel) * 8))
         else:
             if not params_on_ssd:
                 usage.append((f"compute copy:{g.name}", page(g.nbytes)))
             if on_host:
-                usage.append((f"fp32 master + adam states:{g.name}", g.numel * 12))
+                usage.append((f"fp32 master + adam states:{g.name}", share(g.numel) * 12))
     if grad_ring_slots(groups, accumulate, clip) is None:
         usage += [(f"gradient staging:{g.name}", page(g.nbytes)) for g in groups if g.trainable]
     else:

@@ -162,7 +162,7 @@ def plan_activations(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     gpu_free = int(ctx.budget.gpu) - (simulate_memory(gm, ctx, base_plan).gpu_peak if base_plan else 0)
     host_fixed = sum(b for _, b in host_usage(lifetimes.groups, dict(placement.optimizer_tier),
                                               placement.activations, ctx.hardware.torch_cpu_adam, dict(placement.param_tier),
-                                              accumulate=ctx.accumulate, clip=ctx.clip))
+                                              accumulate=ctx.accumulate, clip=ctx.clip, ranks=ctx.ranks))
     host_free = max(0, int(ctx.budget.host) - host_fixed)
 
     priced: dict[int, tuple[float, int, ActivationPlan] | None] = {}

@@ -53,7 +53,7 @@ def saved_reserve(policy: str, costs: CostModel, ssd_ok: bool) -> int:
 
 
 def optimizer_tiers(groups, activations, budget, torch_adam: bool, accumulate: int = 1,
-                    reserved: int = 0, clip: bool = False) -> dict[str, Tier]:
+                    reserved: int = 0, clip: bool = False, ranks: int = 1) -> dict[str, Tier]:
     """Optimizer states on the host while they fit, the rest on SSD.
 
     Groups updated last in backward (the embedding, the first blocks) keep their states on the host: their
@@ -65,7 +65,7 @@ def optimizer_tiers(groups, activations, budget, torch_adam: bool, accumulate: i
 
     def fits(t):
         return sum(b for _, b in host_usage(groups, t, activations, torch_adam, accumulate=accumulate,
-                                            clip=clip)) + reserved \
+                                            clip=clip, ranks=ranks)) + reserved \
             <= budget.host
 
     if fits(tiers):
@@ -81,7 +81,7 @@ def optimizer_tiers(groups, activations, budget, torch_adam: bool, accumulate: i
 
 
 def param_tiers(groups, optimizer_tier: dict[str, Tier], activations, budget, torch_adam: bool,
-                accumulate: int = 1, reserved: int = 0, clip: bool = False) -> dict[str, Tier]:
+                accumulate: int = 1, reserved: int = 0, clip: bool = False, ranks: int = 1) -> dict[str, Tier]:
     """Parameter compute copies on the host, unless even with every optimizer state on SSD the host is short:
     then, largest group first, copies move to SSD (read back before every fetch: the last resort). Groups that
     compute in fp32 stay: their compute copy is their master."""
@@ -89,7 +89,7 @@ def param_tiers(groups, optimizer_tier: dict[str, Tier], activations, budget, to
 
     def fits(t):
         return sum(b for _, b in host_usage(groups, optimizer_tier, activations, torch_adam, t,
-                                            accumulate=accumulate, clip=clip)) + reserved <= budget.host
+                                            accumulate=accumulate, clip=clip, ranks=ranks)) + reserved <= budget.host
 
     if fits(tiers) or not budget.ssd_dir:
         return tiers
@@ -160,9 +160,9 @@ def plan_placement(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     layouts = slot_layouts(units, lifetimes.groups)
     reserved = saved_reserve(ctx.activation_policy, ctx.get(CostModel), bool(ctx.budget.ssd_dir))
     tiers = optimizer_tiers(lifetimes.groups, activations, ctx.budget, ctx.hardware.torch_cpu_adam, ctx.accumulate,
-                            reserved, ctx.clip)
+                            reserved, ctx.clip, ctx.ranks)
     params = param_tiers(lifetimes.groups, tiers, activations, ctx.budget, ctx.hardware.torch_cpu_adam, ctx.accumulate,
-                         reserved, ctx.clip)
+                         reserved, ctx.clip, ctx.ranks)
     plan = PlacementPlan(
         param_tier=tuple((g.name, params[g.name]) for g in lifetimes.groups),
         optimizer_tier=tuple((g.name, tiers[g.name]) for g in lifetimes.groups if g.trainable),

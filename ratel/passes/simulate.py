@@ -138,7 +138,7 @@ def simulate_memory(gm: fx.GraphModule, ctx: PassContext, acts: ActivationPlan |
     peak = max(profile, key=lambda s: s.gpu)
 
     host = host_usage(lifetimes.groups, dict(placement.optimizer_tier), placement.activations, ctx.hardware.torch_cpu_adam,
-                      dict(placement.param_tier), accumulate=ctx.accumulate, clip=ctx.clip)
+                      dict(placement.param_tier), accumulate=ctx.accumulate, clip=ctx.clip, ranks=ctx.ranks)
     ssd_total = sum(ssd_state_bytes(g) for g in lifetimes.groups
                     if g.trainable and placement.optimizer_tier_of(g.name) == Tier.SSD)
     ssd_total += sum(g.nbytes for g in lifetimes.groups if placement.param_tier_of(g.name) == Tier.SSD)

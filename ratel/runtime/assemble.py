@@ -121,8 +121,7 @@ class Resources:
         ssd_params = (SsdParams(self.ssd_lane(), params_on_ssd, self.key, self.store_pool)
                       if params_on_ssd else None)
         self.store = ParamStore(plan, self.device, self.store_pool, ssd=self.ssd, ssd_params=ssd_params,
-                                accumulate=accumulate, clip=max_grad_norm is not None)
-        self.store.ranks = self.ranks
+                                accumulate=accumulate, clip=max_grad_norm is not None, ranks=self.ranks)
         self.store.load(self.model, self.weights, progress=self.progress, checkpoint=self.checkpoint,
                         step=self.optimizer_step)
         if self.checkpoint is not None:

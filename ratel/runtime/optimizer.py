@@ -389,7 +389,7 @@ class CPUOptimizer:
         each piece written back once the caller moves on to the next."""
         s, i = self.store, group.index
         if not s.on_ssd(group):
-            yield 0, group.numel, (s.master[i], s.exp_avg[i], s.exp_avg_sq[i])
+            yield *s.state_range(group), s.host_states(group)
             return
         for piece, (first, last) in enumerate(self.ssd.piece_ranges(group)):
             master, exp_avg, exp_avg_sq = self.ssd.acquire(group, piece)

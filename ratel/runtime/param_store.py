@@ -63,10 +63,11 @@ class GradientRing:
 
 class ParamStore:
     def __init__(self, plan: Plan, device: torch.device, pool: PinnedPool, ssd=None, ssd_params=None,
-                 accumulate: int = 1, clip: bool = False):
+                 accumulate: int = 1, clip: bool = False, ranks=None):
         self.plan = plan
-        self.ranks = None               # several data-parallel ranks: masters and moments are current only in
-                                        # this rank's slice of each group until gathered
+        # Several data-parallel ranks: each updates its slice of every group. It keeps host-resident masters
+        # and moments for that slice only; SSD-resident ones whole, current only in its slice until gathered.
+        self.ranks = ranks
         self.ssd = ssd                  # SsdStates holding the optimizer states of groups placed on SSD
         self.ssd_params = ssd_params    # SsdParams holding the compute copies of groups placed on SSD
         self.groups = plan.groups
@@ -82,13 +83,14 @@ class ParamStore:
                 self.compute[g.index] = pool.take(g.nbytes, g.dtype)
             if g.trainable:
                 on_ssd = self.on_ssd(g)
+                start, end = self.state_range(g)
                 if g.dtype == torch.float32:
                     self.master[g.index] = self.compute[g.index]
                 elif not on_ssd:
-                    self.master[g.index] = torch.empty(g.numel, dtype=torch.float32)
+                    self.master[g.index] = torch.empty(end - start, dtype=torch.float32)
                 if not on_ssd:
-                    self.exp_avg[g.index] = torch.zeros(g.numel, dtype=torch.float32)
-                    self.exp_avg_sq[g.index] = torch.zeros(g.numel, dtype=torch.float32)
+                    self.exp_avg[g.index] = torch.zeros(end - start, dtype=torch.float32)
+                    self.exp_avg_sq[g.index] = torch.zeros(end - start, dtype=torch.float32)
                 self.steps[g.index] = torch.zeros((), dtype=torch.float32)
         slots = grad_ring_slots(self.groups, accumulate, clip)
         if slots is None:
@@ -134,6 +136,33 @@ class ParamStore:
     def params_on_ssd(self, group: ParamGroup) -> bool:
         return self.ssd_params is not None and group.index in self.ssd_params.groups
 
+    def sliced(self, group: ParamGroup) -> bool:
+        """Whether this rank holds the group's optimizer states for its slice only (see ``state_range``)."""
+        return self.ranks is not None and group.trainable and not self.on_ssd(group)
+
+    def state_range(self, group: ParamGroup) -> tuple[int, int]:
+        """The elements ``[start, end)`` of the group whose host-resident master and moments this process
+        keeps: its slice with several ranks, else the whole group (also for states on SSD)."""
+        return self.ranks.shard(group.numel) if self.sliced(group) else (0, group.numel)
+
+    def host_states(self, group: ParamGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(master, exp_avg, exp_avg_sq) of the elements ``state_range`` gives, in host memory."""
+        i = group.index
+        start, end = self.state_range(group)
+        master = self.master[i]
+        if master.numel() != end - start:    # an fp32 group: its master is the whole compute copy
+            master = master[start:end]
+        return master, self.exp_avg[i], self.exp_avg_sq[i]
+
+    def _whole(self, group: ParamGroup, part: torch.Tensor) -> torch.Tensor:
+        """The whole group of a state this rank keeps a slice of: every rank's slice, gathered (a collective)."""
+        if not self.sliced(group):
+            return part
+        start, end = self.state_range(group)
+        whole = torch.empty(group.numel, dtype=part.dtype)
+        whole[start:end].copy_(part)
+        return self.ranks.gather_(whole)
+
     # ------------------------------------------------------------------ values in
     def load(self, model: nn.Module, weights: str | os.PathLike | None = None, progress: bool = True,
              checkpoint: "TensorSet | None" = None, step: int = 0) -> None:
@@ -148,9 +177,10 @@ class ParamStore:
         init_cache: dict[str, dict[str, torch.Tensor]] = {}
         bar = _bar(self.groups, "ratel: loading parameters", progress)
         for g in self.groups:
-            # A group whose fp32 master lives on SSD builds it here, one group at a time.
+            # A group whose fp32 master lives on SSD, or of which this rank keeps a slice, builds it here whole,
+            # one group at a time.
             master = self.master.get(g.index)
-            if master is None and g.trainable:
+            if g.trainable and (master is None or master.numel() != g.numel):
                 master = torch.empty(g.numel, dtype=torch.float32)
             staged = torch.empty(g.numel, dtype=g.dtype) if self.params_on_ssd(g) else None
             compute = staged if staged is not None else self.compute[g.index]
@@ -177,6 +207,9 @@ class ParamStore:
                 self.ssd_params.initialize(g, staged)
             if g.trainable and self.on_ssd(g):
                 self.ssd.initialize(g, master if g.dtype != torch.float32 else None)
+            elif self.sliced(g) and g.dtype != torch.float32:
+                start, end = self.state_range(g)
+                self.master[g.index].copy_(master[start:end])
         bar.close()
 
     def _load_checkpoint(self, checkpoint: TensorSet, step: int, progress: bool) -> None:
@@ -209,8 +242,16 @@ class ParamStore:
         if self.on_ssd(g):
             with self.ssd.staged(g) as (master, exp_avg, exp_avg_sq):
                 yield (self.master[g.index] if master is None else master), exp_avg, exp_avg_sq
-        else:
+        elif not self.sliced(g):
             yield self.master[g.index], self.exp_avg[g.index], self.exp_avg_sq[g.index]
+        else:    # filled whole, kept in this rank's slice
+            whole = [self.master[g.index] if g.dtype == torch.float32 else torch.empty(g.numel),
+                     torch.empty(g.numel), torch.empty(g.numel)]
+            yield whole
+            start, end = self.state_range(g)
+            for kept, value in zip(self.host_states(g), whole):
+                if kept.data_ptr() != value.data_ptr():
+                    kept.copy_(value[start:end])
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_entries(self) -> tuple[list, list]:
@@ -226,54 +267,71 @@ class ParamStore:
                     states += [(f"{kind}/{name}", torch.float32, tuple(shape)) for kind in kinds]
         return weights, states
 
-    def gather_states(self) -> None:
-        """With several ranks: every rank's slice of the masters and Adam moments goes to all of them (SSD-resident
-        states are read, gathered and written back), so any rank holds the whole state (a collective)."""
+    def gather_ssd_states(self) -> None:
+        """With several ranks: every rank's slice of the SSD-resident masters and Adam moments goes to all of
+        them (read, gathered, written back), so each swap file holds the whole state (a collective)."""
         for g in self.groups:
-            if not g.trainable:
+            if not (g.trainable and self.on_ssd(g)):
                 continue
-            if self.on_ssd(g):
-                current = self.ssd.read_group(g)
-                for state in current:
-                    if state is not None:
-                        self.ranks.gather_(state)
-                with self.ssd.staged(g) as staged:
-                    for into, value in zip(staged, current):
-                        if into is not None:
-                            into.copy_(value)
-            else:
-                for state in (self.master[g.index], self.exp_avg[g.index], self.exp_avg_sq[g.index]):
+            current = self.ssd.read_group(g)
+            for state in current:
+                if state is not None:
                     self.ranks.gather_(state)
+            with self.ssd.staged(g) as staged:
+                for into, value in zip(staged, current):
+                    if into is not None:
+                        into.copy_(value)
 
     def write_checkpoint(self, weights, states, progress: bool = True) -> None:
         """Stream every value and state into the writers ``weights`` and ``states`` (``put(name, tensor)``,
-        ``wait_hashes()``), a group at a time: groups on SSD pass through one staging buffer, never all at once."""
+        ``wait_hashes()``), a group at a time: groups on SSD pass through one staging buffer, never all at once.
+        With several ranks every rank calls it (the slices of each group's states are gathered group by group;
+        ranks other than 0 pass writers that keep nothing), and a rank whose writer fails still takes part in
+        the remaining gathers, then raises."""
+        failed = None
         bar = _bar(self.groups, "ratel: saving the checkpoint", progress)
         for g in self.groups:
+            if g.trainable:
+                master, exp_avg, exp_avg_sq = self._states_to_save(g)
+                masters, avgs, avg_sqs = g.views(master), g.views(exp_avg), g.views(exp_avg_sq)
+            if failed is not None:
+                continue
             compute = self.compute.get(g.index)
             held = None
-            if compute is None and not g.trainable:
-                compute = held = self.ssd_params.acquire(g)
-            if g.trainable:
-                master, exp_avg, exp_avg_sq = (self.ssd.read_group(g) if self.on_ssd(g) else
-                                               (None, self.exp_avg[g.index], self.exp_avg_sq[g.index]))
-                master = self.master[g.index] if master is None else master
-                masters, avgs, avg_sqs = g.views(master), g.views(exp_avg), g.views(exp_avg_sq)
-            values = g.views(compute) if compute is not None else None
-            for i, name in enumerate(g.params):
-                # Trainable compute copies on SSD are the rounding of the master: rounded here, not read.
-                weights.put(name, values[i] if values is not None else masters[i].to(g.dtype))
-                if g.trainable:
-                    if g.dtype != torch.float32:
-                        states.put(f"master/{name}", masters[i])
-                    states.put(f"exp_avg/{name}", avgs[i])
-                    states.put(f"exp_avg_sq/{name}", avg_sqs[i])
-            weights.wait_hashes()     # the staging buffers are reused by the next group
-            states.wait_hashes()
-            if held is not None:
-                self.ssd_params.release(g, None)
+            try:
+                if compute is None and not g.trainable:
+                    compute = held = self.ssd_params.acquire(g)
+                values = g.views(compute) if compute is not None else None
+                for i, name in enumerate(g.params):
+                    # Trainable compute copies on SSD are the rounding of the master: rounded here, not read.
+                    weights.put(name, values[i] if values is not None else masters[i].to(g.dtype))
+                    if g.trainable:
+                        if g.dtype != torch.float32:
+                            states.put(f"master/{name}", masters[i])
+                        states.put(f"exp_avg/{name}", avgs[i])
+                        states.put(f"exp_avg_sq/{name}", avg_sqs[i])
+                weights.wait_hashes()     # the staging buffers are reused by the next group
+                states.wait_hashes()
+            except BaseException as exc:  # noqa: BLE001 - re-raised after the other ranks' gathers
+                if self.ranks is None:
+                    raise
+                failed = exc
+            finally:
+                if held is not None:
+                    self.ssd_params.release(g, None)
             bar.update(g.numel)
         bar.close()
+        if failed is not None:
+            raise failed
+
+    def _states_to_save(self, g: ParamGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The whole group's (master, exp_avg, exp_avg_sq): read from SSD, or this rank's slices gathered."""
+        if self.on_ssd(g):
+            master, exp_avg, exp_avg_sq = self.ssd.read_group(g)
+            return (self.master[g.index] if master is None else master), exp_avg, exp_avg_sq
+        master, exp_avg, exp_avg_sq = self.host_states(g)
+        master = self.compute[g.index] if g.dtype == torch.float32 else self._whole(g, master)
+        return master, self._whole(g, exp_avg), self._whole(g, exp_avg_sq)
 
     # ------------------------------------------------------------------ values out
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -285,12 +343,14 @@ class ParamStore:
                 source = self.compute[g.index] if not self.params_on_ssd(g) else self.ssd_params.acquire(g).clone()
                 if self.params_on_ssd(g):
                     self.ssd_params.release(g, None)
-            elif g.index in self.master:
-                source = self.master[g.index]
+            elif g.dtype == torch.float32:
+                source = self.master[g.index]          # the compute copy: whole on every rank
+            elif not self.on_ssd(g):
+                source = self._whole(g, self.master[g.index])
             else:
                 source = self.ssd.read_master(g)
-            if self.ranks is not None and g.trainable:
-                self.ranks.gather_(source)
+                if self.ranks is not None:             # current in each rank's slice only
+                    self.ranks.gather_(source)
             for name, shape, offset in zip(g.params, g.shapes, g.offsets):
                 value = source[offset:offset + math.prod(shape)].view(shape).clone()
                 for alias in aliases.get(name, [name]):

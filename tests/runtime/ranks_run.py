@@ -6,7 +6,8 @@ Each rank trains a small Llama on its share of a global batch of ``ROWS`` rows p
 micro-batches per update, the loss divided by k, clipping at ``MAX_NORM``, per-group weight decay). Rank 0
 writes OUT/result.pt: the mean loss over the ranks of every micro-batch, the gradient norms and the final
 ``state_dict()``. ``--save-at K`` checkpoints into OUT/checkpoint after update K; ``--ssd`` puts every
-optimizer state on SSD (give ``--layers 4``: 2 layers' states take less host memory than SSD staging) (a folder per run under OUT). ``--init-by-ratel`` leaves the process group to
+optimizer state on SSD (give ``--layers 12``: with a third of each group's states per rank, fewer layers' states take
+less host memory than the SSD staging buffers, and the planner keeps them on the host) (a folder per run under OUT). ``--init-by-ratel`` leaves the process group to
 ``ratel.compile``.
 """
 from __future__ import annotations
@@ -97,7 +98,10 @@ def main() -> None:
     if engine.rank == 0:
         torch.save({"losses": losses, "norms": norms, "state": state, "world_size": engine.world_size,
                     "ssd_bytes": engine.plan.memory.ssd_total, "plan_ranks": engine.plan.ranks,
-                    "summary": ratel.summary(engine.plan),
+                    "summary": ratel.summary(engine.plan), "host_bytes": engine.host_bytes_allocated(),
+                    "host_planned": engine.plan.memory.host_total,
+                    "states_held": sum(t.numel() for t in engine._store.exp_avg.values()),
+                    "group_numels": [g.numel for g in engine.plan.groups if g.trainable],
                     "swap_folders": swap_folders},
                    args.out / "result.pt")
     engine.close()

@@ -58,6 +58,13 @@ class _Store:
     def params_on_ssd(self, group):
         return False
 
+    def state_range(self, group):
+        return 0, group.numel
+
+    def host_states(self, group):
+        i = group.index
+        return self.master[i], self.exp_avg[i], self.exp_avg_sq[i]
+
     def grad_of(self, group):
         return self.grad_staging[group.index]
 

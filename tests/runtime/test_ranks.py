@@ -21,8 +21,10 @@ import ranks_run as run  # noqa: E402
 from helpers import make_model, no_decay_groups  # noqa: E402
 
 WORKER = Path(run.__file__)
-# Ranks sum gradients in another order than one process's backward: fp32 rounding, amplified a little by Adam.
-TOLERANCE = dict(rtol=1e-4, atol=2e-5)
+# Ranks sum gradients in another order than one process's backward: fp32 rounding (losses and norms agree to
+# ~1e-6), which Adam amplifies where a gradient is near zero: 2.5e-5 at most in 12 layers after 4 steps of
+# lr 2e-3. A wrong slice or a stale state moves weights by about lr per step.
+TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 
 
 def torchrun(ranks: int, out: Path, *args: str) -> dict:
@@ -81,6 +83,9 @@ def test_two_ranks_equal_one_process_and_their_checkpoint_resumes_on_one_and_on_
     two = torchrun(2, tmp_path / "two", "--save-at", "2")
     assert two["world_size"] == two["plan_ranks"] == 2
     assert "ranks' exchange" in two["summary"]       # the plan prices the exchange before each update
+    # Each rank keeps Adam moments for its half of the elements, and its host memory stays within the plan
+    assert two["states_held"] == sum(-(-numel // 2) for numel in two["group_numels"])
+    assert two["host_bytes"] <= two["host_planned"]
     assert_same_training(two, reference)
     checkpoint = tmp_path / "two" / "checkpoint"
 
@@ -98,9 +103,9 @@ def test_two_ranks_equal_one_process_and_their_checkpoint_resumes_on_one_and_on_
 
 
 def test_three_ranks_with_every_optimizer_state_on_ssd_equal_one_process(tmp_path):
-    result = torchrun(3, tmp_path / "ssd", "--ssd", "--layers", "4", "--save-at", str(run.STEPS))
+    result = torchrun(3, tmp_path / "ssd", "--ssd", "--layers", "12", "--save-at", str(run.STEPS))
     assert result["ssd_bytes"] > 0
-    reference = pytorch_reference(layers=4)
+    reference = pytorch_reference(layers=12)
     assert_same_training(result, reference)
     # The checkpoint gathered each rank's slice of the Adam moments from its swap files
     saved = {}
