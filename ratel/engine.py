@@ -159,7 +159,8 @@ class Engine:
     def _build(self, args: tuple, kwargs: dict) -> Program:
         self._check_open("run a forward")
         with self._rank0_plans_first():
-            program = self._plan_and_assemble(args, kwargs)
+            traced, gm, plan = self._plan(args, kwargs)
+        program = self._assemble(traced, gm, plan, args)    # loading takes every rank at once (collectives)
         if self._ranks is not None:
             self._ranks.same_everywhere(_schedule_fingerprint(program.plan), "the plan of this input shape",
                                         "every rank must run the same input shapes (the same batch and sequence "
@@ -185,7 +186,7 @@ class Engine:
             if ranks.rank == 0:
                 ranks.barrier()
 
-    def _plan_and_assemble(self, args: tuple, kwargs: dict) -> Program:
+    def _plan(self, args: tuple, kwargs: dict):
         try:
             # Every program shares one parameter store, so all take the units the first one took.
             traced, gm, plan = plan_call(self.model, args, kwargs, self.budget, self.hardware, self.device,
@@ -200,6 +201,9 @@ class Engine:
                               "cutting blocks in two may fit this shape: compile with the largest shape as "
                               "example_inputs.", tier="gpu", needed=error.needed, budget=error.budget) from None
         self._split_blocks = traced.split_blocks
+        return traced, gm, plan
+
+    def _assemble(self, traced, gm, plan: Plan, args: tuple) -> Program:
         if not self._resources.created:
             self._resources.create(plan, traced, Hyper.of(self.optimizer.defaults),
                                    segments=segments_of(plan.groups, self._group_of),

@@ -203,6 +203,12 @@ class ParamStore:
                 else:
                     compute[offset:offset + numel].copy_(flat)
                 bar.update(numel)
+            if self.ranks is not None:
+                # Every rank starts from rank 0's values, as DistributedDataParallel does: a model initialised
+                # without a common seed would otherwise train a different start on each rank.
+                self.ranks.from_rank0_(master if g.trainable else compute)
+                if g.trainable and g.dtype != torch.float32:
+                    compute.copy_(master)
             if staged is not None:
                 self.ssd_params.initialize(g, staged)
             if g.trainable and self.on_ssd(g):

@@ -71,6 +71,11 @@ class Ranks:
                 dist.broadcast(tensor[start:end], src=rank, group=self.group)
         return tensor
 
+    def from_rank0_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` takes rank 0's values on every rank."""
+        dist.broadcast(tensor, src=0, group=self.group)
+        return tensor
+
     def all_agree(self, ok: bool) -> bool:
         """Whether every rank says ``ok`` (one failing rank fails them all, instead of leaving them waiting)."""
         flag = torch.tensor([0 if ok else 1], dtype=torch.int32)

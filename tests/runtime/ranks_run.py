@@ -35,6 +35,10 @@ DATA = batches(STEPS * ACCUMULATE, batch=ROWS)
 
 def build(resume=None, ssd_dir: Path | None = None, layers: int = 2):
     model = make_model("llama", layers=layers)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        with torch.no_grad():     # another start on each rank: training must take rank 0's, as DDP does
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
     ids = DATA[0][0]
     budget = ratel.Budget(gpu="1GiB", host="1TiB")
     if ssd_dir is not None:
