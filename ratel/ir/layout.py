@@ -112,11 +112,17 @@ def grad_staging_sizes(groups, accumulate: int = 1, clip: bool = False) -> list[
     return [max(g.nbytes for g in trainable)] * slots
 
 
+def compute_copy_bytes(groups: tuple[ParamGroup, ...], params_on_ssd: set[str] = frozenset()) -> int:
+    """Pinned bytes of the compute copies held in host memory (fp32 masters double as them)."""
+    return pool_bytes([g.nbytes for g in groups if g.name not in params_on_ssd], slack=0)
+
+
 def store_pool_bytes(groups: tuple[ParamGroup, ...], params_on_ssd: set[str] = frozenset(), accumulate: int = 1,
-                     clip: bool = False) -> int:
-    """Pinned bytes the parameter store takes: compute copies (fp32 masters double as them), gradient
-    staging, and the staging ring of parameter groups whose compute copies live on SSD."""
-    sizes = [g.nbytes for g in groups if g.name not in params_on_ssd]
+                     clip: bool = False, shared_copies: bool = False) -> int:
+    """Pinned bytes the parameter store takes: compute copies (fp32 masters double as them; not with
+    ``shared_copies``, where the ranks of a host map one copy), gradient staging, and the staging ring of
+    parameter groups whose compute copies live on SSD."""
+    sizes = [] if shared_copies else [g.nbytes for g in groups if g.name not in params_on_ssd]
     sizes += grad_staging_sizes(groups, accumulate, clip)
     total = pool_bytes(sizes, slack=0)
     ssd = [g for g in groups if g.name in params_on_ssd]
@@ -174,7 +180,8 @@ def host_usage(groups, optimizer_tier: dict[str, Tier], activations, torch_adam:
                param_tier: dict[str, Tier] | None = None, accumulate: int = 1,
                clip: bool = False, ranks: int = 1) -> tuple[tuple[str, int], ...]:
     """Every host buffer the runtime allocates for this placement, by name (pinned and pageable). With several
-    data-parallel ranks each keeps host-resident masters and Adam moments only for its slice of a group."""
+    data-parallel ranks (one host's) each keeps host-resident masters and Adam moments only for its slice of a
+    group, and the compute copies are one shared copy: a rank's share is 1/N of them."""
     param_tier = param_tier or {}
 
     def share(numel: int) -> int:
@@ -188,16 +195,16 @@ def host_usage(groups, optimizer_tier: dict[str, Tier], activations, torch_adam:
         params_on_ssd = param_tier.get(g.name) == Tier.SSD
         if not g.trainable:
             if not params_on_ssd:
-                usage.append((f"frozen parameters:{g.name}", page(g.nbytes)))
+                usage.append((f"frozen parameters:{g.name}", page(share(g.nbytes))))
             continue
         on_host = optimizer_tier[g.name] == Tier.HOST
         if g.dtype == torch.float32:
-            usage.append((f"fp32 master (compute copy):{g.name}", page(g.nbytes)))
+            usage.append((f"fp32 master (compute copy):{g.name}", page(share(g.nbytes))))
             if on_host:
                 usage.append((f"adam states:{g.name}", share(g.numel) * 8))
         else:
             if not params_on_ssd:
-                usage.append((f"compute copy:{g.name}", page(g.nbytes)))
+                usage.append((f"compute copy:{g.name}", page(share(g.nbytes))))
             if on_host:
                 usage.append((f"fp32 master + adam states:{g.name}", share(g.numel) * 12))
     if grad_ring_slots(groups, accumulate, clip) is None:

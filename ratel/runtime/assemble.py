@@ -21,10 +21,10 @@ from torch import nn
 from ratel.errors import BudgetError, RatelError
 from ratel.ir import Plan, Tier, format_bytes
 from ratel.ir.budget import Budget, ssd_dirs
-from ratel.ir.layout import ceil_div, program_pool_bytes, store_pool_bytes
+from ratel.ir.layout import ceil_div, compute_copy_bytes, program_pool_bytes, store_pool_bytes
 from ratel.runtime.activations import ActivationStore
 from ratel.runtime.engine import Runtime
-from ratel.runtime.memory import Lanes, PinnedPool, expandable_segments
+from ratel.runtime.memory import Lanes, PinnedPool, SharedPool, expandable_segments
 from ratel.runtime.optimizer import CPUOptimizer, Hyper
 from ratel.runtime.param_store import ParamStore, materialise_module
 from ratel.runtime.saved import SavedActivations, SsdSaved
@@ -80,6 +80,7 @@ class Resources:
             expandable_segments()
         self.store: ParamStore | None = None
         self.store_pool: PinnedPool | None = None
+        self.shared_pool: SharedPool | None = None   # with ranks: the compute copies, one per host
         self.optimizer: CPUOptimizer | None = None
         self.swapper: Swapper | None = None
         self.lane: SsdLane | None = None
@@ -115,13 +116,18 @@ class Resources:
             self.ssd = SsdStates(self.ssd_lane(), ssd_groups, self.key,
                                  order=plan.ssd_state_order())
         params_on_ssd = [g for g in plan.groups if plan.placement.param_tier_of(g.name) == Tier.SSD]
-        self.store_pool = PinnedPool(store_pool_bytes(plan.groups, {g.name for g in params_on_ssd}, accumulate,
-                                                      max_grad_norm is not None),
-                                     pin=self.device.type == "cuda")
+        on_ssd = {g.name for g in params_on_ssd}
+        pin = self.device.type == "cuda"
+        shared = self.ranks is not None    # the ranks of this host map one copy of the weights
+        self.store_pool = PinnedPool(store_pool_bytes(plan.groups, on_ssd, accumulate, max_grad_norm is not None,
+                                                      shared_copies=shared), pin=pin)
+        self.shared_pool = (SharedPool(compute_copy_bytes(plan.groups, on_ssd), pin, self.ranks) if shared
+                            else None)
         ssd_params = (SsdParams(self.ssd_lane(), params_on_ssd, self.key, self.store_pool)
                       if params_on_ssd else None)
         self.store = ParamStore(plan, self.device, self.store_pool, ssd=self.ssd, ssd_params=ssd_params,
-                                accumulate=accumulate, clip=max_grad_norm is not None, ranks=self.ranks)
+                                accumulate=accumulate, clip=max_grad_norm is not None, ranks=self.ranks,
+                                compute_pool=self.shared_pool)
         self.store.load(self.model, self.weights, progress=self.progress, checkpoint=self.checkpoint,
                         step=self.optimizer_step)
         if self.checkpoint is not None:
@@ -165,10 +171,14 @@ class Resources:
         def add(t):
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 s = t.untyped_storage()
-                storages[s.data_ptr()] = s.nbytes()
+                storages.setdefault(s.data_ptr(), s.nbytes())
 
         if self.store_pool is not None:
             add(self.store_pool.buffer)
+        shared = 0
+        if self.shared_pool is not None:      # this rank's share of the one copy its host's ranks map
+            shared = self.shared_pool.capacity // self.ranks.local_world
+            storages[self.shared_pool.buffer.untyped_storage().data_ptr()] = 0    # (fp32 masters are views of it)
         if self.store is not None:
             for table in (self.store.master, self.store.exp_avg, self.store.exp_avg_sq):
                 for t in table.values():
@@ -182,7 +192,7 @@ class Resources:
         if self.optimizer is not None:
             for t in self.optimizer.acc.values():
                 add(t)
-        return sum(storages.values())
+        return sum(storages.values()) + shared
 
     def closers(self) -> list:
         """What closing takes, in order (the caller runs each and collects errors)."""
@@ -195,6 +205,8 @@ class Resources:
         out = []
         if self.store_pool is not None:
             out.append(self.store_pool.close)
+        if self.shared_pool is not None:
+            out.append(self.shared_pool.close)
         if self.ssd is not None:
             out.append(self.ssd.close)
         if self.lane is not None:
@@ -206,7 +218,8 @@ class Resources:
             out.append(self.store.drop)
         # Whatever else still points at the store (the optimizer, a caller's engine) must not keep its host
         # memory alive: close() frees it, the engine object may live on.
-        self.store = self.store_pool = self.ssd = self.lane = self.swapper = self.optimizer = self.buffers = None
+        self.store = self.store_pool = self.shared_pool = self.ssd = self.lane = self.swapper = None
+        self.optimizer = self.buffers = None
         return out
 
 

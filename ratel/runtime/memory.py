@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import tempfile
 import warnings
 
 import torch
@@ -90,6 +91,37 @@ class PinnedPool:
             torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
             self.pinned = False
         self.buffer = self._raw = None
+
+
+class SharedPool(PinnedPool):
+    """A PinnedPool every data-parallel rank of this host maps: one host copy of what they all hold alike
+    (the compute copies of the weights), in a file of shared memory that rank 0 creates (0600, in /dev/shm) and
+    removes once all have mapped it, so nothing is left behind. Each rank pins its own mapping."""
+
+    def __init__(self, nbytes: int, pin: bool, ranks):
+        self.capacity = max(round_up(int(nbytes), PAGE), ALIGN)
+        path = None
+        if ranks.rank == 0:
+            folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            fd, path = tempfile.mkstemp(prefix="ratel-weights-", dir=folder)   # 0600
+            os.ftruncate(fd, self.capacity)
+            os.close(fd)
+        path = ranks.from_rank0(path)
+        try:
+            self._raw = torch.from_file(path, shared=True, size=self.capacity, dtype=torch.uint8)
+        finally:
+            ranks.barrier()
+            if ranks.rank == 0:
+                os.unlink(path)
+        self.buffer = self._raw       # a mapping is page-aligned
+        self.used = 0
+        self.pinned = False
+        if pin and nbytes > 0:
+            err = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.capacity, 0)
+            if int(err) != 0:
+                raise RuntimeError(f"cudaHostRegister of {self.capacity} bytes of shared memory failed with CUDA "
+                                   f"error {int(err)}; check the memlock limit (ulimit -l) and /dev/shm's size")
+            self.pinned = True
 
 
 class Lanes:

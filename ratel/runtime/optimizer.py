@@ -224,6 +224,8 @@ class CPUOptimizer:
                 self._done[g.index].clear()
             self._queue.put(("partial",))
         self.wait_all()
+        if self.ranks is not None and self.store.shared_compute:
+            self.ranks.barrier()    # every rank has written its slices of the shared weights: the next forward reads them
         self.micro = 0
         self._cycle_open = False
         if self._skip_warning is not None:     # warned here, on the training thread, where the user's step() is
@@ -375,7 +377,7 @@ class CPUOptimizer:
                     adamw_update(master[a:b], grad[start:end], exp_avg[a:b], exp_avg_sq[a:b], s.steps[i],
                                  self.hypers[h], out=None if out is None else out[start:end],
                                  num_threads=self.threads, grad_scale=grad_scale)
-        if self.ranks is not None:
+        if self.ranks is not None and (slot is not None or not s.shared_compute):
             self.ranks.gather_(out if out is not None else s.master[i])    # the next forward's weights
         if s.on_ssd(group):
             self._report(K.SSD_WRITE_STATES, group)

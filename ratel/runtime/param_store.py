@@ -63,11 +63,14 @@ class GradientRing:
 
 class ParamStore:
     def __init__(self, plan: Plan, device: torch.device, pool: PinnedPool, ssd=None, ssd_params=None,
-                 accumulate: int = 1, clip: bool = False, ranks=None):
+                 accumulate: int = 1, clip: bool = False, ranks=None, compute_pool=None):
         self.plan = plan
         # Several data-parallel ranks: each updates its slice of every group. It keeps host-resident masters
         # and moments for that slice only; SSD-resident ones whole, current only in its slice until gathered.
         self.ranks = ranks
+        # With ranks, the compute copies in host memory are one copy the ranks of this host share: each writes
+        # its slice of every update there (and the engine waits for all before the next forward).
+        self.shared_compute = compute_pool is not None
         self.ssd = ssd                  # SsdStates holding the optimizer states of groups placed on SSD
         self.ssd_params = ssd_params    # SsdParams holding the compute copies of groups placed on SSD
         self.groups = plan.groups
@@ -80,7 +83,7 @@ class ParamStore:
         self.steps: dict[int, torch.Tensor] = {}
         for g in self.groups:
             if not self.params_on_ssd(g):
-                self.compute[g.index] = pool.take(g.nbytes, g.dtype)
+                self.compute[g.index] = (compute_pool or pool).take(g.nbytes, g.dtype)
             if g.trainable:
                 on_ssd = self.on_ssd(g)
                 start, end = self.state_range(g)
@@ -178,11 +181,13 @@ class ParamStore:
         bar = _bar(self.groups, "ratel: loading parameters", progress)
         for g in self.groups:
             # A group whose fp32 master lives on SSD, or of which this rank keeps a slice, builds it here whole,
-            # one group at a time.
+            # one group at a time. So does one whose compute copy the ranks share: what each rank read stays
+            # its own until rank 0's values are known (they then all write the same bytes).
+            shared = self.shared_compute and not self.params_on_ssd(g)
             master = self.master.get(g.index)
-            if g.trainable and (master is None or master.numel() != g.numel):
+            if g.trainable and (master is None or master.numel() != g.numel or shared):
                 master = torch.empty(g.numel, dtype=torch.float32)
-            staged = torch.empty(g.numel, dtype=g.dtype) if self.params_on_ssd(g) else None
+            staged = torch.empty(g.numel, dtype=g.dtype) if self.params_on_ssd(g) or shared else None
             compute = staged if staged is not None else self.compute[g.index]
             for name, shape, offset in zip(g.params, g.shapes, g.offsets):
                 numel = math.prod(shape)
@@ -207,9 +212,11 @@ class ParamStore:
                 # Every rank starts from rank 0's values, as DistributedDataParallel does: a model initialised
                 # without a common seed would otherwise train a different start on each rank.
                 self.ranks.from_rank0_(master if g.trainable else compute)
-                if g.trainable and g.dtype != torch.float32:
+                if g.trainable and (g.dtype != torch.float32 or shared):
                     compute.copy_(master)
-            if staged is not None:
+            if shared:
+                self.compute[g.index].copy_(compute)
+            elif staged is not None:
                 self.ssd_params.initialize(g, staged)
             if g.trainable and self.on_ssd(g):
                 self.ssd.initialize(g, master if g.dtype != torch.float32 else None)

@@ -48,6 +48,10 @@ class Ranks:
         if world == 1:
             return None
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if local != world:
+            raise RatelError(f"{world} ranks over {world // max(local, 1)} hosts: Ratel's data parallel runs the ranks "
+                             "of one host (they share its memory and SSDs); start one host's GPUs with torchrun "
+                             "--nproc-per-node N")
         return cls(dist.get_rank(), world, local, dist.new_group(backend="gloo"))
 
     # ------------------------------------------------------------------ slices of a flat group

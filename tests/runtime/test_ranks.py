@@ -86,6 +86,7 @@ def test_two_ranks_equal_one_process_and_their_checkpoint_resumes_on_one_and_on_
     # Each rank keeps Adam moments for its half of the elements, and its host memory stays within the plan
     assert two["states_held"] == sum(-(-numel // 2) for numel in two["group_numels"])
     assert two["host_bytes"] <= two["host_planned"]
+    assert two["shared_weights"]        # one copy of the weights in shared memory for the host's ranks
     assert_same_training(two, reference)
     checkpoint = tmp_path / "two" / "checkpoint"
 
