@@ -16,7 +16,9 @@ depending on where the step is in its update cycle:
 
 ``wait(group)`` blocks until a group's work is done: the next forward never reads a stale weight.
 With several ranks (``ratel.runtime.ranks``), the updating micro-batch first averages the group's gradient
-over the ranks, then updates this rank's slice of it and gathers the other slices' new weights.
+over the ranks (the all-reduce is also what keeps any rank from writing a weight another still reads in this
+backward), then updates this rank's slice of it, writing the new weights into the compute copy the host's
+ranks share (or, for compute copies on SSD, gathering the other slices); ``finish_cycle`` ends with a barrier.
 Hyper-parameters (lr, betas, eps, weight decay) come per parameter *segment*: a flat group may hold
 parameters of several user param groups (no weight decay on norms and biases), each updated with its own.
 """
