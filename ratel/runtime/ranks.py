@@ -3,10 +3,12 @@
 Each rank runs its own engine on its share of the global batch (as with DistributedDataParallel, the user
 gives each rank its rows). Gradients land in host memory as on one GPU; then, once per update cycle, each
 group's gradient is averaged over the ranks (all-reduce), every rank's CPU AdamW updates only its own slice
-of the group (``shard``: 1/N of the elements), and each slice's new compute copy is sent to the other ranks
-(``gather_``), so every rank holds the same weights for the next forward. Masters and Adam moments outside a
-rank's slice are not kept current on that rank: a checkpoint or ``state_dict()`` gathers them first, which
-is why those are collectives (every rank calls them).
+of the group (``shard``: 1/N of the elements) and keeps the master and Adam moments of that slice only, and
+writes the slice's new weights into the one copy of the compute weights the ranks of the host share
+(``ratel.runtime.memory.SharedPool``; compute copies on SSD are private, their slices are sent with
+``gather_``), so every rank reads the same weights in the next forward. A checkpoint or ``state_dict()``
+gathers the slices of masters and moments, which is why those are collectives (every rank calls them). Only
+the ranks of one host are supported.
 
 Collectives run on a gloo group of their own, created when the engine is compiled: the host tensors they
 move are the CPU optimizer's, it issues them from its worker thread, and a group of its own keeps them from
