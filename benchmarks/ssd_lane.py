@@ -36,33 +36,7 @@ from ratel.errors import BudgetError
 from ratel.ir import Tier
 from ratel.models import GPT, GPTConfig
 from ratel.passes.simulate import ssd_bytes_moved
-from ratel.runtime.swapper import Swapper, aligned_empty
-
-
-def raw_rates(folder: str, nbytes: int) -> dict:
-    """Bytes per second of one request of ``nbytes`` at a time, O_DIRECT, through the swapper: writes alone,
-    reads alone, and a read and a write side by side (their bytes together)."""
-    bufs = [aligned_empty(nbytes), aligned_empty(nbytes)]
-    for b in bufs:
-        b.random_(0, 255)
-    with Swapper(dirs=[folder]) as swapper:
-        files = [swapper.file(f"raw/probe{i}.bin", nbytes) for i in range(2)]
-        for f, b in zip(files, bufs):
-            swapper.write(f, 0, b).wait()            # allocate the extents once
-
-        def timed(start) -> float:
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                for handle in start():
-                    handle.wait()
-                times.append(time.perf_counter() - t0)
-            return statistics.median(times)
-
-        write = nbytes / timed(lambda: [swapper.write(files[0], 0, bufs[0])])
-        read = nbytes / timed(lambda: [swapper.read(files[0], 0, bufs[0])])
-        both = 2 * nbytes / timed(lambda: [swapper.read(files[0], 0, bufs[0]), swapper.write(files[1], 0, bufs[1])])
-    return {"write": write, "read": read, "both": both}
+from ratel.runtime.calibrate import measure_disk
 
 
 def roofline(read: float, written: float, disk: dict) -> float:
@@ -137,7 +111,7 @@ def measure(args) -> dict:
     n_params = sum(p.numel() for p in meta_model.parameters())
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).cuda()
     Path(args.ssd_dir).mkdir(parents=True, exist_ok=True)
-    disk = raw_rates(args.ssd_dir, 1 << 30)
+    disk = measure_disk([args.ssd_dir], 1 << 30)
     print(f"raw disk: write {disk['write'] / 1e9:.2f} GB/s, read {disk['read'] / 1e9:.2f} GB/s, both at once "
           f"{disk['both'] / 1e9:.2f} GB/s", flush=True)
     roomy = ratel.explain(meta_model, ratel.Budget(gpu=gpu_budget, host="1TiB", ssd_dir=args.ssd_dir), (ids,))

@@ -76,8 +76,9 @@ from ratel.errors import BudgetError
 from ratel.ir import Tier, format_bytes
 from ratel.models import GPT, GPTConfig
 from ratel.passes.simulate import ssd_bytes_moved
+from ratel.runtime.calibrate import measure_disk
 from ratel.tools.bench import _baseline, model_flops
-from ssd_lane import host_entries, raw_rates, roofline      # a script beside this one
+from ssd_lane import host_entries, roofline      # a script beside this one
 
 ROOT = Path(__file__).resolve().parent.parent
 DEEPSPEED = ("zero_offload", "zero3_cpu")
@@ -266,7 +267,7 @@ def run_row(args) -> None:
         elif row["system"] == "disk":
             scratch(args).mkdir(parents=True, exist_ok=True)
             row["probe"] = (16 << 20) if args.smoke else (1 << 30)      # bytes a request, as ssd_lane.py
-            row["disk"] = raw_rates(str(scratch(args)), row["probe"])
+            row["disk"] = measure_disk([str(scratch(args))], row["probe"])
     except torch.OutOfMemoryError as e:
         row.update(status="OOM", note=str(e).splitlines()[0][:200])
     row["rss"] = max_rss()

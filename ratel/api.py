@@ -17,7 +17,7 @@ from ratel.errors import BudgetError, RatelError
 from ratel.engine import Engine
 from ratel.ir.budget import Budget, parse_bytes
 from ratel.ir.hardware import HardwareProfile
-from ratel.runtime.calibrate import detect, this_machine
+from ratel.runtime.calibrate import detect, this_machine, with_disk
 from ratel.runtime.optimizer import AdamW
 from ratel.runtime.ranks import Ranks
 from ratel.trace import default_kwargs
@@ -75,15 +75,20 @@ def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | Non
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", _local_gpu(ranks))
     # The plan is executed here: it prices the host memory of this process's CPU AdamW kernel.
-    hardware = this_machine(hardware) if hardware is not None else detect(device)
+    budget = _as_budget(budget)
+    if hardware is not None:
+        hardware = this_machine(hardware)
+    elif ranks is None or ranks.rank == 0:     # (the other ranks take rank 0's, below)
+        hardware = with_disk(detect(device), budget.ssd_dir)
     if ranks is not None:       # one measurement for all: ranks that plan alike run the same collectives
-        hardware = ranks.from_rank0(dataclasses.replace(hardware, ranks_gbps=ranks.measure_gbps()))
+        gbps = ranks.measure_gbps()
+        hardware = ranks.from_rank0(dataclasses.replace(hardware, ranks_gbps=gbps) if ranks.rank == 0 else None)
     checkpoint = None
     if resume is not None:
         if weights is not None:
             raise RatelError("give weights= or resume=, not both: a checkpoint holds its own weights")
         checkpoint = open_checkpoint(resume, model)
-    engine = Engine(model, _as_budget(budget), optimizer, device, hardware, weights=weights,
+    engine = Engine(model, budget, optimizer, device, hardware, weights=weights,
                     depth=depth, progress=progress, keep_swap_files=keep_swap_files, activations=activations,
                     accumulate=accumulate, max_grad_norm=max_grad_norm, resume=checkpoint, keep_logits=keep_logits,
                     ranks=ranks)

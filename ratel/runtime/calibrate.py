@@ -5,17 +5,22 @@ one (``~/.cache/ratel/hardware.json``, keyed by device name and host), otherwise
 a matrix product, pinned copies each way, torch's fused CPU AdamW) and caches the result. Profiles can also
 be given by hand, e.g. ``HardwareProfile.h100()`` carries the figures measured on the project's H100 machine.
 The CPU AdamW kernel is always this process's (``cpu_adam_kernel``): it decides the host memory planned.
+``with_disk(profile, ssd_dir)`` adds the SSD folders' rates, measured once per file system (on a GPU machine;
+the CPU profile keeps its nominal figures unless ``RATEL_MEASURE_DISK=1``).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import os
 import platform
+import shutil
 import time
 
 import torch
 
+from ratel.ir.budget import ssd_dirs
 from ratel.ir.hardware import HardwareProfile, cache_dir, host_memory
 from ratel.runtime.cpu_adam import _auto_backend, adamw_step
 
@@ -44,11 +49,7 @@ def detect(device: str | torch.device, measure: bool = True) -> HardwareProfile:
         profile = measure_cuda(device)
     data = _load_cache()
     data[key] = dataclasses.asdict(profile)
-    try:
-        CACHE.parent.mkdir(parents=True, exist_ok=True)
-        CACHE.write_text(json.dumps(data, indent=1, sort_keys=True))
-    except OSError as exc:  # a read-only home must not stop training
-        log.warning("could not cache the hardware profile at %s: %s", CACHE, exc)
+    _save_cache(data)
     return profile
 
 
@@ -67,6 +68,74 @@ def _load_cache() -> dict:
         return json.loads(CACHE.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def measure_disk(dirs: list[str], nbytes: int = 256 << 20) -> dict[str, float]:
+    """Bytes per second of the SSD folders ``dirs`` (striped, as the swap files are), one request of
+    ``nbytes`` at a time, O_DIRECT through the swapper: writes alone, reads alone, and a read and a write side
+    by side (their bytes together). The median of three each; the probe files are removed."""
+    import statistics
+    import tempfile
+
+    from ratel.runtime.swapper import Swapper, aligned_empty
+
+    bufs = [aligned_empty(nbytes), aligned_empty(nbytes)]
+    for b in bufs:
+        b.random_(0, 255)
+    probe = os.path.basename(tempfile.mkdtemp(prefix=".ratel-disk-probe-", dir=dirs[0]))
+    try:
+        with Swapper(dirs=dirs) as swapper:
+            files = [swapper.file(f"{probe}/probe{i}.bin", nbytes) for i in range(2)]
+            for f, b in zip(files, bufs):
+                swapper.write(f, 0, b).wait()            # allocate the extents once
+
+            def timed(start) -> float:
+                times = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    for handle in start():
+                        handle.wait()
+                    times.append(time.perf_counter() - t0)
+                return statistics.median(times)
+
+            write = nbytes / timed(lambda: [swapper.write(files[0], 0, bufs[0])])
+            read = nbytes / timed(lambda: [swapper.read(files[0], 0, bufs[0])])
+            both = 2 * nbytes / timed(lambda: [swapper.read(files[0], 0, bufs[0]),
+                                               swapper.write(files[1], 0, bufs[1])])
+    finally:
+        for d in dirs:
+            shutil.rmtree(os.path.join(d, probe), ignore_errors=True)
+    return {"write": write, "read": read, "both": both}
+
+
+def with_disk(profile: HardwareProfile, ssd_dir, measure: bool | None = None) -> HardwareProfile:
+    """``profile`` with the SSD rates of the folders ``ssd_dir`` (``Budget.ssd_dir``), measured once per host and
+    file system(s) and cached beside the hardware profile. ``measure`` None: ``RATEL_MEASURE_DISK`` when set,
+    else when the profile is a GPU's (on the CPU the nominal figures keep plans the same on every machine)."""
+    if measure is None:
+        env = os.environ.get("RATEL_MEASURE_DISK")
+        measure = env not in ("", "0") if env is not None else profile.name != "cpu"
+    dirs = ssd_dirs(ssd_dir) if ssd_dir else []
+    if not measure or not dirs or not all(os.path.isdir(d) for d in dirs):
+        return profile
+    key = f"{platform.node()}|disk|" + ",".join(str(os.stat(d).st_dev) for d in dirs)
+    data = _load_cache()
+    rates = data.get(key)
+    if not (isinstance(rates, dict) and {"read", "write", "both"} <= set(rates)):
+        log.info("ratel: measuring the SSD folder(s) %s (once for this file system)", ", ".join(dirs))
+        rates = measure_disk(dirs)
+        data[key] = rates
+        _save_cache(data)
+    return dataclasses.replace(profile, ssd_read_gbps=rates["read"] / 1e9, ssd_write_gbps=rates["write"] / 1e9,
+                               ssd_both_gbps=rates["both"] / 1e9)
+
+
+def _save_cache(data: dict) -> None:
+    try:
+        CACHE.parent.mkdir(parents=True, exist_ok=True)
+        CACHE.write_text(json.dumps(data, indent=1, sort_keys=True))
+    except OSError as exc:  # a read-only home must not stop training
+        log.warning("could not cache the hardware profile at %s: %s", CACHE, exc)
 
 
 def measure_cuda(device: torch.device) -> HardwareProfile:
@@ -117,7 +186,7 @@ def measure_cuda(device: torch.device) -> HardwareProfile:
         best = min(best, time.perf_counter() - t0)
     adam = numel / best / 1e9
     props = torch.cuda.get_device_properties(device)
-    # The disk is not measured here (which one is the user's ssd_dir?): the H200 host's figures.
+    # The disk is measured where the user's ssd_dir is known (with_disk); until then, the H200 host's figures.
     disk = HardwareProfile.h100()
     return HardwareProfile(name=props.name, gpu_tflops=tflops, h2d_gbps=h2d, d2h_gbps=d2h,
                            ssd_read_gbps=disk.ssd_read_gbps, ssd_write_gbps=disk.ssd_write_gbps,

@@ -1,0 +1,62 @@
+"""calibrate.with_disk: the SSD folders' rates, measured once per file system and cached, on a GPU's profile
+(the CPU profile keeps its nominal figures unless asked), with nothing left in the user's folder."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ratel.ir.hardware import HardwareProfile
+from ratel.runtime import calibrate
+
+
+@pytest.fixture
+def counted(monkeypatch, tmp_path):
+    """A private cache, and measure_disk with 8 MiB requests, counting its calls."""
+    monkeypatch.setattr(calibrate, "CACHE", tmp_path / "cache" / "hardware.json")
+    monkeypatch.delenv("RATEL_MEASURE_DISK", raising=False)
+    calls = []
+    measure = calibrate.measure_disk
+
+    def small(dirs, nbytes=8 << 20):
+        calls.append(list(dirs))
+        return measure(dirs, nbytes)
+
+    monkeypatch.setattr(calibrate, "measure_disk", small)
+    return calls
+
+
+def test_measure_disk_gives_three_rates_and_leaves_nothing_behind(tmp_path):
+    rates = calibrate.measure_disk([str(tmp_path)], 4 << 20)
+    assert set(rates) == {"read", "write", "both"} and all(r > 0 for r in rates.values())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_gpu_profile_takes_the_folders_rates_measured_once_per_file_system(counted, tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    gpu = HardwareProfile.h100()
+    measured = calibrate.with_disk(gpu, str(first))
+    assert len(counted) == 1
+    cached = json.loads(calibrate.CACHE.read_text())
+    (rates,) = [v for k, v in cached.items() if "|disk|" in k]
+    assert measured.ssd_read_gbps == rates["read"] / 1e9 and measured.ssd_write_gbps == rates["write"] / 1e9
+    assert measured.ssd_both_gbps == rates["both"] / 1e9
+    assert measured.gpu_tflops == gpu.gpu_tflops                  # only the disk's figures change
+    again = calibrate.with_disk(gpu, str(second))                  # another folder on the same file system
+    assert len(counted) == 1 and again == measured
+    assert list(first.iterdir()) == [] and list(second.iterdir()) == []
+
+
+def test_the_cpu_profile_keeps_its_nominal_rates_unless_asked(counted, tmp_path, monkeypatch):
+    cpu = HardwareProfile.cpu()
+    assert calibrate.with_disk(cpu, str(tmp_path)) == cpu and not counted
+    assert calibrate.with_disk(HardwareProfile.h100(), None) == HardwareProfile.h100()    # no SSD folder
+    monkeypatch.setenv("RATEL_MEASURE_DISK", "0")
+    assert calibrate.with_disk(HardwareProfile.h100(), str(tmp_path)) == HardwareProfile.h100()
+    monkeypatch.setenv("RATEL_MEASURE_DISK", "1")
+    asked = calibrate.with_disk(cpu, str(tmp_path))
+    assert len(counted) == 1
+    (rates,) = [v for k, v in json.loads(calibrate.CACHE.read_text()).items() if "|disk|" in k]
+    assert asked.ssd_write_gbps == rates["write"] / 1e9
