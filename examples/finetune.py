@@ -3,6 +3,7 @@
     python examples/finetune.py                   # 120 updates, on CUDA if present, else the CPU
     python examples/finetune.py --steps 50 --budget 64MiB
     python examples/finetune.py --resume          # continue from the latest checkpoint in --out
+    torchrun --nproc-per-node 2 examples/finetune.py --batch 4   # 2 ranks x 4 rows: the same run as --batch 8
 
 The model is a 4-layer Llama built from a config (random initialisation) at byte level (Ratel's fallback
 tokenizer: UTF-8 bytes and an eos). The GPU budget defaults to the smallest the planner accepts, so
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import ratel
 from ratel.data import ByteTokenizer
@@ -53,15 +56,21 @@ def sample(model, prompt: str, length: int) -> str:
 
 def main():
     args = parse_args()
+    ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if ranks:     # under torchrun: rank 0 alone clears the earlier run and writes the sample
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    first = not ranks or dist.get_rank() == 0
     out = Path(args.out)
     earlier = sorted(out.glob("checkpoint-*"))
-    if earlier and not args.resume:
+    if earlier and not args.resume and first:
         # This script's own scratch folder: a new run replaces the last one (ratel train itself would refuse).
         print(f"removing the earlier run in {out} (pass --resume to continue it instead)")
         for folder in earlier:
             shutil.rmtree(folder)
         (out / "metrics.jsonl").unlink(missing_ok=True)
         shutil.rmtree(out / "tensorboard", ignore_errors=True)
+    if ranks:
+        dist.barrier()
     model_dir = out / "model"                    # a config alone: ratel train initialises the weights
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.json").write_text(json.dumps(CONFIG, indent=1))
@@ -76,6 +85,10 @@ def main():
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         config.budget = str(ratel.explain(model, "1TiB", (ids,), device=device, activations="recompute").memory.gpu_peak)
     result = train(config)
+    if ranks:
+        dist.destroy_process_group()
+    if not first:
+        return
 
     from transformers import AutoModelForCausalLM
     trained = AutoModelForCausalLM.from_pretrained(result.checkpoint).float().eval()
