@@ -74,10 +74,16 @@ def _share(rows: torch.Tensor) -> torch.Tensor:
     return rows[r * per:(r + 1) * per]
 
 
-def train(engine, start: int, stop: int, save_at: int | None = None, folder: Path | None = None):
+def micro_batches(step: int, stop: int, last_micro: int | None) -> int:
+    """Micro-batches of an update: ``last_micro`` for the last one when given (an epoch's partial end)."""
+    return last_micro if last_micro is not None and step == stop - 1 else ACCUMULATE
+
+
+def train(engine, start: int, stop: int, save_at: int | None = None, folder: Path | None = None,
+          last_micro: int | None = None):
     losses, norms = [], []
     for step in range(start, stop):
-        for micro in range(ACCUMULATE):
+        for micro in range(micro_batches(step, stop, last_micro)):
             ids, labels = DATA[step * ACCUMULATE + micro]
             loss = engine(_share(ids), labels=_share(labels)).loss / ACCUMULATE
             engine.backward(loss)
@@ -101,6 +107,7 @@ def main() -> None:
     parser.add_argument("--save-at", type=int)
     parser.add_argument("--ssd", action="store_true")
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--last-micro", type=int, help="micro-batches of the last update (step() after fewer)")
     parser.add_argument("--init-by-ratel", action="store_true",
                         help="leave torch.distributed to ratel.compile (the example batch is then the global one)")
     args = parser.parse_args()
@@ -109,7 +116,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     engine = build(args.resume, args.out / "ssd" if args.ssd else None, args.layers)
     start = engine.resumed.step if engine.resumed is not None else 0
-    losses, norms = train(engine, start, args.steps, args.save_at, args.out / "checkpoint")
+    losses, norms = train(engine, start, args.steps, args.save_at, args.out / "checkpoint", args.last_micro)
     state = engine.state_dict()
     swap_folders = sorted(p.name for p in (args.out / "ssd").glob("*")) if args.ssd else []
     if engine.rank == 0:

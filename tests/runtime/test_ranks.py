@@ -38,14 +38,14 @@ def torchrun(ranks: int, out: Path, *args: str) -> dict:
 
 
 @functools.lru_cache
-def pytorch_reference(steps: int = run.STEPS, layers: int = 2):
+def pytorch_reference(steps: int = run.STEPS, layers: int = 2, last_micro: int | None = None):
     """Plain PyTorch on the whole global batch, as a user writes it: loss / k per micro-batch,
     clip_grad_norm_, torch.optim.AdamW(fused=True) with per-group weight decay."""
     model = make_model("llama", layers=layers)
     opt = torch.optim.AdamW(no_decay_groups(model, 0.1), lr=run.LR, fused=True)
     losses, norms, states = [], [], []
     for step in range(steps):
-        for micro in range(run.ACCUMULATE):
+        for micro in range(run.micro_batches(step, steps, last_micro)):
             ids, labels = run.DATA[step * run.ACCUMULATE + micro]
             loss = model(ids, labels=labels).loss / run.ACCUMULATE
             loss.backward()
@@ -61,6 +61,7 @@ def pytorch_reference(steps: int = run.STEPS, layers: int = 2):
 
 def assert_same_training(result: dict, reference, start: int = 0) -> None:
     losses, norms, states, _ = reference
+    assert len(result["losses"]) == len(losses) - start * run.ACCUMULATE
     assert result["losses"] == pytest.approx(losses[start * run.ACCUMULATE:], rel=1e-5)
     assert result["norms"] == pytest.approx(norms[start:], rel=1e-5)
     assert max(norms) > run.MAX_NORM, "the run must clip for the test to say anything about clipping"
@@ -101,6 +102,12 @@ def test_two_ranks_equal_one_process_and_their_checkpoint_resumes_on_one_and_on_
     three = torchrun(3, tmp_path / "three", "--resume", str(checkpoint), "--init-by-ratel")
     assert three["world_size"] == 3
     assert_same_training(three, reference, start=2)
+
+
+def test_a_step_after_fewer_micro_batches_than_accumulate_averages_what_the_ranks_summed(tmp_path):
+    result = torchrun(2, tmp_path / "partial", "--last-micro", "1")
+    assert len(result["losses"]) == (run.STEPS - 1) * run.ACCUMULATE + 1
+    assert_same_training(result, pytorch_reference(last_micro=1))
 
 
 def test_three_ranks_with_every_optimizer_state_on_ssd_equal_one_process(tmp_path):
