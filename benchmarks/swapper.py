@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ratel.runtime.swapper import (ALIGNMENT, DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH, Swapper,  # noqa: E402
                                    aligned_empty, uring_available)
+from ratel.ir.hardware import cpu_model  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MiB = 1 << 20
@@ -51,15 +52,6 @@ def fmt_size(n: int) -> str:
 
 # ---- machine ------------------------------------------------------------------------------------------
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def mount_of(path: str) -> tuple[str, str, str]:

@@ -8,6 +8,7 @@ the laptop.
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,18 @@ def cache_dir() -> Path:
     ``$RATEL_CACHE_DIR``, else ``~/.cache/ratel``. Read at each call, so a test or a job can point it
     elsewhere."""
     return Path(os.environ.get("RATEL_CACHE_DIR", Path.home() / ".cache" / "ratel"))
+
+
+def cpu_model() -> str:
+    """The CPU's 'model name' from /proc/cpuinfo (what a measurement on this host is labelled with)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def host_memory() -> int:

@@ -43,7 +43,7 @@ import torch
 import torch.fx as fx
 
 from ratel.ir import META_TENSOR, UnitCall
-from ratel.ir.hardware import cache_dir, host_memory
+from ratel.ir.hardware import cache_dir, cpu_model, host_memory
 
 log = logging.getLogger("ratel.passes")
 
@@ -107,18 +107,7 @@ def device_name(device: str) -> str:
     dev = torch.device(device)
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    return f"{_cpu_model()} x{torch.get_num_threads()} threads"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
+    return f"{cpu_model()} x{torch.get_num_threads()} threads"
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
