@@ -137,18 +137,24 @@ def test_explain_never_times_but_reads_what_compile_cached(timing):
     assert after.times.total == compiled.times.total
 
 
+def _profiled_compute(engine, ids, steps: int) -> list[float]:
+    """The measured compute lane of each of ``steps`` profiled training steps."""
+    engine.profile = True
+    measured = []
+    for _ in range(steps):
+        engine.backward(engine(ids, labels=ids).loss)
+        engine.step()
+        measured.append(sum(s.end - s.start for s in engine.last_step.spans if s.lane == "compute"))
+    return measured
+
+
 def _compute_ratio() -> float:
     """Predicted compute lane / the fastest measured one over profiled steps after the first (which pays
     first-touch costs)."""
     model = _model(d_model=256, seq=128, layers=3)
     ids = torch.randint(0, 128, (4, 128), generator=torch.Generator().manual_seed(0))
     engine = ratel.compile(model, budget="4GiB", example_inputs=(ids,), device="cpu", progress=False)
-    engine.profile = True
-    measured = []
-    for _ in range(5):
-        engine.backward(engine(ids, labels=ids).loss)
-        engine.step()
-        measured.append(sum(s.end - s.start for s in engine.last_step.spans if s.lane == "compute"))
+    measured = _profiled_compute(engine, ids, 5)
     predicted = engine.plan.times.compute
     engine.close()
     print(f"CPU compute lane: predicted {predicted * 1e3:.1f} ms, measured {min(measured[1:]) * 1e3:.1f} ms, "
@@ -188,12 +194,7 @@ def test_on_cuda_units_are_timed_by_default_and_predict_the_compute_lane(monkeyp
     ids = torch.randint(0, 4096, (8, 512), device="cuda")
     engine = ratel.compile(model.train(), budget="8GiB", example_inputs=(ids,), device="cuda", progress=False)
     assert all(c.measured for c in engine.plan.costs.units)
-    engine.profile = True
-    measured = []
-    for _ in range(4):
-        engine.backward(engine(ids, labels=ids).loss)
-        engine.step()
-        measured.append(sum(s.end - s.start for s in engine.last_step.spans if s.lane == "compute"))
+    measured = _profiled_compute(engine, ids, 4)
     predicted = engine.plan.times.compute
     explained = ratel.explain(model, "8GiB", (ids,), device="cuda")
     engine.close()
