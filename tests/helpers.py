@@ -214,15 +214,16 @@ def assert_trained_alike(result, rel: float = 1e-5) -> None:
     assert worst < rel, f"{name} differs by {worst:.2e}"
 
 
-def host_minimum(model, ids, accumulate: int = 1, device: str = "cpu", gpu: str = "1GiB") -> int:
-    """The host budget that leaves every optimizer state to the SSD."""
+def host_minimum(model, ids, accumulate: int = 1, device: str = "cpu", gpu: str = "1GiB", clip: bool = False,
+                 ranks: int = 1) -> int:
+    """The host budget that leaves every optimizer state to the SSD (of each of ``ranks`` data-parallel ranks)."""
     probe = ratel.compile(model, budget=ratel.Budget(gpu=gpu, host="1TiB"), example_inputs=(ids,),
                           device=device, progress=False)
     plan = probe.plan
     probe.close()
     tiers = {g.name: Tier.SSD for g in plan.groups if g.trainable}
     return sum(b for _, b in host_usage(plan.groups, tiers, plan.placement.activations, (cpu_adam_kernel() == "torch"),
-                                        accumulate=accumulate))
+                                        accumulate=accumulate, clip=clip, ranks=ranks))
 
 
 def train_steps(engine, data) -> list[float]:

@@ -23,10 +23,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ratel  # noqa: E402
-from helpers import batches, make_model, no_decay_groups  # noqa: E402
-from ratel.ir import Tier  # noqa: E402
-from ratel.ir.layout import host_usage  # noqa: E402
-from ratel.runtime.calibrate import cpu_adam_kernel  # noqa: E402
+from helpers import batches, host_minimum, make_model, no_decay_groups  # noqa: E402
 
 ROWS = 6            # divides by 1, 2 and 3 ranks
 ACCUMULATE = 2
@@ -46,23 +43,13 @@ def build(resume=None, ssd_dir: Path | None = None, layers: int = 2):
     budget = ratel.Budget(gpu="1GiB", host="1TiB")
     if ssd_dir is not None:
         ssd_dir.mkdir(parents=True, exist_ok=True)
-        budget = ratel.Budget(gpu="1GiB", host=_host_for_ssd_states(model, _share(ids)), ssd_dir=str(ssd_dir))
+        # Budget.host is the host's, shared by its ranks
+        ranks = dist.get_world_size() if dist.is_initialized() else 1
+        host = host_minimum(model, _share(ids), ACCUMULATE, clip=True, ranks=ranks) * ranks
+        budget = ratel.Budget(gpu="1GiB", host=host, ssd_dir=str(ssd_dir))
     opt = torch.optim.AdamW(no_decay_groups(model, 0.1), lr=LR)
     return ratel.compile(model, budget=budget, optimizer=opt, example_inputs=(_share(ids),), device="cpu",
                          progress=False, accumulate=ACCUMULATE, max_grad_norm=MAX_NORM, resume=resume)
-
-
-def _host_for_ssd_states(model, ids) -> int:
-    """The host budget (the host's, shared by its ranks) that leaves every optimizer state to the SSD."""
-    ranks = dist.get_world_size() if dist.is_initialized() else 1
-    probe = ratel.compile(model, budget=ratel.Budget(gpu="1GiB", host="1TiB"), example_inputs=(ids,), device="cpu",
-                          progress=False, accumulate=ACCUMULATE, max_grad_norm=MAX_NORM)
-    plan = probe.plan
-    probe.close()
-    tiers = {g.name: Tier.SSD for g in plan.groups if g.trainable}
-    usage = host_usage(plan.groups, tiers, plan.placement.activations, cpu_adam_kernel() == "torch",
-                       accumulate=ACCUMULATE, clip=True, ranks=ranks)
-    return sum(b for _, b in usage) * ranks
 
 
 def _share(rows: torch.Tensor) -> torch.Tensor:
