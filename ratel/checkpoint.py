@@ -100,7 +100,6 @@ def save(engine, path, *, scheduler=None, state: Any = None, max_shard_size: int
     if ranks is not None:
         # Each rank holds current states only in its slice: every rank takes part in gathering them group by
         # group, and rank 0 writes the checkpoint alone, one that loads on any number of ranks.
-        store.gather_ssd_states()
         if ranks.rank != 0:
             store.write_checkpoint(_Discard(), _Discard(), progress=False)
             if not ranks.all_agree(True):

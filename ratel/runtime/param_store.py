@@ -257,14 +257,15 @@ class ParamStore:
                 yield (self.master[g.index] if master is None else master), exp_avg, exp_avg_sq
         elif not self.sliced(g):
             yield self.master[g.index], self.exp_avg[g.index], self.exp_avg_sq[g.index]
-        else:    # filled whole, kept in this rank's slice
-            whole = [self.master[g.index] if g.dtype == torch.float32 else torch.empty(g.numel),
-                     torch.empty(g.numel), torch.empty(g.numel)]
+        else:    # filled whole, kept in this rank's slice (an fp32 group's master is its whole compute copy)
+            fp32 = g.dtype == torch.float32
+            whole = [self.master[g.index] if fp32 else torch.empty(g.numel), torch.empty(g.numel),
+                     torch.empty(g.numel)]
             yield whole
             start, end = self.state_range(g)
-            for kept, value in zip(self.host_states(g), whole):
-                if kept.data_ptr() != value.data_ptr():
-                    kept.copy_(value[start:end])
+            pairs = list(zip(self.host_states(g), whole))
+            for kept, value in pairs[1:] if fp32 else pairs:
+                kept.copy_(value[start:end])
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_entries(self) -> tuple[list, list]:
@@ -279,21 +280,6 @@ class ParamStore:
                     kinds = ("exp_avg", "exp_avg_sq") if g.dtype == torch.float32 else ("master", "exp_avg", "exp_avg_sq")
                     states += [(f"{kind}/{name}", torch.float32, tuple(shape)) for kind in kinds]
         return weights, states
-
-    def gather_ssd_states(self) -> None:
-        """With several ranks: every rank's slice of the SSD-resident masters and Adam moments goes to all of
-        them (read, gathered, written back), so each swap file holds the whole state (a collective)."""
-        for g in self.groups:
-            if not (g.trainable and self.on_ssd(g)):
-                continue
-            current = self.ssd.read_group(g)
-            for state in current:
-                if state is not None:
-                    self.ranks.gather_(state)
-            with self.ssd.staged(g) as staged:
-                for into, value in zip(staged, current):
-                    if into is not None:
-                        into.copy_(value)
 
     def write_checkpoint(self, weights, states, progress: bool = True) -> None:
         """Stream every value and state into the writers ``weights`` and ``states`` (``put(name, tensor)``,
@@ -338,9 +324,14 @@ class ParamStore:
             raise failed
 
     def _states_to_save(self, g: ParamGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The whole group's (master, exp_avg, exp_avg_sq): read from SSD, or this rank's slices gathered."""
+        """The whole group's (master, exp_avg, exp_avg_sq): this rank's slices gathered from every rank (read
+        from its swap file first when on SSD, where each rank's file is current in its own slice)."""
         if self.on_ssd(g):
             master, exp_avg, exp_avg_sq = self.ssd.read_group(g)
+            if self.ranks is not None:
+                for state in (master, exp_avg, exp_avg_sq):
+                    if state is not None:      # (an fp32 group's master is its compute copy: whole already)
+                        self.ranks.gather_(state)
             return (self.master[g.index] if master is None else master), exp_avg, exp_avg_sq
         master, exp_avg, exp_avg_sq = self.host_states(g)
         master = self.compute[g.index] if g.dtype == torch.float32 else self._whole(g, master)
