@@ -142,7 +142,7 @@ class KindSpec:
     and to, what its subject names, when in its step it is issued, and — for a kind whose moment the
     runtime decides — who decides (empty: the schedule executor issues it at its step, in plan order)."""
 
-    lane: str | None          # "h2d" | "d2h" | "ssd" | "optimizer" | None
+    lane: str | None          # "h2d" | "d2h" | "ssd" | "optimizer" | "compute" | None
     src: Tier | None
     dst: Tier | None
     subject: str              # "unit" | "group" | "value" (a unit-boundary activation) | "saved" (unit/key)
@@ -168,6 +168,8 @@ class TransferKind(str, enum.Enum):
     OPTIMIZER_STEP = "optimizer_step"
     SSD_READ_STATES = "ssd_read_states"
     SSD_WRITE_STATES = "ssd_write_states"
+    GPU_STEP = "gpu_step"
+    WRITE_BACK_PARAMS = "write_back_params"
 
     def __str__(self) -> str:  # dumps print "fetch_params", not "TransferKind.FETCH_PARAMS"
         return self.value
@@ -214,6 +216,11 @@ KIND_SPECS: dict[TransferKind, KindSpec] = {
                                 dynamic="the SSD states ring, when a staging slot frees, in plan order"),
     K.SSD_WRITE_STATES: KindSpec("ssd", Tier.HOST, Tier.SSD, "group", Stage.AFTER,
                                  dynamic="the CPU optimizer, once the group's update is done"),
+    # A group resident on the GPU (plan_resident_groups): AdamW there, and its new weights copied to the host
+    # copy the model object's parameters alias.
+    K.GPU_STEP: KindSpec("compute", Tier.GPU, Tier.GPU, "group", Stage.AFTER),
+    K.WRITE_BACK_PARAMS: KindSpec("d2h", Tier.GPU, Tier.HOST, "group", Stage.AFTER,
+                                  dynamic="the optimizer, once the group's update on the GPU is issued"),
 }
 del K
 
@@ -531,7 +538,9 @@ class SlotLayout:
 class PlacementPlan:
     """The decisions of plan_placement: a tier for every tensor class and the parameter ring schedule."""
 
-    param_tier: tuple[tuple[str, Tier], ...]          # group name -> home tier of its compute copy
+    # group name -> home tier of its compute copy; GPU: the group is resident there for the whole run (its
+    # master and moments too, updated by AdamW on the GPU), and its host copy is only what the model aliases
+    param_tier: tuple[tuple[str, Tier], ...]
     optimizer_tier: tuple[tuple[str, Tier], ...]      # group name -> tier of master, exp_avg, exp_avg_sq
     activations: tuple[ActivationPlacement, ...]
     fetches: tuple[ParamFetch, ...]
@@ -544,6 +553,10 @@ class PlacementPlan:
 
     def param_tier_of(self, group: str) -> Tier:
         return dict(self.param_tier)[group]
+
+    def on_gpu(self, group: str) -> bool:
+        """Whether the group lives on the GPU for the whole run (weights, master, moments; updated there)."""
+        return self.param_tier_of(group) == Tier.GPU
 
     def fetch_at(self, step: int) -> ParamFetch:
         for fetch in self.fetches:

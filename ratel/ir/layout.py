@@ -86,6 +86,29 @@ def exchange_bytes(group: ParamGroup, accumulate: int, ranks: int) -> int:
     return (2 * grad + group.nbytes) * (ranks - 1) // ranks
 
 
+def device_state_bytes(group: ParamGroup, accumulate: int = 1) -> int:
+    """GPU bytes a group resident on the GPU holds for the whole run (plan_resident_groups): its compute copy
+    and, when it trains, its fp32 master (unless the compute copy is one), Adam moments, and with
+    accumulation the fp32 sum of the micro-batches' gradients."""
+    total = round_up(group.nbytes, SLOT_ALIGN)
+    if group.trainable:
+        states = 2 if group.dtype == torch.float32 else 3
+        states += 1 if accumulate > 1 else 0
+        total += states * round_up(group.numel * 4, SLOT_ALIGN)
+    return total
+
+
+def device_update_scratch_bytes(group: ParamGroup) -> int:
+    """GPU bytes an update on the GPU takes while it runs: torch's fused AdamW reads an fp32 gradient."""
+    return group.numel * 4 if group.trainable else 0
+
+
+def host_updated(groups, param_tier: dict | None) -> list[ParamGroup]:
+    """The groups whose gradients leave the GPU for the CPU optimizer: all but those resident on the GPU."""
+    param_tier = param_tier or {}
+    return [g for g in groups if param_tier.get(g.name) != Tier.GPU]
+
+
 def grad_ring_slots(groups, accumulate: int = 1, clip: bool = False) -> int | None:
     """Slots of the ring gradients stream through from the GPU to the CPU optimizer, or None when every group
     needs a buffer of its own: clipping without accumulation updates only after the whole backward, from the
@@ -118,12 +141,12 @@ def compute_copy_bytes(groups: tuple[ParamGroup, ...], params_on_ssd: set[str] =
 
 
 def store_pool_bytes(groups: tuple[ParamGroup, ...], params_on_ssd: set[str] = frozenset(), accumulate: int = 1,
-                     clip: bool = False, shared_copies: bool = False) -> int:
+                     clip: bool = False, shared_copies: bool = False, on_gpu: set[str] = frozenset()) -> int:
     """Pinned bytes the parameter store takes: compute copies (fp32 masters double as them; not with
-    ``shared_copies``, where the ranks of a host map one copy), gradient staging, and the staging ring of
-    parameter groups whose compute copies live on SSD."""
+    ``shared_copies``, where the ranks of a host map one copy), gradient staging (none for the groups
+    ``on_gpu``, updated there), and the staging ring of parameter groups whose compute copies live on SSD."""
     sizes = [] if shared_copies else [g.nbytes for g in groups if g.name not in params_on_ssd]
-    sizes += grad_staging_sizes(groups, accumulate, clip)
+    sizes += grad_staging_sizes([g for g in groups if g.name not in on_gpu], accumulate, clip)
     total = pool_bytes(sizes, slack=0)
     ssd = [g for g in groups if g.name in params_on_ssd]
     if ssd:
@@ -183,12 +206,13 @@ def host_usage(groups, optimizer_tier: dict[str, Tier], activations, torch_adam:
     data-parallel ranks (one host's) each keeps host-resident masters and Adam moments only for its slice of a
     group, and the compute copies are one shared copy: a rank's share is 1/N of them."""
     param_tier = param_tier or {}
+    streamed = host_updated(groups, param_tier)    # a group resident on the GPU keeps only the model's copy here
 
     def share(numel: int) -> int:
         return ceil_div(numel, ranks)
 
     if accumulate > 1:   # fp32 sums of the micro-batches' gradients, as p.grad accumulates them
-        usage = [(f"gradient accumulation (fp32):{g.name}", g.numel * 4) for g in groups if g.trainable]
+        usage = [(f"gradient accumulation (fp32):{g.name}", g.numel * 4) for g in streamed if g.trainable]
     else:
         usage = []
     for g in groups:
@@ -207,15 +231,15 @@ def host_usage(groups, optimizer_tier: dict[str, Tier], activations, torch_adam:
                 usage.append((f"compute copy:{g.name}", page(share(g.nbytes))))
             if on_host:
                 usage.append((f"fp32 master + adam states:{g.name}", share(g.numel) * 12))
-    if grad_ring_slots(groups, accumulate, clip) is None:
-        usage += [(f"gradient staging:{g.name}", page(g.nbytes)) for g in groups if g.trainable]
+    if grad_ring_slots(streamed, accumulate, clip) is None:
+        usage += [(f"gradient staging:{g.name}", page(g.nbytes)) for g in streamed if g.trainable]
     else:
-        usage.append(("gradient staging ring", sum(page(n) for n in grad_staging_sizes(groups, accumulate, clip))))
+        usage.append(("gradient staging ring", sum(page(n) for n in grad_staging_sizes(streamed, accumulate, clip))))
     ssd_params = [g for g in groups if param_tier.get(g.name) == Tier.SSD]
     if ssd_params:
         usage.append(("parameter SSD staging", SSD_PARAM_BUFFERS * (page(max(g.nbytes for g in ssd_params)) + PAGE)))
     if torch_adam:   # torch's fused AdamW needs the gradient in fp32; the native kernel reads it as it is
-        scratch = max((g.numel * 4 for g in groups if g.trainable and g.dtype != torch.float32), default=0)
+        scratch = max((g.numel * 4 for g in streamed if g.trainable and g.dtype != torch.float32), default=0)
         if scratch:
             usage.append(("fp32 gradient scratch", scratch))
     ssd = [g for g in groups if g.trainable and optimizer_tier[g.name] == Tier.SSD]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 import torch.fx as fx
 
 from ratel.ir import (META_PROVENANCE, META_TRANSFER, ActivationPlan, Lifetimes, Phase, PlacementPlan, Provenance,
@@ -105,19 +106,38 @@ def plan_transfers(ctx: PassContext, plan: PlacementPlan, lifetimes: Lifetimes,
         if step.unit > 1:
             out.extend(_saved_in(acts, step.unit - 2, units[step.unit - 2].name, t, t + 2, fetch=False, read=True))
         trainable = [g for g in lifetimes.groups if g.trainable and step.unit in g.users]
-        if trainable:
-            out.append(Transfer(K.FLUSH_GRADS, unit.name, sum(g.nbytes for g in trainable), Tier.GPU, Tier.HOST,
+        streamed = [g for g in trainable if not plan.on_gpu(g.name)]
+        if streamed:
+            out.append(Transfer(K.FLUSH_GRADS, unit.name, sum(g.nbytes for g in streamed), Tier.GPU, Tier.HOST,
                                 step=t, needed_by=t, unit=step.unit))
         for group in trainable:
             if group.update_unit == step.unit and not ctx.clip:
-                out.append(_optimizer_step(group, t, len(steps)))
+                out.extend(_updates(plan, group, t, len(steps)))
     if ctx.clip:
         # Clipping needs the global norm: every update waits for the last gradient, then runs in forward order.
         for group in sorted((g for g in lifetimes.groups if g.trainable), key=lambda g: (g.update_unit, g.index)):
-            out.append(_optimizer_step(group, len(steps) - 1, len(steps)))
+            out.extend(_updates(plan, group, len(steps) - 1, len(steps)))
     out.extend(ssd_transfers(lifetimes, plan, bwd, len(steps), ctx.clip))
     out.extend(ssd_param_writes(lifetimes, plan, bwd, len(steps)))
     return list(schedule_order(out))
+
+
+def _updates(plan: PlacementPlan, group, step: int, num_steps: int) -> list[Transfer]:
+    """A group's update: by the CPU optimizer, or on the GPU for a group resident there, whose new weights are
+    then copied to the host copy the model object's parameters alias."""
+    if not plan.on_gpu(group.name):
+        return [_optimizer_step(group, step, num_steps)]
+    return [Transfer(K.GPU_STEP, group.name, gpu_step_bytes(group), Tier.GPU, Tier.GPU, step=step,
+                     needed_by=num_steps, group=group.index, elements=group.numel),
+            Transfer(K.WRITE_BACK_PARAMS, group.name, group.nbytes, Tier.GPU, Tier.HOST, step=step,
+                     needed_by=num_steps, group=group.index)]
+
+
+def gpu_step_bytes(group) -> int:
+    """HBM bytes of an update on the GPU: torch's fused AdamW reads master, gradient and moments (fp32) and
+    writes master and moments; a low-precision group also widens its gradient and rounds the new master."""
+    extra = 0 if group.dtype == torch.float32 else 2 * (group.dtype.itemsize + 4)
+    return group.numel * (28 + extra)
 
 
 def _optimizer_step(group, step: int, num_steps: int) -> Transfer:

@@ -34,7 +34,7 @@ log = logging.getLogger("ratel.passes")
 class PassResult:
     gm: fx.GraphModule
     modified: bool
-    analysis: Any = None       # a frozen dataclass, stored in ctx under its type
+    analysis: Any = None       # a frozen dataclass (or a tuple of them), stored in ctx under its type
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,11 @@ class PassContext:
     accumulate: int = 1                         # micro-batches per update: > 1 plans fp32 gradient sums on host
     clip: bool = False                          # global-norm clipping: every update waits for the whole gradient
     ranks: int = 1                              # data-parallel ranks: updates wait for the exchange of gradients
+    # plan_resident_groups: whether to weigh keeping groups on the GPU (None: for a CUDA target only — on the
+    # CPU the "GPU" update would run on the cores the CPU optimizer has); a tuple of group names fixes the set
+    # (an engine's later input shapes keep its first plan's)
+    resident: bool | None = None
+    resident_groups: tuple[str, ...] | None = None
     keep_logits: bool = False                   # chunk_head_loss: still return the logits a chunked loss needs not
     head_chunk_bytes: int = 256 << 20           # chunk_head_loss: fp32 logits of one chunk of rows
     # estimate_costs: time each distinct unit on the device (passes/time_units.py.timing_mode). None:
@@ -161,8 +166,10 @@ class PassManager:
                 if not isinstance(result, PassResult):
                     raise RatelError(f"pass {name} returned {type(result).__name__}, not a PassResult")
                 gm = result.gm
-                if result.analysis is not None:
-                    ctx.analyses[type(result.analysis)] = result.analysis
+                produced = result.analysis if isinstance(result.analysis, tuple) else (result.analysis,)
+                for analysis in produced:
+                    if analysis is not None:
+                        ctx.analyses[type(analysis)] = analysis
                 check_declarations(p, gm, ctx, reads)
                 if ctx.debug:
                     gm.graph.lint()

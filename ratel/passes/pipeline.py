@@ -21,6 +21,7 @@ from ratel.passes.manager import PassContext, PassManager
 from ratel.passes.outline_units import outline_units
 from ratel.passes.plan_activations import plan_activations
 from ratel.passes.plan_placement import plan_placement
+from ratel.passes.plan_resident_groups import plan_resident_groups
 from ratel.passes.verify_plan import check_plan_invariants, verify_plan
 from ratel.shape_trace import TraceCache
 from ratel.trace import TracedModel, trace_model
@@ -34,6 +35,7 @@ PIPELINE = [
     build_lifetimes,
     plan_placement,
     plan_activations,
+    plan_resident_groups,
     insert_transfers,
     insert_releases,
     verify_plan,
@@ -54,12 +56,15 @@ def compute_dtype_of(traced: TracedModel) -> torch.dtype:
 
 def plan_program(traced: TracedModel, budget: Budget, hardware: HardwareProfile, device: torch.device,
                  depth: int = 2, activations: str = "auto", accumulate: int = 1, clip: bool = False,
-                 keep_logits: bool = False, measure_units: bool | str | None = None, ranks: int = 1):
+                 keep_logits: bool = False, measure_units: bool | str | None = None, ranks: int = 1,
+                 resident: bool | None = None, resident_groups: tuple[str, ...] | None = None):
     """Run the pass pipeline on a traced model; returns the rewritten GraphModule and its Plan.
-    ``measure_units``: time each distinct unit on ``device`` (``PassContext.measure_units``)."""
+    ``measure_units``: time each distinct unit on ``device`` (``PassContext.measure_units``);
+    ``resident``, ``resident_groups``: groups kept on the GPU (``PassContext.resident``, ``.resident_groups``)."""
     ctx = PassContext(traced=traced, budget=budget, hardware=hardware, compute_dtype=compute_dtype_of(traced),
                       device=str(device), depth=depth, activation_policy=activations, accumulate=accumulate,
-                      clip=clip, keep_logits=keep_logits, measure_units=measure_units, ranks=ranks)
+                      clip=clip, keep_logits=keep_logits, measure_units=measure_units, ranks=ranks,
+                      resident=resident, resident_groups=resident_groups)
     gm = default_pass_manager().run(traced.gm, ctx)
     gm.meta["ratel.out_spec"] = traced.out_spec
     gm.meta["ratel.dropped_outputs"] = ctx.get(HeadLoss).dropped_outputs
@@ -69,7 +74,8 @@ def plan_program(traced: TracedModel, budget: Budget, hardware: HardwareProfile,
 def plan_call(model: nn.Module, args: tuple, kwargs: dict, budget: Budget, hardware: HardwareProfile,
               device: torch.device, *, training: bool = True, depth: int = 2, activations: str = "auto",
               accumulate: int = 1, clip: bool = False, keep_logits: bool = False, split_blocks: bool | None = None,
-              traces: TraceCache | None = None, measure_units: bool | str | None = None, ranks: int = 1):
+              traces: TraceCache | None = None, measure_units: bool | str | None = None, ranks: int = 1,
+              resident: bool | None = None, resident_groups: tuple[str, ...] | None = None):
     """Trace ``model(*args, **kwargs)`` in train (or eval) mode and plan it: (traced, gm, plan).
 
     ``split_blocks``: None plans whole blocks and, when the GPU budget refuses them, each block cut in two
@@ -79,7 +85,9 @@ def plan_call(model: nn.Module, args: tuple, kwargs: dict, budget: Budget, hardw
     ``measure_units``: time each distinct unit on ``device`` and predict compute from the times
     (``ratel.passes.time_units``); None: ``RATEL_MEASURE_UNITS`` when set, else on CUDA only, never for a
     device this machine lacks; "cached": the same decision, but only times already cached are used.
-    ``ranks``: data-parallel ranks running the plan (their exchange before each update is simulated)."""
+    ``ranks``: data-parallel ranks running the plan (their exchange before each update is simulated).
+    ``resident``: weigh keeping parameter groups on the GPU, updated there (None: for a CUDA target);
+    ``resident_groups``: keep exactly these (a later input shape of an engine passes its first plan's)."""
     refused, whole_units = None, 0     # the whole-block plan's refusal, and how many units it had
     for split in ([False, True] if split_blocks is None else [split_blocks]):
         was_training = model.training
@@ -94,7 +102,7 @@ def plan_call(model: nn.Module, args: tuple, kwargs: dict, budget: Budget, hardw
         try:
             gm, plan = plan_program(traced, budget, hardware, device, depth, activations, accumulate=accumulate,
                                     clip=clip, keep_logits=keep_logits, measure_units=measure_units,
-                                    ranks=ranks)
+                                    ranks=ranks, resident=resident, resident_groups=resident_groups)
             return traced, gm, plan
         except BudgetError as error:
             if error.tier != "gpu" or split or split_blocks is not None:

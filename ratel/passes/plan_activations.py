@@ -128,22 +128,27 @@ def _fixed(policy: str, costs: CostModel, subs, hw, ssd_ok: bool) -> ActivationP
 
 @graph_pass(requires=("analysis:Lifetimes", "analysis:PlacementPlan", "analysis:CostModel"), ensures=("analysis:ActivationPlan",))
 def plan_activations(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    return PassResult(gm, modified=False, analysis=choose_activations(gm, ctx, ctx.get(PlacementPlan)))
 
+
+def choose_activations(gm: fx.GraphModule, ctx: PassContext, placement: PlacementPlan) -> ActivationPlan:
+    """The activation plan of ``ctx.activation_policy`` for ``placement`` (plan_resident_groups calls it for
+    each placement it weighs)."""
     policy = ctx.activation_policy
     if policy not in POLICIES:
         raise ValueError(f"activations={policy!r}: choose one of {POLICIES}")
     costs = ctx.get(CostModel)
-    placement = ctx.get(PlacementPlan)
     lifetimes = ctx.get(Lifetimes)
     hw = ctx.hardware
     subs = {call.unit: getattr(gm, call.module) for _, call in unit_calls(gm)}
     ssd_ok = bool(ctx.budget.ssd_dir)
     if policy != "auto":
-        return PassResult(gm, modified=False, analysis=_fixed(policy, costs, subs, hw, ssd_ok))
+        return _fixed(policy, costs, subs, hw, ssd_ok)
 
     def price(plan: ActivationPlan) -> tuple[float, int]:
         transfers = plan_transfers(ctx, placement, lifetimes, plan)
-        return predict_times(ctx, transfers, plan).total, simulate_memory(gm, ctx, plan).gpu_peak
+        return (predict_times(ctx, transfers, plan, placement).total,
+                simulate_memory(gm, ctx, plan, placement).gpu_peak)
 
     # Candidates in priority order: must-store first, then the most recompute time saved per byte.
     candidates = []
@@ -159,7 +164,7 @@ def plan_activations(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     decided: dict = {}
     everything_host = _assign(candidates, len(candidates), 0, math.inf, ssd_ok, last)
     base_plan = _plan(costs, subs, hw, everything_host, decided)
-    gpu_free = int(ctx.budget.gpu) - (simulate_memory(gm, ctx, base_plan).gpu_peak if base_plan else 0)
+    gpu_free = int(ctx.budget.gpu) - (simulate_memory(gm, ctx, base_plan, placement).gpu_peak if base_plan else 0)
     host_fixed = sum(b for _, b in host_usage(lifetimes.groups, dict(placement.optimizer_tier),
                                               placement.activations, ctx.hardware.torch_cpu_adam, dict(placement.param_tier),
                                               accumulate=ctx.accumulate, clip=ctx.clip, ranks=ctx.ranks))
@@ -220,9 +225,8 @@ def plan_activations(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if best is None or key < best[0]:
             best = (key, plan)
     if best is None:   # nothing fits: verify_plan refuses the budget with the most frugal plan's peak
-        return PassResult(gm, modified=False, analysis=dataclasses.replace(frugal, search=tuple(search)))
-    plan = ActivationPlan(policy="auto", units=best[1].units, search=tuple(search))
-    return PassResult(gm, modified=False, analysis=plan)
+        return dataclasses.replace(frugal, search=tuple(search))
+    return ActivationPlan(policy="auto", units=best[1].units, search=tuple(search))
 
 
 def _recompute_seconds(plan: ActivationPlan, costs: CostModel, hw) -> float:

@@ -13,7 +13,8 @@ from ratel.ir import (META_TENSOR, ActivationPlan, CostModel, Lifetimes, MemoryP
                       step_index)
 from ratel.passes.build_lifetimes import boundary_values, unit_calls
 from ratel.passes.manager import PassContext
-from ratel.ir.layout import exchange_bytes, grad_ring_slots, host_usage, saved_host_bytes, ssd_state_bytes
+from ratel.ir.layout import (device_state_bytes, device_update_scratch_bytes, exchange_bytes, grad_ring_slots,
+                             host_updated, host_usage, saved_host_bytes, ssd_state_bytes)
 
 
 def _user_outputs(gm: fx.GraphModule, boundary: dict) -> list[tuple[str, int]]:
@@ -90,9 +91,12 @@ def _saved_bytes_by_step(acts: ActivationPlan | None, units, fwd: dict, bwd: dic
     return totals
 
 
-def simulate_memory(gm: fx.GraphModule, ctx: PassContext, acts: ActivationPlan | None = None) -> MemoryProfile:
+def simulate_memory(gm: fx.GraphModule, ctx: PassContext, acts: ActivationPlan | None = None,
+                    placement: PlacementPlan | None = None) -> MemoryProfile:
+    """GPU bytes at every step and the host and SSD totals of a plan (``placement``: a candidate's, else the
+    context's)."""
     acts = acts if acts is not None else ctx.analyses.get(ActivationPlan)
-    placement = ctx.get(PlacementPlan)
+    placement = placement if placement is not None else ctx.get(PlacementPlan)
     lifetimes = ctx.get(Lifetimes)
     costs = {c.unit: c for c in ctx.get(CostModel).units}
     steps = lifetimes.steps
@@ -107,6 +111,18 @@ def simulate_memory(gm: fx.GraphModule, ctx: PassContext, acts: ActivationPlan |
     # A group read by several units accumulates its gradient on the GPU from its first backward to its last.
     shared = [(bwd[max(g.users)], bwd[min(g.users)], g.nbytes) for g in lifetimes.groups
               if g.trainable and len(g.users) > 1]
+    # Groups resident on the GPU hold their weights and states all along; each update there needs an fp32
+    # gradient while it runs, and with clipping their gradients wait for the global norm at the last step.
+    on_gpu = [g for g in lifetimes.groups if placement.on_gpu(g.name)]
+    resident_groups = sum(device_state_bytes(g, ctx.accumulate) for g in on_gpu)
+    last = len(steps) - 1
+    update_scratch = [0] * len(steps)
+    for g in on_gpu:
+        if g.trainable:
+            at = last if ctx.clip else bwd[g.update_unit]
+            update_scratch[at] = max(update_scratch[at], device_update_scratch_bytes(g))
+            if ctx.clip:
+                shared.append((bwd[g.update_unit] + 1, last, g.nbytes))
 
     boundary_at = _boundary_bytes_by_step(placement.activations, fwd, bwd, len(steps))
     saved_at = _saved_bytes_by_step(acts, ctx.traced.units, fwd, bwd, len(steps))
@@ -130,6 +146,7 @@ def simulate_memory(gm: fx.GraphModule, ctx: PassContext, acts: ActivationPlan |
         accumulating = sum(b for first, last, b in shared if first <= t <= last)
         saved = saved_at[t]
         parts = (("param ring", ring), ("resident buffers", resident), ("cuBLAS workspace", library),
+                 ("groups resident on the GPU", resident_groups), ("updates on the GPU", update_scratch[t]),
                  ("activations", boundary_acts),
                  ("saved activations", saved),
                  ("unit workspace", workspace), ("gradients in flight", in_flight),
@@ -158,9 +175,10 @@ _MOVES = {K.FETCH_PARAMS: "params", K.SSD_READ_PARAMS: "params", K.SSD_WRITE_PAR
           K.OFFLOAD_ACTIVATION: "activation", K.FETCH_ACTIVATION: "activation",
           K.OFFLOAD_SAVED: "saved", K.SSD_WRITE_SAVED: "saved", K.SSD_READ_SAVED: "saved", K.FETCH_SAVED: "saved",
           K.FLUSH_GRADS: "grads", K.OPTIMIZER_STEP: "states", K.SSD_READ_STATES: "states",
-          K.SSD_WRITE_STATES: "states"}
+          K.SSD_WRITE_STATES: "states", K.GPU_STEP: "states", K.WRITE_BACK_PARAMS: "params"}
 _H2D_LABEL = {K.FETCH_PARAMS: "params", K.FETCH_ACTIVATION: "activation", K.FETCH_SAVED: "saved"}
-_D2H_LABEL = {K.OFFLOAD_ACTIVATION: "offload", K.FLUSH_GRADS: "flush", K.OFFLOAD_SAVED: "offload"}
+_D2H_LABEL = {K.OFFLOAD_ACTIVATION: "offload", K.FLUSH_GRADS: "flush", K.OFFLOAD_SAVED: "offload",
+              K.WRITE_BACK_PARAMS: "write back"}
 
 
 def what(kind: K) -> str:
@@ -210,16 +228,19 @@ def compute_seconds(cost: UnitCost, phase: Phase, saved: UnitActivations | None,
     return cost.grad_fwd_seconds + cost.bwd_seconds
 
 
-def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = None) -> TimeProfile:
+def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = None,
+                  placement: PlacementPlan | None = None) -> TimeProfile:
     """Simulate one step: compute, the H2D and D2H copy lanes, the SSD and the CPU optimizer, each a queue.
 
     Copies are issued when their step begins (fetches) or when its compute ends (copies out), run one after
     another on their lane, and wait for what they depend on: an activation or saved value comes back only
     after it went out, and after its SSD read; a step's compute starts when everything it needs has arrived.
     An update starts when its gradient has landed and its states are read. The step ends when the GPU and
-    the optimizer are both done."""
+    the optimizer are both done. Groups resident on the GPU (plan_resident_groups) are updated there, on the
+    compute lane at HBM bandwidth, and their new weights copied to the host on the D2H lane."""
     hw = ctx.hardware
     lifetimes = ctx.get(Lifetimes)
+    placement = placement if placement is not None else ctx.get(PlacementPlan)
     units = ctx.traced.units
     costs = {c.unit: c for c in ctx.get(CostModel).units}
     rate = hw.gpu_tflops * 1e12 * hw.matmul_efficiency
@@ -233,11 +254,12 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
     # Gradients land in a ring of host slots (ir.layout.grad_ring_slots): a unit's flush waits for as many
     # slots as it has groups, each free once the optimizer has used the gradient it held — its update, or
     # with accumulation its sum into fp32 as it lands.
-    ring = grad_ring_slots(lifetimes.groups, ctx.accumulate, ctx.clip)
+    streamed = host_updated(lifetimes.groups, dict(placement.param_tier))
+    ring = grad_ring_slots(streamed, ctx.accumulate, ctx.clip)
     slot_free = [0.0] * (ring or 0)         # when each slot is free again
     slot_of: dict[int, int] = {}            # group -> the slot its gradient landed in
     landing: dict[int, list[int]] = {}      # unit -> the groups whose gradient its backward completes
-    for g in lifetimes.groups:
+    for g in streamed:
         if g.trainable:
             landing.setdefault(g.update_unit, []).append(g.index)
     spans = []
@@ -278,6 +300,14 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
         needed = [when for (kind, subject, by), when in arrived.items() if by == t]
         start = max([gpu] + needed)
         gpu = run(start, start, compute, "compute", f"{step.phase} {units[step.unit].name}", t, 0)
+        for tr in at:      # updates of groups resident on the GPU follow the backward that completes them
+            if tr.kind == K.GPU_STEP:
+                seconds = tr.nbytes / (hw.hbm_gbps * 1e9)
+                # With clipping they wait for the global norm: every gradient on the host.
+                ready = max(gpu, d2h_lane) if ctx.clip else gpu
+                gpu = run(gpu, ready, seconds, "compute", f"adamw {tr.subject}", t, tr.nbytes)
+                compute += seconds
+                went_out[("params", tr.subject)] = gpu
         for tr in at:      # copies out take what this step's compute produced
             if tr.lane == "d2h":
                 seconds = tr.nbytes / (hw.d2h_gbps * 1e9)
@@ -295,6 +325,8 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
                 went_out[(what(tr.kind), tr.subject)] = d2h_lane
                 if tr.kind == K.FLUSH_GRADS:
                     grads_out[tr.subject] = d2h_lane
+                if tr.kind == K.WRITE_BACK_PARAMS:
+                    went_out[("params", tr.subject)] = d2h_lane
                 d2h += seconds
         for tr in at:
             if tr.kind == K.OPTIMIZER_STEP:

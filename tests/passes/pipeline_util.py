@@ -32,7 +32,7 @@ def tiny_inputs(batch=2, seq=8):
 
 
 def run_until(name: str | None, model=None, dump_dir=None, budget="1GiB", activations="auto", batch=2, seq=8,
-              keep_logits=True):
+              keep_logits=True, resident=None, resident_groups=None):
     """Trace the tiny model and run the pipeline up to and including pass ``name`` (None: trace only). The
     logits are kept by default, so that every pass's program can be compared with eager on them too."""
     model = model or tiny_model()
@@ -40,7 +40,8 @@ def run_until(name: str | None, model=None, dump_dir=None, budget="1GiB", activa
     traced = trace_model(model, (ids,), {"labels": labels})
     ctx = PassContext(traced=traced, budget=Budget(gpu=budget, host="64GiB"), hardware=HardwareProfile.cpu(),
                       compute_dtype=torch.float32, device="cpu", debug=True, dump_dir=dump_dir,
-                      activation_policy=activations, keep_logits=keep_logits)
+                      activation_policy=activations, keep_logits=keep_logits, resident=resident,
+                      resident_groups=resident_groups)
     count = 0 if name is None else NAMES.index(name) + 1
     gm = PassManager(PIPELINE[:count], verifiers=[check_plan_invariants]).run(traced.gm, ctx) if count else traced.gm
     return gm, ctx, model, (ids, labels)
