@@ -34,7 +34,8 @@ def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | Non
             device: str | torch.device | None = None, hardware: HardwareProfile | None = None,
             weights: str | None = None, depth: int = 2, progress: bool = True,
             keep_swap_files: bool = False, activations: str = "auto", accumulate: int = 1,
-            max_grad_norm: float | None = None, resume: str | None = None, keep_logits: bool = False) -> Engine:
+            max_grad_norm: float | None = None, resume: str | None = None, keep_logits: bool = False,
+            resident: bool | None = None) -> Engine:
     """Compile ``model`` for training under ``budget``.
 
     model           an nn.Module with repeated blocks (a ``ratel.models.GPT`` or a transformers causal LM),
@@ -57,6 +58,11 @@ def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | Non
     keep_logits     a loss computed from the LM head's logits is computed over chunks of tokens, never holding
                     them all; the output's ``logits`` are then not computed (using them raises, saying to pass
                     ``keep_logits=True``, which returns them and costs batch x seq x vocabulary on the GPU)
+    resident        keep whole parameter groups on the GPU where the budget leaves room and the predicted step
+                    is faster (the first units': their gradients arrive last): weights, fp32 master and Adam
+                    moments stay there and torch's fused AdamW updates them on the GPU; their new weights are
+                    copied back to the model's parameters. None (default): on a GPU; False: every group
+                    streams; True: weigh it on the CPU too (where it only tests the path). Not with ranks.
     resume          a folder ``engine.save`` wrote: weights, Adam states, update count, param-group
                     hyper-parameters and RNG states are restored, so the following steps equal those of the
                     run that saved it (``engine.resumed`` has its step and state=; ``engine.restore_scheduler``)
@@ -91,7 +97,7 @@ def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | Non
     engine = Engine(model, budget, optimizer, device, hardware, weights=weights,
                     depth=depth, progress=progress, keep_swap_files=keep_swap_files, activations=activations,
                     accumulate=accumulate, max_grad_norm=max_grad_norm, resume=checkpoint, keep_logits=keep_logits,
-                    ranks=ranks)
+                    ranks=ranks, resident=resident)
     if example_inputs is not None:
         example_inputs = tuple(example_inputs)
         kwargs = default_kwargs(model, example_inputs, example_kwargs)

@@ -23,7 +23,7 @@ from torch import nn
 from ratel.checkpoint import Checkpoint, Resumed, restore_rng, save as save_checkpoint
 from ratel.errors import BudgetError, RatelError
 from ratel.runtime.tensor_files import CheckpointError
-from ratel.ir import Plan, TransferKind as K, canonical_parameter_names, format_bytes
+from ratel.ir import Plan, Tier, TransferKind as K, canonical_parameter_names, format_bytes
 from ratel.ir.budget import Budget
 from ratel.ir.hardware import HardwareProfile
 from ratel.ir.layout import program_pool_bytes
@@ -83,7 +83,7 @@ class Engine:
                  hardware: HardwareProfile, weights=None, depth: int = 2, max_programs: int = 128,
                  progress: bool = True, keep_swap_files: bool = False, activations: str = "auto",
                  accumulate: int = 1, max_grad_norm: float | None = None, resume: Checkpoint | None = None,
-                 keep_logits: bool = False, ranks=None):
+                 keep_logits: bool = False, ranks=None, resident: bool | None = None):
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise ValueError(f"accumulate={accumulate!r}: give the number of micro-batches per update, an int >= 1")
         if max_grad_norm is not None and not (float(max_grad_norm) > 0):
@@ -108,6 +108,9 @@ class Engine:
         self.depth = depth
         self.keep_logits = bool(keep_logits)
         self._split_blocks: bool | None = None   # whole blocks or halves: decided by the first program
+        # Groups kept on the GPU (plan_resident_groups): chosen by the first program, kept by the others.
+        self._resident = resident
+        self._resident_groups: tuple[str, ...] | None = None
         self.max_programs = max_programs
         self.progress = progress
         self._weights = weights
@@ -193,7 +196,8 @@ class Engine:
                                          training=self._training, depth=self.depth, activations=self._activations,
                                          accumulate=self.accumulate, clip=self.max_grad_norm is not None,
                                          keep_logits=self.keep_logits, split_blocks=self._split_blocks,
-                                         traces=self._traces, ranks=self.world_size)
+                                         traces=self._traces, ranks=self.world_size,
+                                         resident=self._resident, resident_groups=self._resident_groups)
         except BudgetError as error:
             if error.tier != "gpu" or self._split_blocks is not False:
                 raise
@@ -201,6 +205,8 @@ class Engine:
                               "cutting blocks in two may fit this shape: compile with the largest shape as "
                               "example_inputs.", tier="gpu", needed=error.needed, budget=error.budget) from None
         self._split_blocks = traced.split_blocks
+        # The parameter store holds the first plan's groups on the GPU: every later shape keeps them there.
+        self._resident_groups = tuple(name for name, tier in plan.placement.param_tier if tier == Tier.GPU)
         return traced, gm, plan
 
     def _assemble(self, traced, gm, plan: Plan, args: tuple) -> Program:

@@ -119,8 +119,9 @@ class Resources:
         on_ssd = {g.name for g in params_on_ssd}
         pin = self.device.type == "cuda"
         shared = self.ranks is not None    # the ranks of this host map one copy of the weights
+        on_gpu = {g.name for g in plan.groups if plan.placement.on_gpu(g.name)}
         self.store_pool = PinnedPool(store_pool_bytes(plan.groups, on_ssd, accumulate, max_grad_norm is not None,
-                                                      shared_copies=shared), pin=pin)
+                                                      shared_copies=shared, on_gpu=on_gpu), pin=pin)
         self.shared_pool = (SharedPool(compute_copy_bytes(plan.groups, on_ssd), pin, self.ranks) if shared
                             else None)
         ssd_params = (SsdParams(self.ssd_lane(), params_on_ssd, self.key, self.store_pool)
@@ -128,6 +129,7 @@ class Resources:
         self.store = ParamStore(plan, self.device, self.store_pool, ssd=self.ssd, ssd_params=ssd_params,
                                 accumulate=accumulate, clip=max_grad_norm is not None, ranks=self.ranks,
                                 compute_pool=self.shared_pool)
+        self.store.lanes = self.lanes
         self.store.load(self.model, self.weights, progress=self.progress, checkpoint=self.checkpoint,
                         step=self.optimizer_step)
         if self.checkpoint is not None:

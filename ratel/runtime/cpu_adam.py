@@ -150,22 +150,23 @@ def adamw_step(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
             float(weight_decay), float(grad_scale), 0 if out is None else out.data_ptr(),
             "none" if out is None else _OUT_DTYPES[out.dtype], threads, isa)
         return f"native-{ran}"
-    _torch_step(master, grad, exp_avg, exp_avg_sq, step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+    fused_adamw_step(master, grad, exp_avg, exp_avg_sq, step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                 weight_decay=weight_decay, out=out, grad_scale=grad_scale)
     return "torch"
 
 
 @torch.no_grad()
-def _torch_step(master, grad, exp_avg, exp_avg_sq, step, *, lr, beta1, beta2, eps, weight_decay, out,
-                grad_scale) -> None:
-    """The baseline: torch's fused CPU AdamW on an fp32 copy of the gradient, then a rounding copy."""
+def fused_adamw_step(master, grad, exp_avg, exp_avg_sq, step, *, lr, beta1, beta2, eps, weight_decay, out,
+                     grad_scale) -> None:
+    """torch's fused AdamW on an fp32 copy of the gradient, then a rounding copy: the CPU baseline, and the
+    update of groups resident on the GPU (tensors of any one device)."""
     g32 = grad.view(-1).float()  # a new tensor unless grad is already fp32
     if grad_scale != 1.0:
         # Multiply rather than pass torch's grad_scale (which divides and writes the result back into grad)
         # so both backends compute the same float(grad) * float(grad_scale) and grad stays untouched.
         g32 = g32.mul_(grad_scale) if g32.data_ptr() != grad.data_ptr() else g32.mul(grad_scale)
     # torch reads the step as float; exact for any step below 2**24.
-    step_tensor = torch.tensor(float(step), dtype=torch.float32)
+    step_tensor = torch.full((), float(step), dtype=torch.float32, device=master.device)
     torch._fused_adamw_([master.view(-1)], [g32], [exp_avg.view(-1)], [exp_avg_sq.view(-1)], [], [step_tensor],
                         lr=float(lr), beta1=float(beta1), beta2=float(beta2), weight_decay=float(weight_decay),
                         eps=float(eps), amsgrad=False, maximize=False)

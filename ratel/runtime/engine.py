@@ -118,6 +118,7 @@ class Runtime:
             K.FETCH_SAVED: lambda t: self.saved.fetch(t.unit),
             K.FLUSH_GRADS: lambda t: self._flush_grads(t.unit),
             K.OPTIMIZER_STEP: self._optimizer_step,
+            K.GPU_STEP: self._gpu_step,
         }, graph_bound)
         self.saved.schedule = self.schedule
 
@@ -340,7 +341,7 @@ class Runtime:
         gradient (clipping) need each group's norms and sums now; the others go at their ``optimizer_step``."""
         after = self.lanes.event()
         for g in self.plan.groups:
-            if g.trainable and g.update_unit == index:
+            if g.trainable and g.update_unit == index and not self.store.on_gpu(g):
                 flat = self._grad_buffers.pop(g.index)
                 norms = None
                 if self.optimizer is not None and self.optimizer.norms_on_device:
@@ -362,6 +363,12 @@ class Runtime:
         else:
             copied, norms = self._flushed.pop(group.index)
             self.optimizer.submit(group, copied, self.recorder, self._step, norms)
+
+    def _gpu_step(self, t) -> None:
+        """A group resident on the GPU: its gradient stays there, for the optimizer's update on the GPU."""
+        flat = self._grad_buffers.pop(t.group)
+        if self.optimizer is not None:
+            self.optimizer.gpu_step(self.plan.groups[t.group], flat, self.recorder, self._step)
 
     def _drop_unsubmitted(self) -> None:
         """Gradients copied out but never handed to the optimizer (a step that failed half way) give their

@@ -24,6 +24,7 @@ parameters of several user param groups (no weight decay on norms and biases), e
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -38,7 +39,7 @@ import torch
 
 from ratel.errors import RatelError
 from ratel.ir import ParamGroup, TransferKind as K
-from ratel.runtime.cpu_adam import accumulate_, adamw_step
+from ratel.runtime.cpu_adam import accumulate_, adamw_step, fused_adamw_step
 
 log = logging.getLogger("ratel.runtime")
 
@@ -131,7 +132,10 @@ class CPUOptimizer:
         self.norm_order = tuple(norm_order) or tuple((g.index, o, s) for g in trainable
                                                      for o, s in zip(g.offsets, g.shapes))
         # fp32 gradient sums across micro-batches (planned as "gradient accumulation" host memory)
-        self.acc = {g.index: torch.empty(g.numel, dtype=torch.float32) for g in trainable} if self.accumulate > 1 else {}
+        # (for a group resident on the GPU, on the GPU)
+        self.acc = {g.index: torch.empty(g.numel, dtype=torch.float32,
+                                         device=store.device if store.on_gpu(g) else "cpu")
+                    for g in trainable} if self.accumulate > 1 else {}
         self.forward_order = sorted(trainable, key=lambda g: (g.update_unit, g.index))
         self.micro = 0                 # micro-batches whose backward ran in this update cycle
         self.grad_norm: float | None = None
@@ -204,6 +208,31 @@ class CPUOptimizer:
         self._done[group.index].clear()
         self._queue.put(("grad", group, copied, recorder, step, self.micro, self._final, norms))
 
+    def gpu_step(self, group: ParamGroup, grad: torch.Tensor, recorder=None, step: int = -1) -> None:
+        """The plan's ``gpu_step`` for a group resident on the GPU, on the training thread, whose stream orders
+        it after the backward that made ``grad``: sum it into the cycle's fp32 gradient, and on the cycle's
+        last micro-batch update the group there at once — or, when the update needs the global norm, hand
+        the gradient's norms to the worker, which updates the group with the others once the norm is known."""
+        self._raise_pending()
+        i = group.index
+        if self.accumulate > 1:
+            acc = self.acc[i]
+            acc.copy_(grad) if self.micro == 0 else acc.add_(grad)   # the bits of p.grad accumulating in fp32
+            grad = acc
+        if not self._final:
+            return
+        self.store.device_grads[i] = grad
+        if self.deferred:
+            norms = torch._foreach_norm(group.views(grad), 2.0) if self.norms_on_device else None
+            self.submit(group, None, recorder, step, norms)
+            self.request_update(group)
+            return
+        start = time.perf_counter()
+        self._update(group, grad, 1.0)
+        if recorder is not None:
+            recorder.cpu_span("optimizer", f"adamw on the GPU {group.name}", step, start, time.perf_counter(),
+                              group.numel * 4)
+
     def request_update(self, group: ParamGroup) -> None:
         """The plan's ``optimizer_step`` of a deferred update: once every group is requested (after the last
         gradient), the worker forms the norm and updates the groups in this order."""
@@ -226,6 +255,7 @@ class CPUOptimizer:
                 self._done[g.index].clear()
             self._queue.put(("partial",))
         self.wait_all()
+        self.store.host_copies_current()    # the model object's copies of groups resident on the GPU
         if self.ranks is not None and self.store.shared_compute:
             self.ranks.barrier()    # every rank has written its slices of the shared weights: the next forward reads them
         self.micro = 0
@@ -289,7 +319,9 @@ class CPUOptimizer:
                 copied.synchronize()
             start = time.perf_counter()
             grad = self.store.grad_of(group)
-            if self.accumulate > 1:
+            if self.accumulate > 1 and self.store.on_gpu(group):
+                grad = self.acc[group.index]       # summed on the GPU by gpu_step
+            elif self.accumulate > 1:
                 acc = self.acc[group.index]
                 # PyTorch's first backward sets p.grad; later ones add to it
                 accumulate_(acc, grad, copy=micro == 0, num_threads=self.threads)
@@ -329,6 +361,8 @@ class CPUOptimizer:
             for k, offset in enumerate(g.offsets):
                 position[(g.index, offset)] = self._norms[g.index][k]
         norms = [position[(i, offset)] for i, offset, _ in self.norm_order]
+        if len({n.device for n in norms}) > 1:     # groups resident on the GPU among groups updated here
+            norms = [n.cpu() for n in norms]
         # As clip_grad_norm_: the norm of the per-parameter norms, on the device they were computed on.
         total = torch.linalg.vector_norm(torch.stack(norms), 2.0) if norms else torch.zeros(())
         self._norms.clear()
@@ -339,6 +373,7 @@ class CPUOptimizer:
         self.skipped_steps += 1
         self._skip_warning = (f"ratel: the gradient norm is {self.grad_norm}: this step is skipped, "
                               "parameters and optimizer states are unchanged")
+        self.store.device_grads.clear()
         try:
             if self.ssd is not None:
                 self.ssd.abandon_step()
@@ -364,6 +399,9 @@ class CPUOptimizer:
     def _update(self, group: ParamGroup, grad: torch.Tensor, grad_scale: float) -> None:
         s = self.store
         i = group.index
+        if s.on_gpu(group):
+            self._update_on_gpu(group, grad, grad_scale)
+            return
         out = s.compute.get(i) if group.dtype != torch.float32 else None
         slot = None
         if s.params_on_ssd(group):
@@ -386,6 +424,29 @@ class CPUOptimizer:
         if slot is not None:
             s.ssd_params.commit_write(group, slot)
             self._report(K.SSD_WRITE_PARAMS, group)
+
+    def _update_on_gpu(self, group: ParamGroup, grad: torch.Tensor, grad_scale: float) -> None:
+        """AdamW on a group resident on the GPU: torch's fused kernel there (the arithmetic of the CPU path:
+        ``torch.optim.AdamW(fused=True)``), per hyper-parameter segment, on the compute stream (this may be
+        the worker's thread), then its new weights to the model's host copy."""
+        s, i = self.store, group.index
+        lanes = s.lanes
+        stream = torch.cuda.stream(lanes.compute) if lanes is not None and lanes.cuda else contextlib.nullcontext()
+        with stream:
+            s.before_update(group)
+            s.steps[i] += 1
+            step = int(s.steps[i].item())
+            out = s.device_compute[i] if group.dtype != torch.float32 else None
+            master, exp_avg, exp_avg_sq = s.master[i], s.exp_avg[i], s.exp_avg_sq[i]
+            for start, end, h in self.segments[i]:
+                hyper = self.hypers[h]
+                fused_adamw_step(master[start:end], grad[start:end], exp_avg[start:end], exp_avg_sq[start:end],
+                                 step, lr=hyper.lr, beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps,
+                                 weight_decay=hyper.weight_decay, out=None if out is None else out[start:end],
+                                 grad_scale=grad_scale)
+            s.device_grads.pop(i, None)
+            s.write_back(group)
+        self._report(K.WRITE_BACK_PARAMS, group)
 
     def _states(self, group: ParamGroup):
         """(first element, end element, (master, exp_avg, exp_avg_sq)) spans of the group's states: the whole

@@ -81,9 +81,28 @@ class ParamStore:
         self.compute: dict[int, torch.Tensor] = {}
         self.grad_staging: dict[int, torch.Tensor] = {}
         self.steps: dict[int, torch.Tensor] = {}
+        # Groups resident on the GPU (plan_resident_groups): their compute copy, master and moments live there;
+        # ``compute`` keeps a host copy the model object aliases, written back after each update.
+        self.resident = {g.index for g in self.groups if plan.placement.on_gpu(g.name)}
+        if self.resident and ranks is not None:
+            raise RatelError("groups resident on the GPU are not supported with several ranks (a Ratel bug: "
+                             "the planner keeps every group streaming under torchrun)")
+        self.device_compute: dict[int, torch.Tensor] = {}
+        self.device_grads: dict[int, torch.Tensor] = {}    # gradients of resident groups awaiting their update
+        self.written_back: dict[int, object] = {}          # group -> event of its last copy to the host
+        self.lanes = None                                   # the engine's Lanes, for the write-backs
         for g in self.groups:
             if not self.params_on_ssd(g):
                 self.compute[g.index] = (compute_pool or pool).take(g.nbytes, g.dtype)
+            if g.index in self.resident:
+                self.device_compute[g.index] = torch.empty(g.numel, dtype=g.dtype, device=device)
+                if g.trainable:
+                    self.master[g.index] = (self.device_compute[g.index] if g.dtype == torch.float32 else
+                                            torch.empty(g.numel, dtype=torch.float32, device=device))
+                    self.exp_avg[g.index] = torch.zeros(g.numel, dtype=torch.float32, device=device)
+                    self.exp_avg_sq[g.index] = torch.zeros(g.numel, dtype=torch.float32, device=device)
+                    self.steps[g.index] = torch.zeros((), dtype=torch.float32)
+                continue
             if g.trainable:
                 on_ssd = self.on_ssd(g)
                 start, end = self.state_range(g)
@@ -95,14 +114,15 @@ class ParamStore:
                     self.exp_avg[g.index] = torch.zeros(end - start, dtype=torch.float32)
                     self.exp_avg_sq[g.index] = torch.zeros(end - start, dtype=torch.float32)
                 self.steps[g.index] = torch.zeros((), dtype=torch.float32)
-        slots = grad_ring_slots(self.groups, accumulate, clip)
+        streamed = [g for g in self.groups if g.index not in self.resident]
+        slots = grad_ring_slots(streamed, accumulate, clip)
         if slots is None:
-            for g in self.groups:
+            for g in streamed:
                 if g.trainable:
                     self.grad_staging[g.index] = pool.take(g.nbytes, g.dtype)
             self.grad_ring = None
         else:
-            self.grad_ring = GradientRing([pool.take(n) for n in grad_staging_sizes(self.groups, accumulate, clip)])
+            self.grad_ring = GradientRing([pool.take(n) for n in grad_staging_sizes(streamed, accumulate, clip)])
         placement = plan.placement
         self.ring = [torch.empty(placement.slot_bytes, dtype=torch.uint8, device=device)
                      for _ in range(placement.depth)]
@@ -110,7 +130,8 @@ class ParamStore:
 
     def drop(self) -> None:
         """Let go of every host and device buffer (the engine is closing)."""
-        for table in (self.master, self.exp_avg, self.exp_avg_sq, self.compute, self.grad_staging, self.steps):
+        for table in (self.master, self.exp_avg, self.exp_avg_sq, self.compute, self.grad_staging, self.steps,
+                      self.device_compute, self.device_grads, self.written_back):
             table.clear()
         self.grad_ring = None
         self.ring = []
@@ -123,7 +144,9 @@ class ParamStore:
         return self.grad_ring.take(group)
 
     def grad_of(self, group: ParamGroup) -> torch.Tensor:
-        """The group's gradient as it landed on the host."""
+        """The group's gradient as it landed on the host (a group resident on the GPU: there)."""
+        if group.index in self.resident:
+            return self.device_grads[group.index]
         if self.grad_ring is None:
             return self.grad_staging[group.index]
         return self.grad_ring.held(group)
@@ -132,6 +155,32 @@ class ParamStore:
         """The optimizer has used the group's gradient (summed or applied it): its ring slot is free."""
         if self.grad_ring is not None:
             self.grad_ring.give_back(group)
+
+    def on_gpu(self, group: ParamGroup) -> bool:
+        """Whether the group lives on the GPU, updated there (plan_resident_groups)."""
+        return group.index in self.resident
+
+    def write_back(self, group: ParamGroup) -> None:
+        """Copy a resident group's new compute copy to the host copy the model object aliases, on the D2H lane
+        once the update issued so far is done. The next update waits for it (``before_update``)."""
+        lanes = self.lanes
+        if lanes is None:
+            self.compute[group.index].copy_(self.device_compute[group.index])
+            return
+        self.written_back[group.index] = lanes.copy(self.compute[group.index], self.device_compute[group.index],
+                                                    lanes.d2h, after=lanes.event(lanes.compute))
+
+    def before_update(self, group: ParamGroup) -> None:
+        """A resident group's update must not overwrite the weights its last write-back still reads."""
+        event = self.written_back.pop(group.index, None)
+        if event is not None:
+            self.lanes.compute.wait_event(event)
+
+    def host_copies_current(self) -> None:
+        """Wait until every write-back has reached the host: the model object's parameters are current."""
+        for event in self.written_back.values():
+            if event is not None:
+                event.synchronize()
 
     def on_ssd(self, group: ParamGroup) -> bool:
         return self.ssd is not None and group.index in self.ssd.groups
@@ -184,8 +233,9 @@ class ParamStore:
             # one group at a time. So does one whose compute copy the ranks share: what each rank read stays
             # its own until rank 0's values are known (they then all write the same bytes).
             shared = self.shared_compute and not self.params_on_ssd(g)
+            resident = self.on_gpu(g)
             master = self.master.get(g.index)
-            if g.trainable and (master is None or master.numel() != g.numel or shared):
+            if g.trainable and (master is None or master.numel() != g.numel or shared or resident):
                 master = torch.empty(g.numel, dtype=torch.float32)
             staged = torch.empty(g.numel, dtype=g.dtype) if self.params_on_ssd(g) or shared else None
             compute = staged if staged is not None else self.compute[g.index]
@@ -214,7 +264,13 @@ class ParamStore:
                 self.ranks.from_rank0_(master if g.trainable else compute)
                 if g.trainable and (g.dtype != torch.float32 or shared):
                     compute.copy_(master)
-            if shared:
+            if resident:
+                if g.trainable:
+                    if g.dtype == torch.float32:
+                        compute.copy_(master)     # the model's copy (on the host an fp32 master is it)
+                    self.master[g.index].copy_(master)
+                self.device_compute[g.index].copy_(compute)
+            elif shared:
                 self.compute[g.index].copy_(compute)
             elif staged is not None:
                 self.ssd_params.initialize(g, staged)
@@ -234,6 +290,8 @@ class ParamStore:
                 for name, value in zip(g.params, g.views(compute)):
                     checkpoint.read_into(name, value)
                 checkpoint.verify()
+                if self.on_gpu(g):
+                    self.device_compute[g.index].copy_(compute)
             else:
                 with self._states_to_fill(g) as (master, exp_avg, exp_avg_sq):
                     for name, m, a, a2 in zip(g.params, g.views(master), g.views(exp_avg), g.views(exp_avg_sq)):
@@ -255,6 +313,13 @@ class ParamStore:
         if self.on_ssd(g):
             with self.ssd.staged(g) as (master, exp_avg, exp_avg_sq):
                 yield (self.master[g.index] if master is None else master), exp_avg, exp_avg_sq
+        elif self.on_gpu(g):     # filled on the host, then sent to the GPU with the model's copy
+            whole = [torch.empty(g.numel), torch.empty(g.numel), torch.empty(g.numel)]
+            yield whole
+            for kept, value in zip((self.master[g.index], self.exp_avg[g.index], self.exp_avg_sq[g.index]), whole):
+                kept.copy_(value)
+            self.compute[g.index].copy_(whole[0])
+            self.device_compute[g.index].copy_(self.compute[g.index])
         elif not self.sliced(g):
             yield self.master[g.index], self.exp_avg[g.index], self.exp_avg_sq[g.index]
         else:    # filled whole, kept in this rank's slice (an fp32 group's master is its whole compute copy)
@@ -295,7 +360,7 @@ class ParamStore:
                 masters, avgs, avg_sqs = g.views(master), g.views(exp_avg), g.views(exp_avg_sq)
             if failed is not None:
                 continue
-            compute = self.compute.get(g.index)
+            compute = self.compute.get(g.index) if not self.on_gpu(g) else self.device_compute[g.index].cpu()
             held = None
             try:
                 if compute is None and not g.trainable:
@@ -326,6 +391,8 @@ class ParamStore:
     def _states_to_save(self, g: ParamGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The whole group's (master, exp_avg, exp_avg_sq): this rank's slices gathered from every rank (read
         from its swap file first when on SSD, where each rank's file is current in its own slice)."""
+        if self.on_gpu(g):
+            return tuple(t.cpu() for t in (self.master[g.index], self.exp_avg[g.index], self.exp_avg_sq[g.index]))
         if self.on_ssd(g):
             master, exp_avg, exp_avg_sq = self.ssd.read_group(g)
             if self.ranks is not None:
@@ -343,7 +410,9 @@ class ParamStore:
         out: dict[str, torch.Tensor] = {}
         aliases = _aliases(model)
         for g in self.groups:
-            if not g.trainable:
+            if self.on_gpu(g):
+                source = (self.master if g.trainable else self.device_compute)[g.index].cpu()
+            elif not g.trainable:
                 source = self.compute[g.index] if not self.params_on_ssd(g) else self.ssd_params.acquire(g).clone()
                 if self.params_on_ssd(g):
                     self.ssd_params.release(g, None)
@@ -376,10 +445,15 @@ class ParamStore:
 
     # ------------------------------------------------------------------ GPU ring
     def unit_views(self, unit: int, slot: int) -> dict[str, torch.Tensor]:
-        """Every parameter of ``unit`` as a view into ring slot ``slot``."""
+        """Every parameter of ``unit`` as a view into ring slot ``slot`` (or, for a group resident on the GPU,
+        into its tensor there)."""
         layout = self.plan.placement.layouts[unit]
         raw = self.ring[slot]
         views = {}
+        for i in sorted(self.resident):
+            g = self.groups[i]
+            if unit in g.users:
+                views.update(zip(g.params, g.views(self.device_compute[i])))
         for group_index, byte_offset in zip(layout.groups, layout.byte_offsets):
             g = self.groups[group_index]
             flat = raw[byte_offset: byte_offset + g.nbytes].view(g.dtype)

@@ -55,7 +55,7 @@ def call_arguments(model: nn.Module, example_inputs: tuple, example_kwargs: dict
 def explain(model: nn.Module, budget, example_inputs, example_kwargs: dict | None = None, *,
             hardware: HardwareProfile | None = None, device: str | torch.device = "cuda", depth: int = 2,
             activations: str = "auto", accumulate: int = 1, max_grad_norm: float | None = None,
-            keep_logits: bool = False) -> Plan:
+            keep_logits: bool = False, resident: bool | None = None) -> Plan:
     """Plan ``model`` for training under ``budget`` and return the Plan; nothing runs, nothing is allocated.
 
     model           an nn.Module, on the meta device (nothing is materialised) or the CPU
@@ -68,6 +68,7 @@ def explain(model: nn.Module, budget, example_inputs, example_kwargs: dict | Non
     activations     the activation policy, as in ``compile`` ("auto", "recompute", "keep", "host", "ssd")
     accumulate, max_grad_norm   as in ``compile``: accumulation buffers in host memory, updates after the norm
     keep_logits     as in ``compile``: plan the logits as an output too
+    resident        as in ``compile``
 
     Raises ``BudgetError`` (with the minimum needed) when the budget cannot hold the plan, as ``compile`` does.
     """
@@ -84,6 +85,7 @@ def explain(model: nn.Module, budget, example_inputs, example_kwargs: dict | Non
     _, _, plan = plan_call(model, example_inputs, kwargs, budget, hardware, device, training=model.training,
                            depth=depth, activations=activations, accumulate=accumulate,
                            clip=max_grad_norm is not None, keep_logits=keep_logits,
+                           resident=resident,
                            # Runs nothing, but prices units with the times compile measured and cached, so
                            # the plan explained is the one compile executes once these shapes were timed.
                            measure_units="cached")

@@ -49,12 +49,19 @@ class _Store:
         self.grad_staging = {0: torch.ones(n)}
         self.compute = {0: self.master[0]}
         self.steps = {0: torch.zeros(())}
+        self.device_grads = {}
 
     def on_ssd(self, group):
         return False
 
     def params_on_ssd(self, group):
         return False
+
+    def on_gpu(self, group):
+        return False
+
+    def host_copies_current(self):
+        pass
 
     def state_range(self, group):
         return 0, group.numel

@@ -1,7 +1,8 @@
 """The schedule executor issues every planned transfer exactly once, in the Plan's order.
 
 One plan holds every transfer kind: optimizer states and parameter copies on SSD, saved activations on SSD
-(placement sets their staging aside), boundary activations checkpointed to host. A training step runs it; the
+(placement sets their staging aside), boundary activations checkpointed to host, and the first groups resident on
+the GPU (a GPU budget with room for two of them). A training step runs it; the
 executor's log is compared with the Plan's schedule, and the SSD lane's with the SSD transfers.
 """
 import collections
@@ -11,7 +12,7 @@ import torch
 
 import ratel
 from ratel.ir import Tier, TransferKind
-from ratel.ir.layout import host_usage, saved_host_bytes
+from ratel.ir.layout import device_state_bytes, host_usage, page, saved_host_bytes
 from ratel.models import GPT, GPTConfig
 from ratel.passes.plan_placement import param_tiers
 from ratel.runtime.calibrate import cpu_adam_kernel
@@ -29,13 +30,17 @@ def tiny_model():
 def budget_for(model, ids, ssd_dir):
     """Host memory for every state and every movable parameter copy on SSD, plus the saved values' staging."""
     probe = ratel.explain(model, ratel.Budget(gpu="1GiB", host="1TiB", ssd_dir=str(ssd_dir)), (ids,),
-                          device="cpu", activations="ssd")
+                          device="cpu", activations="ssd", resident=False)
     states = {g.name: Tier.SSD for g in probe.groups if g.trainable}
     torch_adam = cpu_adam_kernel() == "torch"
     tiers = param_tiers(probe.groups, states, probe.placement.activations,
                         ratel.Budget(gpu="1GiB", host=1, ssd_dir=str(ssd_dir)), torch_adam)
     host = sum(b for _, b in host_usage(probe.groups, states, probe.placement.activations, torch_adam, tiers))
-    return ratel.Budget(gpu="1GiB", host=host + sum(saved_host_bytes(probe.activations)), ssd_dir=str(ssd_dir))
+    order = sorted(probe.groups, key=lambda g: (g.update_unit, g.index))
+    gpu = probe.memory.gpu_peak + sum(device_state_bytes(g) + g.numel * 4 for g in order[:2])
+    # (and host memory for the model's copies of those two, whose copies the tight host budget put on SSD)
+    copies = sum(page(g.nbytes) for g in order[:2])
+    return ratel.Budget(gpu=gpu, host=host + copies + sum(saved_host_bytes(probe.activations)), ssd_dir=str(ssd_dir))
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +49,7 @@ def step(tmp_path_factory):
     model = tiny_model()
     ids = torch.randint(0, 64, (2, SEQ), generator=torch.Generator().manual_seed(1))
     engine = ratel.compile(model, budget=budget_for(model, ids, ssd_dir), optimizer=ratel.AdamW(lr=1e-3),
-                           example_inputs=(ids,), device="cpu", progress=False, activations="ssd")
+                           example_inputs=(ids,), device="cpu", progress=False, activations="ssd", resident=True)
     engine.backward(engine(ids, labels=ids).loss)
     engine.step()
     plan, executor = engine.plan, engine._latest.runtime.schedule
@@ -58,6 +63,7 @@ def test_one_plan_holds_every_transfer_kind(step):
     plan, log, _, _ = step
     assert {plan.transfers[i].kind for i in log} == set(TransferKind)
     assert Tier.SSD in dict(plan.placement.param_tier).values()
+    assert Tier.GPU in dict(plan.placement.param_tier).values()
     assert Tier.SSD in dict(plan.placement.optimizer_tier).values()
     assert any(d.tier == Tier.SSD for u in plan.activations.units for d in u.decisions)
 
