@@ -13,8 +13,8 @@ from ratel.ir import (META_TENSOR, ActivationPlan, CostModel, Lifetimes, MemoryP
                       step_index)
 from ratel.passes.build_lifetimes import boundary_values, unit_calls
 from ratel.passes.manager import PassContext
-from ratel.ir.layout import (device_state_bytes, device_update_scratch_bytes, exchange_bytes, grad_ring_slots,
-                             host_updated, host_usage, saved_host_bytes, ssd_state_bytes)
+from ratel.ir.layout import (SLOT_ALIGN, device_state_bytes, device_update_scratch_bytes, exchange_bytes,
+                             grad_ring_slots, host_updated, host_usage, round_up, saved_host_bytes, ssd_state_bytes)
 
 
 def _user_outputs(gm: fx.GraphModule, boundary: dict) -> list[tuple[str, int]]:
@@ -114,7 +114,8 @@ def simulate_memory(gm: fx.GraphModule, ctx: PassContext, acts: ActivationPlan |
     # Groups resident on the GPU hold their weights and states all along; each update there needs an fp32
     # gradient while it runs, and with clipping their gradients wait for the global norm at the last step.
     on_gpu = [g for g in lifetimes.groups if placement.on_gpu(g.name)]
-    resident_groups = sum(device_state_bytes(g, ctx.accumulate) for g in on_gpu)
+    resident_weights = sum(round_up(g.nbytes, SLOT_ALIGN) for g in on_gpu)
+    resident_states = sum(device_state_bytes(g, ctx.accumulate) for g in on_gpu) - resident_weights
     last = len(steps) - 1
     update_scratch = [0] * len(steps)
     for g in on_gpu:
@@ -146,7 +147,8 @@ def simulate_memory(gm: fx.GraphModule, ctx: PassContext, acts: ActivationPlan |
         accumulating = sum(b for first, last, b in shared if first <= t <= last)
         saved = saved_at[t]
         parts = (("param ring", ring), ("resident buffers", resident), ("cuBLAS workspace", library),
-                 ("groups resident on the GPU", resident_groups), ("updates on the GPU", update_scratch[t]),
+                 ("resident parameters", resident_weights), ("resident optimizer states", resident_states),
+                 ("optimizer updates on the GPU", update_scratch[t]),
                  ("activations", boundary_acts),
                  ("saved activations", saved),
                  ("unit workspace", workspace), ("gradients in flight", in_flight),

@@ -42,7 +42,7 @@ CATEGORIES = ("parameters", "gradients", "optimizer states", "activations", "wor
 # The planner names what it counts (``StepMemory.breakdown``, ``MemoryProfile.host_bytes``: "param ring",
 # "fp32 master + adam states:blocks.3", ...); the summary sorts those names into the categories above by
 # keyword, first match wins, so a new entry lands in a sensible row (or "other") without a change here.
-_GPU_KEYWORDS = (("param", "parameters"), ("grad", "gradients"), ("activation", "activations"),
+_GPU_KEYWORDS = (("optimizer", "optimizer states"), ("param", "parameters"), ("grad", "gradients"), ("activation", "activations"),
                  ("workspace", "workspace"), ("buffer", "buffers and outputs"), ("output", "buffers and outputs"))
 _HOST_KEYWORDS = (("adam", "optimizer states"), ("ssd staging", "optimizer states"), ("master", "parameters"),
                   ("compute copy", "parameters"), ("frozen", "parameters"), ("param", "parameters"),

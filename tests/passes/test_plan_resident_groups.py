@@ -95,7 +95,8 @@ def test_the_simulation_prices_resident_groups_where_they_live():
     streamed = [g for g in plan.groups if not plan.placement.on_gpu(g.name)]
     assert resident and streamed
     held = sum(device_state_bytes(g) for g in resident)
-    assert all(dict(s.breakdown)["groups resident on the GPU"] == held for s in plan.memory.steps)
+    assert all(dict(s.breakdown)["resident parameters"] + dict(s.breakdown)["resident optimizer states"] == held
+               for s in plan.memory.steps)
     # Never fetched, never flushed, updated on the GPU and written back to the model's copy.
     _, streaming, _, _ = run_until("verify_plan", resident=False)
     fetched = sum(t.nbytes for t in transfers if t.kind == "fetch_params")
