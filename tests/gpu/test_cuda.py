@@ -20,12 +20,15 @@ PARAM_RTOL = 5e-3
 @pytest.mark.parametrize("kind,policy", [("gpt", "auto"), ("llama", "auto"), ("gpt2", "auto"), ("gpt", "recompute"),
                                          ("gpt", "keep"), ("llama", "host"), ("gpt2", "host"), ("gpt", "selective"),
                                          ("llama", "selective"), ("gpt2", "selective")])
-def test_bf16_training_equals_pytorch_mixed_precision(kind, policy):
+@pytest.mark.parametrize("resident", [None, False], ids=["resident groups as planned", "every group streamed"])
+def test_bf16_training_equals_pytorch_mixed_precision(kind, policy, resident):
     model = make_model(kind, dropout=0.0, layers=4, dtype=torch.bfloat16)
     data = batches(10, batch=4, seq=32)
     ref_losses, ref_masters = mixed_precision_reference(model, data, 1e-3, 0.1, device="cuda")
     engine = ratel.compile(model, budget="2GiB", optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1),
-                           example_inputs=(data[0][0],), device="cuda", progress=False, activations=policy)
+                           example_inputs=(data[0][0],), device="cuda", progress=False, activations=policy,
+                           resident=resident)
+    assert any(engine.plan.placement.on_gpu(g.name) for g in engine.plan.groups) == (resident is None)
     losses = []
     for step, (ids, labels) in enumerate(data):
         torch.manual_seed(1000 + step)
@@ -37,7 +40,7 @@ def test_bf16_training_equals_pytorch_mixed_precision(kind, policy):
     engine.close()
     loss_diff = max(abs(ours - theirs) / abs(theirs) for ours, theirs in zip(losses, ref_losses))
     param_diff = max(((state[n] - m.detach()).norm() / m.detach().norm()).item() for n, m in ref_masters.items())
-    print(f"\n[{kind} bf16 {policy} on {torch.cuda.get_device_name()}] max loss rel diff {loss_diff:.2e}, "
+    print(f"\n[{kind} bf16 {policy} resident={resident} on {torch.cuda.get_device_name()}] max loss rel diff {loss_diff:.2e}, "
           f"max parameter rel diff {param_diff:.2e}")
     assert loss_diff <= LOSS_RTOL
     assert param_diff <= PARAM_RTOL
@@ -54,8 +57,9 @@ def test_peak_gpu_memory_stays_within_a_budget_smaller_than_the_model(mix):
     ids = torch.randint(0, VOCAB, (4, 32))
     ratel.detect_hardware("cuda")   # measured once up front: its buffers are not the engine's
     # mix 0: the smallest budget (every unit recomputed); 0.5: halfway to keeping everything (a mixed plan).
-    low = ratel.explain(model, "1TiB", (ids,), activations="recompute").memory.gpu_peak
-    high = ratel.explain(model, "1TiB", (ids,), activations="keep").memory.gpu_peak
+    # (every group streamed: the engine then keeps on the GPU what the budget leaves room for)
+    low = ratel.explain(model, "1TiB", (ids,), activations="recompute", resident=False).memory.gpu_peak
+    high = ratel.explain(model, "1TiB", (ids,), activations="keep", resident=False).memory.gpu_peak
     budget = int(low + mix * (high - low))
     assert budget < model_bytes
     torch.cuda.synchronize()
@@ -83,14 +87,15 @@ def test_bf16_with_optimizer_states_on_ssd_equals_pytorch_mixed_precision(tmp_pa
     model = make_model("gpt_untied", dropout=0.0, layers=4, dtype=torch.bfloat16)
     data = batches(6, batch=4, seq=32)
     ref_losses, ref_masters = mixed_precision_reference(model, data, 1e-3, 0.1, device="cuda")
-    probe = ratel.compile(model, budget="2GiB", example_inputs=(data[0][0],), device="cuda", progress=False)
+    probe = ratel.compile(model, budget="2GiB", example_inputs=(data[0][0],), device="cuda", progress=False,
+                          resident=False)
     plan = probe.plan
     probe.close()
     tiers = {g.name: Tier.SSD for g in plan.groups if g.trainable}
     host = sum(b for _, b in host_usage(plan.groups, tiers, plan.placement.activations, (cpu_adam_kernel() == "torch")))
     engine = ratel.compile(model, budget=ratel.Budget(gpu="2GiB", host=host, ssd_dir=str(tmp_path)),
                            optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1), example_inputs=(data[0][0],),
-                           device="cuda", progress=False)
+                           device="cuda", progress=False, resident=False)
     assert any(t == Tier.SSD for _, t in engine.plan.placement.optimizer_tier)
     losses = []
     for step, (ids, labels) in enumerate(data):
@@ -107,7 +112,8 @@ def test_bf16_with_optimizer_states_on_ssd_equals_pytorch_mixed_precision(tmp_pa
         assert torch.equal(state[name], master.detach()), name
 
 
-def test_bf16_accumulation_and_clipping_equal_pytorch_mixed_precision():
+@pytest.mark.parametrize("resident", [None, False], ids=["resident groups as planned", "every group streamed"])
+def test_bf16_accumulation_and_clipping_equal_pytorch_mixed_precision(resident):
     # The reference sums micro-batch gradients in fp32 as Ratel does (bf16 p.grad sums would round
     # differently), and the model has no biases: a key bias has an exactly-zero true gradient, which Adam
     # turns into full-size steps of whatever rounding noise either side has (see tests/test_api.py).
@@ -120,7 +126,7 @@ def test_bf16_accumulation_and_clipping_equal_pytorch_mixed_precision():
     opt = torch.optim.AdamW(masters, lr=1e-3, weight_decay=0.1, fused=True)
     engine = ratel.compile(model, budget="2GiB", optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1),
                            example_inputs=(data[0][0],), device="cuda", progress=False, accumulate=2,
-                           max_grad_norm=0.05)
+                           max_grad_norm=0.05, resident=resident)
     losses, ref_losses, norms, ref_norms = [], [], [], []
     for step, (ids, labels) in enumerate(data):
         torch.manual_seed(1000 + step)
@@ -238,3 +244,34 @@ def test_a_meta_model_compiled_for_cuda_is_initialised_on_the_gpu_as_its_initial
             assert not value.any(), name
         elif "ln" in name:
             assert (value == 1).all(), name
+
+
+def test_resident_and_streamed_groups_on_the_gpu_train_like_pytorch_and_write_the_model_back():
+    """A budget with room for the first two groups: those stay on the GPU (fused AdamW there, the D2H write-back
+    to the model's copy on its own stream), the rest stream; the model passed to compile holds the weights."""
+    from ratel.ir.layout import device_state_bytes
+    model = make_model("gpt_untied", layers=4, dtype=torch.bfloat16)
+    data = batches(6, batch=4, seq=32)
+    ref_losses, ref_masters = mixed_precision_reference(model, data, 1e-3, 0.1, device="cuda")
+    streaming = ratel.explain(model, "1TiB", (data[0][0],), activations="recompute", resident=False)
+    order = sorted(streaming.groups, key=lambda g: (g.update_unit, g.index))
+    budget = streaming.memory.gpu_peak + sum(device_state_bytes(g) + 4 * g.numel for g in order[:2]) + (1 << 20)
+    engine = ratel.compile(model, budget=budget, optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1),
+                           example_inputs=(data[0][0],), device="cuda", progress=False, activations="recompute")
+    on_gpu = [g.name for g in engine.plan.groups if engine.plan.placement.on_gpu(g.name)]
+    assert on_gpu and len(on_gpu) < len(engine.plan.groups)
+    losses = []
+    for step, (ids, labels) in enumerate(data):
+        torch.manual_seed(1000 + step)
+        loss = engine(ids, labels=labels).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+        state = engine.state_dict()
+        for name, p in model.named_parameters():      # current after every step(), not only at the end
+            assert torch.equal(p.detach().cpu(), state[name].to(torch.bfloat16)), (step, name)
+    engine.close()
+    loss_diff = max(abs(ours - theirs) / abs(theirs) for ours, theirs in zip(losses, ref_losses))
+    param_diff = max(((state[n] - m.detach()).norm() / m.detach().norm()).item() for n, m in ref_masters.items())
+    print(f"\n[resident {on_gpu}] max loss rel diff {loss_diff:.2e}, max parameter rel diff {param_diff:.2e}")
+    assert loss_diff <= LOSS_RTOL and param_diff <= PARAM_RTOL
