@@ -9,7 +9,9 @@ crash ends that row only, and the next starts on a clean GPU), each with a timeo
   resident      plain PyTorch on the GPU, uncapped: the bf16 model, fp32 master weights and torch's fused
                 AdamW (``ratel.tools.bench``), with the most layers of L, L/2, L/4, ... that fit at this batch.
                 Its model TFLOPS is the bound per layer; the step shown is the full model's at that rate.
-  ratel         Ratel, GPU budget = cap - 1 GiB, default settings; the plan's predicted step beside it.
+  ratel         Ratel, GPU budget = cap - 1 GiB, default settings (on the GPU: the first units' groups kept there
+                where the plan finds it faster, plan_resident_groups); the plan's predicted step beside it.
+  ratel_streamed  the same with ``resident=False``: every group streamed, as before plan_resident_groups.
   zero_offload  DeepSpeed ZeRO-2, optimizer on the CPU      } by the harness ``ds_bench.py`` (``--harness``),
   zero3_cpu     DeepSpeed ZeRO-3, parameters and optimizer  } one process per mode over every batch (it stops
                 on the CPU: ZeRO-Infinity's CPU tier        } a mode at its first OOM); skipped, with the
@@ -36,7 +38,7 @@ harness's README.md says, and the harness copied beside them, since ../shared do
         .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 \
     && python3 setup.py build_ext --inplace -q \
     && python3 benchmarks/throughput.py --harness .whl --time-budget 480 \
-           --systems resident ratel zero_offload zero3_cpu
+           --systems resident ratel ratel_streamed zero_offload zero3_cpu
 
 and, in a second call, after the same install, export and build, the SSD rows:
 
@@ -82,8 +84,9 @@ from ssd_lane import host_entries, roofline      # a script beside this one
 
 ROOT = Path(__file__).resolve().parent.parent
 DEEPSPEED = ("zero_offload", "zero3_cpu")
-SYSTEMS = ("resident", "ratel", *DEEPSPEED, "disk", "ssd")
-TITLES = {"resident": "GPU-resident PyTorch (bound)", "ratel": "Ratel", "zero_offload": "ZeRO-Offload",
+SYSTEMS = ("resident", "ratel", "ratel_streamed", *DEEPSPEED, "disk", "ssd")
+TITLES = {"resident": "GPU-resident PyTorch (bound)", "ratel": "Ratel",
+          "ratel_streamed": "Ratel, every group streamed (resident=False)", "zero_offload": "ZeRO-Offload",
           "zero3_cpu": "ZeRO-Infinity (CPU)", "ssd": "Ratel, states partly on SSD"}
 # The tiny shape of --smoke (each a default the command line can still change).
 SMOKE = dict(layers=2, hidden=64, heads=4, vocab=256, seq=32, batches=[1, 2], cap="2GiB", steps=2,
@@ -174,8 +177,10 @@ def resident_row(args, batch: int, device: torch.device, dtype: torch.dtype) -> 
             "note": f"{layers} of {args.layers} layers measured, uncapped; step scaled to {args.layers}"}
 
 
-def ratel_row(args, layers: int, batch: int, device: torch.device, dtype: torch.dtype, ssd_dir=None) -> dict:
-    """Ratel's median step; with ``ssd_dir`` the swapper's bytes per step and the plan's SSD bytes too."""
+def ratel_row(args, layers: int, batch: int, device: torch.device, dtype: torch.dtype, ssd_dir=None,
+              resident: bool | None = None) -> dict:
+    """Ratel's median step; with ``ssd_dir`` the swapper's bytes per step and the plan's SSD bytes too.
+    ``resident``: as ``compile``'s (None: the groups the planner keeps on the GPU; False: none)."""
     with torch.device("meta"):
         model = GPT(gpt_config(args, layers)).to(dtype).train()
     ids = torch.randint(0, args.vocab, (batch, args.seq), generator=torch.Generator().manual_seed(batch)).to(device)
@@ -189,7 +194,8 @@ def ratel_row(args, layers: int, batch: int, device: torch.device, dtype: torch.
 
     def build(host):
         return ratel.compile(model, budget=ratel.Budget(gpu=gpu, host=host, ssd_dir=ssd_dir),
-                             optimizer=ratel.AdamW(lr=1e-5), example_inputs=(ids,), device=device, progress=False)
+                             optimizer=ratel.AdamW(lr=1e-5), example_inputs=(ids,), device=device, progress=False,
+                             resident=resident)
     try:
         try:
             engine = build(host)
@@ -220,6 +226,9 @@ def ratel_row(args, layers: int, batch: int, device: torch.device, dtype: torch.
            "tflops": flops(args, layers, batch) / step_s / 1e12, "losses": losses,
            "planned_gpu": plan.memory.gpu_peak, "planned_host": plan.memory.host_total,
            "planned_ssd": plan.memory.ssd_total}
+    on_gpu = [g.name for g in plan.groups if plan.placement.on_gpu(g.name)]
+    if on_gpu:
+        out["note"] = f"{len(on_gpu)} of {len(plan.groups)} groups on the GPU ({on_gpu[0]} .. {on_gpu[-1]})"
     if swapper is not None:
         swapper.wait_all()
         now = swapper.stats()
@@ -259,8 +268,9 @@ def run_row(args) -> None:
     try:
         if row["system"] == "resident":
             row.update(resident_row(args, row["batch"], device, dtype))
-        elif row["system"] == "ratel":
-            row.update(ratel_row(args, row["layers"], row["batch"], device, dtype))
+        elif row["system"] in ("ratel", "ratel_streamed"):
+            row.update(ratel_row(args, row["layers"], row["batch"], device, dtype,
+                                 resident=False if row["system"] == "ratel_streamed" else None))
         elif row["system"] == "ssd":
             scratch(args).mkdir(parents=True, exist_ok=True)
             row.update(ratel_row(args, row["layers"], row["batch"], device, dtype, ssd_dir=str(scratch(args))))
@@ -421,9 +431,10 @@ def run_rows(args, runner: Runner) -> list[dict]:
         why = finish(builder, max(runner.timeout(), 1))
         if why:
             no_deepspeed = f"building DeepSpeed's CPUAdam failed: {why}"
-    if "ratel" in systems:
-        for b in args.batches:
-            runner.row("ratel", args.layers, b)
+    for system in ("ratel", "ratel_streamed"):
+        if system in systems:
+            for b in args.batches:
+                runner.row(system, args.layers, b)
     for port, mode in enumerate(DEEPSPEED, start=29501):
         if mode not in systems:
             continue
@@ -480,7 +491,7 @@ def predicted_cell(r: dict) -> str:
 def table(rows: list[dict], args) -> str:
     """The Markdown table of ``rows``; the model and cap from the rows themselves (``args`` if they have none)."""
     args = argparse.Namespace(**rows[0]["setup"]) if rows and "setup" in rows[0] else args
-    main = [r for r in rows if r["system"] in ("resident", "ratel", *DEEPSPEED)]
+    main = [r for r in rows if r["system"] in ("resident", "ratel", "ratel_streamed", *DEEPSPEED)]
     ssd = [r for r in rows if r["system"] == "ssd"]
     disk_row = next((r for r in rows if r["system"] == "disk" and r["status"] == "ok"), None)
     disk = disk_row["disk"] if disk_row else None
@@ -515,7 +526,7 @@ def table(rows: list[dict], args) -> str:
     if batches:
         lines += ["", "Model TFLOPS by batch:", "",
                   "| system | " + " | ".join(f"B={b}" for b in batches) + " |", "|---|" + "---|" * len(batches)]
-        for system in ("resident", "ratel", *DEEPSPEED):
+        for system in ("resident", "ratel", "ratel_streamed", *DEEPSPEED):
             by_batch = {r["batch"]: r for r in main if r["system"] == system}
             if by_batch:
                 cells = [tf(by_batch[b]['tflops']) if b in by_batch and by_batch[b]["status"] == "ok"
@@ -553,7 +564,8 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         print("no plot: matplotlib does not import", flush=True)
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    series = [(TITLES[s], [r for r in rows if r["system"] == s]) for s in ("resident", "ratel", *DEEPSPEED)]
+    series = [(TITLES[s], [r for r in rows if r["system"] == s])
+              for s in ("resident", "ratel", "ratel_streamed", *DEEPSPEED)]
     series += [(f"{TITLES['ssd']}, {p / 1e9:.1f}B", [r for r in rows if r["system"] == "ssd" and r["params"] == p])
                for p in sorted({r["params"] for r in rows if r["system"] == "ssd"})]
     for label, group in series:

@@ -24,10 +24,11 @@ def test_smoke_run_writes_a_row_per_configuration_and_the_table(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     by_system = {r["system"]: r for r in rows}
-    assert [r["system"] for r in rows] == ["resident", "ratel", "zero_offload", "zero3_cpu", "disk", "ssd"]
-    for system in ("resident", "ratel", "ssd", "disk"):
+    assert [r["system"] for r in rows] == ["resident", "ratel", "ratel_streamed", "zero_offload", "zero3_cpu", "disk",
+                                           "ssd"]
+    for system in ("resident", "ratel", "ratel_streamed", "ssd", "disk"):
         assert by_system[system]["status"] == "ok", proc.stdout[-3000:]
-    for system in ("resident", "ratel", "ssd"):
+    for system in ("resident", "ratel", "ratel_streamed", "ssd"):
         r = by_system[system]
         assert r["step"] > 0 and r["tflops"] > 0 and r["rss"] > 0
     assert by_system["ratel"]["predicted"] > 0
@@ -40,7 +41,7 @@ def test_smoke_run_writes_a_row_per_configuration_and_the_table(tmp_path):
     assert "skipped: --smoke runs no DeepSpeed" in proc.stdout
     text = (out / "table.md").read_text()
     assert text in proc.stdout
-    assert "| Ratel | 1 |" in text and "| GPU-resident PyTorch (bound) | 1 |" in text and "| 3L (" in text
+    assert "| Ratel | 1 |" in text and "| Ratel, every group streamed (resident=False) | 1 |" in text and "| GPU-resident PyTorch (bound) | 1 |" in text and "| 3L (" in text
     assert "roofline / step" in text and "Card: CPU" in text
     if importlib.util.find_spec("matplotlib"):
         assert (out / "throughput.png").stat().st_size > 0
