@@ -72,3 +72,26 @@ def test_planned_gpu_peak_bounds_the_real_step_with_blocks_in_halves_and_a_chunk
     ring = plan.placement.depth * plan.placement.slot_bytes
     assert peak <= plan.memory.gpu_peak - ring, f"measured {peak} > planned {plan.memory.gpu_peak - ring}"
     assert plan.memory.gpu_peak <= budget
+
+
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+def test_planned_gpu_peak_bounds_the_real_step_with_groups_resident_on_the_gpu(kind):
+    """A budget with room for the first half of the groups: those stay on the "GPU" (allocated once, before the
+    step, like the ring), are updated there during the step, and the plan still bounds what the step allocates."""
+    from ratel.ir.layout import device_state_bytes
+    model = make_model(kind, layers=4)
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    streaming = ratel.explain(model, "1TiB", (ids,), device="cpu", activations="recompute", resident=False)
+    order = sorted(streaming.groups, key=lambda g: (g.update_unit, g.index))
+    half = order[:len(order) // 2]
+    budget = streaming.memory.gpu_peak + sum(device_state_bytes(g) + 4 * g.numel for g in half)
+    engine = ratel.compile(model, budget=budget, example_inputs=(ids,), device="cpu", progress=False,
+                           activations="recompute", resident=True)
+    plan = engine.plan
+    on_gpu = [g for g in plan.groups if plan.placement.on_gpu(g.name)]
+    assert on_gpu and len(on_gpu) < len(plan.groups)
+    peak = measured_step_peak(engine, ids)
+    engine.close()
+    held = sum(device_state_bytes(g) for g in on_gpu) + plan.placement.depth * plan.placement.slot_bytes
+    assert peak <= plan.memory.gpu_peak - held, f"measured {peak} > planned {plan.memory.gpu_peak - held}"
+    assert plan.memory.gpu_peak <= budget
