@@ -199,11 +199,20 @@ class Engine:
                                          traces=self._traces, ranks=self.world_size,
                                          resident=self._resident, resident_groups=self._resident_groups)
         except BudgetError as error:
-            if error.tier != "gpu" or self._split_blocks is not False:
+            if error.tier != "gpu":
                 raise
-            raise BudgetError(f"{error}\nThis engine's units are whole blocks, as its first input shape was planned; "
-                              "cutting blocks in two may fit this shape: compile with the largest shape as "
-                              "example_inputs.", tier="gpu", needed=error.needed, budget=error.budget) from None
+            hints = []
+            if self._split_blocks is False:
+                hints.append("This engine's units are whole blocks, as its first input shape was planned; cutting "
+                             "blocks in two may fit this shape.")
+            if self._resident_groups:
+                hints.append(f"This engine keeps {len(self._resident_groups)} parameter groups on the GPU "
+                             f"({', '.join(self._resident_groups)}), as its first input shape was planned; "
+                             "compile(resident=False) streams them all.")
+            if not hints:
+                raise
+            raise BudgetError(f"{error}\n{' '.join(hints)} Or compile with the largest shape as example_inputs.",
+                              tier="gpu", needed=error.needed, budget=error.budget) from None
         self._split_blocks = traced.split_blocks
         # The parameter store holds the first plan's groups on the GPU: every later shape keeps them there.
         self._resident_groups = tuple(name for name, tier in plan.placement.param_tier if tier == Tier.GPU)

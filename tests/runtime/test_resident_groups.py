@@ -162,3 +162,20 @@ def test_a_later_input_shape_keeps_the_groups_the_first_put_on_the_gpu():
     assert worst == 0.0, name
     engine.close()
 
+
+
+def test_a_later_shape_that_does_not_fit_with_the_first_shapes_groups_names_them():
+    model = make_model("gpt", layers=3)
+    short = batches(1, batch=2, seq=8)[0]
+    long = batches(1, batch=8, seq=64)[0]
+    budget = _budget_for(model, short[0], 2)
+    engine = ratel.compile(model, budget=budget, optimizer=ratel.AdamW(lr=1e-3), example_inputs=(short[0],),
+                           device="cpu", progress=False, resident=True, activations="recompute")
+    kept = [g.name for g in _split(engine)[0]]
+    assert kept
+    with pytest.raises(ratel.BudgetError) as info:
+        engine(long[0], labels=long[1])
+    message = str(info.value)
+    assert f"keeps {len(kept)} parameter groups on the GPU ({', '.join(kept)})" in message
+    assert "resident=False" in message and "largest shape" in message
+    engine.close()
