@@ -62,7 +62,8 @@ def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | Non
                     is faster (the first units': their gradients arrive last): weights, fp32 master and Adam
                     moments stay there and torch's fused AdamW updates them on the GPU; their new weights are
                     copied back to the model's parameters. None (default): on a GPU; False: every group
-                    streams; True: weigh it on the CPU too (where it only tests the path). Not with ranks.
+                    streams; True: weigh it on the CPU too (where it only tests the path). With several
+                    ranks each GPU holds them whole and their gradients are averaged among the GPUs.
     resume          a folder ``engine.save`` wrote: weights, Adam states, update count, param-group
                     hyper-parameters and RNG states are restored, so the following steps equal those of the
                     run that saved it (``engine.resumed`` has its step and state=; ``engine.restore_scheduler``)

@@ -45,7 +45,7 @@ log = logging.getLogger("ratel")
 def _schedule_fingerprint(plan: Plan) -> int:
     """What the ranks' collectives follow (the parameter groups and when each gradient goes out and each
     update is issued), as a number every rank must agree on."""
-    collective = (K.FLUSH_GRADS, K.OPTIMIZER_STEP)
+    collective = (K.FLUSH_GRADS, K.OPTIMIZER_STEP, K.GPU_STEP)
     text = repr(([(g.name, g.numel, g.update_unit) for g in plan.groups],
                  [(t.kind.value, t.subject, t.step) for t in plan.transfers if t.kind in collective]))
     return int.from_bytes(hashlib.sha1(text.encode()).digest()[:7], "little")

@@ -109,6 +109,15 @@ def host_updated(groups, param_tier: dict | None) -> list[ParamGroup]:
     return [g for g in groups if param_tier.get(g.name) != Tier.GPU]
 
 
+def device_exchange_bytes(group: ParamGroup, accumulate: int, ranks: int) -> int:
+    """Bytes one of ``ranks`` ranks sends to average the gradient of a group resident on the GPU (a ring
+    all-reduce among the GPUs; every rank then applies the whole update, so no weights follow)."""
+    if ranks <= 1 or not group.trainable:
+        return 0
+    grad = group.numel * 4 if accumulate > 1 else group.nbytes
+    return 2 * grad * (ranks - 1) // ranks
+
+
 def grad_ring_slots(groups, accumulate: int = 1, clip: bool = False) -> int | None:
     """Slots of the ring gradients stream through from the GPU to the CPU optimizer, or None when every group
     needs a buffer of its own: clipping without accumulation updates only after the whole backward, from the

@@ -9,10 +9,10 @@ is bound by that tail (issue #11: AdamW over 3.6B parameters on 16 cores outlast
 
 Stages:
   1. Candidates: every group (frozen ones save their streaming only), in the order their gradients arrive
-     last: by the unit that completes them, the first unit first. Not with several ranks (their gradients
-     are exchanged on the host), nor for a CPU target unless ``ctx.resident`` asks (the "GPU" is the host
-     there), nor when ``ctx.resident_groups`` fixes the set (an engine's later input shapes keep its first
-     plan's groups, which the parameter store holds).
+     last: by the unit that completes them, the first unit first. Not for a CPU target unless
+     ``ctx.resident`` asks (the "GPU" is the host there), nor when ``ctx.resident_groups`` fixes the set (an
+     engine's later input shapes keep its first plan's groups, which the parameter store holds). With
+     several ranks a resident group is whole on each, its gradient averaged over the GPUs before the update.
   2. For k = 1, 2, ... the first k candidates resident: the slot layouts without them, the activation plan
      chosen again for the GPU memory they leave (plan_activations' search), priced with the shared
      simulation. The search stops at the first k that does not fit the GPU or host budget, or after two that
@@ -75,12 +75,10 @@ def plan_resident_groups(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                              "a later input shape must group parameters as the first did")
         if not names:
             return PassResult(gm, modified=False)
-        if ctx.ranks > 1:
-            raise RatelError("plan_resident_groups: groups resident on the GPU are not supported with several ranks")
         chosen = with_resident(placement, lifetimes, units, names)
         return PassResult(gm, modified=False, analysis=(chosen, choose_activations(gm, ctx, chosen)))
     wanted = ctx.resident if ctx.resident is not None else ctx.device.startswith("cuda")
-    if ctx.ranks > 1 or not wanted:
+    if not wanted:
         return PassResult(gm, modified=False)
 
     def price(candidate: PlacementPlan, acts: ActivationPlan) -> tuple[float, bool]:

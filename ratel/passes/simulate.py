@@ -13,8 +13,9 @@ from ratel.ir import (META_TENSOR, ActivationPlan, CostModel, Lifetimes, MemoryP
                       step_index)
 from ratel.passes.build_lifetimes import boundary_values, unit_calls
 from ratel.passes.manager import PassContext
-from ratel.ir.layout import (SLOT_ALIGN, device_state_bytes, device_update_scratch_bytes, exchange_bytes,
-                             grad_ring_slots, host_updated, host_usage, round_up, saved_host_bytes, ssd_state_bytes)
+from ratel.ir.layout import (SLOT_ALIGN, device_exchange_bytes, device_state_bytes, device_update_scratch_bytes,
+                             exchange_bytes, grad_ring_slots, host_updated, host_usage, round_up, saved_host_bytes,
+                             ssd_state_bytes)
 
 
 def _user_outputs(gm: fx.GraphModule, boundary: dict) -> list[tuple[str, int]]:
@@ -307,6 +308,11 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
                 seconds = tr.nbytes / (hw.hbm_gbps * 1e9)
                 # With clipping they wait for the global norm: every gradient on the host.
                 ready = max(gpu, d2h_lane) if ctx.clip else gpu
+                exchanged = device_exchange_bytes(lifetimes.groups[tr.group], ctx.accumulate, ctx.ranks)
+                if exchanged:    # several ranks: the gradient is averaged over the GPUs first
+                    sent = exchanged / (hw.ranks_gbps * 1e9)
+                    ready = run(ready, ready, sent, "comm", f"exchange {tr.subject}", t, exchanged)
+                    comm += sent
                 gpu = run(gpu, ready, seconds, "compute", f"adamw {tr.subject}", t, tr.nbytes)
                 compute += seconds
                 went_out[("params", tr.subject)] = gpu

@@ -222,6 +222,8 @@ class CPUOptimizer:
         if not self._final:
             return
         self.store.device_grads[i] = grad
+        if self.ranks is not None and not self.deferred:
+            self.ranks.average_(grad, device=True)     # on the GPUs, in the plan's order on every rank
         if self.deferred:
             norms = torch._foreach_norm(group.views(grad), 2.0) if self.norms_on_device else None
             self.submit(group, None, recorder, step, norms)
@@ -300,7 +302,7 @@ class CPUOptimizer:
                 elif item[0] == "partial":
                     if self.ranks is not None:
                         for g in self.forward_order:
-                            self.ranks.average_(self.acc[g.index])
+                            self.ranks.average_(self.acc[g.index], device=self.store.on_gpu(g))
                     if self.deferred:
                         for g in self.forward_order:
                             self._norms[g.index] = self._param_norms(g, self.acc[g.index])
@@ -329,7 +331,7 @@ class CPUOptimizer:
                 grad = acc
             if final and self.ranks is not None:
                 begin = time.perf_counter()
-                self.ranks.average_(grad)     # once per cycle, on the sum of its micro-batches
+                self.ranks.average_(grad, device=self.store.on_gpu(group))   # once per cycle, on the cycle's sum
                 if recorder is not None:
                     recorder.cpu_span("comm", f"exchange {group.name}", step, begin, time.perf_counter(),
                                       grad.numel() * grad.element_size())

@@ -83,10 +83,8 @@ class ParamStore:
         self.steps: dict[int, torch.Tensor] = {}
         # Groups resident on the GPU (plan_resident_groups): their compute copy, master and moments live there;
         # ``compute`` keeps a host copy the model object aliases, written back after each update.
+        # (with ranks, whole on every rank: their gradients are averaged on the GPUs, each rank applies the update)
         self.resident = {g.index for g in self.groups if plan.placement.on_gpu(g.name)}
-        if self.resident and ranks is not None:
-            raise RatelError("groups resident on the GPU are not supported with several ranks (a Ratel bug: "
-                             "the planner keeps every group streaming under torchrun)")
         self.device_compute: dict[int, torch.Tensor] = {}
         self.device_grads: dict[int, torch.Tensor] = {}    # gradients of resident groups awaiting their update
         self.written_back: dict[int, object] = {}          # group -> event of its last copy to the host
@@ -163,6 +161,8 @@ class ParamStore:
     def write_back(self, group: ParamGroup) -> None:
         """Copy a resident group's new compute copy to the host copy the model object aliases, on the D2H lane
         once the update issued so far is done. The next update waits for it (``before_update``)."""
+        if self.shared_compute and self.ranks.rank != 0:
+            return       # the ranks' one shared copy: rank 0 writes it (finish_cycle's barrier follows)
         lanes = self.lanes
         if lanes is None:
             self.compute[group.index].copy_(self.device_compute[group.index])
@@ -190,7 +190,7 @@ class ParamStore:
 
     def sliced(self, group: ParamGroup) -> bool:
         """Whether this rank holds the group's optimizer states for its slice only (see ``state_range``)."""
-        return self.ranks is not None and group.trainable and not self.on_ssd(group)
+        return self.ranks is not None and group.trainable and not self.on_ssd(group) and not self.on_gpu(group)
 
     def state_range(self, group: ParamGroup) -> tuple[int, int]:
         """The elements ``[start, end)`` of the group whose host-resident master and moments this process
@@ -270,7 +270,7 @@ class ParamStore:
                         compute.copy_(master)     # the model's copy (on the host an fp32 master is it)
                     self.master[g.index].copy_(master)
                 self.device_compute[g.index].copy_(compute)
-            elif shared:
+            if shared:
                 self.compute[g.index].copy_(compute)
             elif staged is not None:
                 self.ssd_params.initialize(g, staged)

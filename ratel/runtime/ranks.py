@@ -12,7 +12,9 @@ the ranks of one host are supported.
 
 Collectives run on a gloo group of their own, created when the engine is compiled: the host tensors they
 move are the CPU optimizer's, it issues them from its worker thread, and a group of its own keeps them from
-interleaving with any collective the user's code runs on the default group.
+interleaving with any collective the user's code runs on the default group. Groups resident on the GPU
+(plan_resident_groups) are whole on every rank, as with DistributedDataParallel: their gradients are averaged
+on the GPUs, over an NCCL group of Ratel's own, and every rank applies the same update.
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ class Ranks:
     world: int
     local_world: int                 # ranks on this host: they share its host memory and SSDs
     group: object = None             # the gloo process group of Ratel's host collectives
+    # a group of Ratel's own for the gradients of groups resident on the GPU (NCCL; on CPU ranks another gloo
+    # group): the training thread averages them while the optimizer's worker may be exchanging on ``group``
+    device_group: object = None
 
     @classmethod
     def of_environment(cls) -> "Ranks | None":
@@ -54,7 +59,8 @@ class Ranks:
             raise RatelError(f"{world} ranks over {world // max(local, 1)} hosts: Ratel's data parallel runs the ranks "
                              "of one host (they share its memory and SSDs); start one host's GPUs with torchrun "
                              "--nproc-per-node N")
-        return cls(dist.get_rank(), world, local, dist.new_group(backend="gloo"))
+        device = dist.new_group(backend="nccl" if dist.get_backend() == "nccl" else "gloo")
+        return cls(dist.get_rank(), world, local, dist.new_group(backend="gloo"), device)
 
     # ------------------------------------------------------------------ slices of a flat group
     def shard(self, numel: int, rank: int | None = None) -> tuple[int, int]:
@@ -64,9 +70,10 @@ class Ranks:
         return min(numel, rank * chunk), min(numel, (rank + 1) * chunk)
 
     # ------------------------------------------------------------------ collectives (every rank, same order)
-    def average_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` (a host gradient) becomes its mean over the ranks, as DistributedDataParallel averages."""
-        dist.all_reduce(tensor, group=self.group)
+    def average_(self, tensor: torch.Tensor, device: bool = False) -> torch.Tensor:
+        """``tensor`` (a host gradient, or with ``device`` one of a group resident on the GPU) becomes its mean
+        over the ranks, as DistributedDataParallel averages."""
+        dist.all_reduce(tensor, group=self.device_group if device else self.group)
         return tensor.div_(self.world)
 
     def gather_(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -132,14 +132,22 @@ def test_a_fixed_set_is_kept_and_an_unknown_group_is_refused():
         run_until("verify_plan", resident_groups=("nonexistent",))
 
 
-def test_several_ranks_keep_every_group_streaming():
+def test_with_several_ranks_a_resident_groups_gradient_is_averaged_over_the_gpus_before_its_update():
+    from ratel.ir.budget import Budget
+    from ratel.ir.layout import device_exchange_bytes
+    from ratel.passes import plan_call
     model = tiny_model()
     ids, labels = tiny_inputs()
-    from ratel.passes import plan_call
-    from ratel.ir.budget import Budget
     _, _, plan = plan_call(model, (ids,), {"labels": labels}, Budget(gpu="1GiB", host="64GiB"),
                            HardwareProfile.cpu(), torch.device("cpu"), resident=True, ranks=2)
-    assert not any(t == Tier.GPU for _, t in plan.placement.param_tier)
+    resident = [g for g in plan.groups if plan.placement.on_gpu(g.name) and g.trainable]
+    assert resident
+    spans = plan.times.spans
+    for g in resident:
+        exchange = next(s for s in spans if s.lane == "comm" and s.label == f"exchange {g.name}")
+        update = next(s for s in spans if s.lane == "compute" and s.label == f"adamw {g.name}")
+        assert exchange.nbytes == device_exchange_bytes(g, 1, 2) == g.nbytes   # 2 (N-1)/N of the gradient
+        assert update.start >= exchange.end
 
 
 def test_a_cuda_plan_of_a_small_batch_keeps_the_first_groups_on_the_gpu():

@@ -3,12 +3,14 @@
     torchrun --standalone --nproc-per-node N ranks_run.py OUT --steps S [--resume CKPT] [--save-at K] [--ssd]
 
 Each rank trains a small Llama on its share of a global batch of ``ROWS`` rows per micro-batch (``ACCUMULATE``
-micro-batches per update, the loss divided by k, clipping at ``MAX_NORM``, per-group weight decay). Rank 0
+micro-batches per update, the loss divided by k, clipping at ``MAX_NORM`` unless ``--no-clip``, per-group
+weight decay). Rank 0
 writes OUT/result.pt: the mean loss over the ranks of every micro-batch, the gradient norms and the final
 ``state_dict()``. ``--save-at K`` checkpoints into OUT/checkpoint after update K; ``--ssd`` puts every
 optimizer state on SSD (give ``--layers 12``: with a third of each group's states per rank, fewer layers' states take
 less host memory than the SSD staging buffers, and the planner keeps them on the host) (a folder per run under OUT). ``--init-by-ratel`` leaves the process group to
-``ratel.compile``.
+``ratel.compile``. ``--resident`` keeps the first two groups on the "GPU" (plan_resident_groups, asked for on
+the CPU): whole on every rank, their gradients averaged among the ranks before each rank's update.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ STEPS = 4
 DATA = batches(STEPS * ACCUMULATE, batch=ROWS)
 
 
-def build(resume=None, ssd_dir: Path | None = None, layers: int = 2):
+def build(resume=None, ssd_dir: Path | None = None, layers: int = 2, resident: bool | None = None,
+          clip: bool = True):
     model = make_model("llama", layers=layers)
     if dist.is_initialized() and dist.get_rank() != 0:
         with torch.no_grad():     # another start on each rank: training must take rank 0's, as DDP does
@@ -47,9 +50,17 @@ def build(resume=None, ssd_dir: Path | None = None, layers: int = 2):
         ranks = dist.get_world_size() if dist.is_initialized() else 1
         host = host_minimum(model, _share(ids), ACCUMULATE, clip=True, ranks=ranks) * ranks
         budget = ratel.Budget(gpu="1GiB", host=host, ssd_dir=str(ssd_dir))
+    if resident:
+        from ratel.ir.layout import device_state_bytes
+        streaming = ratel.explain(model, budget, (_share(ids),), device="cpu", accumulate=ACCUMULATE,
+                                  max_grad_norm=MAX_NORM if clip else None, resident=False)
+        first = sorted(streaming.groups, key=lambda g: (g.update_unit, g.index))[:2]
+        gpu = streaming.memory.gpu_peak + sum(device_state_bytes(g, ACCUMULATE) + 4 * g.numel for g in first)
+        budget = ratel.Budget(gpu=gpu, host=budget.host, ssd_dir=budget.ssd_dir)
     opt = torch.optim.AdamW(no_decay_groups(model, 0.1), lr=LR)
     return ratel.compile(model, budget=budget, optimizer=opt, example_inputs=(_share(ids),), device="cpu",
-                         progress=False, accumulate=ACCUMULATE, max_grad_norm=MAX_NORM, resume=resume)
+                         progress=False, accumulate=ACCUMULATE, max_grad_norm=MAX_NORM if clip else None,
+                         resume=resume, resident=resident)
 
 
 def _share(rows: torch.Tensor) -> torch.Tensor:
@@ -94,6 +105,8 @@ def main() -> None:
     parser.add_argument("--save-at", type=int)
     parser.add_argument("--ssd", action="store_true")
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--resident", action="store_true", help="keep the first two groups on the 'GPU'")
+    parser.add_argument("--no-clip", action="store_true", help="no max_grad_norm: updates run as gradients land")
     parser.add_argument("--last-micro", type=int, help="micro-batches of the last update (step() after fewer)")
     parser.add_argument("--init-by-ratel", action="store_true",
                         help="leave torch.distributed to ratel.compile (the example batch is then the global one)")
@@ -101,7 +114,8 @@ def main() -> None:
     if not args.init_by_ratel:
         dist.init_process_group("gloo")
     args.out.mkdir(parents=True, exist_ok=True)
-    engine = build(args.resume, args.out / "ssd" if args.ssd else None, args.layers)
+    engine = build(args.resume, args.out / "ssd" if args.ssd else None, args.layers,
+                   resident=True if args.resident else None, clip=not args.no_clip)
     start = engine.resumed.step if engine.resumed is not None else 0
     losses, norms = train(engine, start, args.steps, args.save_at, args.out / "checkpoint", args.last_micro)
     state = engine.state_dict()
@@ -114,7 +128,9 @@ def main() -> None:
                     "states_held": sum(t.numel() for t in engine._store.exp_avg.values()),
                     "group_numels": [g.numel for g in engine.plan.groups if g.trainable],
                     "shared_weights": engine._resources.shared_pool is not None,
-                    "swap_folders": swap_folders},
+                    "swap_folders": swap_folders,
+                    "on_gpu": [g.name for g in engine.plan.groups if engine.plan.placement.on_gpu(g.name)],
+                    "streamed": [g.name for g in engine.plan.groups if not engine.plan.placement.on_gpu(g.name)]},
                    args.out / "result.pt")
     engine.close()
     if dist.is_initialized():

@@ -38,7 +38,7 @@ def torchrun(ranks: int, out: Path, *args: str) -> dict:
 
 
 @functools.lru_cache
-def pytorch_reference(steps: int = run.STEPS, layers: int = 2, last_micro: int | None = None):
+def pytorch_reference(steps: int = run.STEPS, layers: int = 2, last_micro: int | None = None, clip: bool = True):
     """Plain PyTorch on the whole global batch, as a user writes it: loss / k per micro-batch,
     clip_grad_norm_, torch.optim.AdamW(fused=True) with per-group weight decay."""
     model = make_model("llama", layers=layers)
@@ -50,7 +50,7 @@ def pytorch_reference(steps: int = run.STEPS, layers: int = 2, last_micro: int |
             loss = model(ids, labels=labels).loss / run.ACCUMULATE
             loss.backward()
             losses.append(loss.item())
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), run.MAX_NORM)))
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), run.MAX_NORM)) if clip else None)
         opt.step()
         opt.zero_grad()
         states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -63,8 +63,11 @@ def assert_same_training(result: dict, reference, start: int = 0) -> None:
     losses, norms, states, _ = reference
     assert len(result["losses"]) == len(losses) - start * run.ACCUMULATE
     assert result["losses"] == pytest.approx(losses[start * run.ACCUMULATE:], rel=1e-5)
-    assert result["norms"] == pytest.approx(norms[start:], rel=1e-5)
-    assert max(norms) > run.MAX_NORM, "the run must clip for the test to say anything about clipping"
+    if norms[0] is None:        # a run without clipping
+        assert all(n is None for n in result["norms"])
+    else:
+        assert result["norms"] == pytest.approx(norms[start:], rel=1e-5)
+        assert max(norms) > run.MAX_NORM, "the run must clip for the test to say anything about clipping"
     final = states[-1]
     assert set(result["state"]) == set(final)
     for name, value in final.items():
@@ -125,3 +128,24 @@ def test_three_ranks_with_every_optimizer_state_on_ssd_equal_one_process(tmp_pat
         torch.testing.assert_close(saved[name], value, **TOLERANCE, msg=name)
     # each rank swaps to files of its own
     assert [name.rsplit("-", 1)[1] for name in result["swap_folders"]] == ["rank0", "rank1", "rank2"]
+
+
+@pytest.mark.parametrize("last_micro,clip", [(None, True), (1, True), (None, False)],
+                         ids=["whole cycles", "a last step after fewer micro-batches", "no clipping"])
+def test_two_ranks_with_groups_resident_on_the_gpu_equal_one_process(tmp_path, last_micro, clip):
+    """The first two groups on the "GPU" of every rank, whole: their gradients averaged among the ranks (on the
+    GPUs' group), every rank updating them alike; the other groups as before. Accumulation and clipping on."""
+    extra = ("--last-micro", str(last_micro)) if last_micro else ("--save-at", "2")
+    extra += () if clip else ("--no-clip",)
+    result = torchrun(2, tmp_path / "resident", "--resident", *extra)
+    assert len(result["on_gpu"]) == 2 and result["streamed"]
+    reference = pytorch_reference(last_micro=last_micro, clip=clip)
+    assert_same_training(result, reference)
+    if last_micro or not clip:
+        return
+    # Their checkpoint resumes in one process, every group streamed.
+    engine = run.build(resume=tmp_path / "resident" / "checkpoint")
+    assert not any(engine.plan.placement.on_gpu(g.name) for g in engine.plan.groups)
+    losses, norms = run.train(engine, 2, run.STEPS)
+    assert_same_training({"losses": losses, "norms": norms, "state": engine.state_dict()}, reference, start=2)
+    engine.close()
