@@ -77,13 +77,26 @@ def ssd_state_bytes(group: ParamGroup) -> int:
 
 
 def exchange_bytes(group: ParamGroup, accumulate: int, ranks: int) -> int:
-    """Bytes one of ``ranks`` data-parallel ranks sends for a group's update (ratel.runtime.ranks): a ring
-    all-reduce of its gradient (the fp32 sum when accumulating, else the compute dtype), then its slice of the
-    new compute copy to every other rank."""
+    """Bytes one of ``ranks`` data-parallel ranks sends through host memory for a group's update
+    (ratel.runtime.ranks): its slice of the new compute copy to every other rank. (The gradient was
+    reduce-scattered on the GPUs: ``scatter_bytes``.)"""
     if ranks <= 1 or not group.trainable:
         return 0
-    grad = group.numel * 4 if accumulate > 1 else group.nbytes
-    return (2 * grad + group.nbytes) * (ranks - 1) // ranks
+    return group.nbytes * (ranks - 1) // ranks
+
+
+def scatter_bytes(group: ParamGroup, ranks: int) -> int:
+    """Bytes one of ``ranks`` ranks sends to reduce-scatter a streamed group's gradient among the GPUs, as the
+    backward that completes it ends: (N-1)/N of it, in the compute dtype, each micro-batch."""
+    if ranks <= 1 or not group.trainable:
+        return 0
+    return landing_numel(group, ranks) * group.dtype.itemsize * (ranks - 1)
+
+
+def landing_numel(group: ParamGroup, ranks: int = 1) -> int:
+    """Elements of a group's gradient that land in host memory: all of them, or with ``ranks`` this rank's
+    slice (``ratel.runtime.ranks.Ranks.shard``: ceil(numel / N), the last rank's possibly fewer)."""
+    return ceil_div(group.numel, ranks)
 
 
 def device_state_bytes(group: ParamGroup, accumulate: int = 1) -> int:
@@ -118,7 +131,7 @@ def device_exchange_bytes(group: ParamGroup, accumulate: int, ranks: int) -> int
     return 2 * grad * (ranks - 1) // ranks
 
 
-def grad_ring_slots(groups, accumulate: int = 1, clip: bool = False) -> int | None:
+def grad_ring_slots(groups, accumulate: int = 1, clip: bool = False, ranks: int = 1) -> int | None:
     """Slots of the ring gradients stream through from the GPU to the CPU optimizer, or None when every group
     needs a buffer of its own: clipping without accumulation updates only after the whole backward, from the
     gradients as they landed; and when the slots would take more than a buffer per group (a small model).
@@ -130,18 +143,25 @@ def grad_ring_slots(groups, accumulate: int = 1, clip: bool = False) -> int | No
     for g in trainable:
         per_unit[g.update_unit] = per_unit.get(g.update_unit, 0) + 1
     slots = max(GRAD_RING_SLOTS, max(per_unit.values()) + 1)
-    if slots * page(max(g.nbytes for g in trainable)) >= sum(page(g.nbytes) for g in trainable):
+    sizes = [landing_bytes(g, ranks) for g in trainable]
+    if slots * page(max(sizes)) >= sum(page(n) for n in sizes):
         return None
     return slots
 
 
-def grad_staging_sizes(groups, accumulate: int = 1, clip: bool = False) -> list[int]:
-    """Bytes of each pinned gradient staging buffer: ring slots of the largest group, or one per group."""
-    slots = grad_ring_slots(groups, accumulate, clip)
+def landing_bytes(group: ParamGroup, ranks: int = 1) -> int:
+    """Bytes of a group's gradient landing in host memory (``landing_numel``, in the compute dtype)."""
+    return landing_numel(group, ranks) * group.dtype.itemsize
+
+
+def grad_staging_sizes(groups, accumulate: int = 1, clip: bool = False, ranks: int = 1) -> list[int]:
+    """Bytes of each pinned gradient staging buffer: ring slots of the largest group, or one per group (with
+    ranks, of this rank's slice)."""
+    slots = grad_ring_slots(groups, accumulate, clip, ranks)
     trainable = [g for g in groups if g.trainable]
     if slots is None:
-        return [g.nbytes for g in trainable]
-    return [max(g.nbytes for g in trainable)] * slots
+        return [landing_bytes(g, ranks) for g in trainable]
+    return [max(landing_bytes(g, ranks) for g in trainable)] * slots
 
 
 def compute_copy_bytes(groups: tuple[ParamGroup, ...], params_on_ssd: set[str] = frozenset()) -> int:
@@ -150,12 +170,13 @@ def compute_copy_bytes(groups: tuple[ParamGroup, ...], params_on_ssd: set[str] =
 
 
 def store_pool_bytes(groups: tuple[ParamGroup, ...], params_on_ssd: set[str] = frozenset(), accumulate: int = 1,
-                     clip: bool = False, shared_copies: bool = False, on_gpu: set[str] = frozenset()) -> int:
+                     clip: bool = False, shared_copies: bool = False, on_gpu: set[str] = frozenset(),
+                     ranks: int = 1) -> int:
     """Pinned bytes the parameter store takes: compute copies (fp32 masters double as them; not with
     ``shared_copies``, where the ranks of a host map one copy), gradient staging (none for the groups
     ``on_gpu``, updated there), and the staging ring of parameter groups whose compute copies live on SSD."""
     sizes = [] if shared_copies else [g.nbytes for g in groups if g.name not in params_on_ssd]
-    sizes += grad_staging_sizes([g for g in groups if g.name not in on_gpu], accumulate, clip)
+    sizes += grad_staging_sizes([g for g in groups if g.name not in on_gpu], accumulate, clip, ranks)
     total = pool_bytes(sizes, slack=0)
     ssd = [g for g in groups if g.name in params_on_ssd]
     if ssd:
@@ -213,7 +234,8 @@ def host_usage(groups, optimizer_tier: dict[str, Tier], activations, torch_adam:
                clip: bool = False, ranks: int = 1) -> tuple[tuple[str, int], ...]:
     """Every host buffer the runtime allocates for this placement, by name (pinned and pageable). With several
     data-parallel ranks (one host's) each keeps host-resident masters and Adam moments only for its slice of a
-    group, and the compute copies are one shared copy: a rank's share is 1/N of them."""
+    group, receives only that slice of each gradient (reduce-scattered on the GPUs) and sums only it, and the
+    compute copies are one shared copy: a rank's share is 1/N of them."""
     param_tier = param_tier or {}
     streamed = host_updated(groups, param_tier)    # a group resident on the GPU keeps only the model's copy here
 
@@ -221,7 +243,7 @@ def host_usage(groups, optimizer_tier: dict[str, Tier], activations, torch_adam:
         return ceil_div(numel, ranks)
 
     if accumulate > 1:   # fp32 sums of the micro-batches' gradients, as p.grad accumulates them
-        usage = [(f"gradient accumulation (fp32):{g.name}", g.numel * 4) for g in streamed if g.trainable]
+        usage = [(f"gradient accumulation (fp32):{g.name}", share(g.numel) * 4) for g in streamed if g.trainable]
     else:
         usage = []
     for g in groups:
@@ -240,15 +262,16 @@ def host_usage(groups, optimizer_tier: dict[str, Tier], activations, torch_adam:
                 usage.append((f"compute copy:{g.name}", page(share(g.nbytes))))
             if on_host:
                 usage.append((f"fp32 master + adam states:{g.name}", share(g.numel) * 12))
-    if grad_ring_slots(streamed, accumulate, clip) is None:
-        usage += [(f"gradient staging:{g.name}", page(g.nbytes)) for g in streamed if g.trainable]
+    if grad_ring_slots(streamed, accumulate, clip, ranks) is None:
+        usage += [(f"gradient staging:{g.name}", page(landing_bytes(g, ranks))) for g in streamed if g.trainable]
     else:
-        usage.append(("gradient staging ring", sum(page(n) for n in grad_staging_sizes(streamed, accumulate, clip))))
+        usage.append(("gradient staging ring",
+                      sum(page(n) for n in grad_staging_sizes(streamed, accumulate, clip, ranks))))
     ssd_params = [g for g in groups if param_tier.get(g.name) == Tier.SSD]
     if ssd_params:
         usage.append(("parameter SSD staging", SSD_PARAM_BUFFERS * (page(max(g.nbytes for g in ssd_params)) + PAGE)))
     if torch_adam:   # torch's fused AdamW needs the gradient in fp32; the native kernel reads it as it is
-        scratch = max((g.numel * 4 for g in streamed if g.trainable and g.dtype != torch.float32), default=0)
+        scratch = max((share(g.numel) * 4 for g in streamed if g.trainable and g.dtype != torch.float32), default=0)
         if scratch:
             usage.append(("fp32 gradient scratch", scratch))
     ssd = [g for g in groups if g.trainable and optimizer_tier[g.name] == Tier.SSD]

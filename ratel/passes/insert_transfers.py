@@ -34,7 +34,7 @@ import torch.fx as fx
 
 from ratel.ir import (META_PROVENANCE, META_TRANSFER, ActivationPlan, Lifetimes, Phase, PlacementPlan, Provenance,
                       Schedule, Tier, Transfer, TransferKind as K, schedule_order, step_index)
-from ratel.ir.layout import ssd_staging_slots, ssd_state_bytes, ssd_state_pieces
+from ratel.ir.layout import landing_bytes, ssd_staging_slots, ssd_state_bytes, ssd_state_pieces
 from ratel.passes.build_lifetimes import unit_calls
 from ratel.passes.manager import PassContext, PassResult, graph_pass
 from ratel.ir import ops
@@ -108,8 +108,9 @@ def plan_transfers(ctx: PassContext, plan: PlacementPlan, lifetimes: Lifetimes,
         trainable = [g for g in lifetimes.groups if g.trainable and step.unit in g.users]
         streamed = [g for g in trainable if not plan.on_gpu(g.name)]
         if streamed:
-            out.append(Transfer(K.FLUSH_GRADS, unit.name, sum(g.nbytes for g in streamed), Tier.GPU, Tier.HOST,
-                                step=t, needed_by=t, unit=step.unit))
+            # (with ranks, each rank's slice of the gradients: they are reduce-scattered among the GPUs first)
+            out.append(Transfer(K.FLUSH_GRADS, unit.name, sum(landing_bytes(g, ctx.ranks) for g in streamed),
+                                Tier.GPU, Tier.HOST, step=t, needed_by=t, unit=step.unit))
         for group in trainable:
             if group.update_unit == step.unit and not ctx.clip:
                 out.extend(_updates(plan, group, t, len(steps)))

@@ -15,7 +15,7 @@ from ratel.passes.build_lifetimes import boundary_values, unit_calls
 from ratel.passes.manager import PassContext
 from ratel.ir.layout import (SLOT_ALIGN, device_exchange_bytes, device_state_bytes, device_update_scratch_bytes,
                              exchange_bytes, grad_ring_slots, host_updated, host_usage, round_up, saved_host_bytes,
-                             ssd_state_bytes)
+                             scatter_bytes, ssd_state_bytes)
 
 
 def _user_outputs(gm: fx.GraphModule, boundary: dict) -> list[tuple[str, int]]:
@@ -258,7 +258,7 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
     # slots as it has groups, each free once the optimizer has used the gradient it held — its update, or
     # with accumulation its sum into fp32 as it lands.
     streamed = host_updated(lifetimes.groups, dict(placement.param_tier))
-    ring = grad_ring_slots(streamed, ctx.accumulate, ctx.clip)
+    ring = grad_ring_slots(streamed, ctx.accumulate, ctx.clip, ctx.ranks)
     slot_free = [0.0] * (ring or 0)         # when each slot is free again
     slot_of: dict[int, int] = {}            # group -> the slot its gradient landed in
     landing: dict[int, list[int]] = {}      # unit -> the groups whose gradient its backward completes
@@ -267,7 +267,8 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
             landing.setdefault(g.update_unit, []).append(g.index)
     spans = []
     times = []
-    gpu = h2d_lane = d2h_lane = ssd_lane = optimizer_lane = 0.0
+    gpu = h2d_lane = d2h_lane = ssd_lane = optimizer_lane = scatter_lane = 0.0
+    scattered = {u: sum(scatter_bytes(lifetimes.groups[i], ctx.ranks) for i in groups) for u, groups in landing.items()}
     ssd_rate = _ssd_rate(transfers, hw)
 
     def run(lane_end: float, ready: float, seconds: float, lane: str, label: str, step: int, nbytes: int):
@@ -321,6 +322,12 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
                 seconds = tr.nbytes / (hw.d2h_gbps * 1e9)
                 ready = gpu
                 groups = landing.get(step.unit, []) if tr.kind == K.FLUSH_GRADS and ring else []
+                if tr.kind == K.FLUSH_GRADS and scattered.get(step.unit):
+                    # Several ranks: the gradients are reduce-scattered among the GPUs before the slice leaves.
+                    sent = scattered[step.unit] / (hw.ranks_gbps * 1e9)
+                    scatter_lane = ready = run(scatter_lane, ready, sent, "comm", f"scatter {tr.subject}", t,
+                                               scattered[step.unit])
+                    comm += sent
                 if groups:
                     slots = sorted(range(ring), key=lambda s: slot_free[s])[:len(groups)]
                     ready = max([gpu] + [slot_free[s] for s in slots])

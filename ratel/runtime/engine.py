@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from ratel.errors import RatelError
 from ratel.ir import META_TRANSFER, META_UNIT_CALL, Plan, Stage, TransferKind as K, UnitCall, step_index
+from ratel.ir.layout import landing_numel
 from ratel.runtime.activations import ActivationStore
 from ratel.runtime.memory import Lanes
 from ratel.runtime.optimizer import CPUOptimizer
@@ -331,7 +332,11 @@ class Runtime:
                 continue
             flat = self._grad_buffers.get(g.index)
             if flat is None:
-                flat = torch.zeros(g.numel, dtype=g.dtype, device=self.device)
+                # With ranks, a streamed group's gradient is reduce-scattered: N equal slices, the last padded.
+                ranks = self.store.ranks
+                scattered = ranks is not None and not self.store.on_gpu(g)
+                numel = landing_numel(g, ranks.world) * ranks.world if scattered else g.numel
+                flat = torch.zeros(numel, dtype=g.dtype, device=self.device)
                 self._grad_buffers[g.index] = flat
             views.update(zip(g.params, g.views(flat)))
         return views
@@ -340,6 +345,7 @@ class Runtime:
         """Copy every group whose gradient is now complete to the host. Updates that wait for the whole
         gradient (clipping) need each group's norms and sums now; the others go at their ``optimizer_step``."""
         after = self.lanes.event()
+        ranks = self.store.ranks
         for g in self.plan.groups:
             if g.trainable and g.update_unit == index and not self.store.on_gpu(g):
                 flat = self._grad_buffers.pop(g.index)
@@ -347,6 +353,11 @@ class Runtime:
                 if self.optimizer is not None and self.optimizer.norms_on_device:
                     # clip_grad_norm_'s per-parameter norms, where the gradient is (free on a GPU)
                     norms = torch._foreach_norm(g.views(flat), 2.0)
+                if ranks is not None:
+                    # Averaged among the GPUs, each rank keeping its slice: 1/N of the bytes leave for the host.
+                    flat = ranks.reduce_scatter_(torch.empty(flat.numel() // ranks.world, dtype=g.dtype,
+                                                             device=self.device), flat)
+                    after = self.lanes.event()
                 copied = self.lanes.copy(self.store.grad_landing(g), flat, self.lanes.d2h, after=after,
                                          span=(self.recorder, "d2h", f"grads {g.name}", self._step))
                 if self.optimizer is not None and self.optimizer.deferred:

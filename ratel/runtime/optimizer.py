@@ -15,10 +15,13 @@ depending on where the step is in its update cycle:
                  gradient scaled by the clip coefficient. A non-finite norm skips the step: no state changes.
 
 ``wait(group)`` blocks until a group's work is done: the next forward never reads a stale weight.
-With several ranks (``ratel.runtime.ranks``), the updating micro-batch first averages the group's gradient
-over the ranks (the all-reduce is also what keeps any rank from writing a weight another still reads in this
-backward), then updates this rank's slice of it, writing the new weights into the compute copy the host's
-ranks share (or, for compute copies on SSD, gathering the other slices); ``finish_cycle`` ends with a barrier.
+With several ranks (``ratel.runtime.ranks``), what lands is this rank's slice of the ranks' mean gradient,
+reduce-scattered on the GPUs by the runtime (that collective is also what keeps any rank from writing a weight
+another still reads in this backward: every rank's backward of the group is done when it completes); the
+worker sums slices over micro-batches, forms clipping norms from each parameter's squares summed over the
+ranks, and updates this rank's slice, writing the new weights into the compute copy the host's ranks share
+(or, for compute copies on SSD, gathering the other slices); ``finish_cycle`` ends with a barrier. A group
+resident on the GPU is whole on every rank: its gradient is averaged there and every rank updates it alike.
 Hyper-parameters (lr, betas, eps, weight decay) come per parameter *segment*: a flat group may hold
 parameters of several user param groups (no weight decay on norms and biases), each updated with its own.
 """
@@ -39,6 +42,7 @@ import torch
 
 from ratel.errors import RatelError
 from ratel.ir import ParamGroup, TransferKind as K
+from ratel.ir.layout import landing_numel
 from ratel.runtime.cpu_adam import accumulate_, adamw_step, fused_adamw_step
 
 log = logging.getLogger("ratel.runtime")
@@ -133,8 +137,9 @@ class CPUOptimizer:
                                                      for o, s in zip(g.offsets, g.shapes))
         # fp32 gradient sums across micro-batches (planned as "gradient accumulation" host memory)
         # (for a group resident on the GPU, on the GPU)
-        self.acc = {g.index: torch.empty(g.numel, dtype=torch.float32,
-                                         device=store.device if store.on_gpu(g) else "cpu")
+        # (with ranks, of this rank's slice of a streamed group: the gradients are reduce-scattered on the GPUs)
+        self.acc = {g.index: torch.empty(g.numel, dtype=torch.float32, device=store.device) if store.on_gpu(g)
+                    else torch.empty(self._landing_numel(g), dtype=torch.float32)
                     for g in trainable} if self.accumulate > 1 else {}
         self.forward_order = sorted(trainable, key=lambda g: (g.update_unit, g.index))
         self.micro = 0                 # micro-batches whose backward ran in this update cycle
@@ -156,6 +161,14 @@ class CPUOptimizer:
         self.threads = threads or torch.get_num_threads()
         self._thread = threading.Thread(target=self._work, name="ratel-cpu-adamw", daemon=True)
         self._thread.start()
+
+    def _landing_numel(self, group: ParamGroup) -> int:
+        """Elements of the group's gradient that reach this process's host memory (its slice with ranks)."""
+        return landing_numel(group, self.ranks.world) if self.ranks is not None else group.numel
+
+    def _scattered(self, group: ParamGroup) -> bool:
+        """Whether the group's host gradient is this rank's slice of the ranks' mean (not the whole group)."""
+        return self.ranks is not None and not self.store.on_gpu(group)
 
     @property
     def deferred(self) -> bool:
@@ -300,9 +313,10 @@ class CPUOptimizer:
                 elif item[0] == "finalize":
                     self._clip_and_update(list(item[1]))
                 elif item[0] == "partial":
-                    if self.ranks is not None:
+                    if self.ranks is not None:     # (the sums of streamed groups' slices are means already)
                         for g in self.forward_order:
-                            self.ranks.average_(self.acc[g.index], device=self.store.on_gpu(g))
+                            if self.store.on_gpu(g):
+                                self.ranks.average_(self.acc[g.index], device=True)
                     if self.deferred:
                         for g in self.forward_order:
                             self._norms[g.index] = self._param_norms(g, self.acc[g.index])
@@ -329,9 +343,9 @@ class CPUOptimizer:
                 accumulate_(acc, grad, copy=micro == 0, num_threads=self.threads)
                 self.store.grad_consumed(group)
                 grad = acc
-            if final and self.ranks is not None:
+            if final and self.ranks is not None and self.store.on_gpu(group):
                 begin = time.perf_counter()
-                self.ranks.average_(grad, device=self.store.on_gpu(group))   # once per cycle, on the cycle's sum
+                self.ranks.average_(grad, device=True)     # once per cycle, on the cycle's sum
                 if recorder is not None:
                     recorder.cpu_span("comm", f"exchange {group.name}", step, begin, time.perf_counter(),
                                       grad.numel() * grad.element_size())
@@ -352,9 +366,19 @@ class CPUOptimizer:
             self._done[group.index].set()
             raise
 
-    @staticmethod
-    def _param_norms(group: ParamGroup, grad: torch.Tensor) -> list[torch.Tensor]:
-        return [torch.linalg.vector_norm(view, 2.0) for view in group.views(grad)]
+    def _param_norms(self, group: ParamGroup, grad: torch.Tensor) -> list[torch.Tensor]:
+        """Each parameter's gradient norm, as clip_grad_norm_ takes it; from this rank's slice with ranks: the
+        squares of each parameter's part in it, summed over the ranks."""
+        if not self._scattered(group):
+            return [torch.linalg.vector_norm(view, 2.0) for view in group.views(grad)]
+        start, end = self.ranks.shard(group.numel)
+        squares = torch.zeros(len(group.params), dtype=torch.float64)
+        for k, (offset, shape) in enumerate(zip(group.offsets, group.shapes)):
+            first, last = max(offset, start), min(offset + math.prod(shape), end)
+            if first < last:
+                squares[k] = grad[first - start:last - start].double().square().sum()
+        self.ranks.sum_(squares)
+        return list(squares.sqrt().float())
 
     def _clip_and_update(self, groups: list[ParamGroup]) -> None:
         """The total norm as ``clip_grad_norm_`` forms it, then every update with the clipped gradient."""
@@ -410,13 +434,14 @@ class CPUOptimizer:
             slot, out = s.ssd_params.write_buffer(group)
         s.steps[i] += 1
         mine = self.ranks.shard(group.numel) if self.ranks is not None else (0, group.numel)
+        base = mine[0] if self._scattered(group) else 0      # the element ``grad`` starts at: its slice's
         for first, last, (master, exp_avg, exp_avg_sq) in self._states(group):
             # The state span's elements, cut by the hyper-parameter segments they cross (and this rank's slice).
             for start, end, h in self.segments[i]:
                 start, end = max(start, first, mine[0]), min(end, last, mine[1])
                 if start < end:
                     a, b = start - first, end - first
-                    adamw_update(master[a:b], grad[start:end], exp_avg[a:b], exp_avg_sq[a:b], s.steps[i],
+                    adamw_update(master[a:b], grad[start - base:end - base], exp_avg[a:b], exp_avg_sq[a:b], s.steps[i],
                                  self.hypers[h], out=None if out is None else out[start:end],
                                  num_threads=self.threads, grad_scale=grad_scale)
         if self.ranks is not None and (slot is not None or not s.shared_compute):

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ratel.errors import RatelError
 from ratel.ir import ParamGroup, Plan, canonical_parameter_names
-from ratel.ir.layout import grad_ring_slots, grad_staging_sizes
+from ratel.ir.layout import grad_ring_slots, grad_staging_sizes, landing_bytes
 from ratel.runtime.memory import PinnedPool
 from ratel.runtime.tensor_files import TensorSet
 
@@ -43,15 +43,15 @@ class GradientRing:
         self.holding: dict[int, torch.Tensor] = {}
         self._cond = threading.Condition()
 
-    def take(self, group: ParamGroup) -> torch.Tensor:
+    def take(self, group: ParamGroup, nbytes: int) -> torch.Tensor:
         with self._cond:
             self._cond.wait_for(lambda: self.free)
             slot = self.free.pop(0)
             self.holding[group.index] = slot
-        return slot[: group.nbytes].view(group.dtype)
+        return slot[:nbytes].view(group.dtype)
 
-    def held(self, group: ParamGroup) -> torch.Tensor:
-        return self.holding[group.index][: group.nbytes].view(group.dtype)
+    def held(self, group: ParamGroup, nbytes: int) -> torch.Tensor:
+        return self.holding[group.index][:nbytes].view(group.dtype)
 
     def give_back(self, group: ParamGroup) -> None:
         with self._cond:
@@ -113,14 +113,17 @@ class ParamStore:
                     self.exp_avg_sq[g.index] = torch.zeros(end - start, dtype=torch.float32)
                 self.steps[g.index] = torch.zeros((), dtype=torch.float32)
         streamed = [g for g in self.groups if g.index not in self.resident]
-        slots = grad_ring_slots(streamed, accumulate, clip)
+        # With ranks a gradient is reduce-scattered on the GPUs: only this rank's slice lands here.
+        world = ranks.world if ranks is not None else 1
+        self.landing_bytes = {g.index: landing_bytes(g, world) for g in streamed if g.trainable}
+        slots = grad_ring_slots(streamed, accumulate, clip, world)
         if slots is None:
             for g in streamed:
                 if g.trainable:
-                    self.grad_staging[g.index] = pool.take(g.nbytes, g.dtype)
+                    self.grad_staging[g.index] = pool.take(self.landing_bytes[g.index], g.dtype)
             self.grad_ring = None
         else:
-            self.grad_ring = GradientRing([pool.take(n) for n in grad_staging_sizes(streamed, accumulate, clip)])
+            self.grad_ring = GradientRing([pool.take(n) for n in grad_staging_sizes(streamed, accumulate, clip, world)])
         placement = plan.placement
         self.ring = [torch.empty(placement.slot_bytes, dtype=torch.uint8, device=device)
                      for _ in range(placement.depth)]
@@ -139,7 +142,7 @@ class ParamStore:
         backward does not run further ahead of the CPU optimizer than the ring holds)."""
         if self.grad_ring is None:
             return self.grad_staging[group.index]
-        return self.grad_ring.take(group)
+        return self.grad_ring.take(group, self.landing_bytes[group.index])
 
     def grad_of(self, group: ParamGroup) -> torch.Tensor:
         """The group's gradient as it landed on the host (a group resident on the GPU: there)."""
@@ -147,7 +150,7 @@ class ParamStore:
             return self.device_grads[group.index]
         if self.grad_ring is None:
             return self.grad_staging[group.index]
-        return self.grad_ring.held(group)
+        return self.grad_ring.held(group, self.landing_bytes[group.index])
 
     def grad_consumed(self, group: ParamGroup) -> None:
         """The optimizer has used the group's gradient (summed or applied it): its ring slot is free."""

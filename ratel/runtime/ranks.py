@@ -1,9 +1,10 @@
 """Data parallel over ``torch.distributed``: the ranks of one training job and what they exchange.
 
 Each rank runs its own engine on its share of the global batch (as with DistributedDataParallel, the user
-gives each rank its rows). Gradients land in host memory as on one GPU; then, once per update cycle, each
-group's gradient is averaged over the ranks (all-reduce), every rank's CPU AdamW updates only its own slice
-of the group (``shard``: 1/N of the elements) and keeps the master and Adam moments of that slice only, and
+gives each rank its rows). As the backward that completes a group's gradient ends, the gradient is
+reduce-scattered among the GPUs (averaged, each rank receiving its slice, ``shard``: 1/N of the elements), and
+only that slice is copied to host memory; every rank's CPU AdamW updates only its own slice of the group
+(summed over the micro-batches when accumulating) and keeps the master and Adam moments of that slice only, and
 writes the slice's new weights into the one copy of the compute weights the ranks of the host share
 (``ratel.runtime.memory.SharedPool``; compute copies on SSD are private, their slices are sent with
 ``gather_``), so every rank reads the same weights in the next forward. A checkpoint or ``state_dict()``
@@ -34,8 +35,8 @@ class Ranks:
     world: int
     local_world: int                 # ranks on this host: they share its host memory and SSDs
     group: object = None             # the gloo process group of Ratel's host collectives
-    # a group of Ratel's own for the gradients of groups resident on the GPU (NCCL; on CPU ranks another gloo
-    # group): the training thread averages them while the optimizer's worker may be exchanging on ``group``
+    # a group of Ratel's own for gradients on the GPU (NCCL; on CPU ranks another gloo group): the training
+    # thread reduce-scatters them while the optimizer's worker may be exchanging on ``group``
     device_group: object = None
 
     @classmethod
@@ -75,6 +76,17 @@ class Ranks:
         over the ranks, as DistributedDataParallel averages."""
         dist.all_reduce(tensor, group=self.device_group if device else self.group)
         return tensor.div_(self.world)
+
+    def reduce_scatter_(self, out: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+        """``out`` (``tensor.numel() / N`` elements) becomes this rank's slice of the mean of ``tensor`` (a
+        gradient on the GPU, padded to N slices) over the ranks: the slice ``shard`` gives, padding included."""
+        dist.reduce_scatter_tensor(out, tensor, group=self.device_group)
+        return out.div_(self.world)
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (a few host numbers, e.g. squares of gradient slices) becomes its sum over the ranks."""
+        dist.all_reduce(tensor, group=self.group)
+        return tensor
 
     def gather_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every rank's slice of the flat ``tensor`` goes to all ranks: afterwards each holds all of it."""

@@ -332,7 +332,7 @@ def _lane_section(plan: Plan, measured: StepRecord | None, figures: list[StepFig
         header += [f"measured ({unit})", "of step"]
     rows = []
     for lane in lanes_of(plan):
-        moves = "updates" if lane == "optimizer" else "groups" if lane == "comm" else ""
+        moves = "updates" if lane == "optimizer" else "collectives" if lane == "comm" else ""
         row = [LANE_TITLES[lane], _t(busy[lane], scale), _pct(busy[lane], plan.times.total) if busy[lane] else "-",
                _b(nbytes[lane]) if lane != "compute" else "-",
                f"{count[lane]} {moves}".strip() if count[lane] else "-"]

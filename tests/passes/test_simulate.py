@@ -87,17 +87,33 @@ def test_several_ranks_exchange_each_group_before_its_update_on_the_optimizers_t
     ctx.ranks = 4
     ranked = predict_times(ctx, transfers, acts)
     groups = {g.name: g for g in ctx.get(Lifetimes).groups}
-    exchanges = [s for s in ranked.spans if s.lane == "comm"]
+    comm = [s for s in ranked.spans if s.lane == "comm"]
+    exchanges = [s for s in comm if s.label.startswith("exchange")]
     updates = [s for s in ranked.spans if s.lane == "optimizer"]
     assert [s.label.split()[1] for s in exchanges] == [s.label.split()[1] for s in updates]
     for exchange, update in zip(exchanges, updates):
         g = groups[exchange.label.split()[1]]
-        grad = g.numel * 4 if accumulate > 1 else g.nbytes        # the fp32 sum when accumulating
-        # a ring all-reduce of the gradient, then this rank's slice of the new weights to the 3 others
-        assert exchange.nbytes == (2 * grad + g.nbytes) * 3 // 4
+        # this rank's slice of the new weights to the 3 others
+        assert exchange.nbytes == g.nbytes * 3 // 4
         assert exchange.end - exchange.start == pytest.approx(exchange.nbytes / (ctx.hardware.ranks_gbps * 1e9))
         assert update.start >= exchange.end                        # one thread: exchange, then update
-    assert sum(t.comm for t in ranked.steps) == pytest.approx(sum(s.end - s.start for s in exchanges))
+    # Each unit's completed gradients are reduce-scattered among the GPUs before their slice leaves: 3/4 of them
+    # sent (in the compute dtype, every micro-batch), and a quarter copied to the host.
+    scatters = {s.label.split()[1]: s for s in comm if s.label.startswith("scatter")}
+    flushes = {s.label.split()[1]: s for s in ranked.spans if s.lane == "d2h" and s.label.startswith("flush")}
+    for unit, scatter in scatters.items():
+        completed = [g for g in groups.values() if g.trainable and ctx.traced.units[g.update_unit].name == unit]
+        assert scatter.nbytes == sum(-(-g.numel // 4) * g.dtype.itemsize * 3 for g in completed)
+        assert flushes[unit].start >= scatter.end
+    assert sorted(scatters) == sorted({ctx.traced.units[g.update_unit].name for g in groups.values() if g.trainable})
+    from ratel.passes.insert_transfers import plan_transfers
+    from ratel.ir import PlacementPlan
+    ranked_flushes = [t for t in plan_transfers(ctx, ctx.get(PlacementPlan), ctx.get(Lifetimes), acts)
+                      if t.kind == "flush_grads"]
+    for flush in ranked_flushes:    # a quarter of each gradient the unit's backward reads
+        used = [g for g in groups.values() if g.trainable and flush.unit in g.users]
+        assert flush.nbytes == sum(-(-g.numel // 4) * g.dtype.itemsize for g in used)
+    assert sum(t.comm for t in ranked.steps) == pytest.approx(sum(s.end - s.start for s in comm))
     assert ranked.total >= alone.total
 
 
@@ -113,6 +129,9 @@ def test_the_summary_shows_the_exchange_lane_only_with_several_ranks():
     text = plan_summary(plan)
     assert "run by each of 2 data-parallel ranks" in text.splitlines()[0]
     lane_row = next(line for line in text.splitlines() if line.strip().startswith("ranks' exchange"))
-    sent = sum(s.nbytes for s in plan.times.spans if s.lane == "comm")
-    assert sent > 0 and f"{len([g for g in plan.groups if g.trainable])} groups" in lane_row
+    comm = [s for s in plan.times.spans if s.lane == "comm"]
+    # a reduce-scatter per unit that completes gradients, an exchange of weights per trainable group
+    assert sum(s.nbytes for s in comm) > 0 and f"{len(comm)} collectives" in lane_row
+    assert len(comm) == len([g for g in plan.groups if g.trainable]) + len({g.update_unit for g in plan.groups
+                                                                             if g.trainable})
     assert "ranks' exchange" in text.split("Per step")[1]           # a column per step too

@@ -54,9 +54,9 @@ def test_gradients_streamed_through_a_ring_train_like_pytorch_with_a_slow_optimi
     from ratel.runtime.param_store import GradientRing
     take, waited = GradientRing.take, []
 
-    def watched(self, group):
+    def watched(self, group, nbytes):
         waited.append(not self.free)          # no slot free: the flush waits for the optimizer
-        return take(self, group)
+        return take(self, group, nbytes)
 
     monkeypatch.setattr(GradientRing, "take", watched)
     model = make_model("gpt", layers=8, dropout=0.1)
