@@ -226,6 +226,18 @@ def host_minimum(model, ids, accumulate: int = 1, device: str = "cpu", gpu: str 
                                         accumulate=accumulate, clip=clip, ranks=ranks))
 
 
+def train_seeded(engine, data) -> list[float]:
+    """One update per (ids, labels) batch, the RNG seeded as ``mixed_precision_reference`` seeds it; the losses."""
+    losses = []
+    for step, (ids, labels) in enumerate(data):
+        torch.manual_seed(1000 + step)
+        loss = engine(ids, labels=labels).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
 def train_steps(engine, data) -> list[float]:
     """One update per (ids, labels) batch; the losses."""
     losses = []

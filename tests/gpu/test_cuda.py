@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ratel
-from helpers import VOCAB, batches, make_model, mixed_precision_reference
+from helpers import VOCAB, batches, make_model, mixed_precision_reference, train_seeded
 
 pytestmark = pytest.mark.gpu
 
@@ -29,13 +29,7 @@ def test_bf16_training_equals_pytorch_mixed_precision(kind, policy, resident):
                            example_inputs=(data[0][0],), device="cuda", progress=False, activations=policy,
                            resident=resident)
     assert any(engine.plan.placement.on_gpu(g.name) for g in engine.plan.groups) == (resident is None)
-    losses = []
-    for step, (ids, labels) in enumerate(data):
-        torch.manual_seed(1000 + step)
-        loss = engine(ids, labels=labels).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
+    losses = train_seeded(engine, data)
     state = engine.state_dict()
     engine.close()
     loss_diff = max(abs(ours - theirs) / abs(theirs) for ours, theirs in zip(losses, ref_losses))
@@ -97,13 +91,7 @@ def test_bf16_with_optimizer_states_on_ssd_equals_pytorch_mixed_precision(tmp_pa
                            optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1), example_inputs=(data[0][0],),
                            device="cuda", progress=False, resident=False)
     assert any(t == Tier.SSD for _, t in engine.plan.placement.optimizer_tier)
-    losses = []
-    for step, (ids, labels) in enumerate(data):
-        torch.manual_seed(1000 + step)
-        loss = engine(ids, labels=labels).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
+    losses = train_seeded(engine, data)
     state = engine.state_dict()
     assert engine.host_bytes_allocated() <= host
     engine.close()

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import ratel
-from helpers import batches, make_model, max_relative_difference, no_decay_groups, train_like_pytorch, train_steps
+from helpers import (batches, make_model, max_relative_difference, no_decay_groups, train_like_pytorch, train_seeded,
+                     train_steps)
 from ratel.ir.layout import device_state_bytes
 
 
@@ -91,14 +92,7 @@ def test_a_bf16_model_keeps_fp32_masters_on_the_gpu_like_mixed_precision():
                            example_inputs=(data[0][0],), device="cpu", progress=False, resident=True,
                            activations="recompute")
     assert _split(engine)[0]
-    losses = []
-    for step, (ids, labels) in enumerate(data):
-        torch.manual_seed(1000 + step)
-        loss = engine(ids, labels=labels).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    assert losses == reference_losses
+    assert train_seeded(engine, data) == reference_losses
     state = engine.state_dict()
     for name, master in masters.items():
         assert torch.equal(state[name], master.detach()), name

@@ -7,21 +7,13 @@ import pytest
 import torch
 
 import ratel
-from helpers import batches, host_minimum, make_model, max_relative_difference, mixed_precision_reference
+from helpers import batches, host_minimum, make_model, max_relative_difference, mixed_precision_reference, train_seeded
 from ratel.ir import Tier
 from ratel.ir.layout import host_usage
 from ratel.runtime.calibrate import cpu_adam_kernel
 
 
-def train(engine, data):
-    losses = []
-    for step, (ids, labels) in enumerate(data):
-        torch.manual_seed(1000 + step)
-        loss = engine(ids, labels=labels).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    return losses
+train = train_seeded
 
 
 @pytest.mark.parametrize("kind", ["gpt", "llama"])
