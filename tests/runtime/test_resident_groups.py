@@ -173,3 +173,18 @@ def test_a_later_shape_that_does_not_fit_with_the_first_shapes_groups_names_them
     assert f"keeps {len(kept)} parameter groups on the GPU ({', '.join(kept)})" in message
     assert "resident=False" in message and "largest shape" in message
     engine.close()
+
+
+def test_a_profiled_step_times_each_update_on_the_gpu_where_the_plan_puts_it():
+    model = make_model("gpt", layers=3)
+    data = batches(1, batch=2, seq=16)
+    engine = ratel.compile(model, budget=_budget_for(model, data[0][0], 2), example_inputs=(data[0][0],),
+                           device="cpu", progress=False, resident=True, activations="recompute")
+    engine.profile = True
+    train_steps(engine, data)
+    trained = [g.name for g in _split(engine)[0] if g.trainable]
+    measured = {(s.lane, s.label) for s in engine.last_step.spans}
+    planned = {(s.lane, s.label) for s in engine.plan.times.spans}
+    for name in trained:
+        assert ("compute", f"adamw {name}") in measured and ("compute", f"adamw {name}") in planned
+    engine.close()
