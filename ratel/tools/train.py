@@ -92,6 +92,7 @@ class TrainConfig:
     ssd: str | None = None
     ssd_dir: str | None = None
     activations: str = "auto"
+    resident: bool | None = None      # groups kept on the GPU (compile's resident=): None chooses on a GPU
     dtype: str | None = None          # default bf16 on CUDA, fp32 on the CPU
     device: str | None = None         # default cuda when present
     seed: int = 0
@@ -306,7 +307,7 @@ def train(config: TrainConfig, say: Callable[[str], None] = print,
                            optimizer=optimizer, example_inputs=(ids,), example_kwargs={"labels": labels},
                            device=device, weights=None if resume else weights, accumulate=config.accumulate,
                            max_grad_norm=config.max_grad_norm, activations=config.activations,
-                           progress=config.progress, resume=resume)
+                           progress=config.progress, resume=resume, resident=config.resident)
     scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, warmup_cosine(warmup, total, config.min_lr_ratio))
     result = TrainResult(steps=engine.global_step, resumed_from=resume)
     if resume is not None:
@@ -327,12 +328,15 @@ def train(config: TrainConfig, say: Callable[[str], None] = print,
     n_params = sum(p.numel() for p in model.parameters())
     flops = model_flops(n_params, spec.layers, spec.hidden, config.batch * world, config.seq) * config.accumulate
     plan = engine.plan
+    on_gpu = [g.name for g in plan.groups if plan.placement.on_gpu(g.name)]
     say(f"ratel train: {n_params / 1e6:,.1f}M parameters, {len(train_set)} rows of {config.seq} tokens "
         f"({train_set.tokens:,} trained tokens), {len(held_out) if held_out else 0} held out; {total} updates of "
         f"{config.batch} x {config.accumulate} rows on {device}"
         + (f" x {world} ranks" if world > 1 else "") + f"; GPU peak {format_bytes(plan.memory.gpu_peak)} of "
         f"{format_bytes(plan.budget_gpu)}, host {format_bytes(plan.memory.host_total)}"
-        + (f", SSD {format_bytes(plan.memory.ssd_total)}" if plan.memory.ssd_total else ""))
+        + (f", SSD {format_bytes(plan.memory.ssd_total)}" if plan.memory.ssd_total else "")
+        + (f"; {len(on_gpu)} of {len(plan.groups)} parameter groups kept on the GPU ({', '.join(on_gpu)})"
+           if on_gpu else ""))
 
     extra_files = _tokenizer_files(tokenizer)
     metrics = (_Metrics(out, engine.global_step if resume is not None else None, config.tensorboard) if rank == 0
@@ -526,6 +530,8 @@ def add_arguments(p) -> None:
     p.add_argument("--ssd", help="SSD budget")
     p.add_argument("--ssd-dir", help="SSD folder(s) for what does not fit in host memory")
     p.add_argument("--activations", default=d.activations, help=f"activation policy (default {d.activations})")
+    p.add_argument("--no-resident", dest="resident", action="store_const", const=False, default=d.resident,
+                   help="stream every layer: keep no parameter group on the GPU (the smallest GPU peak)")
     p.add_argument("--dtype", help="compute dtype: bf16 (default on CUDA), fp16, fp32 (default on the CPU)")
     p.add_argument("--device", help="cuda or cpu (default cuda when present)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"data order and initialisation (default {d.seed})")

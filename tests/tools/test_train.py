@@ -126,6 +126,26 @@ def test_a_run_equals_the_same_fine_tuning_in_plain_pytorch(uninterrupted):
     assert_close_states(load_trained(result.checkpoint), state)
 
 
+def test_a_run_with_layers_kept_on_the_gpu_equals_plain_pytorch_and_no_resident_parses(model_dir, data_file,
+                                                                                       tmp_path):
+    import argparse
+
+    from ratel.tools.train import add_arguments, config_from_args
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    required = ["--model", "m", "--data", "d"]
+    assert config_from_args(parser.parse_args(required)).resident is None          # chosen on a GPU
+    assert config_from_args(parser.parse_args(required + ["--no-resident"])).resident is False
+    # resident=True asks for it on the CPU too, where the "GPU" is the host: the same path, in CI.
+    config = config_for(model_dir, data_file, tmp_path / "run", steps=4, resident=True)
+    said = []
+    result = train(config, say=said.append)
+    assert any("parameter groups kept on the GPU" in line for line in said)
+    losses, state = reference_run(config)
+    torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(losses), rtol=1e-5, atol=0)
+    assert_close_states(load_trained(result.checkpoint), state)
+
+
 def test_a_run_writes_metrics_evaluations_and_a_loadable_model_with_its_tokenizer(uninterrupted):
     from transformers import AutoTokenizer
 
