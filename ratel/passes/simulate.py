@@ -268,7 +268,9 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
     spans = []
     times = []
     gpu = h2d_lane = d2h_lane = ssd_lane = optimizer_lane = scatter_lane = 0.0
-    scattered = {u: sum(scatter_bytes(lifetimes.groups[i], ctx.ranks) for i in groups) for u, groups in landing.items()}
+    # unit -> bytes each rank sends to reduce-scatter the gradients its backward completes (several ranks)
+    scattered = {u: sum(scatter_bytes(lifetimes.groups[i], ctx.ranks) for i in groups)
+                 for u, groups in landing.items()}
     ssd_rate = _ssd_rate(transfers, hw)
 
     def run(lane_end: float, ready: float, seconds: float, lane: str, label: str, step: int, nbytes: int):
@@ -330,7 +332,7 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
                     comm += sent
                 if groups:
                     slots = sorted(range(ring), key=lambda s: slot_free[s])[:len(groups)]
-                    ready = max([gpu] + [slot_free[s] for s in slots])
+                    ready = max([ready] + [slot_free[s] for s in slots])
                     for group, s in zip(groups, slots):
                         slot_of[group], slot_free[s] = s, math.inf     # held until its update has run
                 d2h_lane = run(d2h_lane, ready, seconds, "d2h", f"{_D2H_LABEL[tr.kind]} {tr.subject}", t, tr.nbytes)
