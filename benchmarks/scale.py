@@ -29,15 +29,15 @@ from ratel.tools.bench import model_flops
 from training_semantics import write_random_weights   # a script beside this one
 
 
-def run(meta_model, cfg, batch, seq, budget, weights, steps) -> dict:
+def run(meta_model, cfg, batch, seq, budget, weights, steps, resident=None) -> dict:
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(batch)).cuda()
     try:
-        plan = ratel.explain(meta_model, budget, (ids,))
+        plan = ratel.explain(meta_model, budget, (ids,), resident=resident)
     except BudgetError as e:
         return {"batch": batch, "refused": f"needs {format_bytes(e.needed)} of GPU"}
     torch.cuda.reset_peak_memory_stats()
     engine = ratel.compile(meta_model, budget=budget, optimizer=ratel.AdamW(lr=1e-5), example_inputs=(ids,),
-                           weights=str(weights), progress=False)
+                           weights=str(weights), progress=False, resident=resident)
     times, losses = [], []
     for step in range(steps + 1):
         torch.cuda.synchronize()
@@ -75,6 +75,8 @@ def main():
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--host", default=None, help="Ratel's host budget (default: 90%% of this machine's memory)")
     p.add_argument("--results", default=str(Path(__file__).parent / "RESULTS.md"))
+    p.add_argument("--no-resident", action="store_true",
+                   help="stream every group (compile's resident=False): the path before plan_resident_groups")
     args = p.parse_args()
     card = torch.cuda.get_device_name()
     cap = ratel.parse_bytes(args.cap)
@@ -90,14 +92,16 @@ def main():
         weights = Path(tmp) / "model.safetensors"
         write_random_weights(meta_model, weights)
         for batch in args.batches:
-            row = run(meta_model, cfg, batch, args.seq, budget, weights, args.steps)
+            row = run(meta_model, cfg, batch, args.seq, budget, weights, args.steps,
+                      resident=False if args.no_resident else None)
             print(row, flush=True)
             rows.append(row)
     lines = [f"\n## Scale: batch sizes under a {args.cap} cap ({datetime.date.today()}, {card})\n",
              f"GPT {args.layers}L h={args.hidden} vocab {args.vocab} untied ({n / 1e9:.2f}B, bf16), seq {args.seq}, "
              f"process capped at {args.cap}, Ratel budget {format_bytes(cap - (1 << 30))} GPU"
-             + (f", {args.host} host" if args.host else "") + ", default settings "
-             "(`benchmarks/scale.py`). Median of the timed steps after one warm-up; model TFLOPS = "
+             + (f", {args.host} host" if args.host else "")
+             + (", every group streamed (--no-resident) " if args.no_resident else ", default settings ")
+             + "(`benchmarks/scale.py`). Median of the timed steps after one warm-up; model TFLOPS = "
              "(6 N tokens + 12 L h s^2 B) / step.\n",
              "| batch | step (range) | predicted | model TFLOPS | planned GPU peak | max reserved | max allocated "
              "| planned host | host RSS |", "|---|---|---|---|---|---|---|---|---|"]
