@@ -267,7 +267,7 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
             landing.setdefault(g.update_unit, []).append(g.index)
     spans = []
     times = []
-    gpu = h2d_lane = d2h_lane = ssd_lane = optimizer_lane = scatter_lane = 0.0
+    gpu = h2d_lane = d2h_lane = ssd_lane = optimizer_lane = scatter_lane = written_back = 0.0
     # unit -> bytes each rank sends to reduce-scatter the gradients its backward completes (several ranks)
     scattered = {u: sum(scatter_bytes(lifetimes.groups[i], ctx.ranks) for i in groups)
                  for u, groups in landing.items()}
@@ -344,6 +344,7 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
                     grads_out[tr.subject] = d2h_lane
                 if tr.kind == K.WRITE_BACK_PARAMS:
                     went_out[("params", tr.subject)] = d2h_lane
+                    written_back = d2h_lane
                 d2h += seconds
         for tr in at:
             if tr.kind == K.OPTIMIZER_STEP:
@@ -375,4 +376,5 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
     # In steady state every lane must also fit its own work into one step: a lane busier than the GPU and
     # the optimizer together (the SSD, when states outgrow host memory) sets the step's period.
     busiest = max(sum(t.ssd for t in times), sum(t.h2d for t in times), sum(t.d2h for t in times))
-    return TimeProfile(steps=tuple(times), total=max(gpu, optimizer_lane, busiest), spans=tuple(spans))
+    # step() also waits until resident groups' new weights have reached the model's host copies.
+    return TimeProfile(steps=tuple(times), total=max(gpu, optimizer_lane, busiest, written_back), spans=tuple(spans))

@@ -165,3 +165,11 @@ def test_a_cuda_plan_of_a_small_batch_keeps_the_first_groups_on_the_gpu():
     assert on_gpu[0].update_unit == 0
     tight = ratel.explain(model, streaming.memory.gpu_peak, (ids,), hardware=hw, activations="recompute")
     assert not any(tight.placement.on_gpu(g.name) for g in tight.groups)
+
+
+def test_the_step_ends_when_the_last_write_back_has_reached_the_host():
+    # step() waits for the copies to the model's host copies: the predicted step is no shorter than them.
+    _, ctx, _, _ = run_until("verify_plan", resident=True)
+    plan = ctx.get(Plan)
+    write_backs = [s for s in plan.times.spans if s.lane == "d2h" and s.label.startswith("write back")]
+    assert write_backs and plan.times.total >= max(s.end for s in write_backs)
