@@ -280,12 +280,15 @@ def _header(plan: Plan, measured: StepRecord | None) -> list[str]:
     numel = sum(g.numel for g in plan.groups)
     dtype = str(plan.compute_dtype).replace("torch.", "")
     param_bytes = sum(g.nbytes for g in plan.groups)
+    on_gpu = [g.name for g in plan.groups if plan.placement.on_gpu(g.name)]
     split = predicted_breakdown(plan)
     peak_step = plan.steps[plan.memory.gpu_peak_step]
     lines = [
         f"Ratel plan for {plan.device}: {len(units)} units ({shown})"
         + (f", run by each of {plan.ranks} data-parallel ranks" if plan.ranks > 1 else ""),
-        f"  parameters   {numel:,} in {len(plan.groups)} groups, {dtype} ({format_bytes(param_bytes)})",
+        f"  parameters   {numel:,} in {len(plan.groups)} groups, {dtype} ({format_bytes(param_bytes)})"
+        + (f"; {len(on_gpu)} kept on the {accelerator(plan)} and updated there ({short_range(on_gpu)})"
+           if on_gpu else ""),
         f"  step time    {format_seconds(split['total'])} predicted = compute {format_seconds(split['compute'])}"
         f" + waiting for copies {format_seconds(split['copy stalls'])}"
         f" + {tail_name(plan)} {format_seconds(split['optimizer tail'])}",

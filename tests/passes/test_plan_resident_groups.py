@@ -173,3 +173,14 @@ def test_the_step_ends_when_the_last_write_back_has_reached_the_host():
     plan = ctx.get(Plan)
     write_backs = [s for s in plan.times.spans if s.lane == "d2h" and s.label.startswith("write back")]
     assert write_backs and plan.times.total >= max(s.end for s in write_backs)
+
+
+def test_the_summary_names_the_groups_kept_on_the_gpu():
+    from ratel.tools.summary import plan_summary
+    _, ctx, _, _ = run_until("verify_plan", resident=True)
+    plan = ctx.get(Plan)
+    on_gpu = [g for g in plan.groups if plan.placement.on_gpu(g.name)]
+    header = plan_summary(plan).splitlines()[1]
+    assert f"{len(on_gpu)} kept on the" in header and on_gpu[0].name in header
+    _, streaming, _, _ = run_until("verify_plan")
+    assert "kept on the" not in plan_summary(streaming.get(Plan)).splitlines()[1]
