@@ -44,6 +44,8 @@ def _plan_parser(sub) -> None:
                    help="micro-batches per update: plans their fp32 gradient sums in host memory (default 1)")
     p.add_argument("--max-grad-norm", type=float, default=None,
                    help="plan global-norm clipping: every update runs after the backward (default: none)")
+    p.add_argument("--no-resident", action="store_true",
+                   help="keep no parameter group on the GPU (compile's resident=False): every layer streams")
     p.add_argument("--out", default="runs/plan", help="folder for memory.png and timeline.png (default runs/plan)")
     p.add_argument("--no-plots", action="store_true", help="print the summary only")
 
@@ -131,7 +133,8 @@ def cmd_plan(args, out=sys.stdout) -> int:
           f"x seq {args.seq}; predicted with the {hardware.name} profile", file=out)
     try:
         plan = explain(model, budget, (ids,), hardware=hardware, device=device, depth=args.depth,
-                       accumulate=args.accumulate, max_grad_norm=args.max_grad_norm)
+                       accumulate=args.accumulate, max_grad_norm=args.max_grad_norm,
+                       resident=False if args.no_resident else None)
     except BudgetError as exc:
         print(f"\nThe plan does not fit: {exc}\n(on the command line: --budget is the GPU budget; --host, --ssd "
               "and --ssd-dir set the other tiers)", file=out)

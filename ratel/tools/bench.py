@@ -142,9 +142,10 @@ def run_bench(layers: int, hidden: int, heads: int, batch: int, seq: int, *, voc
     with torch.device("meta"):
         meta_model = GPT(cfg).to(dtype).train()
     if budget is None:
-        # The smallest budget the planner accepts for this shape: every unit recomputed from its inputs.
+        # The smallest budget the planner accepts for this shape: every unit recomputed from its inputs, every
+        # group streamed.
         budget = explain(meta_model, "1TiB", (ids,), hardware=hardware, device=device,
-                         activations="recompute").memory.gpu_peak
+                         activations="recompute", resident=False).memory.gpu_peak
     log(f"Ratel bench on {hardware.name} ({device}): GPT {layers}L h={hidden} {heads} heads "
         f"({n_params / 1e6:,.1f} M params, {str(dtype).replace('torch.', '')}), batch {batch} x seq {seq}")
 

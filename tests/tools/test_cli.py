@@ -103,3 +103,12 @@ def test_the_readme_175b_plan_fits_24_gib_and_says_the_ssd_bounds_its_step(tmp_p
     step = next(line for line in out.splitlines() if "step time" in line)
     assert "SSD" in step
     assert "of 24.00 GiB budget" in out and "of 256.00 GiB budget" in out
+
+
+def test_a_plan_for_cuda_keeps_the_first_groups_on_the_gpu_unless_no_resident():
+    argv = ["plan", "--model", "gpt-tiny", "--budget", "1GiB", "--host", "8GiB", "--batch", "2", "--seq", "32",
+            "--device", "cuda", "--hardware", "h100", "--no-plots"]
+    code, out = run(argv)
+    assert code == 0 and "kept on the GPU and updated there (embed" in out
+    code, out = run(argv + ["--no-resident"])
+    assert code == 0 and "kept on the GPU" not in out
