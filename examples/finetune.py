@@ -79,11 +79,13 @@ def main():
                          eval_every=20, eval_batches=4, save_every=50, keep=1, device=args.device,
                          resume=args.resume, budget=args.budget or "1TiB")
     if args.budget is None:
-        # The smallest budget the planner accepts for this batch: its most frugal plan (every unit recomputed).
+        # The smallest budget the planner accepts for this batch: its most frugal plan (every unit recomputed,
+        # every layer streamed).
         model, _, _, _ = build(config)
         ids = torch.zeros(args.batch, args.seq, dtype=torch.long)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        config.budget = str(ratel.explain(model, "1TiB", (ids,), device=device, activations="recompute").memory.gpu_peak)
+        config.budget = str(ratel.explain(model, "1TiB", (ids,), device=device, activations="recompute",
+                                          resident=False).memory.gpu_peak)
     result = train(config)
     if ranks:
         dist.destroy_process_group()
