@@ -350,15 +350,18 @@ class Runtime:
             if g.trainable and g.update_unit == index and not self.store.on_gpu(g):
                 flat = self._grad_buffers.pop(g.index)
                 norms = None
+                ready = after
                 if self.optimizer is not None and self.optimizer.norms_on_device:
                     # clip_grad_norm_'s per-parameter norms, where the gradient is (free on a GPU)
                     norms = torch._foreach_norm(g.views(flat), 2.0)
                 if ranks is not None:
                     # Averaged among the GPUs, each rank keeping its slice: 1/N of the bytes leave for the host.
+                    # The D2H stream waits for the collective (and then copies); the next backward does not.
                     flat = ranks.reduce_scatter_(torch.empty(flat.numel() // ranks.world, dtype=g.dtype,
-                                                             device=self.device), flat)
-                    after = self.lanes.event()
-                copied = self.lanes.copy(self.store.grad_landing(g), flat, self.lanes.d2h, after=after,
+                                                             device=self.device), flat,
+                                                 stream=self.lanes.d2h if self.lanes.cuda else None)
+                    ready = None
+                copied = self.lanes.copy(self.store.grad_landing(g), flat, self.lanes.d2h, after=ready,
                                          span=(self.recorder, "d2h", f"grads {g.name}", self._step))
                 if self.optimizer is not None and self.optimizer.deferred:
                     self.optimizer.submit(g, copied, self.recorder, self._step, norms)

@@ -77,11 +77,23 @@ class Ranks:
         dist.all_reduce(tensor, group=self.device_group if device else self.group)
         return tensor.div_(self.world)
 
-    def reduce_scatter_(self, out: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    def reduce_scatter_(self, out: torch.Tensor, tensor: torch.Tensor, stream=None) -> torch.Tensor:
         """``out`` (``tensor.numel() / N`` elements) becomes this rank's slice of the mean of ``tensor`` (a
-        gradient on the GPU, padded to N slices) over the ranks: the slice ``shard`` gives, padding included."""
-        dist.reduce_scatter_tensor(out, tensor, group=self.device_group)
-        return out.div_(self.world)
+        gradient on the GPU, padded to N slices) over the ranks: the slice ``shard`` gives, padding included.
+
+        With a CUDA ``stream`` (the D2H lane) only that stream waits for the collective, and the mean is taken
+        there: the caller's stream goes on with the next unit's backward meanwhile. Without one (CPU ranks) it
+        is done when this returns."""
+        work = dist.reduce_scatter_tensor(out, tensor, group=self.device_group, async_op=True)
+        if stream is None:
+            work.wait()
+            return out.div_(self.world)
+        with torch.cuda.stream(stream):
+            work.wait()                      # the stream waits, not this thread
+            for t in (tensor, out):          # neither is reused before the stream is past the collective
+                t.record_stream(stream)
+            out.div_(self.world)
+        return out
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` (a few host numbers, e.g. squares of gradient slices) becomes its sum over the ranks."""
