@@ -118,8 +118,9 @@ def main() -> None:
                    resident=True if args.resident else None, clip=not args.no_clip)
     start = engine.resumed.step if engine.resumed is not None else 0
     losses, norms = train(engine, start, args.steps, args.save_at, args.out / "checkpoint", args.last_micro)
-    state = engine.state_dict()
+    # Listed before state_dict(), a collective: no rank can have closed its engine (removing its swap folder) yet.
     swap_folders = sorted(p.name for p in (args.out / "ssd").glob("*")) if args.ssd else []
+    state = engine.state_dict()
     if engine.rank == 0:
         torch.save({"losses": losses, "norms": norms, "state": state, "world_size": engine.world_size,
                     "ssd_bytes": engine.plan.memory.ssd_total, "plan_ranks": engine.plan.ranks,
