@@ -25,7 +25,6 @@ import torch.fx as fx
 
 from ratel.errors import RatelError
 from ratel.ir import META_TRANSFER, META_UNIT_CALL, Plan, Stage, TransferKind as K, UnitCall, step_index
-from ratel.ir.layout import landing_numel
 from ratel.runtime.activations import ActivationStore
 from ratel.runtime.memory import Lanes
 from ratel.runtime.optimizer import CPUOptimizer
@@ -332,10 +331,9 @@ class Runtime:
                 continue
             flat = self._grad_buffers.get(g.index)
             if flat is None:
-                # With ranks, a streamed group's gradient is reduce-scattered: N equal slices, the last padded.
-                ranks = self.store.ranks
-                scattered = ranks is not None and not self.store.on_gpu(g)
-                numel = landing_numel(g, ranks.world) * ranks.world if scattered else g.numel
+                # A gradient reduce-scattered among the ranks is N equal slices, the last padded.
+                scattered = self.store.scattered(g)
+                numel = self.store.landing_numel(g) * self.store.ranks.world if scattered else g.numel
                 flat = torch.zeros(numel, dtype=g.dtype, device=self.device)
                 self._grad_buffers[g.index] = flat
             views.update(zip(g.params, g.views(flat)))

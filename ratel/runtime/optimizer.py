@@ -42,7 +42,6 @@ import torch
 
 from ratel.errors import RatelError
 from ratel.ir import ParamGroup, TransferKind as K
-from ratel.ir.layout import landing_numel
 from ratel.runtime.cpu_adam import accumulate_, adamw_step, fused_adamw_step
 
 log = logging.getLogger("ratel.runtime")
@@ -136,10 +135,9 @@ class CPUOptimizer:
         self.norm_order = tuple(norm_order) or tuple((g.index, o, s) for g in trainable
                                                      for o, s in zip(g.offsets, g.shapes))
         # fp32 gradient sums across micro-batches (planned as "gradient accumulation" host memory)
-        # (for a group resident on the GPU, on the GPU)
-        # (with ranks, of this rank's slice of a streamed group: the gradients are reduce-scattered on the GPUs)
-        self.acc = {g.index: torch.empty(g.numel, dtype=torch.float32, device=store.device) if store.on_gpu(g)
-                    else torch.empty(self._landing_numel(g), dtype=torch.float32)
+        # (for a group resident on the GPU, on the GPU; with ranks, of the slice of the gradient this rank receives)
+        self.acc = {g.index: torch.empty(store.landing_numel(g), dtype=torch.float32,
+                                         device=store.device if store.on_gpu(g) else "cpu")
                     for g in trainable} if self.accumulate > 1 else {}
         self.forward_order = sorted(trainable, key=lambda g: (g.update_unit, g.index))
         self.micro = 0                 # micro-batches whose backward ran in this update cycle
@@ -161,14 +159,6 @@ class CPUOptimizer:
         self.threads = threads or torch.get_num_threads()
         self._thread = threading.Thread(target=self._work, name="ratel-cpu-adamw", daemon=True)
         self._thread.start()
-
-    def _landing_numel(self, group: ParamGroup) -> int:
-        """Elements of the group's gradient that reach this process's host memory (its slice with ranks)."""
-        return landing_numel(group, self.ranks.world) if self.ranks is not None else group.numel
-
-    def _scattered(self, group: ParamGroup) -> bool:
-        """Whether the group's host gradient is this rank's slice of the ranks' mean (not the whole group)."""
-        return self.ranks is not None and not self.store.on_gpu(group)
 
     @property
     def deferred(self) -> bool:
@@ -369,7 +359,7 @@ class CPUOptimizer:
     def _param_norms(self, group: ParamGroup, grad: torch.Tensor) -> list[torch.Tensor]:
         """Each parameter's gradient norm, as clip_grad_norm_ takes it; from this rank's slice with ranks: the
         squares of each parameter's part in it, summed over the ranks."""
-        if not self._scattered(group):
+        if not self.store.scattered(group):
             return [torch.linalg.vector_norm(view, 2.0) for view in group.views(grad)]
         start, end = self.ranks.shard(group.numel)
         squares = torch.zeros(len(group.params), dtype=torch.float64)
@@ -434,7 +424,7 @@ class CPUOptimizer:
             slot, out = s.ssd_params.write_buffer(group)
         s.steps[i] += 1
         mine = self.ranks.shard(group.numel) if self.ranks is not None else (0, group.numel)
-        base = mine[0] if self._scattered(group) else 0      # the element ``grad`` starts at: its slice's
+        base = mine[0] if s.scattered(group) else 0      # the element ``grad`` starts at: its slice's
         for first, last, (master, exp_avg, exp_avg_sq) in self._states(group):
             # The state span's elements, cut by the hyper-parameter segments they cross (and this rank's slice).
             for start, end, h in self.segments[i]:

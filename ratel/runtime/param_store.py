@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ratel.errors import RatelError
 from ratel.ir import ParamGroup, Plan, canonical_parameter_names
-from ratel.ir.layout import grad_ring_slots, grad_staging_sizes, landing_bytes
+from ratel.ir.layout import grad_ring_slots, grad_staging_sizes, landing_numel
 from ratel.runtime.memory import PinnedPool
 from ratel.runtime.tensor_files import TensorSet
 
@@ -115,12 +115,11 @@ class ParamStore:
         streamed = [g for g in self.groups if g.index not in self.resident]
         # With ranks a gradient is reduce-scattered on the GPUs: only this rank's slice lands here.
         world = ranks.world if ranks is not None else 1
-        self.landing_bytes = {g.index: landing_bytes(g, world) for g in streamed if g.trainable}
         slots = grad_ring_slots(streamed, accumulate, clip, world)
         if slots is None:
             for g in streamed:
                 if g.trainable:
-                    self.grad_staging[g.index] = pool.take(self.landing_bytes[g.index], g.dtype)
+                    self.grad_staging[g.index] = pool.take(self.landing_bytes(g), g.dtype)
             self.grad_ring = None
         else:
             self.grad_ring = GradientRing([pool.take(n) for n in grad_staging_sizes(streamed, accumulate, clip, world)])
@@ -142,7 +141,7 @@ class ParamStore:
         backward does not run further ahead of the CPU optimizer than the ring holds)."""
         if self.grad_ring is None:
             return self.grad_staging[group.index]
-        return self.grad_ring.take(group, self.landing_bytes[group.index])
+        return self.grad_ring.take(group, self.landing_bytes(group))
 
     def grad_of(self, group: ParamGroup) -> torch.Tensor:
         """The group's gradient as it landed on the host (a group resident on the GPU: there)."""
@@ -150,7 +149,7 @@ class ParamStore:
             return self.device_grads[group.index]
         if self.grad_ring is None:
             return self.grad_staging[group.index]
-        return self.grad_ring.held(group, self.landing_bytes[group.index])
+        return self.grad_ring.held(group, self.landing_bytes(group))
 
     def grad_consumed(self, group: ParamGroup) -> None:
         """The optimizer has used the group's gradient (summed or applied it): its ring slot is free."""
@@ -160,6 +159,18 @@ class ParamStore:
     def on_gpu(self, group: ParamGroup) -> bool:
         """Whether the group lives on the GPU, updated there (plan_resident_groups)."""
         return group.index in self.resident
+
+    def scattered(self, group: ParamGroup) -> bool:
+        """Whether the group's gradient is reduce-scattered among the ranks, this rank's host receiving its slice
+        only: with ranks, every group but those resident on the GPU (averaged whole there)."""
+        return self.ranks is not None and not self.on_gpu(group)
+
+    def landing_numel(self, group: ParamGroup) -> int:
+        """Elements of the group's gradient that reach this process: its slice when ``scattered``."""
+        return landing_numel(group, self.ranks.world) if self.scattered(group) else group.numel
+
+    def landing_bytes(self, group: ParamGroup) -> int:
+        return self.landing_numel(group) * group.dtype.itemsize
 
     def write_back(self, group: ParamGroup) -> None:
         """Copy a resident group's new compute copy to the host copy the model object aliases, on the D2H lane

@@ -60,6 +60,12 @@ class _Store:
     def on_gpu(self, group):
         return False
 
+    def scattered(self, group):
+        return False
+
+    def landing_numel(self, group):
+        return group.numel
+
     def host_copies_current(self):
         pass
 
