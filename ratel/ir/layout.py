@@ -76,7 +76,7 @@ def ssd_state_bytes(group: ParamGroup) -> int:
     return offset + ssd_piece_bytes(group, end - start)
 
 
-def exchange_bytes(group: ParamGroup, accumulate: int, ranks: int) -> int:
+def exchange_bytes(group: ParamGroup, ranks: int) -> int:
     """Bytes one of ``ranks`` data-parallel ranks sends through host memory for a group's update
     (ratel.runtime.ranks): its slice of the new compute copy to every other rank. (The gradient was
     reduce-scattered on the GPUs: ``scatter_bytes``.)"""

@@ -350,7 +350,7 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
             if tr.kind == K.OPTIMIZER_STEP:
                 seconds = tr.elements / (hw.cpu_adam_gparams * 1e9)
                 ready = max(grads_out.get(units[step.unit].name, gpu), read_done.get(("states", tr.subject), 0.0))
-                exchanged = exchange_bytes(lifetimes.groups[tr.group], ctx.accumulate, ctx.ranks)
+                exchanged = exchange_bytes(lifetimes.groups[tr.group], ctx.ranks)
                 if exchanged:
                     # The optimizer's thread exchanges the group with the other ranks, then updates its slice:
                     # 1/N of the elements, with 1/N of the host's cores (the ranks of one host share them).
