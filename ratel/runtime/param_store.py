@@ -304,8 +304,6 @@ class ParamStore:
                 for name, value in zip(g.params, g.views(compute)):
                     checkpoint.read_into(name, value)
                 checkpoint.verify()
-                if self.on_gpu(g):
-                    self.device_compute[g.index].copy_(compute)
             else:
                 with self._states_to_fill(g) as (master, exp_avg, exp_avg_sq):
                     for name, m, a, a2 in zip(g.params, g.views(master), g.views(exp_avg), g.views(exp_avg_sq)):
@@ -317,6 +315,8 @@ class ParamStore:
                     if g.dtype != torch.float32:
                         compute.copy_(master)    # the rounding every update writes
                 self.steps[g.index].fill_(step)
+            if self.on_gpu(g) and not (g.trainable and g.dtype == torch.float32):
+                self.device_compute[g.index].copy_(compute)    # (an fp32 master went there as the state it is)
             if staged is not None:
                 self.ssd_params.initialize(g, staged)
             bar.update(g.numel)
@@ -327,13 +327,13 @@ class ParamStore:
         if self.on_ssd(g):
             with self.ssd.staged(g) as (master, exp_avg, exp_avg_sq):
                 yield (self.master[g.index] if master is None else master), exp_avg, exp_avg_sq
-        elif self.on_gpu(g):     # filled on the host, then sent to the GPU with the model's copy
+        elif self.on_gpu(g):     # filled on the host, then sent to the GPU
             whole = [torch.empty(g.numel), torch.empty(g.numel), torch.empty(g.numel)]
             yield whole
             for kept, value in zip((self.master[g.index], self.exp_avg[g.index], self.exp_avg_sq[g.index]), whole):
                 kept.copy_(value)
-            self.compute[g.index].copy_(whole[0])
-            self.device_compute[g.index].copy_(self.compute[g.index])
+            if g.dtype == torch.float32:     # the master is the compute copy: the model's copy too
+                self.compute[g.index].copy_(whole[0])
         elif not self.sliced(g):
             yield self.master[g.index], self.exp_avg[g.index], self.exp_avg_sq[g.index]
         else:    # filled whole, kept in this rank's slice (an fp32 group's master is its whole compute copy)
@@ -374,7 +374,12 @@ class ParamStore:
                 masters, avgs, avg_sqs = g.views(master), g.views(exp_avg), g.views(exp_avg_sq)
             if failed is not None:
                 continue
-            compute = self.compute.get(g.index) if not self.on_gpu(g) else self.device_compute[g.index].cpu()
+            if not self.on_gpu(g):
+                compute = self.compute.get(g.index)
+            elif g.trainable and g.dtype == torch.float32:
+                compute = master      # its master is its compute copy, read from the GPU already
+            else:
+                compute = self.device_compute[g.index].cpu()
             held = None
             try:
                 if compute is None and not g.trainable:

@@ -100,9 +100,10 @@ def test_a_bf16_model_keeps_fp32_masters_on_the_gpu_like_mixed_precision():
     engine.close()
 
 
-def test_a_checkpoint_with_resident_groups_resumes_resident_or_streaming(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_checkpoint_with_resident_groups_resumes_resident_or_streaming(tmp_path, dtype):
     torch.manual_seed(0)
-    model = make_model("gpt", layers=3)
+    model = make_model("gpt", layers=3, dtype=dtype)
     data = batches(4, batch=2, seq=16)
     budget = _budget_for(model, data[0][0], 3)
     opts = dict(device="cpu", progress=False, activations="recompute")
@@ -120,7 +121,7 @@ def test_a_checkpoint_with_resident_groups_resumes_resident_or_streaming(tmp_pat
     first.save(tmp_path / "ckpt")
     first.close()
     for resident in (True, False):
-        again = make_model("gpt", layers=3)
+        again = make_model("gpt", layers=3, dtype=dtype)
         resumed = ratel.compile(again, budget=budget, optimizer=ratel.AdamW(lr=1e-2), example_inputs=(data[0][0],),
                                 resident=resident, resume=str(tmp_path / "ckpt"), **opts)
         assert bool(_split(resumed)[0]) == resident
