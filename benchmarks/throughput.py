@@ -226,7 +226,7 @@ def ratel_row(args, layers: int, batch: int, device: torch.device, dtype: torch.
            "tflops": flops(args, layers, batch) / step_s / 1e12, "losses": losses,
            "planned_gpu": plan.memory.gpu_peak, "planned_host": plan.memory.host_total,
            "planned_ssd": plan.memory.ssd_total}
-    on_gpu = [g.name for g in plan.groups if plan.placement.on_gpu(g.name)]
+    on_gpu = plan.placement.gpu_groups
     if on_gpu:
         out["note"] = f"{len(on_gpu)} of {len(plan.groups)} groups on the GPU ({on_gpu[0]} .. {on_gpu[-1]})"
     if swapper is not None:

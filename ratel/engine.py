@@ -23,7 +23,7 @@ from torch import nn
 from ratel.checkpoint import Checkpoint, Resumed, restore_rng, save as save_checkpoint
 from ratel.errors import BudgetError, RatelError
 from ratel.runtime.tensor_files import CheckpointError
-from ratel.ir import Plan, Tier, TransferKind as K, canonical_parameter_names, format_bytes
+from ratel.ir import Plan, TransferKind as K, canonical_parameter_names, format_bytes
 from ratel.ir.budget import Budget
 from ratel.ir.hardware import HardwareProfile
 from ratel.ir.layout import program_pool_bytes
@@ -215,7 +215,7 @@ class Engine:
                               tier="gpu", needed=error.needed, budget=error.budget) from None
         self._split_blocks = traced.split_blocks
         # The parameter store holds the first plan's groups on the GPU: every later shape keeps them there.
-        self._resident_groups = tuple(name for name, tier in plan.placement.param_tier if tier == Tier.GPU)
+        self._resident_groups = plan.placement.gpu_groups
         return traced, gm, plan
 
     def _assemble(self, traced, gm, plan: Plan, args: tuple) -> Program:

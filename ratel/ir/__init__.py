@@ -558,6 +558,11 @@ class PlacementPlan:
         """Whether the group lives on the GPU for the whole run (weights, master, moments; updated there)."""
         return self.param_tier_of(group) == Tier.GPU
 
+    @property
+    def gpu_groups(self) -> tuple[str, ...]:
+        """The names of the groups that live on the GPU (``on_gpu``), in group order."""
+        return tuple(name for name, tier in self.param_tier if tier == Tier.GPU)
+
     def fetch_at(self, step: int) -> ParamFetch:
         for fetch in self.fetches:
             if fetch.first <= step <= fetch.last:

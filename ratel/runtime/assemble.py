@@ -119,9 +119,8 @@ class Resources:
         on_ssd = {g.name for g in params_on_ssd}
         pin = self.device.type == "cuda"
         shared = self.ranks is not None    # the ranks of this host map one copy of the weights
-        on_gpu = {g.name for g in plan.groups if plan.placement.on_gpu(g.name)}
         self.store_pool = PinnedPool(store_pool_bytes(plan.groups, on_ssd, accumulate, max_grad_norm is not None,
-                                                      shared_copies=shared, on_gpu=on_gpu,
+                                                      shared_copies=shared, on_gpu=set(plan.placement.gpu_groups),
                                                       ranks=self.ranks.world if self.ranks is not None else 1),
                                      pin=pin)
         self.shared_pool = (SharedPool(compute_copy_bytes(plan.groups, on_ssd), pin, self.ranks) if shared

@@ -280,7 +280,7 @@ def _header(plan: Plan, measured: StepRecord | None) -> list[str]:
     numel = sum(g.numel for g in plan.groups)
     dtype = str(plan.compute_dtype).replace("torch.", "")
     param_bytes = sum(g.nbytes for g in plan.groups)
-    on_gpu = [g.name for g in plan.groups if plan.placement.on_gpu(g.name)]
+    on_gpu = plan.placement.gpu_groups
     split = predicted_breakdown(plan)
     peak_step = plan.steps[plan.memory.gpu_peak_step]
     lines = [

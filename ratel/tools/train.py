@@ -328,7 +328,7 @@ def train(config: TrainConfig, say: Callable[[str], None] = print,
     n_params = sum(p.numel() for p in model.parameters())
     flops = model_flops(n_params, spec.layers, spec.hidden, config.batch * world, config.seq) * config.accumulate
     plan = engine.plan
-    on_gpu = [g.name for g in plan.groups if plan.placement.on_gpu(g.name)]
+    on_gpu = plan.placement.gpu_groups
     say(f"ratel train: {n_params / 1e6:,.1f}M parameters, {len(train_set)} rows of {config.seq} tokens "
         f"({train_set.tokens:,} trained tokens), {len(held_out) if held_out else 0} held out; {total} updates of "
         f"{config.batch} x {config.accumulate} rows on {device}"
