@@ -32,7 +32,7 @@ import dataclasses
 import torch.fx as fx
 
 from ratel.errors import RatelError
-from ratel.ir import ActivationPlan, CostModel, Lifetimes, PlacementPlan, Tier
+from ratel.ir import ActivationPlan, Lifetimes, PlacementPlan, Tier
 from ratel.ir.layout import device_state_bytes
 from ratel.passes.insert_transfers import plan_transfers
 from ratel.passes.manager import PassContext, PassResult, graph_pass
@@ -65,7 +65,6 @@ def candidates(lifetimes: Lifetimes) -> list:
 def plan_resident_groups(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     placement = ctx.get(PlacementPlan)
     lifetimes = ctx.get(Lifetimes)
-    ctx.get(CostModel)     # read by the activation search
     units = ctx.traced.units
     if ctx.resident_groups is not None:
         names = set(ctx.resident_groups)
