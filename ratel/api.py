@@ -35,7 +35,7 @@ def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | Non
             weights: str | None = None, depth: int = 2, progress: bool = True,
             keep_swap_files: bool = False, activations: str = "auto", accumulate: int = 1,
             max_grad_norm: float | None = None, resume: str | None = None, keep_logits: bool = False,
-            resident: bool | None = None) -> Engine:
+            resident: bool | list[str] | None = None) -> Engine:
     """Compile ``model`` for training under ``budget``.
 
     model           an nn.Module with repeated blocks (a ``ratel.models.GPT`` or a transformers causal LM),
@@ -62,7 +62,8 @@ def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | Non
                     is faster (the first units': their gradients arrive last): weights, fp32 master and Adam
                     moments stay there and torch's fused AdamW updates them on the GPU; their new weights are
                     copied back to the model's parameters. None (default): on a GPU; False: every group
-                    streams; True: weigh it on the CPU too (where it only tests the path). With several
+                    streams; True: weigh it on the CPU too (where it only tests the path); a list of group
+                    names (``ratel.explain(...).groups``): exactly those, faster or not. With several
                     ranks each GPU holds them whole and their gradients are averaged among the GPUs.
     resume          a folder ``engine.save`` wrote: weights, Adam states, update count, param-group
                     hyper-parameters and RNG states are restored, so the following steps equal those of the

@@ -29,7 +29,7 @@ from ratel.ir.hardware import HardwareProfile
 from ratel.ir.layout import program_pool_bytes
 from ratel.ir.printer import format_graph
 from ratel.optim import EngineOptimizer, build_param_groups, norm_order, segments_of
-from ratel.passes import plan_call
+from ratel.passes import plan_call, resident_choice
 from ratel.passes.plan_activations import POLICIES
 from ratel.program_cache import ProgramCache
 from ratel.shape_trace import TraceCache
@@ -83,7 +83,7 @@ class Engine:
                  hardware: HardwareProfile, weights=None, depth: int = 2, max_programs: int = 128,
                  progress: bool = True, keep_swap_files: bool = False, activations: str = "auto",
                  accumulate: int = 1, max_grad_norm: float | None = None, resume: Checkpoint | None = None,
-                 keep_logits: bool = False, ranks=None, resident: bool | None = None):
+                 keep_logits: bool = False, ranks=None, resident=None):
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise ValueError(f"accumulate={accumulate!r}: give the number of micro-batches per update, an int >= 1")
         if max_grad_norm is not None and not (float(max_grad_norm) > 0):
@@ -108,9 +108,9 @@ class Engine:
         self.depth = depth
         self.keep_logits = bool(keep_logits)
         self._split_blocks: bool | None = None   # whole blocks or halves: decided by the first program
-        # Groups kept on the GPU (plan_resident_groups): chosen by the first program, kept by the others.
-        self._resident = resident
-        self._resident_groups: tuple[str, ...] | None = None
+        # Groups kept on the GPU (plan_resident_groups): chosen by the first program (or named by the user),
+        # kept by the others.
+        self._resident, self._resident_groups = resident_choice(resident)
         self.max_programs = max_programs
         self.progress = progress
         self._weights = weights

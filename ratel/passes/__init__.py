@@ -11,9 +11,9 @@ from ratel.passes.plan_activations import plan_activations
 from ratel.passes.plan_placement import plan_placement
 from ratel.passes.verify_plan import check_plan_invariants, verify_plan
 
-from ratel.passes.pipeline import PIPELINE, default_pass_manager, plan_call, plan_program
+from ratel.passes.pipeline import PIPELINE, default_pass_manager, plan_call, plan_program, resident_choice
 
 __all__ = ["PIPELINE", "PassContext", "PassManager", "PassResult", "annotate_shapes", "build_lifetimes",
            "canonicalize_graph", "check_pipeline", "check_plan_invariants", "default_pass_manager", "estimate_costs",
            "graph_pass", "insert_releases", "insert_transfers", "outline_units", "plan_activations", "plan_call",
-           "plan_placement", "plan_program", "verify_plan"]
+           "plan_placement", "plan_program", "resident_choice", "verify_plan"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ratel.errors import BudgetError
+from ratel.errors import BudgetError, RatelError
 from ratel.ir import HeadLoss, Plan, format_bytes
 from ratel.ir.budget import Budget
 from ratel.ir.hardware import HardwareProfile
@@ -69,6 +69,17 @@ def plan_program(traced: TracedModel, budget: Budget, hardware: HardwareProfile,
     gm.meta["ratel.out_spec"] = traced.out_spec
     gm.meta["ratel.dropped_outputs"] = ctx.get(HeadLoss).dropped_outputs
     return gm, ctx.get(Plan)
+
+
+def resident_choice(resident) -> tuple[bool | None, tuple[str, ...] | None]:
+    """``compile``'s ``resident`` as (``PassContext.resident``, ``.resident_groups``): None, True or False ask
+    plan_resident_groups to weigh groups (or not); a list of group names keeps exactly those on the GPU."""
+    if resident is None or isinstance(resident, bool):
+        return resident, None
+    if isinstance(resident, str) or not all(isinstance(name, str) for name in resident):
+        raise RatelError(f"resident={resident!r}: pass None, True, False or a list of parameter group names "
+                         "(ratel.explain(...).groups names them)")
+    return None, tuple(resident)
 
 
 def plan_call(model: nn.Module, args: tuple, kwargs: dict, budget: Budget, hardware: HardwareProfile,

@@ -22,7 +22,7 @@ from torch import nn
 from ratel.ir import Plan, format_bytes
 from ratel.ir.budget import Budget
 from ratel.ir.hardware import HardwareProfile
-from ratel.passes import plan_call
+from ratel.passes import plan_call, resident_choice
 from ratel.runtime.calibrate import detect
 from ratel.trace import call_kwargs, default_kwargs
 
@@ -55,7 +55,7 @@ def call_arguments(model: nn.Module, example_inputs: tuple, example_kwargs: dict
 def explain(model: nn.Module, budget, example_inputs, example_kwargs: dict | None = None, *,
             hardware: HardwareProfile | None = None, device: str | torch.device = "cuda", depth: int = 2,
             activations: str = "auto", accumulate: int = 1, max_grad_norm: float | None = None,
-            keep_logits: bool = False, resident: bool | None = None) -> Plan:
+            keep_logits: bool = False, resident=None) -> Plan:
     """Plan ``model`` for training under ``budget`` and return the Plan; nothing runs, nothing is allocated.
 
     model           an nn.Module, on the meta device (nothing is materialised) or the CPU
@@ -85,7 +85,7 @@ def explain(model: nn.Module, budget, example_inputs, example_kwargs: dict | Non
     _, _, plan = plan_call(model, example_inputs, kwargs, budget, hardware, device, training=model.training,
                            depth=depth, activations=activations, accumulate=accumulate,
                            clip=max_grad_norm is not None, keep_logits=keep_logits,
-                           resident=resident,
+                           **dict(zip(("resident", "resident_groups"), resident_choice(resident))),
                            # Runs nothing, but prices units with the times compile measured and cached, so
                            # the plan explained is the one compile executes once these shapes were timed.
                            measure_units="cached")

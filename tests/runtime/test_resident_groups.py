@@ -189,3 +189,28 @@ def test_a_profiled_step_times_each_update_on_the_gpu_where_the_plan_puts_it():
     for name in trained:
         assert ("compute", f"adamw {name}") in measured and ("compute", f"adamw {name}") in planned
     engine.close()
+
+
+def test_named_groups_stay_on_the_gpu_whether_or_not_the_plan_finds_them_faster():
+    # resident=[names]: exactly those groups, as a user who knows the card asks (and the GPU tests, whose tiny
+    # models gain nothing from it); training is still PyTorch's, bit for bit.
+    model = make_model("gpt", layers=3)
+    data = batches(3, batch=2, seq=16)
+    groups = ratel.explain(model, "1GiB", (data[0][0],), device="cpu", resident=False).groups
+    names = [groups[-1].name, groups[1].name]       # any groups, in any order: the last unit's too
+    result = train_like_pytorch(model, data, budget="1GiB", resident=names, max_grad_norm=0.5)
+    engine = result["engine"]
+    assert sorted(engine.plan.placement.gpu_groups) == sorted(names)
+    assert result["losses"] == result["ref_losses"]
+    worst, name = max_relative_difference(engine.state_dict(), result["reference"])
+    assert worst == 0.0, name
+    engine.close()
+
+
+@pytest.mark.parametrize("resident,message", [("embed", "list of parameter group names"),
+                                              (["no.such.group"], "no parameter group named")])
+def test_a_resident_value_that_names_no_groups_is_refused(resident, message):
+    model = make_model("gpt", layers=2)
+    ids = batches(1, batch=2, seq=16)[0][0]
+    with pytest.raises(ratel.RatelError, match=message):
+        ratel.compile(model, budget="1GiB", example_inputs=(ids,), device="cpu", progress=False, resident=resident)
