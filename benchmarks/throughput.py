@@ -60,6 +60,7 @@ import argparse
 import datetime
 import gc
 import json
+import math
 import os
 import resource
 import shutil
@@ -227,8 +228,14 @@ def ratel_row(args, layers: int, batch: int, device: torch.device, dtype: torch.
            "planned_gpu": plan.memory.gpu_peak, "planned_host": plan.memory.host_total,
            "planned_ssd": plan.memory.ssd_total}
     on_gpu = plan.placement.gpu_groups
+    notes = []
     if on_gpu:
-        out["note"] = f"{len(on_gpu)} of {len(plan.groups)} groups on the GPU ({on_gpu[0]} .. {on_gpu[-1]})"
+        notes.append(f"{len(on_gpu)} of {len(plan.groups)} groups on the GPU ({on_gpu[0]} .. {on_gpu[-1]})")
+    if not all(math.isfinite(x) for x in losses):
+        # A speed figure from a run whose weights went non-finite is not one to report without saying so.
+        notes.append("losses " + ", ".join(f"{x:.4g}" for x in losses))
+    if notes:
+        out["note"] = "; ".join(notes)
     if swapper is not None:
         swapper.wait_all()
         now = swapper.stats()
