@@ -11,7 +11,8 @@ Stages:
   1. Candidates: every group (frozen ones save their streaming only), in the order their gradients arrive
      last: by the unit that completes them, the first unit first. Not for a CPU target unless
      ``ctx.resident`` asks (the "GPU" is the host there), nor when ``ctx.resident_groups`` fixes the set (an
-     engine's later input shapes keep its first plan's groups, which the parameter store holds). With
+     engine's later input shapes keep its first plan's groups, which the parameter store holds; or the user
+     named them: ``compile(resident=[...])``). With
      several ranks a resident group is whole on each, its gradient averaged over the GPUs before the update.
   2. For k = 1, 2, ... the first k candidates resident: the slot layouts without them, the activation plan
      chosen again for the GPU memory they leave (plan_activations' search), priced with the shared
