@@ -58,6 +58,7 @@ def check_targets() -> None:
 def run_mode(args) -> None:
     import ratel
     from ratel.models import GPT, GPTConfig
+    from ratel.tools.bench import mixed_precision_step
     if args.check_targets:
         check_targets()
     cfg = GPTConfig(vocab_size=args.vocab, n_layer=args.layers, n_head=args.heads, d_model=args.hidden,
@@ -71,20 +72,9 @@ def run_mode(args) -> None:
     start = time.perf_counter()
     losses = []
     if args.mode == "ref":
-        params = list(model.parameters())
-        masters = [p.detach().float().requires_grad_() for p in params]
-        opt = torch.optim.AdamW(masters, lr=args.lr, weight_decay=0.0, fused=True)
+        step = mixed_precision_step(model, lr=args.lr, weight_decay=0.0)
         for _ in range(args.steps):
-            loss = model(ids, labels=ids).loss
-            loss.backward()
-            for m, p in zip(masters, params):
-                m.grad, p.grad = p.grad.float(), None
-            opt.step()
-            opt.zero_grad()
-            with torch.no_grad():
-                for m, p in zip(masters, params):
-                    p.copy_(m)
-            losses.append(loss.item())
+            losses.append(step(ids, ids).item())
     else:
         if cuda:
             torch.cuda.set_per_process_memory_fraction(ratel.parse_bytes(args.cap) /

@@ -77,6 +77,33 @@ def _time(step, steps: int, device: torch.device) -> Timing:
     return Timing(statistics.median(seconds), min(seconds), max(seconds), len(seconds))
 
 
+def mixed_precision_step(model: torch.nn.Module, lr: float, weight_decay: float = 0.01):
+    """Plain PyTorch training as the baselines run it, all on the model's device: the model in its dtype,
+    fp32 master weights (an fp32 model's parameters are their own) and torch's fused AdamW on them, the model's
+    copy refreshed from the masters after each update. Returns ``step(ids, labels) -> loss``."""
+    params = list(model.parameters())
+    masters = [p.detach().float().requires_grad_() for p in params] if params[0].dtype != torch.float32 else params
+    fused = params[0].device.type == "cuda" or hasattr(torch, "_fused_adamw_")
+    opt = torch.optim.AdamW(masters, lr=lr, weight_decay=weight_decay, fused=fused)
+
+    def step(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = model(ids, labels=labels).loss
+        loss.backward()
+        if masters is not params:
+            for m, p in zip(masters, params):
+                m.grad = p.grad.float()
+                p.grad = None
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if masters is not params:
+            with torch.no_grad():
+                for m, p in zip(masters, params):
+                    p.copy_(m)
+        return loss
+
+    return step
+
+
 def _baseline(cfg, dtype, ids, steps: int, device: torch.device) -> tuple[float | None, str, int]:
     """Step timing of device-resident PyTorch (None when it does not fit), a note, and its peak bytes."""
 
@@ -90,23 +117,10 @@ def _baseline(cfg, dtype, ids, steps: int, device: torch.device) -> tuple[float 
         torch.manual_seed(0)
         with torch.device(device):
             model = GPT(cfg).to(dtype).train()
-        params = list(model.parameters())
-        masters = [p.detach().float().requires_grad_() for p in params] if dtype != torch.float32 else params
-        fused = device.type == "cuda" or hasattr(torch, "_fused_adamw_")
-        opt = torch.optim.AdamW(masters, lr=1e-5, fused=fused)
+        train_step = mixed_precision_step(model, lr=1e-5)
 
         def step():
-            model(ids, labels=ids).loss.backward()
-            if masters is not params:
-                for m, p in zip(masters, params):
-                    m.grad = p.grad.float()
-                    p.grad = None
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if masters is not params:
-                with torch.no_grad():
-                    for m, p in zip(masters, params):
-                        p.copy_(m)
+            train_step(ids, ids)
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -116,7 +130,7 @@ def _baseline(cfg, dtype, ids, steps: int, device: torch.device) -> tuple[float 
     except torch.OutOfMemoryError:
         return None, "does not fit in GPU memory", 0
     finally:
-        model = masters = params = opt = None   # noqa: F841 - drop references before emptying the cache
+        model = train_step = None   # noqa: F841 - drop references before emptying the cache
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
