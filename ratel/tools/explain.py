@@ -82,10 +82,11 @@ def explain(model: nn.Module, budget, example_inputs, example_kwargs: dict | Non
     budget = (budget if isinstance(budget, Budget) else Budget(gpu=budget)).resolved(hardware)
     kwargs = call_arguments(model, example_inputs, example_kwargs)
     start = time.perf_counter()
+    resident, resident_groups = resident_choice(resident)
     _, _, plan = plan_call(model, example_inputs, kwargs, budget, hardware, device, training=model.training,
                            depth=depth, activations=activations, accumulate=accumulate,
                            clip=max_grad_norm is not None, keep_logits=keep_logits,
-                           **dict(zip(("resident", "resident_groups"), resident_choice(resident))),
+                           resident=resident, resident_groups=resident_groups,
                            # Runs nothing, but prices units with the times compile measured and cached, so
                            # the plan explained is the one compile executes once these shapes were timed.
                            measure_units="cached")
