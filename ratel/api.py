@@ -63,7 +63,7 @@ def compile(model: nn.Module, budget: Budget | int | str, optimizer: AdamW | Non
                     moments stay there and torch's fused AdamW updates them on the GPU; their new weights are
                     copied back to the model's parameters. None (default): on a GPU; False: every group
                     streams; True: weigh it on the CPU too (where it only tests the path); a list of group
-                    names (``ratel.explain(...).groups``): exactly those, faster or not. With several
+                    names (``ratel.explain(..., resident=False).groups``, whole blocks): exactly those. With several
                     ranks each GPU holds them whole and their gradients are averaged among the GPUs.
     resume          a folder ``engine.save`` wrote: weights, Adam states, update count, param-group
                     hyper-parameters and RNG states are restored, so the following steps equal those of the

@@ -206,8 +206,9 @@ class Engine:
                 hints.append("This engine's units are whole blocks, as its first input shape was planned; cutting "
                              "blocks in two may fit this shape.")
             if self._resident_groups:
+                why = "as its first input shape was planned" if self._latest is not None else "as compile named them"
                 hints.append(f"This engine keeps {len(self._resident_groups)} parameter groups on the GPU "
-                             f"({', '.join(self._resident_groups)}), as its first input shape was planned; "
+                             f"({', '.join(self._resident_groups)}), {why}; "
                              "compile(resident=False) streams them all.")
             if not hints:
                 raise

@@ -98,8 +98,11 @@ def plan_call(model: nn.Module, args: tuple, kwargs: dict, budget: Budget, hardw
     device this machine lacks; "cached": the same decision, but only times already cached are used.
     ``ranks``: data-parallel ranks running the plan (their exchange before each update is simulated).
     ``resident``: weigh keeping parameter groups on the GPU, updated there (None: for a CUDA target);
-    ``resident_groups``: keep exactly these (a later input shape of an engine passes its first plan's)."""
+    ``resident_groups``: keep exactly these (a later input shape of an engine passes its first plan's; named by
+    the user, they are whole blocks' groups, and blocks are not cut in two)."""
     refused, whole_units = None, 0     # the whole-block plan's refusal, and how many units it had
+    if split_blocks is None and resident_groups is not None:
+        split_blocks = False     # groups named by the user are those of whole blocks: halves group otherwise
     for split in ([False, True] if split_blocks is None else [split_blocks]):
         was_training = model.training
         model.train(training)

@@ -172,8 +172,21 @@ def test_a_later_shape_that_does_not_fit_with_the_first_shapes_groups_names_them
         engine(long[0], labels=long[1])
     message = str(info.value)
     assert f"keeps {len(kept)} parameter groups on the GPU ({', '.join(kept)})" in message
+    assert "first input shape was planned" in message
     assert "resident=False" in message and "largest shape" in message
     engine.close()
+
+
+def test_named_groups_that_do_not_fit_are_refused_saying_compile_named_them():
+    model = make_model("gpt", layers=3)
+    ids = batches(1, batch=2, seq=16)[0][0]
+    streaming = ratel.explain(model, "1GiB", (ids,), device="cpu", resident=False, activations="recompute")
+    names = [g.name for g in streaming.groups]
+    with pytest.raises(ratel.BudgetError) as info:
+        ratel.compile(model, budget=streaming.memory.gpu_peak, example_inputs=(ids,), device="cpu", progress=False,
+                      resident=names, activations="recompute")
+    assert f"keeps {len(names)} parameter groups on the GPU" in str(info.value)
+    assert "as compile named them" in str(info.value)
 
 
 def test_a_profiled_step_times_each_update_on_the_gpu_where_the_plan_puts_it():
