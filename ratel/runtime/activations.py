@@ -57,7 +57,7 @@ class ActivationStore:
         if name in self._fetched or name in self._kept:
             return
         copy = self._host[name]
-        flat = torch.empty(copy.host.numel(), dtype=torch.uint8, device=self.device)
+        flat = self.lanes.landing(copy.host.numel())
         ready = self.lanes.copy(flat, copy.host, self.lanes.h2d, after=copy.saved,
                                 span=(self.recorder, "h2d", f"activation {name}", self.step))
         elems = copy.host.numel() // copy.dtype.itemsize

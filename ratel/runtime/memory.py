@@ -154,6 +154,22 @@ class Lanes:
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
 
+    def landing(self, nbytes: int) -> torch.Tensor:
+        """A device buffer of ``nbytes`` bytes for a copy on the H2D lane that the compute lane then reads.
+
+        Why not ``torch.empty`` on the compute stream: the caching allocator hands a block out again as soon as
+        the host frees it, which is safe only for the stream it belongs to, whose queued kernels may still use
+        it. An H2D copy into such a block races them: the fetched bytes and those kernels' writes overwrite
+        each other, silently (on a CPU, where every copy is immediate, nothing shows). So the buffer is taken
+        from the H2D lane's own blocks, and marked as used by the compute lane: once freed, it is not handed
+        out again before the compute work queued by then is done."""
+        if not self.cuda:
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        with torch.cuda.stream(self.h2d):
+            flat = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        flat.record_stream(torch.cuda.current_stream(self.device))
+        return flat
+
     def copy(self, dst: torch.Tensor, src: torch.Tensor, stream, after=None, span=None):
         """``dst.copy_(src)`` on ``stream`` after ``after`` (an event); returns the completion event.
 

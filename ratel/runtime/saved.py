@@ -207,7 +207,7 @@ class SavedActivations:
         last = None
         for key, stored in run.stored.items():
             if stored.host is not None and stored.device is None:
-                flat = torch.empty(stored.nbytes, dtype=torch.uint8, device=self.device)
+                flat = self.lanes.landing(stored.nbytes)
                 stored.ready = self.lanes.copy(flat, stored.host, self.lanes.h2d, after=stored.saved,
                                                span=(self.recorder, "h2d", f"saved {key}", self.step))
                 stored.device = flat

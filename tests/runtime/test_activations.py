@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from ratel.runtime.activations import ActivationStore
@@ -60,3 +61,46 @@ def test_pool_views_are_aligned_and_exhaustion_is_an_error():
         assert "pinned pool exhausted" in str(exc)
     else:
         raise AssertionError("the pool handed out more than it holds")
+
+
+# ---------------------------------------------------------------- on CUDA: the lanes' streams and the allocator
+def _busy_compute(cycles: int = 300_000_000) -> None:
+    """Hold the compute stream for a while (~0.15 s), so that what is queued after this runs late."""
+    torch.cuda._sleep(cycles)
+
+
+def _cuda_store():
+    device = torch.device("cuda")
+    return ActivationStore(Lanes(device), PinnedPool(1 << 24, pin=True), device)
+
+
+@pytest.mark.gpu
+def test_a_fetched_value_is_not_overwritten_by_compute_work_queued_on_memory_freed_before_the_fetch():
+    store = _cuda_store()
+    expected = torch.randn(1 << 20, device="cuda")
+    store.offload("x", expected)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    scratch = torch.empty(1 << 20, device="cuda")     # the same bytes as the value: the block the fetch would get
+    _busy_compute()
+    scratch.fill_(7.0)          # queued; runs after the H2D copy below would be done
+    del scratch                 # freed on the host while its fill is still queued
+    store.fetch("x")
+    assert torch.equal(store.get("x"), expected)
+
+
+@pytest.mark.gpu
+def test_memory_of_a_fetched_value_is_not_fetched_into_while_compute_work_still_reads_it():
+    store = _cuda_store()
+    first, second = torch.randn(1 << 20, device="cuda"), torch.randn(1 << 20, device="cuda")
+    store.offload("first", first)
+    store.offload("second", second)
+    torch.cuda.synchronize()
+    value = store.get("first")
+    _busy_compute()
+    read_late = value * 1.0     # queued behind the sleep
+    del value
+    store.release("first")      # the host lets go while the read is still queued
+    store.fetch("second")       # the same size: it could land in the first value's memory
+    assert torch.equal(read_late, first)
+    assert torch.equal(store.get("second"), second)
