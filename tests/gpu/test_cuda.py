@@ -16,6 +16,15 @@ def _first_groups(model, ids, k: int) -> list[str]:
     groups = ratel.explain(model, "1TiB", (ids,), device="cuda", resident=False).groups
     return [g.name for g in sorted(groups, key=lambda g: (g.update_unit, g.index))[:k]]
 
+
+def _relative_differences(losses, ref_losses, state, ref_masters) -> tuple[float, float]:
+    """The largest relative difference of a loss, and of a parameter (in norm), from the reference's."""
+    loss_diff = max(abs(ours - theirs) / abs(theirs) for ours, theirs in zip(losses, ref_losses))
+    param_diff = max(((state[n] - m.detach().cpu()).norm() / m.detach().cpu().norm()).item()
+                     for n, m in ref_masters.items())
+    return loss_diff, param_diff
+
+
 # bf16 tolerance: Ratel runs the same kernels as eager PyTorch on the same bf16 values; what can differ is
 # the order of floating-point accumulation inside attention backward kernels (atomics), which moves
 # bf16 gradients by a few ulp. Measured on the H100 (benchmarks/RESULTS.md): well inside these bounds.
@@ -40,8 +49,7 @@ def test_bf16_training_equals_pytorch_mixed_precision(kind, policy, resident):
     losses = train_seeded(engine, data)
     state = engine.state_dict()
     engine.close()
-    loss_diff = max(abs(ours - theirs) / abs(theirs) for ours, theirs in zip(losses, ref_losses))
-    param_diff = max(((state[n] - m.detach()).norm() / m.detach().norm()).item() for n, m in ref_masters.items())
+    loss_diff, param_diff = _relative_differences(losses, ref_losses, state, ref_masters)
     print(f"\n[{kind} bf16 {policy} resident={resident} on {torch.cuda.get_device_name()}] max loss rel diff {loss_diff:.2e}, "
           f"max parameter rel diff {param_diff:.2e}")
     assert loss_diff <= LOSS_RTOL
@@ -266,8 +274,7 @@ def test_resident_and_streamed_groups_on_the_gpu_train_like_pytorch_and_write_th
         for name, p in model.named_parameters():      # current after every step(), not only at the end
             assert torch.equal(p.detach().cpu(), state[name].to(torch.bfloat16)), (step, name)
     engine.close()
-    loss_diff = max(abs(ours - theirs) / abs(theirs) for ours, theirs in zip(losses, ref_losses))
-    param_diff = max(((state[n] - m.detach()).norm() / m.detach().norm()).item() for n, m in ref_masters.items())
+    loss_diff, param_diff = _relative_differences(losses, ref_losses, state, ref_masters)
     print(f"\n[resident {on_gpu}] max loss rel diff {loss_diff:.2e}, max parameter rel diff {param_diff:.2e}")
     assert loss_diff <= LOSS_RTOL and param_diff <= PARAM_RTOL
 
@@ -298,8 +305,7 @@ def test_training_equals_pytorch_when_one_lane_runs_far_behind_the_host(monkeypa
     losses = train_seeded(engine, data)
     state = engine.state_dict()
     engine.close()
-    loss_diff = max(abs(ours - theirs) / abs(theirs) for ours, theirs in zip(losses, ref_losses))
-    param_diff = max(((state[n] - m.detach()).norm() / m.detach().norm()).item() for n, m in ref_masters.items())
+    loss_diff, param_diff = _relative_differences(losses, ref_losses, state, ref_masters)
     print(f"\n[{lagging} lagging, {policy}] max loss rel diff {loss_diff:.2e}, max parameter rel diff {param_diff:.2e}")
     assert loss_diff <= LOSS_RTOL and param_diff <= PARAM_RTOL
 
