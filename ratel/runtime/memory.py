@@ -157,17 +157,18 @@ class Lanes:
     def landing(self, nbytes: int) -> torch.Tensor:
         """A device buffer of ``nbytes`` bytes for a copy on the H2D lane that the compute lane then reads.
 
-        Why not ``torch.empty`` on the compute stream: the caching allocator hands a block out again as soon as
-        the host frees it, which is safe only for the stream it belongs to, whose queued kernels may still use
-        it. An H2D copy into such a block races them: the fetched bytes and those kernels' writes overwrite
-        each other, silently (on a CPU, where every copy is immediate, nothing shows). So the buffer is taken
-        from the H2D lane's own blocks, and marked as used by the compute lane: once freed, it is not handed
-        out again before the compute work queued by then is done."""
-        if not self.cuda:
-            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        with torch.cuda.stream(self.h2d):
-            flat = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        flat.record_stream(torch.cuda.current_stream(self.device))
+        The caching allocator hands a block out again as soon as the host frees it, which is safe only for
+        the compute stream, whose kernels queued before the free may still use it: an H2D copy into it would
+        race them, the fetched bytes and those kernels' writes overwriting each other, silently (on a CPU,
+        where every copy is immediate, nothing shows). So the H2D lane first waits for the compute lane to
+        reach this point. That costs no overlap the plan counts on: the simulator starts a copy issued at a
+        step once the GPU begins that step, and the copy still runs beside that step's kernels. (Taking the buffer from the H2D stream's own
+        blocks instead would keep a second pool of blocks the compute stream cannot reuse, more memory than
+        the plan counts.) Freed before the compute lane waited for the copy, the block is not reused before
+        the copy is done: ``copy`` marks it used by the H2D stream."""
+        flat = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        if self.cuda:
+            self.h2d.wait_event(self.event())
         return flat
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, stream, after=None, span=None):
