@@ -201,7 +201,7 @@ class Resources:
         """What closing takes, in order (the caller runs each and collects errors)."""
         out = []
         if self.optimizer is not None:
-            out += [self.optimizer.wait_all, self.optimizer.close]
+            out.append(self.optimizer.close)
         return out
 
     def close_storage(self) -> list:

@@ -279,9 +279,13 @@ class CPUOptimizer:
         self._raise_pending()
 
     def close(self) -> None:
+        """Stop the worker once it has done what is queued, and raise what it failed with. Not ``wait_all``:
+        an update cycle a failed backward left open (clipping waits for every group) never completes, and
+        waiting for it hung ``close()`` and the exit of a script interrupted mid-backward."""
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+        self._raise_pending()
 
     def _raise_pending(self) -> None:
         if self._error is not None:
