@@ -186,6 +186,57 @@ def test_closed_engine_refuses_work():
         engine(torch.zeros(4, 8, dtype=torch.long))
 
 
+_LEFT_OPEN = """
+import torch, ratel
+from ratel.models import GPT, GPTConfig
+model = GPT(GPTConfig(vocab_size=256, n_layer=4, n_head=4, d_model=1024, max_seq_len=64, tie_embeddings=False))
+ids = torch.randint(0, 256, (2, 64))
+engine = ratel.compile(model, budget="1GiB", example_inputs=(ids,), device="cpu", progress=False)
+engine.backward(engine(ids, labels=ids).loss)      # the CPU AdamW updates go on after this returns
+print("leaving with the engine open")
+"""
+
+
+def test_a_script_that_ends_with_the_engine_open_and_updates_running_exits_cleanly():
+    """The CPU AdamW runs on a thread of its own: a script that ends while it works (no step(), no close())
+    must still exit with status 0. Python kills a daemon thread that wakes during finalization from inside
+    the C++ call it is in, which aborted the process four times in five before engines were closed at exit."""
+    import subprocess
+    import sys
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(ratel.__file__)),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-c", _LEFT_OPEN], capture_output=True, text=True, timeout=300,
+                              env=env)
+        assert proc.returncode == 0 and "terminate called" not in proc.stderr, (proc.returncode, proc.stderr[-3000:])
+        assert "leaving with the engine open" in proc.stdout
+
+
+def test_close_returns_after_a_backward_with_clipping_failed_half_way(monkeypatch):
+    """With clipping every update waits for the whole gradient; a backward interrupted half way leaves that
+    cycle open for good. close() (and so the exit of the script) must not wait for it."""
+    import threading
+
+    from ratel.runtime.engine import Runtime
+    model, (ids, labels) = make_model("gpt"), batches(1)[0]
+    engine = ratel.compile(model, budget="1GiB", example_inputs=(ids,), device="cpu", progress=False,
+                           max_grad_norm=1.0)
+    backward_unit = Runtime.backward_unit
+
+    def interrupted_at_the_first_unit(runtime, index, grads):
+        if index == 0:
+            raise KeyboardInterrupt("stopped half way")
+        return backward_unit(runtime, index, grads)
+
+    monkeypatch.setattr(Runtime, "backward_unit", interrupted_at_the_first_unit)
+    with pytest.raises(KeyboardInterrupt):
+        engine.backward(engine(ids, labels=labels).loss)
+    closing = threading.Thread(target=engine.close, daemon=True)
+    closing.start()
+    closing.join(timeout=60)
+    assert not closing.is_alive(), "close() is waiting for an update cycle that cannot complete"
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads this process's resident memory (Linux)")
 def test_close_returns_host_memory_while_the_engine_object_lives():
     """A process that trains a second engine after closing a first must have the first one's memory back:
