@@ -9,7 +9,6 @@ and ``ratel.ir.layout``.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from ratel.ir import Plan, Tier, format_bytes
 from ratel.ir.budget import Budget, ssd_dirs
 from ratel.ir.layout import ceil_div, compute_copy_bytes, program_pool_bytes, store_pool_bytes
 from ratel.runtime.activations import ActivationStore
+from ratel.runtime.cpu_adam import optimizer_threads
 from ratel.runtime.engine import Runtime
 from ratel.runtime.memory import Lanes, PinnedPool, SharedPool, expandable_segments
 from ratel.runtime.optimizer import CPUOptimizer, Hyper
@@ -142,13 +142,10 @@ class Resources:
         self.buffers = load_buffers(self.model, traced, self.device)
 
     def _optimizer_threads(self) -> int:
-        """The CPU AdamW's threads. Alone: the training thread's. With ranks: the host's cores shared among its
-        ranks, at least (torchrun sets OMP_NUM_THREADS=1 when the user has not, which would leave the CPU
-        optimizer, the longest lane of a small batch, one core)."""
-        threads = torch.get_num_threads()
-        if self.ranks is None:
-            return threads
-        return max(threads, (os.cpu_count() or 1) // self.ranks.local_world)
+        """The CPU AdamW's threads (``optimizer_threads``). With ranks, the host's cores are shared among them:
+        torchrun sets OMP_NUM_THREADS=1 when the user has not, which would leave the CPU optimizer, the longest
+        lane of a small batch, one core."""
+        return optimizer_threads(self.ranks.local_world if self.ranks is not None else 1)
 
     def program(self, gm: fx.GraphModule, plan: Plan) -> Program:
         """The Runtime of one plan, over the shared store, with a pinned pool of its own for activations."""

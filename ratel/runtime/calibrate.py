@@ -22,7 +22,7 @@ import torch
 
 from ratel.ir.budget import ssd_dirs
 from ratel.ir.hardware import HardwareProfile, cache_dir, host_memory
-from ratel.runtime.cpu_adam import _auto_backend, adamw_step
+from ratel.runtime.cpu_adam import _auto_backend, adamw_step, optimizer_threads
 
 log = logging.getLogger("ratel.runtime")
 CACHE = cache_dir() / "hardware.json"   # unit times (passes/time_units.py) are kept beside it
@@ -175,14 +175,16 @@ def measure_cuda(device: torch.device) -> HardwareProfile:
     hbm = 2 * rate(lambda: other.copy_(dev))   # bytes read plus bytes written
     host = dev = other = None   # free the 1.5 GiB before the optimizer measurement
 
-    # The CPU AdamW the runtime runs: bf16 gradients in, the bf16 copy out (native kernel where it is faster).
+    # The CPU AdamW the runtime runs: bf16 gradients in, the bf16 copy out (native kernel where it is faster),
+    # on the threads it gets beside training.
     numel = 128 << 20
     p, m, v = torch.randn(numel), torch.zeros(numel), torch.zeros(numel)
     g, out = torch.randn(numel).bfloat16(), torch.empty(numel, dtype=torch.bfloat16)
     best = float("inf")
     for step in range(1, 6):   # the best of five: the first pays page faults, later ones meet a warm cache
         t0 = time.perf_counter()
-        adamw_step(p, g, m, v, step, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, out=out)
+        adamw_step(p, g, m, v, step, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, out=out,
+                   num_threads=optimizer_threads())
         best = min(best, time.perf_counter() - t0)
     adam = numel / best / 1e9
     props = torch.cuda.get_device_properties(device)

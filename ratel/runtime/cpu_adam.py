@@ -38,17 +38,21 @@ sees the process default, so the runtime should pass ``num_threads`` explicitly 
 from __future__ import annotations
 
 import operator
+import os
 
 import torch
+
+from ratel.errors import RatelError
 
 try:
     from ratel import _adam as _native
 except ImportError:  # not built (pure-Python install, CI without a compiler): the torch path still works
     _native = None
 
-__all__ = ["accumulate_", "adamw_step", "native_available", "native_isa", "BACKENDS"]
+__all__ = ["accumulate_", "adamw_step", "native_available", "native_isa", "optimizer_threads", "BACKENDS"]
 
 BACKENDS = ("auto", "native", "torch")
+THREADS_ENV = "RATEL_OPTIMIZER_THREADS"
 
 _GRAD_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _OUT_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -67,6 +71,27 @@ _OUT_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # TODO(measure): rerun on the GPU machine (16 cores, torch 2.11) and add its row here.
 _NATIVE_IS_FASTER = True
 _SIMD_ISAS = ("avx512", "avx2")
+
+
+def optimizer_threads(ranks_on_host: int = 1) -> int:
+    """Threads for the CPU AdamW that runs beside training: the training thread's count (with several ranks
+    on this host, its cores shared among them, at least that), less one core left to the training thread.
+
+    Why one less: the update overlaps the backward, whose thread must keep launching kernels (on a GPU) or
+    computing (on the CPU). With as many optimizer threads as cores, two OpenMP teams spin on the same cores:
+    on the 2-core VM a step of the main job's model took 110-115 ms with 2 optimizer threads and 76-84 ms with
+    1, the same losses (benchmarks/optimizer_threads.py); the update itself is memory bound, so one core fewer
+    costs it little on a large host (16 threads 5.6, 8 threads 4.0 Gparams/s on the GPU host, benchmarks/RESULTS.md).
+    ``RATEL_OPTIMIZER_THREADS`` sets the count instead (a machine shared with other work)."""
+    chosen = os.environ.get(THREADS_ENV, "").strip()
+    if chosen:
+        if not chosen.isdigit() or int(chosen) < 1:
+            raise RatelError(f"{THREADS_ENV}={chosen!r}: give a whole number of threads, 1 or more")
+        return int(chosen)
+    threads = torch.get_num_threads()
+    if ranks_on_host > 1:
+        threads = max(threads, (os.cpu_count() or 1) // ranks_on_host)
+    return max(1, threads - 1)
 
 
 def native_available() -> bool:

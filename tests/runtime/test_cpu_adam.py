@@ -12,6 +12,7 @@ Reference points, from strict to loose:
 import pytest
 import torch
 
+import ratel
 from ratel.runtime import cpu_adam
 from ratel.runtime.cpu_adam import adamw_step
 
@@ -229,3 +230,21 @@ def test_accumulate_gives_the_bits_of_torch_add_and_copy(dtype, numel):
     assert torch.equal(acc, expected)
     accumulate_(acc, grad, copy=True, num_threads=2)
     assert torch.equal(acc, grad.float())
+
+
+def test_the_optimizer_leaves_one_core_to_the_training_thread(monkeypatch):
+    monkeypatch.delenv(cpu_adam.THREADS_ENV, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    assert cpu_adam.optimizer_threads() == 15
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert cpu_adam.optimizer_threads() == 1          # never none
+    monkeypatch.setattr(cpu_adam.os, "cpu_count", lambda: 16)
+    assert cpu_adam.optimizer_threads(ranks_on_host=2) == 7     # torchrun's one thread a rank: the cores shared
+
+
+def test_the_user_sets_the_optimizer_threads_and_a_bad_value_is_refused(monkeypatch):
+    monkeypatch.setenv(cpu_adam.THREADS_ENV, "3")
+    assert cpu_adam.optimizer_threads() == 3 and cpu_adam.optimizer_threads(ranks_on_host=4) == 3
+    monkeypatch.setenv(cpu_adam.THREADS_ENV, "0")
+    with pytest.raises(ratel.RatelError, match="RATEL_OPTIMIZER_THREADS='0'"):
+        cpu_adam.optimizer_threads()
