@@ -162,10 +162,10 @@ class Lanes:
         race them, the fetched bytes and those kernels' writes overwriting each other, silently (on a CPU,
         where every copy is immediate, nothing shows). So the H2D lane first waits for the compute lane to
         reach this point. That costs no overlap the plan counts on: the simulator starts a copy issued at a
-        step once the GPU begins that step, and the copy still runs beside that step's kernels. (Taking the buffer from the H2D stream's own
-        blocks instead would keep a second pool of blocks the compute stream cannot reuse, more memory than
-        the plan counts.) Freed before the compute lane waited for the copy, the block is not reused before
-        the copy is done: ``copy`` marks it used by the H2D stream."""
+        step once the GPU begins that step, and the copy still runs beside that step's kernels. (Taking the
+        buffer from the H2D stream's own blocks instead would keep a second pool of blocks the compute stream
+        cannot reuse, more memory than the plan counts.) Freed before the compute lane waited for the copy,
+        the block is not reused before the copy is done: ``copy`` marks it used by the H2D stream."""
         flat = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         if self.cuda:
             self.h2d.wait_event(self.event())
