@@ -154,7 +154,8 @@ class CPUOptimizer:
         self._done = {g.index: threading.Event() for g in store.groups}
         for event in self._done.values():
             event.set()
-        self._error: BaseException | None = None
+        self._error: BaseException | None = None      # the worker's failure, until the training thread raises it
+        self._failure: BaseException | None = None    # its first failure: from then on the engine cannot train
         # OpenMP thread counts are per calling thread: take the training thread's, not the worker's default.
         self.threads = threads or torch.get_num_threads()
         self._thread = threading.Thread(target=self._work, name="ratel-cpu-adamw", daemon=True)
@@ -279,19 +280,26 @@ class CPUOptimizer:
         self._raise_pending()
 
     def close(self) -> None:
-        """Stop the worker once it has done what is queued, and raise what it failed with. Not ``wait_all``:
+        """Stop the worker once it has done what is queued, and raise a failure of it not raised yet. Not
+        ``wait_all``:
         an update cycle a failed backward left open (clipping waits for every group) never completes, and
         waiting for it hung ``close()`` (and so the exit of a script interrupted mid-backward, which closes
         the engines it left open)."""
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
-        self._raise_pending()
+        if self._error is not None:      # a failure not raised yet (one raised before is not raised again)
+            self._raise_pending()
 
     def _raise_pending(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
             raise RuntimeError(f"the CPU optimizer failed ({type(error).__name__}): {error}") from error
+        if self._failure is not None:
+            raise RatelError(f"the CPU optimizer failed earlier ({type(self._failure).__name__}: {self._failure}): "
+                             "some parameter groups were updated and others not, so this engine cannot go on; "
+                             "close it and resume from the last checkpoint (ratel.compile(..., resume=...))"
+                             ) from self._failure
 
     # ------------------------------------------------------------------ the worker
     def _work(self) -> None:
@@ -319,7 +327,8 @@ class CPUOptimizer:
                     else:
                         self._update_all(self.forward_order, 1.0)
             except BaseException as exc:  # noqa: BLE001 - surfaced on the training thread
-                self._error = exc
+                if self._failure is None:     # later ones follow from it (an update cycle left half done)
+                    self._failure = self._error = exc
                 for event in self._done.values():
                     event.set()
 

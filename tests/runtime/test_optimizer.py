@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import ratel
 from ratel.ir import ParamGroup
 from ratel.runtime.optimizer import AdamW, CPUOptimizer, adamw_update
 
@@ -104,7 +105,20 @@ def test_worker_errors_surface_on_the_training_thread():
     opt.submit(store.groups[0], None)
     with pytest.raises(RuntimeError, match="CPU optimizer failed"):
         opt.wait_all()
-    opt.close()
+    # Half an update cycle is applied: the optimizer refuses to go on, every time, and says what to do.
+    for _ in range(2):
+        with pytest.raises(ratel.RatelError, match="failed earlier .*resume from the last checkpoint"):
+            opt.submit(store.groups[0], None)
+    opt.close()       # what was raised is not raised again
+
+
+def test_a_failure_nobody_saw_is_raised_by_close():
+    store = _Store(_group())
+    store.grad_staging[0] = torch.ones(3)
+    opt = CPUOptimizer(store, AdamW())
+    opt.submit(store.groups[0], None)
+    with pytest.raises(RuntimeError, match="CPU optimizer failed"):
+        opt.close()
 
 
 def _segments_store(numel=6):
