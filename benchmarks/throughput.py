@@ -27,6 +27,8 @@ Steps: ``--warmup`` untimed, then the median of ``--steps`` (the resident bound:
 harness leaves the embeddings out of N). Rows go as JSON lines to ``<out>/rows.jsonl`` (``--out``: $OUT when
 set, else runs/throughput); then a Markdown table (``<out>/table.md``) with the card and the cap, and a plot
 of model TFLOPS against batch (``<out>/throughput.png``) like Figure 5 of the ZeRO-Infinity and Ratel papers.
+After its timed steps each Ratel row runs one profiled step and appends ``ratel.summary`` of it (every lane
+and step, predicted beside measured) to ``<out>/profiles.txt``: why a row is short (``--no-profile``: not).
 ``--append-results`` appends the table to benchmarks/RESULTS.md; ``--report FILE ...`` makes the table and
 plot again from rows.jsonl files (several runs' rows side by side).
 
@@ -124,6 +126,8 @@ def parse_args(argv=None):
     p.add_argument("--append-results", action="store_true", help="append the table to --results")
     p.add_argument("--results", default=str(Path(__file__).parent / "RESULTS.md"))
     p.add_argument("--report", nargs="+", metavar="ROWS_JSONL", help="only make the table and plot from these")
+    p.add_argument("--no-profile", dest="profile", action="store_false",
+                   help="skip the profiled step after each Ratel row (its summary goes to <out>/profiles.txt)")
     p.add_argument("--smoke", action="store_true", help="a tiny GPT on the CPU, no DeepSpeed (tests the script)")
     p.add_argument("--row", help=argparse.SUPPRESS)          # in a row's own process: the row to run
     p.add_argument("--result", help=argparse.SUPPRESS)       # ... and the file its JSON goes to
@@ -245,6 +249,16 @@ def ratel_row(args, layers: int, batch: int, device: torch.device, dtype: torch.
                    planned_read=planned_read, planned_written=planned_written,
                    states_on_ssd=sum(t == Tier.SSD for _, t in plan.placement.optimizer_tier),
                    groups=len(plan.placement.optimizer_tier))
+    if args.profile:
+        # One more step, profiled (untimed: the events cost a little): the plan's lanes beside the measured ones,
+        # the timeline that says why a row falls short of its prediction or of another system.
+        engine.profile = True
+        engine.backward(engine(ids, labels=ids).loss)
+        engine.step()
+        system = "ratel_streamed" if resident is False else "ssd" if ssd_dir else "ratel"
+        label = f"{system}, {layers} layers, batch {batch}"
+        with open(Path(args.out) / "profiles.txt", "a") as f:
+            f.write(f"==== {label}\n{ratel.summary(plan, engine.last_step)}\n")
     engine.close()
     del engine
     gc.collect()
@@ -322,6 +336,7 @@ class Runner:
         self.out.mkdir(parents=True, exist_ok=True)
         self.rows_path = self.out / "rows.jsonl"
         self.rows_path.write_text("")
+        (self.out / "profiles.txt").write_text("")     # the Ratel rows' profiled steps append to it
         self.rows: list[dict] = []
 
     def timeout(self) -> float:

@@ -43,6 +43,11 @@ def test_smoke_run_writes_a_row_per_configuration_and_the_table(tmp_path):
     assert text in proc.stdout
     assert "| Ratel | 1 |" in text and "| Ratel, every group streamed (resident=False) | 1 |" in text and "| GPU-resident PyTorch (bound) | 1 |" in text and "| 3L (" in text
     assert "roofline / step" in text and "Card: CPU" in text
+    # Every Ratel row's profiled step: the summary with measured figures beside the predicted ones.
+    profiles = (out / "profiles.txt").read_text()
+    for label in ("ratel, 2 layers, batch 1", "ratel_streamed, 2 layers, batch 1", "ssd, 3 layers, batch 1"):
+        assert f"==== {label}\n" in profiles
+    assert profiles.count("measured     step") == 3
     if importlib.util.find_spec("matplotlib"):
         assert (out / "throughput.png").stat().st_size > 0
 
