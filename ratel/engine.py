@@ -54,7 +54,8 @@ def _close_open_engines() -> None:
     from inside whatever C++ call it is in, and a noexcept frame there aborts the process. A script that
     trained and ended without ``close()`` exited with status 134 ("terminate called without an active
     exception") about four times in five when updates were still running. Swap files are removed as
-    ``close`` removes them; the model objects are not given a copy of the weights (the process is ending)."""
+    ``close`` removes them (nothing else did: a script that never closed its engine left them in ssd_dir);
+    the model objects are not given a copy of the weights (the process is ending)."""
     for engine in list(_OPEN_ENGINES):
         try:
             engine._close(keep_model=False)

@@ -270,3 +270,29 @@ def test_states_move_in_pieces_and_train_exactly_like_whole_groups_in_host_memor
     assert first + rest == expected
     for name, value in expected_state.items():
         assert torch.equal(state[name], value), name
+
+
+_ENDS_OPEN = """
+import os, sys, ratel
+from helpers import batches, host_minimum, make_model, train_steps
+model, data = make_model("gpt", layers=3), batches(2)
+engine = ratel.compile(model, budget=ratel.Budget(gpu="1GiB", host=host_minimum(model, data[0][0]),
+                       ssd_dir=sys.argv[1]), example_inputs=(data[0][0],), device="cpu", progress=False)
+train_steps(engine, data)
+print("swap files while open:", sum(len(files) for _, _, files in os.walk(sys.argv[1])))
+"""
+
+
+def test_a_script_that_ends_without_close_leaves_no_swap_files(tmp_path):
+    """Swap files hold gigabytes per billion parameters: a script that never calls close() must not leave them
+    in the user's ssd_dir (they were, before engines were closed at exit)."""
+    import subprocess
+    import sys
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [os.path.dirname(tests), tests, os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    proc = subprocess.run([sys.executable, "-c", _ENDS_OPEN, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.split("swap files while open:")[1]) > 0
+    assert not any(files for _, _, files in os.walk(tmp_path))
