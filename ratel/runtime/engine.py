@@ -95,7 +95,6 @@ class Runtime:
         self.generation = 0
         self._slot_of: dict[int, int] = {}
         self._ready: dict[int, Any] = {}
-        self._slot_free: dict[int, Any] = {}
         self._rng: dict[int, _RngState] = {}
         self._grad_buffers: dict[int, torch.Tensor] = {}
         self._anchor = torch.zeros((), requires_grad=True)
@@ -171,7 +170,7 @@ class Runtime:
             if self.optimizer is not None and group.trainable:
                 self.optimizer.wait(group.index)   # never stream a weight the optimizer is still writing
         ready = None
-        free = self._slot_free.pop(slot, None)
+        free = self.store.slot_free.pop(slot, None)
         for group, view in self.store.slot_group_views(index, slot):
             on_ssd = self.store.params_on_ssd(group)
             source = self.store.ssd_params.acquire(group) if on_ssd else self.store.compute[group.index]
@@ -204,7 +203,7 @@ class Runtime:
 
     def _release_params(self, index: int) -> None:
         slot = self._slot_of.pop(index)
-        self._slot_free[slot] = self.lanes.event()
+        self.store.slot_free[slot] = self.lanes.event()
 
     def offload_activation(self, name: str, value) -> None:
         """The graph's ``ratel.offload_activation`` node (a no-op without autograd: nothing will read it)."""

@@ -126,12 +126,16 @@ class ParamStore:
         placement = plan.placement
         self.ring = [torch.empty(placement.slot_bytes, dtype=torch.uint8, device=device)
                      for _ in range(placement.depth)]
+        # slot -> event of the compute lane's last use of it: a fetch into the slot waits for it. Kept here, not
+        # per program: every program streams through this one ring, so a new input shape's first fetch must
+        # wait for the kernels of the shape before it (an inference forward's may well still be queued).
+        self.slot_free: dict[int, object] = {}
         self._param_location = {name: (g.index, i) for g in self.groups for i, name in enumerate(g.params)}
 
     def drop(self) -> None:
         """Let go of every host and device buffer (the engine is closing)."""
         for table in (self.master, self.exp_avg, self.exp_avg_sq, self.compute, self.grad_staging, self.steps,
-                      self.device_compute, self.device_grads, self.written_back):
+                      self.device_compute, self.device_grads, self.written_back, self.slot_free):
             table.clear()
         self.grad_ring = None
         self.ring = []

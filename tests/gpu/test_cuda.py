@@ -346,3 +346,31 @@ def test_torch_stream_sanitizer_finds_no_unsynchronised_access_in_two_training_s
     assert "CSAN detected" not in output, output[-6000:]
     assert proc.returncode == 0, output[-6000:]
     assert "parameters finite: True" in proc.stdout
+
+
+def test_a_new_input_shape_waits_for_the_kernels_of_the_shape_before_it(monkeypatch):
+    """Every program (one per input shape) streams weights through the same ring of GPU slots. An inference
+    forward returns with its kernels still queued; a training forward of another shape right after must not
+    copy weights into a slot those kernels still read. The compute stream is held back to make that likely."""
+    from ratel.runtime.memory import Lanes
+    original = Lanes.copy
+
+    def copy_late(self, dst, src, stream, after=None, span=None):
+        if self.cuda:
+            torch.cuda._sleep(2_000_000)      # on the compute stream: the host runs ahead of it
+        return original(self, dst, src, stream, after, span)
+
+    monkeypatch.setattr(Lanes, "copy", copy_late)
+    model = make_model("gpt_untied", layers=4, dtype=torch.bfloat16)
+    short, long = batches(1, batch=2, seq=32)[0][0], batches(1, batch=2, seq=64, seed=2)[0][0]
+    with torch.no_grad():
+        expected = copy.deepcopy(model).cuda()(short.cuda()).logits.float().cpu()
+    engine = ratel.compile(model, budget="2GiB", optimizer=ratel.AdamW(lr=1e-3), example_inputs=(long,),
+                           device="cuda", progress=False, resident=False)
+    with torch.no_grad():
+        logits = engine(short).logits            # returns with its kernels queued behind the sleeps
+    engine.backward(engine(long, labels=long).loss)  # another program: its first fetches reuse the slots
+    got = logits.float().cpu()
+    engine.step()
+    engine.close()
+    assert torch.allclose(got, expected, rtol=LOSS_RTOL, atol=1e-2), (got - expected).abs().max()
