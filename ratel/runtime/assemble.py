@@ -129,10 +129,7 @@ class Resources:
                       if params_on_ssd else None)
         self.store = ParamStore(plan, self.device, self.store_pool, ssd=self.ssd, ssd_params=ssd_params,
                                 accumulate=accumulate, clip=max_grad_norm is not None, ranks=self.ranks,
-                                compute_pool=self.shared_pool)
-        self.store.lanes = self.lanes
-        # The ring was just allocated on the compute stream, maybe in blocks whose last kernels are still queued.
-        self.store.slot_free.update({slot: self.lanes.event() for slot in range(len(self.store.ring))})
+                                compute_pool=self.shared_pool, lanes=self.lanes)
         self.store.load(self.model, self.weights, progress=self.progress, checkpoint=self.checkpoint,
                         step=self.optimizer_step)
         if self.checkpoint is not None:

@@ -281,10 +281,9 @@ class CPUOptimizer:
 
     def close(self) -> None:
         """Stop the worker once it has done what is queued, and raise a failure of it not raised yet. Not
-        ``wait_all``:
-        an update cycle a failed backward left open (clipping waits for every group) never completes, and
-        waiting for it hung ``close()`` (and so the exit of a script interrupted mid-backward, which closes
-        the engines it left open)."""
+        ``wait_all``: an update cycle a failed backward left open (clipping waits for every group) never
+        completes, and waiting for it hung ``close()`` (and so the exit of a script interrupted mid-backward,
+        which closes the engines it left open)."""
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()

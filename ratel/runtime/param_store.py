@@ -63,7 +63,7 @@ class GradientRing:
 
 class ParamStore:
     def __init__(self, plan: Plan, device: torch.device, pool: PinnedPool, ssd=None, ssd_params=None,
-                 accumulate: int = 1, clip: bool = False, ranks=None, compute_pool=None):
+                 accumulate: int = 1, clip: bool = False, ranks=None, compute_pool=None, lanes=None):
         self.plan = plan
         # Several data-parallel ranks: each updates its slice of every group. It keeps host-resident masters
         # and moments for that slice only; SSD-resident ones whole, current only in its slice until gathered.
@@ -88,7 +88,7 @@ class ParamStore:
         self.device_compute: dict[int, torch.Tensor] = {}
         self.device_grads: dict[int, torch.Tensor] = {}    # gradients of resident groups awaiting their update
         self.written_back: dict[int, object] = {}          # group -> event of its last copy to the host
-        self.lanes = None                                   # the engine's Lanes, for the write-backs
+        self.lanes = lanes                                  # the engine's Lanes, for the write-backs
         for g in self.groups:
             if not self.params_on_ssd(g):
                 self.compute[g.index] = (compute_pool or pool).take(g.nbytes, g.dtype)
@@ -128,8 +128,10 @@ class ParamStore:
                      for _ in range(placement.depth)]
         # slot -> event of the compute lane's last use of it: a fetch into the slot waits for it. Kept here, not
         # per program: every program streams through this one ring, so a new input shape's first fetch must
-        # wait for the kernels of the shape before it (an inference forward's may well still be queued).
-        self.slot_free: dict[int, object] = {}
+        # wait for the kernels of the shape before it (an inference forward's may well still be queued). The
+        # first use is the allocation above, on the compute stream, maybe of blocks whose kernels are queued.
+        self.slot_free: dict[int, object] = ({slot: lanes.event() for slot in range(len(self.ring))}
+                                             if lanes is not None else {})
         self._param_location = {name: (g.index, i) for g in self.groups for i, name in enumerate(g.params)}
 
     def drop(self) -> None:
