@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -24,25 +22,9 @@ import torch
 import ratel
 from ratel.ir.hardware import cpu_model
 from ratel.models import GPT, GPTConfig
+from ratel.tools.bench import WARMUP_STEPS, _time   # warm-ups, then the median of synchronised steps
 
 POLICIES = ("recompute", "auto", "keep", "host")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_step(step, device: torch.device, steps: int, warmup: int = 2) -> float:
-    times = []
-    for i in range(warmup + steps):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -65,7 +47,7 @@ def main() -> None:
         opt.step()
         opt.zero_grad()
 
-    eager = _median_step(eager_step, device, args.steps)
+    eager = _time(eager_step, args.steps, device).median
     rows = []
     for policy in POLICIES:
         torch.manual_seed(0)
@@ -79,7 +61,7 @@ def main() -> None:
             engine.backward(loss)
             engine.step()
 
-        step = _median_step(ratel_step, device, args.steps)
+        step = _time(ratel_step, args.steps, device).median
         engine.close()
         rows.append((policy, units, saved, step, (step - eager) / units))
 
@@ -88,7 +70,8 @@ def main() -> None:
              f"({datetime.date.today()}, {where}, {torch.get_num_threads()} threads, torch {torch.__version__})",
              "",
              f"`benchmarks/host_overhead.py --layers {args.layers} --device {args.device}`: GPT {args.layers}L h=64 "
-             f"seq 32 batch 1, median of {args.steps} steps after 2 warm-ups, on {platform.node() or 'this host'}.",
+             f"seq 32 batch 1, median of {args.steps} steps after {WARMUP_STEPS} warm-ups, "
+             f"on {platform.node() or 'this host'}.",
              "",
              "| system | units (saved mode) | step | / eager | added per unit |",
              "|---|---|---|---|---|",

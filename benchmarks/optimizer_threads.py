@@ -16,7 +16,6 @@ import datetime
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ import torch
 import ratel
 from ratel.ir.hardware import cpu_model
 from ratel.runtime.cpu_adam import THREADS_ENV
+from ratel.tools.bench import WARMUP_STEPS, _time   # warm-ups, then the median of synchronised steps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from finetune import CONFIG  # noqa: E402 - the main job's model, from the script beside it
@@ -45,17 +45,17 @@ def _run(threads: int, device: torch.device, steps: int, ids: torch.Tensor) -> t
         budget = error.needed
     engine = ratel.compile(model, budget=budget, optimizer=ratel.AdamW(lr=3e-3), example_inputs=(ids,),
                            device=device, progress=False)
-    times, losses = [], []
-    for step in range(steps + 2):
-        start = time.perf_counter()
+    losses = []
+
+    def step():
         loss = engine(ids, labels=ids).loss
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
-        if step >= 2:          # two warm-ups
-            times.append(time.perf_counter() - start)
+
+    timing = _time(step, steps, device)
     engine.close()
-    return statistics.median(times), losses
+    return timing.median, losses
 
 
 def main() -> None:
@@ -82,7 +82,8 @@ def main() -> None:
              f"{cpu_model()}, {os.cpu_count()} cores, {where}, torch {torch.__version__})", "",
              f"`benchmarks/optimizer_threads.py --steps {args.steps} --rounds {args.rounds} --device {args.device}`: "
              f"4-layer Llama h=128 (examples/finetune.py), batch 8 x 128, smallest GPU budget accepted; median "
-             f"step of {args.steps} after 2 warm-ups, each round's median shown; training thread: {every} threads.",
+             f"step of {args.steps} after {WARMUP_STEPS} warm-ups, each round's median shown; "
+             f"training thread: {every} threads.",
              "", "| optimizer threads | step (per round) | / every thread | losses equal to every thread's |",
              "|---|---|---|---|"]
     for n in counts:
