@@ -226,6 +226,12 @@ def host_minimum(model, ids, accumulate: int = 1, device: str = "cpu", gpu: str 
                                         accumulate=accumulate, clip=clip, ranks=ranks))
 
 
+def first_groups(model, ids, k: int, device: str = "cuda") -> list[str]:
+    """The names of the first ``k`` groups the planner would weigh keeping on the GPU (the first units')."""
+    groups = ratel.explain(model, "1TiB", (ids,), device=device, resident=False).groups
+    return [g.name for g in sorted(groups, key=lambda g: (g.update_unit, g.index))[:k]]
+
+
 def train_seeded(engine, data) -> list[float]:
     """One update per (ids, labels) batch, the RNG seeded as ``mixed_precision_reference`` seeds it; the losses."""
     losses = []

@@ -6,15 +6,24 @@ import pytest
 import torch
 
 import ratel
-from helpers import VOCAB, batches, make_model, mixed_precision_reference, train_seeded
+from helpers import VOCAB, batches, first_groups, make_model, mixed_precision_reference, train_seeded
 
 pytestmark = pytest.mark.gpu
 
 
-def _first_groups(model, ids, k: int) -> list[str]:
-    """The names of the first ``k`` groups the planner would weigh keeping on the GPU (the first units')."""
-    groups = ratel.explain(model, "1TiB", (ids,), device="cuda", resident=False).groups
-    return [g.name for g in sorted(groups, key=lambda g: (g.update_unit, g.index))[:k]]
+def _hold_lane_back(monkeypatch, lagging: str) -> None:
+    """Make the compute stream (``lagging="compute"``) or the copy's own stream (``"copies"``) sleep before
+    every copy Ratel issues: that lane then runs far behind the host, as a large model's kernels make it."""
+    from ratel.runtime.memory import Lanes
+    original = Lanes.copy
+
+    def copy_late(self, dst, src, stream, after=None, span=None):
+        if self.cuda:
+            with torch.cuda.stream(torch.cuda.current_stream(self.device) if lagging == "compute" else stream):
+                torch.cuda._sleep(2_000_000)
+        return original(self, dst, src, stream, after, span)
+
+    monkeypatch.setattr(Lanes, "copy", copy_late)
 
 
 def _relative_differences(losses, ref_losses, state, ref_masters) -> tuple[float, float]:
@@ -41,7 +50,7 @@ def test_bf16_training_equals_pytorch_mixed_precision(kind, policy, resident):
     data = batches(10, batch=4, seq=32)
     ref_losses, ref_masters = mixed_precision_reference(model, data, 1e-3, 0.1, device="cuda")
     # A model this small gains nothing from resident groups (the plan keeps none): name the first two.
-    first = _first_groups(model, data[0][0], 2) if resident else False
+    first = first_groups(model, data[0][0], 2) if resident else False
     engine = ratel.compile(model, budget="2GiB", optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1),
                            example_inputs=(data[0][0],), device="cuda", progress=False, activations=policy,
                            resident=first)
@@ -257,7 +266,7 @@ def test_resident_and_streamed_groups_on_the_gpu_train_like_pytorch_and_write_th
     model = make_model("gpt_untied", layers=4, dtype=torch.bfloat16)
     data = batches(6, batch=4, seq=32)
     ref_losses, ref_masters = mixed_precision_reference(model, data, 1e-3, 0.1, device="cuda")
-    first = _first_groups(model, data[0][0], 2)      # (a model this small gains nothing: the plan would keep none)
+    first = first_groups(model, data[0][0], 2)      # (a model this small gains nothing: the plan would keep none)
     engine = ratel.compile(model, budget="2GiB", optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1),
                            example_inputs=(data[0][0],), device="cuda", progress=False, activations="recompute",
                            resident=first)
@@ -286,22 +295,13 @@ def test_training_equals_pytorch_when_one_lane_runs_far_behind_the_host(monkeypa
     queues the next, so the tests above can pass on unsynchronised code. Here the compute stream (or the copy
     streams) sleeps before every copy: each lane sees the others' work arrive as late as it can, and any copy
     that relies on timing instead of events or on memory another lane still uses changes the result."""
-    from ratel.runtime.memory import Lanes
-    original = Lanes.copy
-
-    def copy_late(self, dst, src, stream, after=None, span=None):
-        if self.cuda:
-            with torch.cuda.stream(torch.cuda.current_stream(self.device) if lagging == "compute" else stream):
-                torch.cuda._sleep(2_000_000)
-        return original(self, dst, src, stream, after, span)
-
-    monkeypatch.setattr(Lanes, "copy", copy_late)
+    _hold_lane_back(monkeypatch, lagging)
     model = make_model("gpt_untied", layers=4, dtype=torch.bfloat16)
     data = batches(4, batch=4, seq=64)
     ref_losses, ref_masters = mixed_precision_reference(model, data, 1e-3, 0.1, device="cuda")
     engine = ratel.compile(model, budget="2GiB", optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1),
                            example_inputs=(data[0][0],), device="cuda", progress=False, activations=policy,
-                           resident=_first_groups(model, data[0][0], 2))
+                           resident=first_groups(model, data[0][0], 2))
     losses = train_seeded(engine, data)
     state = engine.state_dict()
     engine.close()
@@ -313,13 +313,12 @@ def test_training_equals_pytorch_when_one_lane_runs_far_behind_the_host(monkeypa
 _SANITIZED_STEPS = """
 import sys, torch, ratel
 sys.path.insert(0, {tests!r})
-from helpers import batches, make_model
+from helpers import batches, first_groups, make_model
 model = make_model("gpt_untied", layers=2, dtype=torch.bfloat16)
 data = batches(2, batch=2, seq=32)
-groups = ratel.explain(model, "1TiB", (data[0][0],), device="cuda", resident=False).groups
-first = [g.name for g in sorted(groups, key=lambda g: (g.update_unit, g.index))[:1]]
 engine = ratel.compile(model, budget="2GiB", optimizer=ratel.AdamW(lr=1e-3), example_inputs=(data[0][0],),
-                       device="cuda", progress=False, activations={policy!r}, resident=first)
+                       device="cuda", progress=False, activations={policy!r},
+                       resident=first_groups(model, data[0][0], 1))
 for ids, labels in data:
     loss = engine(ids, labels=labels).loss
     engine.backward(loss)
@@ -352,15 +351,7 @@ def test_a_new_input_shape_waits_for_the_kernels_of_the_shape_before_it(monkeypa
     """Every program (one per input shape) streams weights through the same ring of GPU slots. An inference
     forward returns with its kernels still queued; a training forward of another shape right after must not
     copy weights into a slot those kernels still read. The compute stream is held back to make that likely."""
-    from ratel.runtime.memory import Lanes
-    original = Lanes.copy
-
-    def copy_late(self, dst, src, stream, after=None, span=None):
-        if self.cuda:
-            torch.cuda._sleep(2_000_000)      # on the compute stream: the host runs ahead of it
-        return original(self, dst, src, stream, after, span)
-
-    monkeypatch.setattr(Lanes, "copy", copy_late)
+    _hold_lane_back(monkeypatch, "compute")
     model = make_model("gpt_untied", layers=4, dtype=torch.bfloat16)
     short, long = batches(1, batch=2, seq=32)[0][0], batches(1, batch=2, seq=64, seed=2)[0][0]
     with torch.no_grad():
