@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -224,6 +225,13 @@ def host_minimum(model, ids, accumulate: int = 1, device: str = "cpu", gpu: str 
     tiers = {g.name: Tier.SSD for g in plan.groups if g.trainable}
     return sum(b for _, b in host_usage(plan.groups, tiers, plan.placement.activations, (cpu_adam_kernel() == "torch"),
                                         accumulate=accumulate, clip=clip, ranks=ranks))
+
+
+def subprocess_env(*folders, **variables: str) -> dict:
+    """This process's environment for a script run in a subprocess: ``folders`` first on PYTHONPATH (the
+    repository, to import ratel; the tests, to import these helpers), and ``variables`` set."""
+    path = os.pathsep.join([*map(str, folders), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, **variables}
 
 
 def first_groups(model, ids, k: int, device: str = "cuda") -> list[str]:

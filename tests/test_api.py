@@ -7,7 +7,7 @@ import torch
 
 import ratel
 from helpers import (VOCAB, batches, make_model, max_relative_difference, minimum_budget, param_bytes,
-                     run_side_by_side)
+                     run_side_by_side, subprocess_env)
 
 FAMILIES = ["gpt", "gpt_untied", "gpt2", "llama"]
 
@@ -203,8 +203,7 @@ def test_a_script_that_ends_with_the_engine_open_and_updates_running_exits_clean
     the C++ call it is in, which aborted the process four times in five before engines were closed at exit."""
     import subprocess
     import sys
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(ratel.__file__)),
-                                                        os.environ.get("PYTHONPATH", "")])}
+    env = subprocess_env(os.path.dirname(os.path.dirname(ratel.__file__)))
     for _ in range(3):
         proc = subprocess.run([sys.executable, "-c", _LEFT_OPEN], capture_output=True, text=True, timeout=300,
                               env=env)

@@ -1,17 +1,18 @@
 """benchmarks/ranks.py: the --smoke run on CPU ranks (gloo) end to end: one torchrun per rank count, rows
 merged over the ranks, the table with the speed-up against one rank."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from helpers import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_smoke_run_measures_one_and_two_ranks_and_writes_the_table(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = subprocess_env(ROOT)
     env.pop("OUT", None)
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ranks.py"), "--smoke", "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=300)

@@ -2,7 +2,6 @@
 the table), and DeepSpeed's rows through a stand-in for its harness (DeepSpeed is not installed here)."""
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,11 +11,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import throughput  # noqa: E402  (benchmarks/throughput.py)
+from helpers import subprocess_env  # noqa: E402
 
 
 def test_smoke_run_writes_a_row_per_configuration_and_the_table(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = subprocess_env(ROOT)
     env.pop("OUT", None)
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--smoke", "--batches", "1",
                            "--out", str(out), "--ssd-dir", str(tmp_path / "ssd")],

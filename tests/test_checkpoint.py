@@ -15,7 +15,7 @@ import torch
 
 import ratel
 import checkpoint_run as run
-from helpers import batches, make_model, train_steps
+from helpers import batches, make_model, subprocess_env, train_steps
 from ratel.checkpoint import MANIFEST, CheckpointError
 
 HERE = Path(__file__).parent
@@ -84,7 +84,7 @@ def test_a_save_killed_at_any_point_resumes_from_the_last_complete_checkpoint(po
     losses, final = uninterrupted
     proc = subprocess.run([sys.executable, str(HERE / "checkpoint_run.py"), str(tmp_path), point],
                           capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])})
+                          env=subprocess_env(HERE.parent))
     assert proc.returncode == -9, proc.stderr[-3000:]
     start, rest, state = resume_and_finish(tmp_path / "ckpt", tmp_path / "swap")
     assert start == expected_step

@@ -18,7 +18,7 @@ from ratel.runtime.ranks import Ranks
 
 sys.path.insert(0, os.path.dirname(__file__))
 import ranks_run as run  # noqa: E402
-from helpers import make_model, no_decay_groups  # noqa: E402
+from helpers import make_model, no_decay_groups, subprocess_env  # noqa: E402
 
 WORKER = Path(run.__file__)
 # Ranks sum gradients in another order than one process's backward: fp32 rounding (losses and norms agree to
@@ -28,9 +28,7 @@ TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 
 
 def torchrun(ranks: int, out: Path, *args: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(ratel.__file__).parents[1]),
-                                                         os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(Path(ratel.__file__).parents[1], OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                            str(WORKER), str(out), *args], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import ratel
-from helpers import batches, host_minimum, make_model, max_relative_difference, mixed_precision_reference, train_seeded
+from helpers import (batches, host_minimum, make_model, max_relative_difference, mixed_precision_reference,
+                     subprocess_env, train_seeded)
 from ratel.ir import Tier
 from ratel.ir.layout import host_usage
 from ratel.runtime.calibrate import cpu_adam_kernel
@@ -289,8 +290,7 @@ def test_a_script_that_ends_without_close_leaves_no_swap_files(tmp_path):
     import subprocess
     import sys
     tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    paths = [os.path.dirname(tests), tests, os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    env = subprocess_env(os.path.dirname(tests), tests)
     proc = subprocess.run([sys.executable, "-c", _ENDS_OPEN, str(tmp_path)], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

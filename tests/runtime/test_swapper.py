@@ -20,6 +20,7 @@ import time
 import pytest
 import torch
 
+from helpers import subprocess_env
 from ratel.runtime import swapper as swapper_mod
 from ratel.runtime.swapper import (ALIGNMENT, BufferInUseError, IOHandle, SwapFile, SwapIOError, Swapper,
                                    aligned_empty, uring_available)
@@ -503,7 +504,7 @@ def test_real_conditions_in_a_user_namespace(tmp_path):
         d.mkdir()
     shell = (f"mount -t tmpfs -o size=1m none {tiny} && mount -t ramfs none {ram} && "
              f"mount -t tmpfs -o ro,size=1m none {ro} && exec {sys.executable} -c \"$0\" {tiny} {ram} {ro}")
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = subprocess_env(REPO)
     try:
         proc = subprocess.run(["unshare", "-Urm", "sh", "-c", shell, _NAMESPACE_SCRIPT], capture_output=True,
                               text=True, timeout=60, env=env)

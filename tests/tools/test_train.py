@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import subprocess_env
 from ratel.cli import main
 from ratel.errors import RatelError
 from ratel.data import Batches, load_examples, load_tokenizer, pack, split
@@ -165,7 +165,7 @@ def test_a_run_writes_metrics_evaluations_and_a_loadable_model_with_its_tokenize
 def test_sigterm_saves_and_resume_continues_as_the_uninterrupted_run(uninterrupted, tmp_path):
     config, result = uninterrupted
     interrupted = dataclasses.replace(config, out=str(tmp_path / "run"), save_every=100)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = subprocess_env(HERE.parents[1])
     proc = subprocess.run([sys.executable, str(HERE / "train_run.py"), json.dumps(dataclasses.asdict(interrupted)), "5"],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 128 + 15, proc.stderr[-3000:]
@@ -244,8 +244,7 @@ def test_two_ranks_under_torchrun_equal_one_process_and_resume_on_one(model_dir,
     """``torchrun --nproc-per-node 2``: 2 rows a rank train as one process with 4 rows; SIGTERM to one rank
     stops both after the same update with one checkpoint, which one process with --batch 4 continues."""
     config = config_for(model_dir, data_file, tmp_path / "run", steps=6, save_every=100)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(HERE.parents[1], OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            str(HERE / "train_run.py"), json.dumps(dataclasses.asdict(config)), "3", "1"],
                           capture_output=True, text=True, timeout=600, env=env)
