@@ -21,7 +21,6 @@ race.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -118,10 +117,8 @@ def main() -> None:
     if args.mode is not None:
         return run_mode(args)
     for mode in args.modes:
-        argv = [a for a in sys.argv[1:]]
         try:
-            done = subprocess.run([sys.executable, __file__, *argv, "--mode", mode], timeout=args.row_timeout,
-                                  env=os.environ)
+            done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--mode", mode], timeout=args.row_timeout)
             if done.returncode != 0:
                 print(f"[{mode}] failed with exit code {done.returncode}", flush=True)
         except subprocess.TimeoutExpired:
