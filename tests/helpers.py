@@ -10,7 +10,7 @@ import torch
 
 import ratel
 from ratel.ir import Tier
-from ratel.ir.layout import host_usage
+from ratel.ir.layout import device_state_bytes, host_usage
 from ratel.models import GPT, GPTConfig
 from ratel.runtime.calibrate import cpu_adam_kernel
 
@@ -225,6 +225,16 @@ def host_minimum(model, ids, accumulate: int = 1, device: str = "cpu", gpu: str 
     tiers = {g.name: Tier.SSD for g in plan.groups if g.trainable}
     return sum(b for _, b in host_usage(plan.groups, tiers, plan.placement.activations, (cpu_adam_kernel() == "torch"),
                                         accumulate=accumulate, clip=clip, ranks=ranks))
+
+
+def resident_budget(model, ids, groups: int, accumulate: int = 1, **kwargs) -> int:
+    """A GPU budget that holds the streaming plan and the first ``groups`` candidates resident, no more."""
+    streaming = ratel.explain(model, "1GiB", (ids,), device="cpu", resident=False, activations="recompute",
+                              accumulate=accumulate, **kwargs)
+    order = sorted(streaming.groups, key=lambda g: (g.update_unit, g.index))
+    extra = sum(device_state_bytes(g, accumulate) for g in order[:groups])
+    scratch = max(g.numel * 4 for g in order[:groups])
+    return streaming.memory.gpu_peak + extra + scratch + 4096
 
 
 def subprocess_env(*folders, **variables: str) -> dict:

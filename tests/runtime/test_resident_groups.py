@@ -7,19 +7,8 @@ import pytest
 import torch
 
 import ratel
-from helpers import (batches, make_model, max_relative_difference, no_decay_groups, train_like_pytorch, train_seeded,
-                     train_steps)
-from ratel.ir.layout import device_state_bytes
-
-
-def _budget_for(model, ids, groups: int, accumulate: int = 1, **kwargs) -> int:
-    """A GPU budget that holds the streaming plan and the first ``groups`` candidates resident, no more."""
-    streaming = ratel.explain(model, "1GiB", (ids,), device="cpu", resident=False, activations="recompute",
-                              accumulate=accumulate, **kwargs)
-    order = sorted(streaming.groups, key=lambda g: (g.update_unit, g.index))
-    extra = sum(device_state_bytes(g, accumulate) for g in order[:groups])
-    scratch = max(g.numel * 4 for g in order[:groups])
-    return streaming.memory.gpu_peak + extra + scratch + 4096
+from helpers import (batches, make_model, max_relative_difference, no_decay_groups, resident_budget, train_like_pytorch,
+                     train_seeded, train_steps)
 
 
 def _split(engine):
@@ -32,7 +21,7 @@ def _split(engine):
 def test_resident_and_streamed_groups_train_exactly_like_pytorch(accumulate, max_grad_norm):
     model = make_model("llama", layers=3)
     data = batches(3 * accumulate, batch=2, seq=16)
-    budget = _budget_for(model, data[0][0], 3, accumulate, max_grad_norm=max_grad_norm)
+    budget = resident_budget(model, data[0][0], 3, accumulate, max_grad_norm=max_grad_norm)
     result = train_like_pytorch(model, data, accumulate=accumulate, max_grad_norm=max_grad_norm, budget=budget,
                                 groups=lambda m: no_decay_groups(m, 0.1), resident=True, activations="recompute")
     engine = result["engine"]
@@ -53,7 +42,7 @@ def test_resident_and_streamed_groups_train_exactly_like_pytorch(accumulate, max
 def test_a_non_finite_norm_skips_the_update_of_resident_groups_too():
     model = make_model("gpt", layers=2)
     data = batches(3, batch=2, seq=16)
-    budget = _budget_for(model, data[0][0], 2, max_grad_norm=1.0)
+    budget = resident_budget(model, data[0][0], 2, max_grad_norm=1.0)
     with pytest.warns(RuntimeWarning, match="skipped"):
         result = train_like_pytorch(model, data, max_grad_norm=1.0, budget=budget, poison=(1,), resident=True,
                                     activations="recompute")
@@ -70,7 +59,7 @@ def test_frozen_groups_stay_on_the_gpu_and_only_the_trained_ones_change():
         if "blocks.0" in name or "blocks.1" in name:
             p.requires_grad_(False)        # e.g. the base weights under adapters
     data = batches(3, batch=2, seq=16)
-    budget = _budget_for(model, data[0][0], 4)
+    budget = resident_budget(model, data[0][0], 4)
     result = train_like_pytorch(model, data, budget=budget, resident=True, activations="recompute")
     engine = result["engine"]
     on_gpu, _ = _split(engine)
@@ -86,7 +75,7 @@ def test_a_bf16_model_keeps_fp32_masters_on_the_gpu_like_mixed_precision():
     # The reference GPT, whose exported graph runs eager's very ops in bf16 (see tests/runtime/test_ssd.py).
     model = make_model("gpt_untied", layers=3, dtype=torch.bfloat16)
     data = batches(3, batch=2, seq=16)
-    budget = _budget_for(model, data[0][0], 3)
+    budget = resident_budget(model, data[0][0], 3)
     reference_losses, masters = mixed_precision_reference(model, data, lr=1e-3, weight_decay=0.1)
     engine = ratel.compile(model, budget=budget, optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1),
                            example_inputs=(data[0][0],), device="cpu", progress=False, resident=True,
@@ -105,7 +94,7 @@ def test_a_checkpoint_with_resident_groups_resumes_resident_or_streaming(tmp_pat
     torch.manual_seed(0)
     model = make_model("gpt", layers=3, dtype=dtype)
     data = batches(4, batch=2, seq=16)
-    budget = _budget_for(model, data[0][0], 3)
+    budget = resident_budget(model, data[0][0], 3)
     opts = dict(device="cpu", progress=False, activations="recompute")
     whole = copy.deepcopy(model)
     continuous = ratel.compile(whole, budget=budget, optimizer=ratel.AdamW(lr=1e-2), example_inputs=(data[0][0],),
@@ -136,7 +125,7 @@ def test_a_checkpoint_with_resident_groups_resumes_resident_or_streaming(tmp_pat
 def test_a_later_input_shape_keeps_the_groups_the_first_put_on_the_gpu():
     model = make_model("gpt", layers=3)
     short, long = batches(1, batch=2, seq=8)[0], batches(1, batch=2, seq=16)[0]
-    budget = _budget_for(model, long[0], 2)
+    budget = resident_budget(model, long[0], 2)
     reference = copy.deepcopy(model)
     engine = ratel.compile(model, budget=budget, optimizer=ratel.AdamW(lr=1e-3), example_inputs=(short[0],),
                            device="cpu", progress=False, resident=True, activations="recompute")
@@ -163,7 +152,7 @@ def test_a_later_shape_that_does_not_fit_with_the_first_shapes_groups_names_them
     model = make_model("gpt", layers=3)
     short = batches(1, batch=2, seq=8)[0]
     long = batches(1, batch=8, seq=64)[0]
-    budget = _budget_for(model, short[0], 2)
+    budget = resident_budget(model, short[0], 2)
     engine = ratel.compile(model, budget=budget, optimizer=ratel.AdamW(lr=1e-3), example_inputs=(short[0],),
                            device="cpu", progress=False, resident=True, activations="recompute")
     kept = [g.name for g in _split(engine)[0]]
@@ -192,7 +181,7 @@ def test_named_groups_that_do_not_fit_are_refused_saying_compile_named_them():
 def test_a_profiled_step_times_each_update_on_the_gpu_where_the_plan_puts_it():
     model = make_model("gpt", layers=3)
     data = batches(1, batch=2, seq=16)
-    engine = ratel.compile(model, budget=_budget_for(model, data[0][0], 2), example_inputs=(data[0][0],),
+    engine = ratel.compile(model, budget=resident_budget(model, data[0][0], 2), example_inputs=(data[0][0],),
                            device="cpu", progress=False, resident=True, activations="recompute")
     engine.profile = True
     train_steps(engine, data)
