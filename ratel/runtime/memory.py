@@ -18,6 +18,7 @@ import warnings
 import torch
 
 from ratel.ir.layout import PAGE, round_up
+from ratel.runtime import checked_lanes
 
 log = logging.getLogger("ratel.runtime")
 ALIGN = PAGE   # page alignment: also what O_DIRECT needs for the SSD tier
@@ -125,20 +126,26 @@ class SharedPool(PinnedPool):
 
 
 class Lanes:
-    """The compute, host-to-device and device-to-host lanes: CUDA streams, or plain calls on CPU."""
+    """The compute, host-to-device and device-to-host lanes: CUDA streams, or plain calls on CPU (deferred
+    and checked with ``RATEL_CHECK_STREAMS=1``: ``ratel.runtime.checked_lanes``)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
+        self.checked = not self.cuda and checked_lanes.checking()
         if self.cuda:
             self.compute = torch.cuda.current_stream(device)
             self.h2d = torch.cuda.Stream(device)
             self.d2h = torch.cuda.Stream(device)
+        elif self.checked:
+            self.compute, self.h2d, self.d2h = checked_lanes.make_lanes()
         else:
             self.compute = self.h2d = self.d2h = None
 
     def event(self, stream=None):
         """Record an event on ``stream`` (default: compute); None on CPU, where every copy is already done."""
+        if self.checked:
+            return checked_lanes.record(stream if stream is not None else self.compute)
         if not self.cuda:
             return None
         event = torch.cuda.Event()
@@ -151,7 +158,11 @@ class Lanes:
             stream.wait_event(event)
 
     def wait_compute(self, event) -> None:
-        if event is not None:
+        if event is None:
+            return
+        if self.checked:
+            event.synchronize()
+        else:
             torch.cuda.current_stream(self.device).wait_event(event)
 
     def landing(self, nbytes: int) -> torch.Tensor:
@@ -167,7 +178,7 @@ class Lanes:
         cannot reuse, more memory than the plan counts.) Freed before the compute lane waited for the copy,
         the block is not reused before the copy is done: ``copy`` marks it used by the H2D stream."""
         flat = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        if self.cuda:
+        if self.cuda or self.checked:
             self.h2d.wait_event(self.event())
         return flat
 
@@ -178,6 +189,8 @@ class Lanes:
         """
         timed = span[0].span(*span[1:], stream=stream, nbytes=dst.numel() * dst.element_size()) \
             if span is not None and span[0] is not None else contextlib.nullcontext()
+        if self.checked and stream is not self.compute:
+            return checked_lanes.copy(dst, src, stream, after, timed, span[2] if span is not None else "")
         if not self.cuda:
             with timed:
                 dst.copy_(src)
