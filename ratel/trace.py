@@ -123,8 +123,8 @@ def _failing_frame(exc: BaseException, model: nn.Module) -> str:
         filename = frame.f_code.co_filename
         if filename.startswith(torch_dir) or filename.startswith(sys.prefix + "/lib/python") and "site-packages" not in filename:
             continue
-        if filename.endswith("ratel/trace.py"):
-            continue
+        if filename.endswith("ratel/trace.py") or frame.f_code.co_name == "__torch_dispatch__":
+            continue     # (a dispatch mode around the call, such as checked lanes' ComputeAccesses, is no model code)
         chosen = (frame, lineno)
     if chosen is None:
         return "  (no frame of model code in the traceback)"
