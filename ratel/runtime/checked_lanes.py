@@ -19,12 +19,14 @@ runtime forgot to order against the compute lane gives the right numbers there a
              reached, or a copy from it (D2H) that reads memory a kernel wrote later, could run beside that
              kernel on a GPU: ``UnorderedCopy`` is raised, naming the copy and the kernel.
 
-What neither sees: kernels on other threads (the CPU optimizer's updates of groups resident on the GPU), and
-order between the copy lanes and host threads, which the host's own waits give.
+The CPU optimizer's worker stamps its kernels on the same clock (``joining``): its updates of groups resident
+on the GPU are compute-stream work there. What neither check sees: order between a copy lane and host
+threads (the optimizer writing weights a pending fetch reads), which only deferral's wrong numbers show.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import threading
 
@@ -52,6 +54,12 @@ _active: "ComputeAccesses | None" = None
 
 def _compute_clock() -> int:
     return _active.clock if _active is not None else 0
+
+
+def joining():
+    """For a thread the runtime starts (the CPU optimizer's worker), taken on the thread that starts it: a
+    context that stamps the new thread's kernels on the training thread's clock, when one is active."""
+    return ComputeAccesses(joins=_active) if _active is not None else contextlib.nullcontext()
 
 
 class DeferredLane:
@@ -168,29 +176,46 @@ def _extent(t: torch.Tensor) -> tuple[int, int, int] | None:
     return base, first, first + span * t.element_size()
 
 
+class _Ledger:
+    """The compute clock and, per storage address, each byte range's last access, write and kernel."""
+
+    def __init__(self):
+        self.clock = 0
+        self.ranges: dict[int, dict[tuple[int, int], list]] = {}    # address -> (first, end) -> [access, write, op]
+        self.lock = threading.Lock()
+
+
 class ComputeAccesses(TorchDispatchMode):
     """Stamps every kernel the training thread runs with a compute clock and keeps, per storage address,
     which byte ranges it read and wrote at which clock (kept across frees: an address handed out again is
     the compute stream's block, its old kernels maybe still queued). ``check`` is the copy lanes' question.
+    ``joins``: another thread's kernels that a GPU would queue on the same compute stream (the optimizer's
+    updates of groups resident on the GPU), stamped on the same clock.
 
     Factory kernels (``empty`` and kin) are not accesses, nor are views; copies of deferred lanes that run on
     this thread are the copy lanes', not compute."""
 
     _FACTORIES = {"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like"}
 
-    def __init__(self):
+    def __init__(self, joins: "ComputeAccesses | None" = None):
         super().__init__()
-        self.clock = 0
-        self._ranges: dict[int, dict[tuple[int, int], list]] = {}    # address -> (first, end) -> [access, write, op]
+        self.ledger = joins.ledger if joins is not None else _Ledger()
+        self._joined = joins is not None
+
+    @property
+    def clock(self) -> int:
+        return self.ledger.clock
 
     def __enter__(self):
         global _active
-        self._outer, _active = _active, self
+        if not self._joined:
+            self._outer, _active = _active, self
         return super().__enter__()
 
     def __exit__(self, *exc):
         global _active
-        _active = self._outer
+        if not self._joined:
+            _active = self._outer
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -198,22 +223,20 @@ class ComputeAccesses(TorchDispatchMode):
         out = func(*args, **kwargs)
         if getattr(_state, "in_copy", False) or func.is_view or func.__name__.split(".")[0] in self._FACTORIES:
             return out
-        self.clock += 1
-        schema = func._schema
         written = set()
-        for i, argument in enumerate(schema.arguments):
+        for i, argument in enumerate(func._schema.arguments):
             if argument.alias_info is not None and argument.alias_info.is_write:
                 value = args[i] if i < len(args) else kwargs.get(argument.name)
-                for t in tree_flatten(value)[0]:
-                    if isinstance(t, torch.Tensor):
-                        written.add(id(t))
+                written.update(id(t) for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor))
         reads = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         writes = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         name = str(func)
-        for t in reads:
-            self._stamp(t, id(t) in written, name)
-        for t in writes:
-            self._stamp(t, True, name)
+        with self.ledger.lock:
+            self.ledger.clock += 1
+            for t in reads:
+                self._stamp(t, id(t) in written, name)
+            for t in writes:
+                self._stamp(t, True, name)
         return out
 
     def _stamp(self, t: torch.Tensor, wrote: bool, op: str) -> None:
@@ -221,18 +244,20 @@ class ComputeAccesses(TorchDispatchMode):
         if extent is None:
             return
         base, first, end = extent
-        entry = self._ranges.setdefault(base, {}).setdefault((first, end), [0, 0, ""])
-        entry[0] = self.clock
+        entry = self.ledger.ranges.setdefault(base, {}).setdefault((first, end), [0, 0, ""])
+        entry[0] = self.ledger.clock
         entry[2] = op
         if wrote:
-            entry[1] = self.clock
+            entry[1] = self.ledger.clock
 
     def check(self, t: torch.Tensor, reached: int, writes_only: bool, what: str) -> None:
         extent = _extent(t)
         if extent is None:
             return
         base, first, end = extent
-        for (a, b), (accessed, wrote, op) in self._ranges.get(base, {}).items():
+        with self.ledger.lock:
+            entries = list(self.ledger.ranges.get(base, {}).items())
+        for (a, b), (accessed, wrote, op) in entries:
             clock = wrote if writes_only else accessed
             if a < end and first < b and clock > reached:
                 kind = "wrote" if writes_only else "used"

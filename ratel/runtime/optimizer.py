@@ -42,6 +42,7 @@ import torch
 
 from ratel.errors import RatelError
 from ratel.ir import ParamGroup, TransferKind as K
+from ratel.runtime import checked_lanes
 from ratel.runtime.cpu_adam import accumulate_, adamw_step, fused_adamw_step
 
 log = logging.getLogger("ratel.runtime")
@@ -158,6 +159,7 @@ class CPUOptimizer:
         self._failure: BaseException | None = None    # its first failure: from then on the engine cannot train
         # OpenMP thread counts are per calling thread: take the training thread's, not the worker's default.
         self.threads = threads or torch.get_num_threads()
+        self._checked = checked_lanes.joining()   # (checked lanes: its updates on the "GPU" are compute too)
         self._thread = threading.Thread(target=self._work, name="ratel-cpu-adamw", daemon=True)
         self._thread.start()
 
@@ -303,6 +305,10 @@ class CPUOptimizer:
     # ------------------------------------------------------------------ the worker
     def _work(self) -> None:
         torch.set_num_threads(self.threads)
+        with self._checked:
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:

@@ -188,7 +188,8 @@ class ParamStore:
             self.compute[group.index].copy_(self.device_compute[group.index])
             return
         self.written_back[group.index] = lanes.copy(self.compute[group.index], self.device_compute[group.index],
-                                                    lanes.d2h, after=lanes.event(lanes.compute))
+                                                    lanes.d2h, after=lanes.event(lanes.compute),
+                                                    span=(None, "d2h", f"write back {group.name}", -1))
 
     def before_update(self, group: ParamGroup) -> None:
         """A resident group's update must not overwrite the weights its last write-back still reads."""

@@ -142,6 +142,19 @@ def test_a_fetch_that_does_not_wait_for_its_slot_to_be_free_is_refused(checked, 
         _train()
 
 
+def test_a_write_back_not_ordered_after_the_update_on_the_optimizers_thread_is_refused(checked, monkeypatch):
+    """With clipping, groups resident on the device are updated on the optimizer's thread, on the compute
+    stream of a GPU; their new weights' copy to the host must follow that update."""
+    copy = memory.Lanes.copy
+
+    def write_back_at_once(self, dst, src, stream, after=None, span=None):
+        unordered = span is not None and span[2].startswith("write back")
+        return copy(self, dst, src, stream, None if unordered else after, span)
+    monkeypatch.setattr(memory.Lanes, "copy", write_back_at_once)
+    with pytest.raises(RuntimeError, match=r"D2H copy \(write back .*_fused_adamw_"):
+        _train(resident=True, max_grad_norm=0.05)
+
+
 @pytest.mark.parametrize("forget_slot_events", [False, True], ids=["as built", "slot events per program"])
 def test_a_new_input_shape_fetches_after_the_kernels_of_the_shape_before_it(checked, forget_slot_events):
     """Every program streams through one ring: a new shape's first fetch into a slot must wait for the last
