@@ -23,6 +23,7 @@ import torch
 import ratel
 from ratel.ir import Tier, format_bytes
 from ratel.models import GPT, GPTConfig
+from ratel.tools.bench import publish
 
 
 def main():
@@ -141,10 +142,7 @@ def main():
         cells.append(row.get("auto", ("", "", ""))[2] if "auto" in row and len(row["auto"]) > 2 else "-")
         cells.append("; ".join(f"{k}: {row[k][1]}" for k in policies if k in row))
         lines.append("| " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with open(args.results, "a") as f:
-        f.write(text)
+    publish("\n".join(lines) + "\n", args.results)
 
 
 if __name__ == "__main__":

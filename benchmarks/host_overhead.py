@@ -22,7 +22,7 @@ import torch
 import ratel
 from ratel.ir.hardware import cpu_model
 from ratel.models import GPT, GPTConfig
-from ratel.tools.bench import WARMUP_STEPS, _time   # warm-ups, then the median of synchronised steps
+from ratel.tools.bench import WARMUP_STEPS, _time, publish   # warm-ups, then the median of synchronised steps
 
 POLICIES = ("recompute", "auto", "keep", "host")
 
@@ -79,11 +79,7 @@ def main() -> None:
     for policy, units, saved, step, per_unit in rows:
         lines.append(f"| Ratel, activations={policy} | {units} ({saved}) | {step * 1e3:.1f} ms | {step / eager:.2f} | "
                      f"{per_unit * 1e3:.2f} ms |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.append_results:
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write("\n" + table)
+    publish("\n".join(lines) + "\n", Path(__file__).with_name("RESULTS.md") if args.append_results else None)
 
 
 if __name__ == "__main__":

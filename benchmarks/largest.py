@@ -30,7 +30,7 @@ from ratel.errors import BudgetError
 from ratel.ir import Tier, format_bytes
 from ratel.ir.hardware import HardwareProfile, host_memory
 from ratel.models import GPT, GPTConfig
-from ratel.tools.bench import model_flops
+from ratel.tools.bench import model_flops, publish
 
 
 def meta_gpt(layers: int, args) -> GPT:
@@ -148,9 +148,7 @@ def main():
             f"{format_bytes(row['planned_host'])} / {format_bytes(row['planned_ssd'])} | {format_bytes(row['rss'])} | "
             f"{format_bytes(row.get('ssd_read', 0))} / {format_bytes(row.get('ssd_written', 0))} | "
             f"{format_bytes(row['reserved'])} | {(row['planned_host'] + row['planned_ssd']) / n:.1f} |\n")
-    print(text)
-    with Path(args.results).open("a") as f:
-        f.write(text)
+    publish(text, args.results)
 
 
 if __name__ == "__main__":

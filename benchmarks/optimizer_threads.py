@@ -23,7 +23,7 @@ import torch
 import ratel
 from ratel.ir.hardware import cpu_model
 from ratel.runtime.cpu_adam import THREADS_ENV
-from ratel.tools.bench import WARMUP_STEPS, _time   # warm-ups, then the median of synchronised steps
+from ratel.tools.bench import WARMUP_STEPS, _time, publish   # warm-ups, then the median of synchronised steps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from finetune import CONFIG  # noqa: E402 - the main job's model, from the script beside it
@@ -90,11 +90,7 @@ def main() -> None:
         per_round = ", ".join(f"{s * 1e3:.1f}" for s in steps[n])
         lines.append(f"| {n} | {per_round} ms | {statistics.median(steps[n]) / base:.2f} | "
                      f"{'yes' if losses[n] == losses[every] else 'NO'} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.append_results:
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write("\n" + table)
+    publish("\n".join(lines) + "\n", Path(__file__).with_name("RESULTS.md") if args.append_results else None)
 
 
 if __name__ == "__main__":

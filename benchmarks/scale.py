@@ -25,7 +25,7 @@ import ratel
 from ratel.errors import BudgetError
 from ratel.ir import format_bytes
 from ratel.models import GPT, GPTConfig
-from ratel.tools.bench import model_flops
+from ratel.tools.bench import model_flops, publish
 from training_semantics import write_random_weights   # a script beside this one
 
 
@@ -113,10 +113,7 @@ def main():
                      f"{r['predicted']:.2f} s | {r['tflops']:.0f} | {format_bytes(r['planned_peak'])} | "
                      f"{format_bytes(r['reserved'])} | {format_bytes(r['allocated'])} | "
                      f"{format_bytes(r['host_planned'])} | {format_bytes(r['rss'])} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with Path(args.results).open("a") as f:
-        f.write(text)
+    publish("\n".join(lines) + "\n", args.results)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from ratel.ir import Tier
 from ratel.models import GPT, GPTConfig
 from ratel.passes.simulate import ssd_bytes_moved
 from ratel.runtime.calibrate import measure_disk
+from ratel.tools.bench import publish
 
 
 def roofline(read: float, written: float, disk: dict) -> float:
@@ -162,10 +163,7 @@ def compare(paths: list[str], results: str) -> None:
             cells += [f"{x['step']:.3f} s ({x['range'][0]:.3f}-{x['range'][1]:.3f})", f"{x['roofline'] / x['step']:.2f}"]
         cells.append(" / ".join(f"{r['rows'][name]['predicted']:.3f} s" for r in runs))
         lines.append("| " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with Path(results).open("a") as f:
-        f.write(text)
+    publish("\n".join(lines) + "\n", results)
 
 
 def main():

@@ -77,6 +77,15 @@ def _time(step, steps: int, device: torch.device) -> Timing:
     return Timing(statistics.median(seconds), min(seconds), max(seconds), len(seconds))
 
 
+def publish(text: str, results: str | Path | None) -> None:
+    """Print a benchmark's table and append it to ``results`` (benchmarks/RESULTS.md, or the file a script
+    was given; None: print only), one blank line before it."""
+    print(text, flush=True)
+    if results is not None:
+        with Path(results).open("a") as f:
+            f.write("\n" + text.strip("\n") + "\n")
+
+
 def mixed_precision_step(model: torch.nn.Module, lr: float, weight_decay: float = 0.01):
     """Plain PyTorch training as the baselines run it, all on the model's device: the model in its dtype,
     fp32 master weights (an fp32 model's parameters are their own) and torch's fused AdamW on them, the model's
