@@ -357,7 +357,8 @@ class Runtime:
                     flat = ranks.reduce_scatter_(torch.empty(flat.numel() // ranks.world, dtype=g.dtype,
                                                              device=self.device), flat,
                                                  stream=self.lanes.d2h if self.lanes.cuda else None)
-                    ready = None
+                    # (on CPU ranks the collective is done when it returns: the copy follows compute so far)
+                    ready = None if self.lanes.cuda else self.lanes.event()
                 copied = self.lanes.copy(self.store.grad_landing(g), flat, self.lanes.d2h, after=ready,
                                          span=(self.recorder, "d2h", f"grads {g.name}", self._step))
                 if self.optimizer is not None and self.optimizer.deferred:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ratel  # noqa: E402
+from ratel.runtime import checked_lanes  # noqa: E402
 from helpers import batches, host_minimum, make_model, no_decay_groups  # noqa: E402
 
 ROWS = 6            # divides by 1, 2 and 3 ranks
@@ -139,4 +140,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if checked_lanes.checking():      # each rank's kernels stamped for the copy lanes' checks, as in the tests
+        with checked_lanes.ComputeAccesses():
+            main()
+    else:
+        main()
