@@ -143,7 +143,8 @@ class Lanes:
             self.compute = self.h2d = self.d2h = None
 
     def event(self, stream=None):
-        """Record an event on ``stream`` (default: compute); None on CPU, where every copy is already done."""
+        """Record an event on ``stream`` (default: compute); None on CPU, where every copy is already done
+        (with checked lanes, an event of the deferred lane)."""
         if self.checked:
             return checked_lanes.record(stream if stream is not None else self.compute)
         if not self.cuda:
