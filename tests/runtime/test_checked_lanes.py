@@ -131,14 +131,16 @@ def test_a_consumer_that_does_not_wait_reads_a_copy_not_yet_made(checked, monkey
         assert_trained_alike(_train("host"))
 
 
-def test_a_fetch_that_does_not_wait_for_its_slot_to_be_free_is_refused(checked, monkeypatch):
+@pytest.mark.parametrize("copy_of,lane", [("params", "H2D"), ("grads", "D2H")],
+                         ids=["a fetch before its slot is free", "a gradient's copy out before the backward wrote it"])
+def test_a_copy_issued_without_the_event_it_must_wait_for_is_refused(checked, monkeypatch, copy_of, lane):
     copy = memory.Lanes.copy
 
-    def fetch_at_once(self, dst, src, stream, after=None, span=None):
-        unordered = span is not None and span[2].startswith("params")
-        return copy(self, dst, src, stream, None if unordered else after, span)
-    monkeypatch.setattr(memory.Lanes, "copy", fetch_at_once)
-    with pytest.raises(UnorderedCopy, match=r"H2D copy \(params"):
+    def unordered(self, dst, src, stream, after=None, span=None):
+        at_once = span is not None and span[2].startswith(copy_of)
+        return copy(self, dst, src, stream, None if at_once else after, span)
+    monkeypatch.setattr(memory.Lanes, "copy", unordered)
+    with pytest.raises(UnorderedCopy, match=rf"{lane} copy \({copy_of}"):
         _train()
 
 
