@@ -33,11 +33,12 @@ def test_a_copy_runs_only_when_its_event_is_waited_for(checked):
 
 
 def test_copies_of_a_lane_run_in_order_and_after_the_events_they_wait_for():
-    _, h2d, d2h = checked_lanes.make_lanes()
-    host, device, back = torch.arange(3.0), torch.zeros(3), torch.zeros(3)
-    fetched = checked_lanes.copy(device, host, h2d, None, contextlib.nullcontext(), "in")
+    compute, h2d, d2h = checked_lanes.make_lanes()
+    host, device, back, nine = torch.arange(3.0), torch.zeros(3), torch.zeros(3), torch.full((3,), 9.0)
+    made = checked_lanes.record(compute)     # (ordered after the kernels that made them, when stamped)
+    fetched = checked_lanes.copy(device, host, h2d, made, contextlib.nullcontext(), "in")
     checked_lanes.copy(back, device, d2h, fetched, contextlib.nullcontext(), "out")     # reads what came in
-    later = checked_lanes.copy(host, torch.full((3,), 9.0), d2h, None, contextlib.nullcontext(), "later")
+    later = checked_lanes.copy(host, nine, d2h, None, contextlib.nullcontext(), "later")
     later.synchronize()     # runs the lane's first copy first, and before it the H2D copy that one waits for
     assert torch.equal(back, torch.arange(3.0)) and torch.equal(host, torch.full((3,), 9.0))
 
