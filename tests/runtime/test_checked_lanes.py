@@ -120,6 +120,8 @@ def test_training_with_checked_lanes_equals_pytorch(case, checked, tmp_path):
     engine = result["engine"]
     if kwargs.get("resident"):
         assert any(engine.plan.placement.on_gpu(g.name) for g in engine.plan.groups)
+    if kwargs.get("ssd_dir"):
+        assert engine.plan.memory.ssd_total > 0, "the case must move something through the SSD lane"
     assert_trained_alike(result)
     engine.close()
 
