@@ -32,6 +32,17 @@ def round_up(n: int, alignment: int) -> int:
     return ceil_div(n, alignment) * alignment
 
 
+def span_elems(t: torch.Tensor) -> int:
+    """Elements of ``t``'s storage from the first to the last one the view touches (strides kept as they are)."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+
+
+def span_bytes(t: torch.Tensor) -> int:
+    return span_elems(t) * t.element_size()
+
+
 def page(n: int) -> int:
     return round_up(n, PAGE)
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ratel.ir.layout import span_bytes, span_elems
 from ratel.runtime.memory import Lanes, PinnedPool
 
 
@@ -40,13 +41,13 @@ class ActivationStore:
         self._kept[name] = value
 
     def offload(self, name: str, value: torch.Tensor) -> None:
-        nbytes = _span_bytes(value)
+        nbytes = span_bytes(value)
         buffer = self._buffers.get(name)
         if buffer is None or buffer.numel() < nbytes:
             buffer = self.pool.take(nbytes) if self.pool is not None else torch.empty(nbytes, dtype=torch.uint8)
             self._buffers[name] = buffer
         host = buffer[:nbytes]
-        src = value.as_strided((_span_elems(value),), (1,), value.storage_offset()).view(torch.uint8) \
+        src = value.as_strided((span_elems(value),), (1,), value.storage_offset()).view(torch.uint8) \
             if value.numel() else value.reshape(-1).view(torch.uint8)
         saved = self.lanes.copy(host, src, self.lanes.d2h, after=self.lanes.event(),
                                 span=(self.recorder, "d2h", f"activation {name}", self.step))
@@ -82,14 +83,3 @@ class ActivationStore:
         self._kept.clear()
         self._fetched.clear()
         self._host.clear()
-
-
-def _span_elems(t: torch.Tensor) -> int:
-    """Elements from the first to the last one the view touches (strides kept as they are)."""
-    if t.numel() == 0:
-        return 0
-    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-
-
-def _span_bytes(t: torch.Tensor) -> int:
-    return _span_elems(t) * t.element_size()

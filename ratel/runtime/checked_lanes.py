@@ -34,6 +34,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ratel.ir.layout import span_bytes
+
 CHECK_ENV = "RATEL_CHECK_STREAMS"
 
 
@@ -172,8 +174,7 @@ def _extent(t: torch.Tensor) -> tuple[int, int, int] | None:
     if base == 0 or t.numel() == 0:
         return None
     first = t.storage_offset() * t.element_size()
-    span = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1
-    return base, first, first + span * t.element_size()
+    return base, first, first + span_bytes(t)
 
 
 class _Ledger:
