@@ -39,7 +39,7 @@ from ratel.runtime.assemble import Program, Resources, persistent_buffers, rebui
 from ratel.runtime.memory import return_freed_host_memory
 from ratel.runtime.optimizer import Hyper
 from ratel.runtime.recorder import Recorder
-from ratel.trace import call_kwargs, capturing
+from ratel.trace import after_tracing, call_kwargs, capturing, run_after_tracing
 
 log = logging.getLogger("ratel")
 
@@ -275,6 +275,7 @@ class Engine:
     # ------------------------------------------------------------------ training
     def __call__(self, *args, **kwargs):
         self._check_open("run a forward")
+        run_after_tracing()
         args = tuple(self._to_device(a) for a in args)
         kwargs = {k: self._to_device(v) for k, v in kwargs.items()}
         program, flat = self._program(args, kwargs)
@@ -553,10 +554,19 @@ class Engine:
         self.close()
 
     def __del__(self):
+        if getattr(self, "_closed", True):  # closed, or __init__ failed before it held anything
+            return
+        # The cyclic GC may collect a dropped engine in the middle of another model's capture; closing copies
+        # weights into the model object, and those copies would be traced into that graph. Held back, it
+        # stays in the set the exit hook closes (the GC may have cleared it from there already).
+        _OPEN_ENGINES.add(self)
+        after_tracing(self._close_dropped)
+
+    def _close_dropped(self) -> None:
         try:
             self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
+        except Exception as exc:  # noqa: BLE001 - a finalizer has no caller to raise to
+            log.warning("ratel: closing an engine that was not closed failed: %s", exc)
 
     # ------------------------------------------------------------------ helpers
     def _to_device(self, value):

@@ -145,6 +145,35 @@ def capturing() -> bool:
     return getattr(_CAPTURE, "depth", 0) > 0
 
 
+def tracing() -> bool:
+    """Whether tensor work on this thread would be recorded into a graph or faked rather than run: inside
+    ``capture``, or under a fake, proxy or functional mode (export's, or a pass's shape propagation)."""
+    if capturing():
+        return True
+    return any(torch._C._get_dispatch_mode(key) is not None
+               for key in torch._C._TorchDispatchModeKey.__members__.values())
+
+
+def after_tracing(action) -> None:
+    """Run ``action`` now, or, while this thread is ``tracing``, once it no longer is (at the end of the
+    outermost capture, or at ``run_after_tracing``). For finalizers: a garbage-collected engine that copies its
+    weights back into the model while export traces another model puts those copies into that graph."""
+    if not tracing():
+        action()
+        return
+    pending = getattr(_CAPTURE, "after", None)
+    if pending is None:
+        pending = _CAPTURE.after = []
+    pending.append(action)
+
+
+def run_after_tracing() -> None:
+    """Run what ``after_tracing`` held back on this thread, if it is no longer tracing."""
+    pending = getattr(_CAPTURE, "after", None)
+    while pending and not tracing():
+        pending.pop(0)()
+
+
 @contextlib.contextmanager
 def _capturing():
     _CAPTURE.depth = getattr(_CAPTURE, "depth", 0) + 1
@@ -152,6 +181,7 @@ def _capturing():
         yield
     finally:
         _CAPTURE.depth -= 1
+        run_after_tracing()
 
 
 def capture(model: nn.Module, args: tuple, kwargs: dict[str, Any],

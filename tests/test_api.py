@@ -1,5 +1,6 @@
 """The vertical slice as a user sees it: ratel.compile trains like plain PyTorch + torch.optim.AdamW."""
 import copy
+import gc
 import os
 
 import pytest
@@ -209,6 +210,41 @@ def test_a_script_that_ends_with_the_engine_open_and_updates_running_exits_clean
                               env=env)
         assert proc.returncode == 0 and "terminate called" not in proc.stderr, (proc.returncode, proc.stderr[-3000:])
         assert "leaving with the engine open" in proc.stdout
+
+
+class _CollectsGarbageWhenRun(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ids, labels=None):
+        gc.collect()
+        return self.inner(ids, labels=labels)
+
+
+def test_an_engine_left_open_and_collected_while_another_model_is_captured_closes_after_the_capture():
+    """Closing gives the model object its weights back (tensor copies). The cyclic GC can collect an engine
+    nobody closed while export traces another model: a close run there put its copies into that graph
+    ("StopIteration" in export's lift_constants_pass) or left the first model with traced tensors."""
+    (ids, labels), first = batches(1)[0], make_model("gpt")
+    engine = ratel.compile(first, budget="1GiB", example_inputs=(ids,), device="cpu", progress=False)
+    engine.backward(engine(ids, labels=labels).loss)
+    engine.step()
+    trained = {name: value.clone() for name, value in engine.state_dict().items()}
+    engine._only_the_cyclic_gc_frees_it = engine
+    parameters = dict(first.named_parameters())
+    del engine, first
+    second = _CollectsGarbageWhenRun(make_model("gpt_untied"))
+    reference = copy.deepcopy(second)
+    other = ratel.compile(second, budget="1GiB", example_inputs=(ids,), device="cpu", progress=False)
+    assert other(ids, labels=labels).loss.item() == pytest.approx(reference(ids, labels=labels).loss.item(),
+                                                                  rel=1e-6)
+    other.close()
+    for name, parameter in parameters.items():
+        assert type(parameter.data) is torch.Tensor, name
+        assert torch.equal(parameter.detach(), trained[name]), name
+        # its own memory, not a view that keeps the closed engine's host pool alive
+        assert parameter.untyped_storage().nbytes() == parameter.numel() * parameter.element_size(), name
 
 
 def test_close_returns_after_a_backward_with_clipping_failed_half_way(monkeypatch):
