@@ -59,6 +59,15 @@ def return_freed_host_memory() -> bool:
     return True
 
 
+def _take_cuda_error() -> None:
+    """Clear the error a failed CUDA runtime call left as the thread's last error: torch would report it at its
+    next kernel launch, from an unrelated line (torch binds no cudaGetLastError; a launch's check takes it)."""
+    try:
+        torch.zeros(1, device="cuda")
+    except RuntimeError:
+        pass
+
+
 class PinnedPool:
     """A bump allocator over one host buffer, pinned (page-locked) for CUDA when a GPU is in use."""
 
@@ -73,6 +82,7 @@ class PinnedPool:
             self.buffer.zero_()   # touch the pages first: registering touched memory is ~4x faster
             err = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.capacity, 0)
             if int(err) != 0:
+                _take_cuda_error()
                 raise RuntimeError(f"cudaHostRegister of {self.capacity} bytes failed with CUDA error {int(err)}; "
                                    "lower Budget(host=...) or check the memlock limit (ulimit -l)")
             self.pinned = True
@@ -92,6 +102,14 @@ class PinnedPool:
             torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
             self.pinned = False
         self.buffer = self._raw = None
+
+    def __del__(self):
+        # A pool dropped without close() gave its memory back to malloc still registered with CUDA: the next
+        # buffer malloc placed over those addresses failed to register (error 712, "already mapped").
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: CUDA may be gone already
+            pass
 
 
 class SharedPool(PinnedPool):
@@ -120,6 +138,7 @@ class SharedPool(PinnedPool):
         if pin and nbytes > 0:
             err = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.capacity, 0)
             if int(err) != 0:
+                _take_cuda_error()
                 raise RuntimeError(f"cudaHostRegister of {self.capacity} bytes of shared memory failed with CUDA "
                                    f"error {int(err)}; check the memlock limit (ulimit -l) and /dev/shm's size")
             self.pinned = True
