@@ -110,29 +110,37 @@ def max_relative_difference(state: dict, reference) -> tuple[float, str]:
     return worst, name
 
 
-def mixed_precision_reference(model_bf16, data, lr, weight_decay, device="cpu"):
+def mixed_precision_reference(model_bf16, data, lr, weight_decay, device="cpu", on_device: frozenset = frozenset()):
     """Plain PyTorch mixed precision: the bf16 model on ``device``, fp32 master weights and
     torch.optim.AdamW(fused) on the CPU, the bf16 copy refreshed from the masters after every step.
+    ``on_device``: names of parameters whose masters live on ``device`` instead, stepped there by a second
+    fused AdamW (what Ratel does with groups resident on the GPU: torch's CUDA kernel rounds unlike its CPU
+    one by an ulp, and a parameter whose true gradient is zero, as the attention key bias's, turns such
+    differences into full steps of Adam).
 
     Returns the losses and the final fp32 masters by parameter name."""
     ref = copy.deepcopy(model_bf16).to(device)
+    names = [n for n, _ in ref.named_parameters()]
     params = list(ref.parameters())
-    masters = [p.detach().float().cpu().requires_grad_() for p in params]
-    opt = torch.optim.AdamW(masters, lr=lr, weight_decay=weight_decay, fused=True)
+    masters = [p.detach().float().to(device if n in on_device else "cpu").requires_grad_()
+               for n, p in zip(names, params)]
+    optimizers = [torch.optim.AdamW(chosen, lr=lr, weight_decay=weight_decay, fused=True)
+                  for chosen in ([m for m in masters if m.device.type == "cpu"],
+                                 [m for m in masters if m.device.type != "cpu"]) if chosen]
     losses = []
     for step, (ids, labels) in enumerate(data):
         torch.manual_seed(1000 + step)
         loss = ref(ids.to(device), labels=labels.to(device)).loss
         loss.backward()
         for m, p in zip(masters, params):
-            m.grad, p.grad = p.grad.float().cpu(), None
-        opt.step()
-        opt.zero_grad()
+            m.grad, p.grad = p.grad.float().to(m.device), None
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad()
         with torch.no_grad():
             for m, p in zip(masters, params):
                 p.copy_(m)
         losses.append(loss.item())
-    names = [n for n, _ in ref.named_parameters()]
     return losses, dict(zip(names, masters))
 
 
@@ -248,6 +256,12 @@ def first_groups(model, ids, k: int, device: str = "cuda") -> list[str]:
     """The names of the first ``k`` groups the planner would weigh keeping on the GPU (the first units')."""
     groups = ratel.explain(model, "1TiB", (ids,), device=device, resident=False).groups
     return [g.name for g in sorted(groups, key=lambda g: (g.update_unit, g.index))[:k]]
+
+
+def group_parameters(model, ids, groups, device: str = "cuda") -> frozenset:
+    """The parameter names of the named groups (``first_groups``'s names)."""
+    plan = ratel.explain(model, "1TiB", (ids,), device=device, resident=False)
+    return frozenset(name for g in plan.groups if g.name in set(groups or ()) for name in g.params)
 
 
 def train_seeded(engine, data) -> list[float]:

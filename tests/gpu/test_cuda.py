@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import ratel
-from helpers import VOCAB, batches, first_groups, make_model, mixed_precision_reference, train_seeded
+from helpers import (VOCAB, batches, first_groups, group_parameters, make_model, mixed_precision_reference,
+                     train_seeded)
 
 pytestmark = pytest.mark.gpu
 
@@ -26,12 +27,13 @@ def _hold_lane_back(monkeypatch, lagging: str) -> None:
     monkeypatch.setattr(Lanes, "copy", copy_late)
 
 
-def _relative_differences(losses, ref_losses, state, ref_masters) -> tuple[float, float]:
-    """The largest relative difference of a loss, and of a parameter (in norm), from the reference's."""
+def _relative_differences(losses, ref_losses, state, ref_masters) -> tuple[float, float, str]:
+    """The largest relative difference of a loss, and of a parameter (in norm) with its name, from the
+    reference's."""
     loss_diff = max(abs(ours - theirs) / abs(theirs) for ours, theirs in zip(losses, ref_losses))
-    param_diff = max(((state[n] - m.detach().cpu()).norm() / m.detach().cpu().norm()).item()
-                     for n, m in ref_masters.items())
-    return loss_diff, param_diff
+    param_diff, worst = max((((state[n] - m.detach().cpu()).norm() / m.detach().cpu().norm()).item(), n)
+                            for n, m in ref_masters.items())
+    return loss_diff, param_diff, worst
 
 
 # bf16 tolerance: Ratel runs the same kernels as eager PyTorch on the same bf16 values; what can differ is
@@ -48,9 +50,10 @@ PARAM_RTOL = 5e-3
 def test_bf16_training_equals_pytorch_mixed_precision(kind, policy, resident):
     model = make_model(kind, dropout=0.0, layers=4, dtype=torch.bfloat16)
     data = batches(10, batch=4, seq=32)
-    ref_losses, ref_masters = mixed_precision_reference(model, data, 1e-3, 0.1, device="cuda")
     # A model this small gains nothing from resident groups (the plan keeps none): name the first two.
     first = first_groups(model, data[0][0], 2) if resident else False
+    ref_losses, ref_masters = mixed_precision_reference(model, data, 1e-3, 0.1, device="cuda",
+                                                        on_device=group_parameters(model, data[0][0], first))
     engine = ratel.compile(model, budget="2GiB", optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1),
                            example_inputs=(data[0][0],), device="cuda", progress=False, activations=policy,
                            resident=first)
@@ -58,9 +61,9 @@ def test_bf16_training_equals_pytorch_mixed_precision(kind, policy, resident):
     losses = train_seeded(engine, data)
     state = engine.state_dict()
     engine.close()
-    loss_diff, param_diff = _relative_differences(losses, ref_losses, state, ref_masters)
+    loss_diff, param_diff, worst = _relative_differences(losses, ref_losses, state, ref_masters)
     print(f"\n[{kind} bf16 {policy} resident={resident} on {torch.cuda.get_device_name()}] max loss rel diff {loss_diff:.2e}, "
-          f"max parameter rel diff {param_diff:.2e}")
+          f"max parameter rel diff {param_diff:.2e} ({worst})")
     assert loss_diff <= LOSS_RTOL
     assert param_diff <= PARAM_RTOL
 
@@ -265,8 +268,9 @@ def test_resident_and_streamed_groups_on_the_gpu_train_like_pytorch_and_write_th
     to the model's copy on its own stream), the rest stream; the model passed to compile holds the weights."""
     model = make_model("gpt_untied", layers=4, dtype=torch.bfloat16)
     data = batches(6, batch=4, seq=32)
-    ref_losses, ref_masters = mixed_precision_reference(model, data, 1e-3, 0.1, device="cuda")
     first = first_groups(model, data[0][0], 2)      # (a model this small gains nothing: the plan would keep none)
+    ref_losses, ref_masters = mixed_precision_reference(model, data, 1e-3, 0.1, device="cuda",
+                                                        on_device=group_parameters(model, data[0][0], first))
     engine = ratel.compile(model, budget="2GiB", optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1),
                            example_inputs=(data[0][0],), device="cuda", progress=False, activations="recompute",
                            resident=first)
@@ -283,8 +287,8 @@ def test_resident_and_streamed_groups_on_the_gpu_train_like_pytorch_and_write_th
         for name, p in model.named_parameters():      # current after every step(), not only at the end
             assert torch.equal(p.detach().cpu(), state[name].to(torch.bfloat16)), (step, name)
     engine.close()
-    loss_diff, param_diff = _relative_differences(losses, ref_losses, state, ref_masters)
-    print(f"\n[resident {on_gpu}] max loss rel diff {loss_diff:.2e}, max parameter rel diff {param_diff:.2e}")
+    loss_diff, param_diff, worst = _relative_differences(losses, ref_losses, state, ref_masters)
+    print(f"\n[resident {on_gpu}] max loss rel diff {loss_diff:.2e}, max parameter rel diff {param_diff:.2e} ({worst})")
     assert loss_diff <= LOSS_RTOL and param_diff <= PARAM_RTOL
 
 
@@ -298,15 +302,18 @@ def test_training_equals_pytorch_when_one_lane_runs_far_behind_the_host(monkeypa
     _hold_lane_back(monkeypatch, lagging)
     model = make_model("gpt_untied", layers=4, dtype=torch.bfloat16)
     data = batches(4, batch=4, seq=64)
-    ref_losses, ref_masters = mixed_precision_reference(model, data, 1e-3, 0.1, device="cuda")
+    first = first_groups(model, data[0][0], 2)
+    ref_losses, ref_masters = mixed_precision_reference(model, data, 1e-3, 0.1, device="cuda",
+                                                        on_device=group_parameters(model, data[0][0], first))
     engine = ratel.compile(model, budget="2GiB", optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1),
                            example_inputs=(data[0][0],), device="cuda", progress=False, activations=policy,
-                           resident=first_groups(model, data[0][0], 2))
+                           resident=first)
     losses = train_seeded(engine, data)
     state = engine.state_dict()
     engine.close()
-    loss_diff, param_diff = _relative_differences(losses, ref_losses, state, ref_masters)
-    print(f"\n[{lagging} lagging, {policy}] max loss rel diff {loss_diff:.2e}, max parameter rel diff {param_diff:.2e}")
+    loss_diff, param_diff, worst = _relative_differences(losses, ref_losses, state, ref_masters)
+    print(f"\n[{lagging} lagging, {policy}] max loss rel diff {loss_diff:.2e}, "
+          f"max parameter rel diff {param_diff:.2e} ({worst})")
     assert loss_diff <= LOSS_RTOL and param_diff <= PARAM_RTOL
 
 
@@ -337,7 +344,7 @@ def test_torch_stream_sanitizer_finds_no_unsynchronised_access_in_two_training_s
     import os
     import subprocess
     import sys
-    script = _SANITIZED_STEPS.format(tests=os.path.dirname(__file__), policy=policy)
+    script = _SANITIZED_STEPS.format(tests=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), policy=policy)
     # Units untimed: under the sanitizer every kernel goes through Python, and the times would price nothing.
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
                           env={**os.environ, "TORCH_CUDA_SANITIZER": "1", "RATEL_MEASURE_UNITS": "0"})
