@@ -237,7 +237,9 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
 
     Copies are issued when their step begins (fetches) or when its compute ends (copies out), run one after
     another on their lane, and wait for what they depend on: an activation or saved value comes back only
-    after it went out, and after its SSD read; a step's compute starts when everything it needs has arrived.
+    after it went out, and after its SSD read; a step's compute starts when everything it needs has arrived,
+    and when the copies out of two steps before have ended (simulate_memory counts what a step sends out on
+    the GPU through the next step only: the memory a later step needs is theirs until they are done).
     An update starts when its gradient has landed and its states are read. The step ends when the GPU and
     the optimizer are both done. Groups resident on the GPU (plan_resident_groups) are updated there, on the
     compute lane at HBM bandwidth, and their new weights copied to the host on the D2H lane."""
@@ -267,6 +269,7 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
             landing.setdefault(g.update_unit, []).append(g.index)
     spans = []
     times = []
+    sent_out: dict[int, float] = {}          # step -> when the copies out its compute produced ended
     gpu = h2d_lane = d2h_lane = ssd_lane = optimizer_lane = scatter_lane = written_back = 0.0
     # unit -> bytes each rank sends to reduce-scatter the gradients its backward completes (several ranks)
     scattered = {u: sum(scatter_bytes(lifetimes.groups[i], ctx.ranks) for i in groups)
@@ -304,7 +307,7 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
                 arrived[(tr.kind, tr.subject, tr.needed_by)] = h2d_lane
                 h2d += seconds
         needed = [when for (kind, subject, by), when in arrived.items() if by == t]
-        start = max([gpu] + needed)
+        start = max([gpu, sent_out.get(t - 2, 0.0)] + needed)
         gpu = run(start, start, compute, "compute", f"{step.phase} {units[step.unit].name}", t, 0)
         for tr in at:      # updates of groups resident on the GPU follow the backward that completes them
             if tr.kind == K.GPU_STEP:
@@ -345,6 +348,8 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
                 if tr.kind == K.WRITE_BACK_PARAMS:
                     went_out[("params", tr.subject)] = d2h_lane
                     written_back = d2h_lane
+                else:       # a resident group's weights stay on the GPU: their copy frees nothing
+                    sent_out[t] = d2h_lane
                 d2h += seconds
         for tr in at:
             if tr.kind == K.OPTIMIZER_STEP:

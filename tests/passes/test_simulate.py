@@ -135,3 +135,28 @@ def test_the_summary_shows_the_exchange_lane_only_with_several_ranks():
     assert len(comm) == len([g for g in plan.groups if g.trainable]) + len({g.update_unit for g in plan.groups
                                                                              if g.trainable})
     assert "ranks' exchange" in text.split("Per step")[1]           # a column per step too
+
+
+@pytest.mark.parametrize("activations", ["host", "recompute"])
+def test_compute_waits_for_the_copies_out_of_two_steps_before_as_the_memory_model_counts_them(activations):
+    """simulate_memory holds what a step copies out (swapped saved values, boundary activations, gradients) on
+    the GPU through the next step only; a compute lane that ran further ahead of a slow D2H lane would need
+    memory the plan does not have. On the H100 a forward that offloads 1.24 GiB per block ran at the copies'
+    pace (26 ms a block against 10 of kernels), where the simulator had let compute run 240 ms ahead."""
+    gm, ctx, _, _ = run_until("verify_plan", activations=activations)
+    acts, transfers = ctx.get(ActivationPlan), ctx.get(Schedule).transfers
+    fast = predict_times(ctx, transfers, acts)
+    ctx.hardware = dataclasses.replace(ctx.hardware, d2h_gbps=ctx.hardware.d2h_gbps / 1000)
+    slow = predict_times(ctx, transfers, acts)
+    copies_out = [s for s in slow.spans if s.lane == "d2h" and not s.label.startswith("write back")]
+    assert copies_out
+    sent_by_step: dict[int, float] = {}
+    for span in copies_out:
+        sent_by_step[span.step] = max(sent_by_step.get(span.step, 0.0), span.end)
+    computes = [s for s in slow.spans if s.lane == "compute"]
+    for span in computes:
+        assert span.start >= sent_by_step.get(span.step - 2, 0.0) - 1e-12, span
+    # The wait binds: some step starts exactly when the copies out of two steps before end.
+    assert any(span.start == pytest.approx(sent_by_step[span.step - 2]) and span.start > 0
+               for span in computes if span.step - 2 in sent_by_step)
+    assert slow.total > fast.total
