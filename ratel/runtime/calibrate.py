@@ -1,7 +1,7 @@
 """Measuring this machine: the HardwareProfile (ratel/ir/hardware.py) a plan executed here is made with.
 
 ``detect(device)`` returns the cached measurement for this machine and device when there is
-one (``~/.cache/ratel/hardware.json``, keyed by device name and host), otherwise measures (a few seconds:
+one (``~/.cache/ratel/hardware.json``, keyed by host, device name and the CPU AdamW's threads), otherwise measures (a few seconds:
 a matrix product, pinned copies each way, torch's fused CPU AdamW) and caches the result. Profiles can also
 be given by hand, e.g. ``HardwareProfile.h100()`` carries the figures measured on the project's H100 machine.
 The CPU AdamW kernel is always this process's (``cpu_adam_kernel``): it decides the host memory planned.
@@ -35,7 +35,10 @@ def detect(device: str | torch.device, measure: bool = True) -> HardwareProfile:
     kernel = cpu_adam_kernel()
     if device.type != "cuda":
         return HardwareProfile.cpu(cpu_adam_kernel=kernel)
-    key = f"{platform.node()}|{torch.cuda.get_device_name(device)}"
+    # The CPU AdamW's rate is measured on the threads it gets beside training (optimizer_threads, from this
+    # process's torch threads): a profile measured by a process with fewer (the test suite caps torch at 4)
+    # priced a 16-core host's update at a fifth of its speed in every later plan.
+    key = f"{platform.node()}|{torch.cuda.get_device_name(device)}|adamw threads {optimizer_threads()}"
     cached = _load_cache().get(key)
     fields = {f.name for f in dataclasses.fields(HardwareProfile)}
     if cached and fields >= set(cached):

@@ -1,10 +1,13 @@
 """calibrate.with_disk: the SSD folders' rates, measured once per file system and cached, on a GPU's profile
-(the CPU profile keeps its nominal figures unless asked), with nothing left in the user's folder."""
+(the CPU profile keeps its nominal figures unless asked), with nothing left in the user's folder; detect: a
+GPU machine's profile cached per host, card and the CPU AdamW's threads."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
+import torch
 
 from ratel.ir.hardware import HardwareProfile
 from ratel.runtime import calibrate
@@ -60,3 +63,29 @@ def test_the_cpu_profile_keeps_its_nominal_rates_unless_asked(counted, tmp_path,
     assert len(counted) == 1
     (rates,) = [v for k, v in json.loads(calibrate.CACHE.read_text()).items() if "|disk|" in k]
     assert asked.ssd_write_gbps == rates["write"] / 1e9
+
+
+def test_a_profile_measured_with_other_cpu_threads_is_measured_again(monkeypatch, tmp_path):
+    """The CPU AdamW's rate depends on the threads it runs on (one fewer than the process's torch threads):
+    a profile cached by a process with 4 threads must not price the update of one with 16."""
+    import contextlib
+    monkeypatch.setattr(calibrate, "CACHE", tmp_path / "hardware.json")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(torch.random, "fork_rng", lambda *args, **kwargs: contextlib.nullcontext())
+    measured = []
+
+    def measure_cuda(device):
+        measured.append(torch.get_num_threads())
+        return dataclasses.replace(HardwareProfile.h100(), cpu_adam_gparams=float(torch.get_num_threads()))
+
+    monkeypatch.setattr(calibrate, "measure_cuda", measure_cuda)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert calibrate.detect("cuda:0").cpu_adam_gparams == 3.0
+        assert calibrate.detect("cuda:0").cpu_adam_gparams == 3.0       # cached
+        torch.set_num_threads(2)
+        assert calibrate.detect("cuda:0").cpu_adam_gparams == 2.0       # not the 3-thread figure
+    finally:
+        torch.set_num_threads(threads)
+    assert measured == [3, 2]
