@@ -1,8 +1,8 @@
 """Measuring this machine: the HardwareProfile (ratel/ir/hardware.py) a plan executed here is made with.
 
-``detect(device)`` returns the cached measurement for this machine and device when there is
-one (``~/.cache/ratel/hardware.json``, keyed by host, device name and the CPU AdamW's threads), otherwise measures (a few seconds:
-a matrix product, pinned copies each way, torch's fused CPU AdamW) and caches the result. Profiles can also
+``detect(device)`` returns the cached measurement for this machine and device when there is one
+(``~/.cache/ratel/hardware.json``, keyed by host, device name and the CPU AdamW's threads), otherwise measures
+(a few seconds: a matrix product, pinned copies each way, the CPU AdamW) and caches the result. Profiles can also
 be given by hand, e.g. ``HardwareProfile.h100()`` carries the figures measured on the project's H100 machine.
 The CPU AdamW kernel is always this process's (``cpu_adam_kernel``): it decides the host memory planned.
 ``with_disk(profile, ssd_dir)`` adds the SSD folders' rates, measured once per file system (on a GPU machine;
