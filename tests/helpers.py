@@ -254,14 +254,14 @@ def subprocess_env(*folders, **variables: str) -> dict:
 
 def first_groups(model, ids, k: int, device: str = "cuda") -> list[str]:
     """The names of the first ``k`` groups the planner would weigh keeping on the GPU (the first units')."""
+    return first_groups_and_parameters(model, ids, k, device)[0]
+
+
+def first_groups_and_parameters(model, ids, k: int, device: str = "cuda") -> tuple[list[str], frozenset]:
+    """``first_groups`` and the names of their parameters, from one plan."""
     groups = ratel.explain(model, "1TiB", (ids,), device=device, resident=False).groups
-    return [g.name for g in sorted(groups, key=lambda g: (g.update_unit, g.index))[:k]]
-
-
-def group_parameters(model, ids, groups, device: str = "cuda") -> frozenset:
-    """The parameter names of the named groups (``first_groups``'s names)."""
-    plan = ratel.explain(model, "1TiB", (ids,), device=device, resident=False)
-    return frozenset(name for g in plan.groups if g.name in set(groups or ()) for name in g.params)
+    first = sorted(groups, key=lambda g: (g.update_unit, g.index))[:k]
+    return [g.name for g in first], frozenset(name for g in first for name in g.params)
 
 
 def train_seeded(engine, data) -> list[float]:

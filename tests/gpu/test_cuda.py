@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import ratel
-from helpers import (VOCAB, batches, first_groups, group_parameters, make_model, mixed_precision_reference,
-                     train_seeded)
+from helpers import VOCAB, batches, first_groups_and_parameters, make_model, mixed_precision_reference, train_seeded
 
 pytestmark = pytest.mark.gpu
 
@@ -51,9 +50,10 @@ def test_bf16_training_equals_pytorch_mixed_precision(kind, policy, resident):
     model = make_model(kind, dropout=0.0, layers=4, dtype=torch.bfloat16)
     data = batches(10, batch=4, seq=32)
     # A model this small gains nothing from resident groups (the plan keeps none): name the first two.
-    first = first_groups(model, data[0][0], 2) if resident else False
+    first, first_parameters = (first_groups_and_parameters(model, data[0][0], 2) if resident
+                               else (False, frozenset()))
     ref_losses, ref_masters = mixed_precision_reference(model, data, 1e-3, 0.1, device="cuda",
-                                                        on_device=group_parameters(model, data[0][0], first))
+                                                        on_device=first_parameters)
     engine = ratel.compile(model, budget="2GiB", optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1),
                            example_inputs=(data[0][0],), device="cuda", progress=False, activations=policy,
                            resident=first)
@@ -268,9 +268,10 @@ def test_resident_and_streamed_groups_on_the_gpu_train_like_pytorch_and_write_th
     to the model's copy on its own stream), the rest stream; the model passed to compile holds the weights."""
     model = make_model("gpt_untied", layers=4, dtype=torch.bfloat16)
     data = batches(6, batch=4, seq=32)
-    first = first_groups(model, data[0][0], 2)      # (a model this small gains nothing: the plan would keep none)
+    # (a model this small gains nothing: the plan would keep none)
+    first, first_parameters = first_groups_and_parameters(model, data[0][0], 2)
     ref_losses, ref_masters = mixed_precision_reference(model, data, 1e-3, 0.1, device="cuda",
-                                                        on_device=group_parameters(model, data[0][0], first))
+                                                        on_device=first_parameters)
     engine = ratel.compile(model, budget="2GiB", optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1),
                            example_inputs=(data[0][0],), device="cuda", progress=False, activations="recompute",
                            resident=first)
@@ -302,9 +303,9 @@ def test_training_equals_pytorch_when_one_lane_runs_far_behind_the_host(monkeypa
     _hold_lane_back(monkeypatch, lagging)
     model = make_model("gpt_untied", layers=4, dtype=torch.bfloat16)
     data = batches(4, batch=4, seq=64)
-    first = first_groups(model, data[0][0], 2)
+    first, first_parameters = first_groups_and_parameters(model, data[0][0], 2)
     ref_losses, ref_masters = mixed_precision_reference(model, data, 1e-3, 0.1, device="cuda",
-                                                        on_device=group_parameters(model, data[0][0], first))
+                                                        on_device=first_parameters)
     engine = ratel.compile(model, budget="2GiB", optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1),
                            example_inputs=(data[0][0],), device="cuda", progress=False, activations=policy,
                            resident=first)
