@@ -68,6 +68,14 @@ def _take_cuda_error() -> None:
         pass
 
 
+def _host_register(address: int, nbytes: int) -> int:
+    """``cudaHostRegister``: 0, or the CUDA error, with CUDA's last error cleared (``_take_cuda_error``)."""
+    err = int(torch.cuda.cudart().cudaHostRegister(address, nbytes, 0))
+    if err != 0:
+        _take_cuda_error()
+    return err
+
+
 class PinnedPool:
     """A bump allocator over one host buffer, pinned (page-locked) for CUDA when a GPU is in use."""
 
@@ -80,10 +88,9 @@ class PinnedPool:
         self.pinned = False
         if pin and nbytes > 0:
             self.buffer.zero_()   # touch the pages first: registering touched memory is ~4x faster
-            err = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.capacity, 0)
-            if int(err) != 0:
-                _take_cuda_error()
-                raise RuntimeError(f"cudaHostRegister of {self.capacity} bytes failed with CUDA error {int(err)}; "
+            err = _host_register(self.buffer.data_ptr(), self.capacity)
+            if err != 0:
+                raise RuntimeError(f"cudaHostRegister of {self.capacity} bytes failed with CUDA error {err}; "
                                    "lower Budget(host=...) or check the memlock limit (ulimit -l)")
             self.pinned = True
 
@@ -136,11 +143,10 @@ class SharedPool(PinnedPool):
         self.used = 0
         self.pinned = False
         if pin and nbytes > 0:
-            err = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.capacity, 0)
-            if int(err) != 0:
-                _take_cuda_error()
+            err = _host_register(self.buffer.data_ptr(), self.capacity)
+            if err != 0:
                 raise RuntimeError(f"cudaHostRegister of {self.capacity} bytes of shared memory failed with CUDA "
-                                   f"error {int(err)}; check the memlock limit (ulimit -l) and /dev/shm's size")
+                                   f"error {err}; check the memlock limit (ulimit -l) and /dev/shm's size")
             self.pinned = True
 
 
