@@ -35,6 +35,15 @@ class HardwareProfile:
     # Data-parallel ranks' exchange of gradients and weights through host memory (gloo), GB/s each rank sends:
     # measured by ratel.compile when it runs under torchrun (Ranks.measure_gbps); a loopback guess otherwise.
     ranks_gbps: float = 5.0
+    # Host DRAM is shared by the PCIe copies (DMA) and the CPU AdamW, so while both run each is slower than
+    # alone (on the lent H100 host: 34 GB/s against 55 and 3.9 Gparams/s against 4.77). Measured side by side
+    # by calibrate on CUDA targets; 0: not measured, each priced at its own rate alone.
+    h2d_shared_gbps: float = 0.0          # host -> GPU while the CPU AdamW runs
+    cpu_adam_shared_gparams: float = 0.0  # the CPU AdamW while host -> GPU copies run
+
+    @property
+    def shares_host_dram(self) -> bool:
+        return self.h2d_shared_gbps > 0 and self.cpu_adam_shared_gparams > 0
 
     @property
     def torch_cpu_adam(self) -> bool:

@@ -4,6 +4,7 @@ Not a pass: plan_activations evaluates candidate plans with it, verify_plan chec
 """
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch.fx as fx
@@ -233,7 +234,68 @@ def compute_seconds(cost: UnitCost, phase: Phase, saved: UnitActivations | None,
 
 def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = None,
                   placement: PlacementPlan | None = None) -> TimeProfile:
-    """Simulate one step: compute, the H2D and D2H copy lanes, the SSD and the CPU optimizer, each a queue.
+    """Simulate one step: compute, the H2D and D2H copy lanes, the SSD and the CPU optimizer, each a queue
+    (``_simulate``). Where the profile measured how host DRAM is shared (``HardwareProfile.shares_host_dram``),
+    the copies and the CPU AdamW slow each other down while they overlap: the step is simulated again with each
+    copy and update stretched by how much of it overlapped the other lane in the simulation before (twice:
+    stretching moves the overlaps, and a second round settles them)."""
+    profile = _simulate(ctx, transfers, acts, placement, {})
+    if not ctx.hardware.shares_host_dram:
+        return profile
+    for _ in range(_DRAM_ROUNDS):
+        profile = _simulate(ctx, transfers, acts, placement, host_dram_slowdown(profile.spans, ctx.hardware))
+    return profile
+
+
+_DRAM_ROUNDS = 2
+_COPY_LANES = ("h2d", "d2h")
+
+
+def _merged(intervals) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
+
+
+def _overlap(start: float, end: float, merged) -> float:
+    """Seconds of [start, end) covered by the disjoint sorted intervals ``merged``."""
+    first = bisect.bisect_right(merged, (start, math.inf)) - 1
+    covered = 0.0
+    for a, b in merged[max(first, 0):]:
+        if a >= end:
+            break
+        covered += max(0.0, min(b, end) - max(a, start))
+    return covered
+
+
+def host_dram_slowdown(spans, hw) -> dict[tuple[str, str, int], float]:
+    """(lane, label, step) -> the factor a copy or CPU update of this simulation takes longer by, because of
+    the part of it that ran beside the other (copies beside updates at ``h2d_shared_gbps``, updates beside
+    copies at ``cpu_adam_shared_gparams``; D2H copies slowed as H2D's: both are the GPU's DMA into host DRAM).
+    Work beside nothing runs at its own rate."""
+    copy_factor = hw.h2d_gbps / hw.h2d_shared_gbps
+    update_factor = hw.cpu_adam_gparams / hw.cpu_adam_shared_gparams
+    copies = _merged((s.start, s.end) for s in spans if s.lane in _COPY_LANES)
+    updates = _merged((s.start, s.end) for s in spans if s.lane == "optimizer")
+    slowdown = {}
+    for s in spans:
+        if s.end <= s.start or s.lane not in _COPY_LANES + ("optimizer",):
+            continue
+        other, factor = (updates, copy_factor) if s.lane in _COPY_LANES else (copies, update_factor)
+        beside = _overlap(s.start, s.end, other) / (s.end - s.start)
+        if beside > 0:
+            slowdown[(s.lane, s.label, s.step)] = 1.0 + beside * (max(factor, 1.0) - 1.0)
+    return slowdown
+
+
+def _simulate(ctx: PassContext, transfers, acts: ActivationPlan | None, placement: PlacementPlan | None,
+              slowdown: dict) -> TimeProfile:
+    """One simulated step; ``slowdown``: (lane, label, step) -> factor a copy or update takes longer by
+    (host_dram_slowdown).
 
     Copies are issued when their step begins (fetches) or when its compute ends (copies out), run one after
     another on their lane, and wait for what they depend on: an activation or saved value comes back only
@@ -299,11 +361,11 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
                 ssd += seconds
         for tr in at:
             if tr.lane == "h2d":
-                seconds = tr.nbytes / (hw.h2d_gbps * 1e9)
+                label = f"{_H2D_LABEL[tr.kind]} {tr.subject}"
+                seconds = tr.nbytes / (hw.h2d_gbps * 1e9) * slowdown.get(("h2d", label, t), 1.0)
                 key = (what(tr.kind), tr.subject)
                 ready = max(issue, went_out.get(key, 0.0), read_done.get(key, 0.0))
-                h2d_lane = run(h2d_lane, ready, seconds, "h2d", f"{_H2D_LABEL[tr.kind]} {tr.subject}", t,
-                               tr.nbytes)
+                h2d_lane = run(h2d_lane, ready, seconds, "h2d", label, t, tr.nbytes)
                 arrived[(tr.kind, tr.subject, tr.needed_by)] = h2d_lane
                 h2d += seconds
         needed = [when for (kind, subject, by), when in arrived.items() if by == t]
@@ -324,7 +386,8 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
                 went_out[("params", tr.subject)] = gpu
         for tr in at:      # copies out take what this step's compute produced
             if tr.lane == "d2h":
-                seconds = tr.nbytes / (hw.d2h_gbps * 1e9)
+                label = f"{_D2H_LABEL[tr.kind]} {tr.subject}"
+                seconds = tr.nbytes / (hw.d2h_gbps * 1e9) * slowdown.get(("d2h", label, t), 1.0)
                 ready = gpu
                 groups = landing.get(step.unit, []) if tr.kind == K.FLUSH_GRADS and ring else []
                 if tr.kind == K.FLUSH_GRADS and scattered.get(step.unit):
@@ -338,7 +401,7 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
                     ready = max([ready] + [slot_free[s] for s in slots])
                     for group, s in zip(groups, slots):
                         slot_of[group], slot_free[s] = s, math.inf     # held until its update has run
-                d2h_lane = run(d2h_lane, ready, seconds, "d2h", f"{_D2H_LABEL[tr.kind]} {tr.subject}", t, tr.nbytes)
+                d2h_lane = run(d2h_lane, ready, seconds, "d2h", label, t, tr.nbytes)
                 if ctx.accumulate > 1:
                     for group in groups:
                         slot_free[slot_of.pop(group)] = d2h_lane
@@ -353,7 +416,8 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
                 d2h += seconds
         for tr in at:
             if tr.kind == K.OPTIMIZER_STEP:
-                seconds = tr.elements / (hw.cpu_adam_gparams * 1e9)
+                label = f"adamw {tr.subject}"
+                seconds = tr.elements / (hw.cpu_adam_gparams * 1e9) * slowdown.get(("optimizer", label, t), 1.0)
                 ready = max(grads_out.get(units[step.unit].name, gpu), read_done.get(("states", tr.subject), 0.0))
                 exchanged = exchange_bytes(lifetimes.groups[tr.group], ctx.ranks)
                 if exchanged:
@@ -363,8 +427,7 @@ def predict_times(ctx: PassContext, transfers, acts: ActivationPlan | None = Non
                     ready = run(optimizer_lane, ready, sent, "comm", f"exchange {tr.subject}", t, exchanged)
                     optimizer_lane = ready
                     comm += sent
-                optimizer_lane = run(optimizer_lane, ready, seconds, "optimizer", f"adamw {tr.subject}", t,
-                                     tr.nbytes)
+                optimizer_lane = run(optimizer_lane, ready, seconds, "optimizer", label, t, tr.nbytes)
                 went_out[("states", tr.subject)] = optimizer_lane
                 went_out[("params", tr.subject)] = optimizer_lane
                 if tr.group in slot_of:

@@ -11,11 +11,14 @@ the CPU profile keeps its nominal figures unless ``RATEL_MEASURE_DISK=1``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
+import math
 import os
 import platform
 import shutil
+import threading
 import time
 
 import torch
@@ -41,7 +44,7 @@ def detect(device: str | torch.device, measure: bool = True) -> HardwareProfile:
     key = f"{platform.node()}|{torch.cuda.get_device_name(device)}|adamw threads {optimizer_threads()}"
     cached = _load_cache().get(key)
     fields = {f.name for f in dataclasses.fields(HardwareProfile)}
-    if cached and fields >= set(cached):
+    if cached and fields == set(cached):    # a profile cached before the profile gained a field is measured again
         return dataclasses.replace(HardwareProfile(**cached), cpu_adam_kernel=kernel)
     if not measure:
         return dataclasses.replace(HardwareProfile.h100(), name=torch.cuda.get_device_name(device),
@@ -176,24 +179,71 @@ def measure_cuda(device: torch.device) -> HardwareProfile:
     d2h = rate(lambda: host.copy_(dev, non_blocking=True))
     other = torch.empty_like(dev)
     hbm = 2 * rate(lambda: other.copy_(dev))   # bytes read plus bytes written
-    host = dev = other = None   # free the 1.5 GiB before the optimizer measurement
+    other = None
 
     # The CPU AdamW the runtime runs: bf16 gradients in, the bf16 copy out (native kernel where it is faster),
     # on the threads it gets beside training.
     numel = 128 << 20
     p, m, v = torch.randn(numel), torch.zeros(numel), torch.zeros(numel)
     g, out = torch.randn(numel).bfloat16(), torch.empty(numel, dtype=torch.bfloat16)
+    update = functools.partial(adamw_step, p, g, m, v, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8,
+                               weight_decay=0.0, out=out, num_threads=optimizer_threads())
     best = float("inf")
     for step in range(1, 6):   # the best of five: the first pays page faults, later ones meet a warm cache
         t0 = time.perf_counter()
-        adamw_step(p, g, m, v, step, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, out=out,
-                   num_threads=optimizer_threads())
+        update(step)
         best = min(best, time.perf_counter() - t0)
     adam = numel / best / 1e9
+    copies = max(4, math.ceil(4 * best * h2d * 1e9 / size))    # copying for about four updates' time
+    h2d_shared, adam_shared = side_by_side(lambda: dev.copy_(host, non_blocking=True), size, copies, update,
+                                           numel, device)
+    host = dev = None
     props = torch.cuda.get_device_properties(device)
     # The disk is measured where the user's ssd_dir is known (with_disk); until then, the H200 host's figures.
     disk = HardwareProfile.h100()
     return HardwareProfile(name=props.name, gpu_tflops=tflops, h2d_gbps=h2d, d2h_gbps=d2h,
                            ssd_read_gbps=disk.ssd_read_gbps, ssd_write_gbps=disk.ssd_write_gbps,
                            ssd_both_gbps=disk.ssd_both_gbps, cpu_adam_gparams=adam, host_bytes=host_memory(),
-                           hbm_gbps=hbm, cpu_adam_kernel=cpu_adam_kernel())
+                           hbm_gbps=hbm, cpu_adam_kernel=cpu_adam_kernel(), h2d_shared_gbps=h2d_shared,
+                           cpu_adam_shared_gparams=adam_shared)
+
+
+def side_by_side(copy, nbytes: int, copies: int, update, numel: int, device=None) -> tuple[float, float]:
+    """(copy GB/s, update Gparams/s) while ``copies`` copies of ``nbytes`` (``copy()`` queues one) and the CPU
+    update (``update(step)``, ``numel`` parameters, on a thread of its own as the runtime's optimizer runs)
+    run at once: both draw on host DRAM. The update's rate is its fastest step that ran wholly beside the
+    copies, as the rate alone is its fastest step; (0, 0), meaning not measured, when none did."""
+    steps: list[tuple[float, float]] = []
+    done = threading.Event()
+
+    def updates():
+        step = 100
+        while not done.is_set():
+            t0 = time.perf_counter()
+            update(step)
+            steps.append((t0, time.perf_counter()))
+            step += 1
+
+    worker = threading.Thread(target=updates, name="ratel-calibrate-adamw", daemon=True)
+    worker.start()
+    try:
+        while not steps and worker.is_alive():   # the update is in its stride before the copies start
+            time.sleep(0.001)
+        _synchronize(device)
+        start = time.perf_counter()
+        for _ in range(copies):
+            copy()
+        _synchronize(device)
+        end = time.perf_counter()
+    finally:
+        done.set()
+        worker.join()
+    beside = [b - a for a, b in steps if a >= start and b <= end]
+    if not beside:
+        return 0.0, 0.0
+    return copies * nbytes / (end - start) / 1e9, numel / min(beside) / 1e9
+
+
+def _synchronize(device) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)

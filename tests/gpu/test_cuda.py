@@ -373,3 +373,13 @@ def test_a_new_input_shape_waits_for_the_kernels_of_the_shape_before_it(monkeypa
     engine.step()
     engine.close()
     assert torch.allclose(got, expected, rtol=LOSS_RTOL, atol=1e-2), (got - expected).abs().max()
+
+
+def test_the_profile_measures_copies_and_the_cpu_adamw_side_by_side():
+    """Host DRAM is shared by the copies and the CPU AdamW: measured together, neither is faster than alone
+    (allowing the noise of two short measurements), and both were measured (the copies outlast updates)."""
+    from ratel.runtime.calibrate import measure_cuda
+    hw = measure_cuda(torch.device("cuda"))
+    assert hw.shares_host_dram
+    assert 0 < hw.h2d_shared_gbps <= hw.h2d_gbps * 1.1
+    assert 0 < hw.cpu_adam_shared_gparams <= hw.cpu_adam_gparams * 1.1

@@ -160,3 +160,48 @@ def test_compute_waits_for_the_copies_out_of_two_steps_before_as_the_memory_mode
     assert any(span.start == pytest.approx(sent_by_step[span.step - 2]) and span.start > 0
                for span in computes if span.step - 2 in sent_by_step)
     assert slow.total > fast.total
+
+
+def test_copies_and_updates_slow_each_other_by_the_part_of_each_that_overlaps():
+    """Host DRAM sharing (device-free, synthetic spans): a copy that ran half beside an update takes half of the
+    measured slowdown; D2H copies are slowed as H2D's; work beside nothing keeps its own rate."""
+    from ratel.ir import Span
+    from ratel.ir.hardware import HardwareProfile
+    from ratel.passes.simulate import host_dram_slowdown
+
+    hw = dataclasses.replace(HardwareProfile.h100(), h2d_gbps=55.0, h2d_shared_gbps=34.0, cpu_adam_gparams=4.77,
+                             cpu_adam_shared_gparams=3.9)
+    spans = [Span("h2d", "params b1", 0.0, 1.0, 3), Span("optimizer", "adamw b2", 0.5, 1.5, 3),
+             Span("d2h", "flush b2", 1.25, 1.75, 3), Span("h2d", "params b0", 2.0, 3.0, 4),
+             Span("compute", "bwd b1", 0.0, 3.0, 3)]
+    slowdown = host_dram_slowdown(spans, hw)
+    assert slowdown[("h2d", "params b1", 3)] == pytest.approx(1 + 0.5 * (55 / 34 - 1))
+    assert slowdown[("d2h", "flush b2", 3)] == pytest.approx(1 + 0.5 * (55 / 34 - 1))
+    # the update overlaps copies over [0.5, 1.0] and [1.25, 1.5]: 0.75 of its second
+    assert slowdown[("optimizer", "adamw b2", 3)] == pytest.approx(1 + 0.75 * (4.77 / 3.9 - 1))
+    assert ("h2d", "params b0", 4) not in slowdown and not any(lane == "compute" for lane, _, _ in slowdown)
+
+
+def test_a_profile_that_measured_host_dram_sharing_prices_overlapping_copies_and_updates_slower():
+    """On the H100 host the backward's fetches ran at 34 GB/s (55 alone) and the CPU AdamW at 3.9 Gparams/s
+    (4.77 alone) while both ran: a plan priced with each alone predicted 0.66 of the measured step."""
+    gm, ctx, _, _ = run_until("verify_plan", activations="host")
+    acts, transfers = ctx.get(ActivationPlan), ctx.get(Schedule).transfers
+    alone = predict_times(ctx, transfers, acts)
+    hw = ctx.hardware
+    ctx.hardware = dataclasses.replace(hw, h2d_shared_gbps=hw.h2d_gbps, cpu_adam_shared_gparams=hw.cpu_adam_gparams)
+    assert predict_times(ctx, transfers, acts) == alone             # sharing measured as costing nothing
+    ctx.hardware = dataclasses.replace(hw, h2d_shared_gbps=hw.h2d_gbps / 2, cpu_adam_shared_gparams=hw.cpu_adam_gparams / 3)
+    shared = predict_times(ctx, transfers, acts)
+    assert shared.total > alone.total
+    for before, after in zip(alone.spans, shared.spans):
+        assert (before.lane, before.label, before.step) == (after.lane, after.label, after.step)
+        seconds, was = after.end - after.start, before.end - before.start
+        most = {"h2d": 2, "d2h": 2, "optimizer": 3}.get(after.lane, 1)
+        # never slower than at the shared rate throughout, never faster than alone
+        assert was * (1 - 1e-9) <= seconds <= was * most * (1 + 1e-9), (before, after)
+    slowed = [a for b, a in zip(alone.spans, shared.spans) if a.end - a.start > (b.end - b.start) * (1 + 1e-9)]
+    assert {s.lane for s in slowed} >= {"h2d", "optimizer"}
+    # The step's lanes add up the stretched work.
+    assert sum(t.optimizer for t in shared.steps) == pytest.approx(
+        sum(s.end - s.start for s in shared.spans if s.lane == "optimizer"))

@@ -89,3 +89,44 @@ def test_a_profile_measured_with_other_cpu_threads_is_measured_again(monkeypatch
     finally:
         torch.set_num_threads(threads)
     assert measured == [3, 2]
+
+
+def test_a_profile_cached_before_a_field_was_added_is_measured_again(monkeypatch, tmp_path):
+    """A cache written before the profile measured host DRAM sharing lacks those fields: taking it would price
+    copies and updates as if alone, so detect measures again."""
+    import contextlib
+    monkeypatch.setattr(calibrate, "CACHE", tmp_path / "hardware.json")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(torch.random, "fork_rng", lambda *args, **kwargs: contextlib.nullcontext())
+    measured = dataclasses.replace(HardwareProfile.h100(), h2d_shared_gbps=34.0, cpu_adam_shared_gparams=3.9)
+    calls = []
+    monkeypatch.setattr(calibrate, "measure_cuda", lambda device: calls.append(device) or measured)
+    assert calibrate.detect("cuda:0") == dataclasses.replace(measured, cpu_adam_kernel=calibrate.cpu_adam_kernel())
+    data = json.loads(calibrate.CACHE.read_text())
+    (key, old), = data.items()
+    for field in ("h2d_shared_gbps", "cpu_adam_shared_gparams"):
+        del old[field]
+    calibrate.CACHE.write_text(json.dumps(data))
+    assert calibrate.detect("cuda:0").h2d_shared_gbps == 34.0
+    assert len(calls) == 2
+    calibrate.detect("cuda:0")
+    assert len(calls) == 2              # the complete profile is taken from the cache
+
+
+def test_side_by_side_times_the_updates_that_ran_wholly_beside_the_copies():
+    """Host DRAM sharing is measured with the update on a thread of its own, as the runtime's optimizer runs:
+    the copies' rate over their whole window, the update's from its steps inside that window."""
+    import time
+    update_steps = []
+
+    def update(step):
+        update_steps.append(step)
+        time.sleep(0.02)
+
+    copy_rate, update_rate = calibrate.side_by_side(lambda: time.sleep(0.01), 10**6, 20, update, 10**6)
+    assert 0 < copy_rate <= 10**6 / 0.01 / 1e9               # at most 20 copies of 10 ms in the window
+    assert 0 < update_rate <= 10**6 / 0.02 / 1e9
+    assert update_steps == list(range(100, 100 + len(update_steps)))   # steps count up, past the rate's own
+    assert len(update_steps) >= 3
+    # An update slower than the copies' whole window never runs wholly beside them: not measured.
+    assert calibrate.side_by_side(lambda: None, 10**6, 2, lambda step: time.sleep(0.2), 10**6) == (0.0, 0.0)
