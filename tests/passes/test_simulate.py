@@ -191,7 +191,8 @@ def test_a_profile_that_measured_host_dram_sharing_prices_overlapping_copies_and
     hw = ctx.hardware
     ctx.hardware = dataclasses.replace(hw, h2d_shared_gbps=hw.h2d_gbps, cpu_adam_shared_gparams=hw.cpu_adam_gparams)
     assert predict_times(ctx, transfers, acts) == alone             # sharing measured as costing nothing
-    ctx.hardware = dataclasses.replace(hw, h2d_shared_gbps=hw.h2d_gbps / 2, cpu_adam_shared_gparams=hw.cpu_adam_gparams / 3)
+    ctx.hardware = dataclasses.replace(hw, h2d_shared_gbps=hw.h2d_gbps / 2,
+                                       cpu_adam_shared_gparams=hw.cpu_adam_gparams / 3)
     shared = predict_times(ctx, transfers, acts)
     assert shared.total > alone.total
     for before, after in zip(alone.spans, shared.spans):
