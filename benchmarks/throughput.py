@@ -350,7 +350,9 @@ class Runner:
         print(f"== {row_line(row)}", flush=True)
 
     def row(self, system: str, layers: int, batch: int) -> None:
-        spec = {"system": system, "layers": layers, "batch": batch}
+        # The size goes in here, not only in the row's own process: a row that dies still has a model to name.
+        spec = {"system": system, "layers": layers, "batch": batch,
+                "params": gpt_config(self.args, layers).num_parameters()}
         if self.timeout() < 30:
             return self.add({**spec, "status": "skipped", "note": "time budget"})
         print(f"== {system}, {layers} layers, batch {batch}", flush=True)
@@ -603,7 +605,8 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     card = next((r["card"] for r in rows if r.get("card")), "")
     ax.set_title(f"Throughput against batch size ({card})", fontsize=10)
     ax.grid(color="#E0E0E0", lw=0.6)
-    ax.legend(fontsize=8)
+    if ax.get_lines():      # a run whose rows all failed draws empty axes, without a legend of nothing
+        ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

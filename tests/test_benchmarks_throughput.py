@@ -91,3 +91,18 @@ def test_deepspeed_rows_come_from_the_harness_and_stop_at_its_first_oom(tmp_path
     text = throughput.table(rows + [ratel_row], args)
     assert "| Ratel | 2 | 0.250 s" in text and "| 2.00x |" in text and "0.300 s (1.20)" in text
     assert "| ZeRO-Infinity (CPU) | 8 | failed |" in text
+
+
+def test_an_ssd_row_whose_process_dies_is_named_by_its_model_in_the_table_and_the_plot(tmp_path, monkeypatch):
+    """On the H100 an SSD row ran past its timeout after its profiled step; the report then failed with a
+    KeyError on the model's size, losing the table of every row."""
+    args = throughput.parse_args(["--smoke", "--ssd-dir", str(tmp_path), "--out", str(tmp_path / "out")])
+    runner = throughput.Runner(args, [], str(tmp_path))
+    monkeypatch.setattr(throughput, "start", lambda command: None)
+    monkeypatch.setattr(throughput, "finish", lambda proc, timeout: "timeout after 300 s")
+    runner.row("ssd", 4, 2)
+    row, = runner.rows
+    assert row["status"] == "failed" and row["params"] == throughput.gpt_config(args, 4).num_parameters()
+    text = throughput.table(runner.rows, args)
+    assert f"| 4L ({row['params'] / 1e9:.2f}B) | 2 | failed |" in text and "timeout after 300 s" in text
+    throughput.plot(runner.rows, tmp_path / "plot.png")
