@@ -183,9 +183,11 @@ def resident_row(args, batch: int, device: torch.device, dtype: torch.dtype) -> 
 
 
 def ratel_row(args, layers: int, batch: int, device: torch.device, dtype: torch.dtype, ssd_dir=None,
-              resident: bool | None = None) -> dict:
+              resident: bool | None = None, measured=None) -> dict:
     """Ratel's median step; with ``ssd_dir`` the swapper's bytes per step and the plan's SSD bytes too.
-    ``resident``: as ``compile``'s (None: the groups the planner keeps on the GPU; False: none)."""
+    ``resident``: as ``compile``'s (None: the groups the planner keeps on the GPU; False: none).
+    ``measured(out)`` is called with the timed result before the profiled step and the close, which at ~50 s
+    a step and tens of GiB of swap files can outlast the row's timeout."""
     with torch.device("meta"):
         model = GPT(gpt_config(args, layers)).to(dtype).train()
     ids = torch.randint(0, args.vocab, (batch, args.seq), generator=torch.Generator().manual_seed(batch)).to(device)
@@ -249,6 +251,8 @@ def ratel_row(args, layers: int, batch: int, device: torch.device, dtype: torch.
                    planned_read=planned_read, planned_written=planned_written,
                    states_on_ssd=sum(t == Tier.SSD for _, t in plan.placement.optimizer_tier),
                    groups=len(plan.placement.optimizer_tier))
+    if measured is not None:
+        measured(out)
     if args.profile:
         # One more step, profiled (untimed: the events cost a little): the plan's lanes beside the measured ones,
         # the timeline that says why a row falls short of its prediction or of another system.
@@ -286,15 +290,19 @@ def run_row(args) -> None:
         row.update(card="CPU (smoke: host memory stands in for the GPU)")
     row["params"] = gpt_config(args, row["layers"]).num_parameters()
     row["status"] = "ok"
+
+    def measured(out: dict) -> None:     # the timed steps, kept should the process not finish
+        Path(args.result).write_text(json.dumps({**row, **out, "rss": max_rss()}))
     try:
         if row["system"] == "resident":
             row.update(resident_row(args, row["batch"], device, dtype))
         elif row["system"] in ("ratel", "ratel_streamed"):
             row.update(ratel_row(args, row["layers"], row["batch"], device, dtype,
-                                 resident=False if row["system"] == "ratel_streamed" else None))
+                                 resident=False if row["system"] == "ratel_streamed" else None, measured=measured))
         elif row["system"] == "ssd":
             scratch(args).mkdir(parents=True, exist_ok=True)
-            row.update(ratel_row(args, row["layers"], row["batch"], device, dtype, ssd_dir=str(scratch(args))))
+            row.update(ratel_row(args, row["layers"], row["batch"], device, dtype, ssd_dir=str(scratch(args)),
+                                 measured=measured))
         elif row["system"] == "disk":
             scratch(args).mkdir(parents=True, exist_ok=True)
             row["probe"] = (16 << 20) if args.smoke else (1 << 30)      # bytes a request, as ssd_lane.py
@@ -360,9 +368,12 @@ class Runner:
         result.unlink(missing_ok=True)
         proc = start([sys.executable, __file__, *self.argv, "--row", json.dumps(spec), "--result", str(result)])
         failed = finish(proc, self.timeout())
-        if failed or not result.exists():
+        if not result.exists():
             return self.add({**spec, "status": "failed", "note": failed or "no result written"})
-        self.add(json.loads(result.read_text()))
+        row = json.loads(result.read_text())
+        if failed:      # its timed steps were written before the profiled step and the close
+            row["note"] = "; ".join(filter(None, [row.get("note"), f"{failed} after the timed steps"]))
+        self.add(row)
 
     def deepspeed(self, mode: str, harness: Path, port: int) -> None:
         """One ds_bench.py process for every batch of ``mode``; its JSON lines become rows."""

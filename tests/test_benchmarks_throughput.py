@@ -106,3 +106,35 @@ def test_an_ssd_row_whose_process_dies_is_named_by_its_model_in_the_table_and_th
     text = throughput.table(runner.rows, args)
     assert f"| 4L ({row['params'] / 1e9:.2f}B) | 2 | failed |" in text and "timeout after 300 s" in text
     throughput.plot(runner.rows, tmp_path / "plot.png")
+
+
+def test_a_row_that_times_out_after_its_timed_steps_keeps_them(tmp_path, monkeypatch):
+    """The row's process writes its timed steps before the profiled step and the close (on the H100, a 32-layer
+    SSD row at ~50 s a step ran past its timeout there): a timeout then keeps the steps, saying so."""
+    args = throughput.parse_args(["--smoke", "--out", str(tmp_path / "out")])
+    runner = throughput.Runner(args, [], str(tmp_path))
+
+    def start(command):
+        spec = json.loads(command[command.index("--row") + 1])
+        result = Path(command[command.index("--result") + 1])
+        result.write_text(json.dumps({**spec, "status": "ok", "step": 2.0, "range": [2.0, 2.1], "tflops": 1.0,
+                                      "predicted": 1.9, "rss": 1 << 30}))
+
+    monkeypatch.setattr(throughput, "start", start)
+    monkeypatch.setattr(throughput, "finish", lambda proc, timeout: "timeout after 300 s")
+    runner.row("ratel", 2, 1)
+    row, = runner.rows
+    assert row["status"] == "ok" and row["step"] == 2.0
+    assert row["note"] == "timeout after 300 s after the timed steps"
+    assert "| Ratel | 1 | 2.000 s" in throughput.table(runner.rows, args)
+
+
+def test_the_row_process_writes_its_timed_steps_before_profiling(tmp_path, monkeypatch):
+    """ratel_row hands its timed result over before the profiled step: what the parent keeps if the rest
+    outlasts the timeout."""
+    args = throughput.parse_args(["--smoke", "--out", str(tmp_path), "--steps", "1", "--warmup", "0"])
+    order = []
+    monkeypatch.setattr(throughput.ratel, "summary", lambda plan, step=None: order.append("profiled") or "")
+    out = throughput.ratel_row(args, 2, 1, throughput.torch.device("cpu"), throughput.torch.float32,
+                               measured=lambda result: order.append(("measured", result["step"])))
+    assert order == [("measured", out["step"]), "profiled"]
