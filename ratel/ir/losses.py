@@ -17,6 +17,11 @@ log-sum-exp, minus one at the target, scaled as the reduction asks, cast to the 
 autograd's gradient of ``.float()`` casts it), then the input's and the weight's gradients, the weight's (and
 bias') summed over chunks in fp32: equal to the unchunked loss and gradients within rounding.
 
+On CUDA the products take the weight padded with zero rows to a multiple of 64 (``vocab_align``): with a
+vocabulary like 50257 every product's logits, and their gradient as the next product's input, are rows of an
+odd length, which the tensor cores' wide loads cannot take. The padding's logits are sliced off and their
+gradient set to zero, so it changes no result beyond the products' summation order.
+
 Memory: a chunk's logits and their gradient (``chunk_rows`` x vocabulary) instead of the logits, their fp32
 copy, the log-softmax autograd keeps and the gradients of all three for every token. Work: the logits are
 computed twice (once more in backward), as in Cut Cross-Entropy; the head's backward costs three products
@@ -34,6 +39,22 @@ _REDUCTIONS = {MEAN: "mean", SUM: "sum"}
 def chunk_rows_for(vocab: int, chunk_bytes: int) -> int:
     """Rows per chunk so that one chunk's fp32 logits take about ``chunk_bytes`` (a multiple of 64 rows)."""
     return max(64, chunk_bytes // (4 * max(vocab, 1)) // 64 * 64)
+
+
+def vocab_align(device: torch.device) -> int:
+    """Rows the head's weight is padded to a multiple of in the chunked products. On CUDA a vocabulary like
+    GPT-2's 50257 makes every product's logits (and their gradient, a product's input) rows of an odd number
+    of elements: not aligned for the tensor cores' wide loads, so cuBLAS takes slower kernels (nanoGPT pads
+    50257 to 50304 for this). Elsewhere nothing is padded."""
+    return 64 if torch.device(device).type == "cuda" else 1
+
+
+def _padded(weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
+    """The head's weight and bias with ``rows`` zero rows (entries) appended: logits of the padding are 0 and
+    sliced off, their gradient is set to 0, so the padding adds nothing to any product's result."""
+    if not rows:
+        return weight, bias
+    return F.pad(weight, (0, 0, 0, rows)), None if bias is None else F.pad(bias, (0, rows))
 
 
 def _rows(hidden: torch.Tensor, seq_slice) -> torch.Tensor:
@@ -63,9 +84,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = target != ignore_index
         total = torch.zeros((), dtype=upcast, device=hidden.device)
         lse = torch.empty(rows.shape[0], dtype=upcast, device=hidden.device)
+        vocab = weight.shape[0]
+        padded_weight, padded_bias = _padded(weight, bias, -vocab % vocab_align(weight.device))
         for start in range(0, rows.shape[0], chunk_rows):
             end = min(start + chunk_rows, rows.shape[0])
-            logits = F.linear(rows[start:end], weight, bias).to(upcast)
+            logits = F.linear(rows[start:end], padded_weight, padded_bias)[:, :vocab].to(upcast)
             chunk_lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, target[start:end].clamp(min=0).unsqueeze(1)).squeeze(1)
             del logits
@@ -94,25 +117,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_rows = torch.empty_like(rows) if wanted[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if wanted[1] else None
         grad_bias = torch.zeros(bias.shape, dtype=lse.dtype, device=bias.device) if wanted[2] else None
+        vocab = weight.shape[0]
+        padded_weight, padded_bias = _padded(weight, bias, -vocab % vocab_align(weight.device))
         for start in range(0, rows.shape[0], chunk_rows):
             end = min(start + chunk_rows, rows.shape[0])
             chunk = rows[start:end]
-            logits = F.linear(chunk, weight, bias)
+            logits = F.linear(chunk, padded_weight, padded_bias)
             dtype = logits.dtype
             grad = logits.to(lse.dtype)       # the logits themselves when they are already fp32: not used again
             del logits
             grad.sub_(lse[start:end].unsqueeze(1)).exp_()                       # the softmax
+            grad[:, vocab:] = 0.0             # the padding's: no class, no gradient
             chunk_target = target[start:end]
             grad.scatter_add_(1, chunk_target.clamp(min=0).unsqueeze(1),
                               torch.full((end - start, 1), -1.0, dtype=grad.dtype, device=grad.device))
             grad.mul_(torch.where(chunk_target != ignore_index, scale, 0.0).unsqueeze(1))
             grad = grad.to(dtype)
             if wanted[0]:
-                grad_rows[start:end] = grad @ weight
+                grad_rows[start:end] = grad @ padded_weight
             if wanted[1]:
-                grad_weight += (grad.t() @ chunk).to(lse.dtype)
+                grad_weight += (grad.t() @ chunk)[:vocab].to(lse.dtype)
             if wanted[2]:
-                grad_bias += grad.sum(0).to(lse.dtype)
+                grad_bias += grad[:, :vocab].sum(0).to(lse.dtype)
         grad_hidden = None
         if wanted[0]:
             if seq_slice is None:

@@ -104,6 +104,36 @@ def test_chunks_of_a_few_rows_equal_the_whole_in_value_and_gradient():
             assert torch.allclose(a, e)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_vocabulary_padded_for_the_products_gives_the_same_loss_and_gradients(bias, monkeypatch):
+    """On CUDA the head's weight is padded to a multiple of 64 rows for its products (an odd vocabulary like
+    50257 misaligns every product's rows); the padding's logits are left out of the loss and its gradient is
+    zero, so the loss and every gradient are the unpadded ones (float64: equal to rounding)."""
+    import ratel.ir.losses as losses
+    torch.manual_seed(0)
+    rows, hidden, vocab = 300, 16, 50
+    h = torch.randn(rows, hidden, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(vocab, hidden, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(vocab, dtype=torch.float64, requires_grad=True) if bias else None
+    t = torch.randint(0, vocab, (rows,))
+    t[::5] = -100
+    inputs = (h, w, b) if bias else (h, w)
+    expected = F.cross_entropy(F.linear(h, w, b), t)
+    expected_grads = torch.autograd.grad(expected * 3, inputs)
+    padded = []
+    original, align = losses._padded, losses.vocab_align
+    monkeypatch.setattr(losses, "_padded",
+                        lambda weight, bias, extra: padded.append(extra) or original(weight, bias, extra))
+    monkeypatch.setattr(losses, "vocab_align", lambda device: 64)
+    got = linear_cross_entropy(h, w, b, t, -100, 1, chunk_rows=64)
+    grads = torch.autograd.grad(got * 3, inputs)
+    assert padded == [14, 14]                       # forward and backward, 50 rows to 64
+    assert torch.allclose(got, expected)
+    for name, a, e in zip("hwb", grads, expected_grads):
+        assert a.shape == e.shape and torch.allclose(a, e), name
+    assert align(torch.device("cpu")) == 1 and align(torch.device("cuda", 0)) == 64
+
+
 @pytest.mark.parametrize("kind", ["gpt", "gpt2", "llama"])
 def test_training_with_the_chunked_head_equals_pytorch_adamw(kind):
     result = train_like_pytorch(make_model(kind, dropout=0.1, layers=2), batches(3, batch=4, seq=16))
@@ -156,8 +186,10 @@ def test_the_plan_no_longer_holds_fp32_logits(monkeypatch):
 def test_training_over_many_chunks_equals_pytorch_within_rounding(kind, monkeypatch):
     """Chunks of 16 rows: the loss's value and gradients are the unchunked ones up to summation order, through
     Ratel's runtime (the kept log-sum-exp is a saved value of the head unit, the recompute runs the chunks)."""
+    import ratel.ir.losses as losses
     import ratel.passes.chunk_head_loss as chunk_head_loss
     monkeypatch.setattr(chunk_head_loss, "chunk_rows_for", lambda vocab, nbytes: 16)
+    monkeypatch.setattr(losses, "vocab_align", lambda device: 48)      # padded as on CUDA (vocabulary 128 to 144)
     result = train_like_pytorch(make_model(kind, dropout=0.1, layers=2), batches(3, batch=4, seq=16),
                                 weight_decay=0.0)
     engine = result["engine"]
