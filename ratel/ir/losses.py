@@ -74,8 +74,10 @@ def _whole(hidden, weight, bias, target, ignore_index, reduction, seq_slice):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, ignore_index: int, reduction: int, chunk_rows: int, seq_slice):
-        ctx.options = (ignore_index, reduction, chunk_rows, seq_slice)
+    def forward(ctx, hidden, weight, bias, target, ignore_index: int, reduction: int, chunk_rows: int, seq_slice,
+                align):
+        align = align or vocab_align(weight.device)
+        ctx.options = (ignore_index, reduction, chunk_rows, seq_slice, align)
         rows = _rows(hidden, seq_slice)
         if rows.shape[0] <= chunk_rows // 4:     # the eager ops hold about four chunks' worth of logits
             ctx.save_for_backward(hidden, weight, bias, target)
@@ -85,7 +87,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=upcast, device=hidden.device)
         lse = torch.empty(rows.shape[0], dtype=upcast, device=hidden.device)
         vocab = weight.shape[0]
-        padded_weight, padded_bias = _padded(weight, bias, -vocab % vocab_align(weight.device))
+        padded_weight, padded_bias = _padded(weight, bias, -vocab % align)
         for start in range(0, rows.shape[0], chunk_rows):
             end = min(start + chunk_rows, rows.shape[0])
             logits = F.linear(rows[start:end], padded_weight, padded_bias)[:, :vocab].to(upcast)
@@ -100,7 +102,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        ignore_index, reduction, chunk_rows, seq_slice = ctx.options
+        ignore_index, reduction, chunk_rows, seq_slice, align = ctx.options
         wanted = ctx.needs_input_grad[:3]
         if len(ctx.saved_tensors) == 4:
             hidden, weight, bias, target = ctx.saved_tensors
@@ -110,7 +112,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 loss = _whole(*inputs, target, ignore_index, reduction, seq_slice)
                 asked = [t for t, w in zip(inputs, wanted) if w]
                 grads = iter(torch.autograd.grad(loss, asked, grad_loss))
-            return (*[next(grads) if w else None for w in wanted], None, None, None, None, None)
+            return (*[next(grads) if w else None for w in wanted], None, None, None, None, None, None)
         hidden, weight, bias, target, lse, count = ctx.saved_tensors
         rows = _rows(hidden, seq_slice)
         scale = grad_loss.to(lse.dtype) / count if reduction == MEAN else grad_loss.to(lse.dtype)
@@ -118,7 +120,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if wanted[1] else None
         grad_bias = torch.zeros(bias.shape, dtype=lse.dtype, device=bias.device) if wanted[2] else None
         vocab = weight.shape[0]
-        padded_weight, padded_bias = _padded(weight, bias, -vocab % vocab_align(weight.device))
+        padded_weight, padded_bias = _padded(weight, bias, -vocab % align)
         for start in range(0, rows.shape[0], chunk_rows):
             end = min(start + chunk_rows, rows.shape[0])
             chunk = rows[start:end]
@@ -147,14 +149,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_hidden = torch.zeros_like(hidden)
                 grad_hidden[:, seq_slice[0]:seq_slice[1]] = grad_rows.view(grad_hidden[:, seq_slice[0]:seq_slice[1]].shape)
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None, None)
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          target: torch.Tensor, ignore_index: int = -100, reduction: int = MEAN,
-                         chunk_rows: int = 1024, seq_slice: tuple[int, int] | None = None) -> torch.Tensor:
+                         chunk_rows: int = 1024, seq_slice: tuple[int, int] | None = None,
+                         align: int | None = None) -> torch.Tensor:
     """Cross-entropy of the head's logits against ``target``, ``chunk_rows`` rows of logits at a time (see the
-    module docstring). ``seq_slice``: (start, end) of the positions along dimension 1 the loss reads."""
+    module docstring). ``seq_slice``: (start, end) of the positions along dimension 1 the loss reads.
+    ``align``: the multiple the products' vocabulary is padded to (None: ``vocab_align`` of the weight's
+    device; estimate_costs names the target's when it measures on meta tensors)."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction code {reduction}: only mean (1) and sum (2) are chunked")
-    return _LinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, reduction, chunk_rows, seq_slice)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, reduction, chunk_rows, seq_slice,
+                                     align)

@@ -39,7 +39,7 @@ from ratel.ir import (META_COST, META_TENSOR, META_UNIT_CALL, CostModel, NodeCos
                       UnitCost, format_bytes)
 from ratel.passes import time_units
 from ratel.passes.canonicalize_graph import canonicalize
-from ratel.ir.losses import linear_cross_entropy
+from ratel.ir.losses import linear_cross_entropy, vocab_align
 from ratel.passes.manager import PassContext, PassResult, graph_pass
 from ratel.trace import is_random
 
@@ -226,7 +226,11 @@ def _stand_in(sub: fx.GraphModule, device: str, tensors_on: str) -> fx.GraphModu
                  and n.target is aten.scaled_dot_product_attention.default]
         for node in calls:
             node.target = attention
-        if calls:
+        # The head's loss pads its products' vocabulary as the target does (on meta tensors it would not).
+        heads = [n for n in module.graph.nodes if n.op == "call_function" and n.target is linear_cross_entropy]
+        for node in heads:
+            node.kwargs = {**node.kwargs, "align": vocab_align(torch.device(device))}
+        if calls or heads:
             module.recompile()
     return copied
 

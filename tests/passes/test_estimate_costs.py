@@ -133,3 +133,27 @@ def test_units_measured_on_meta_tensors_equal_fake_cpu_tensors(kind, dtype, drop
     assert len(measured) >= 3
     for name, on_meta, on_fake in measured:
         assert on_meta == on_fake, name
+
+
+def test_a_plan_for_cuda_counts_the_head_weight_padded_as_cuda_pads_it(monkeypatch):
+    """On CUDA the chunked head loss pads its products' vocabulary to a multiple of 64 (ir/losses.vocab_align):
+    a plan for CUDA measured on meta tensors (no GPU here) must count the padded weight and logits, which
+    meta tensors alone would not pad."""
+    import ratel
+    from ratel.ir.hardware import HardwareProfile
+    from ratel.models import GPT, GPTConfig
+
+    def head_cost():
+        with torch.device("meta"):
+            model = GPT(GPTConfig(vocab_size=1000, n_layer=1, n_head=4, d_model=256, max_seq_len=4096,
+                                  tie_embeddings=False)).to(torch.bfloat16)
+        ids = torch.zeros(8, 4096, dtype=torch.long, device="meta")     # 32760 rows: more than a quarter chunk
+        plan = ratel.explain(model, "8GiB", (ids,), device="cuda", hardware=HardwareProfile.h100())
+        return plan.costs.units[-1]
+
+    padded = head_cost()
+    monkeypatch.setattr(importlib.import_module("ratel.passes.estimate_costs"), "vocab_align", lambda device: 1)
+    unpadded = head_cost()
+    weight = 24 * 256 * 2                 # 1000 rows padded to 1024, bf16
+    assert padded.fwd_workspace >= unpadded.fwd_workspace + weight
+    assert padded.bwd_workspace >= unpadded.bwd_workspace + weight
