@@ -137,10 +137,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad = grad.to(dtype)
             if wanted[0]:
                 grad_rows[start:end] = grad @ padded_weight
+            # Summed into fp32 as they are (the sum promotes exactly): no fp32 copy of a vocabulary x hidden
+            # product per chunk: 1.6 of the 4.1 GB a chunk moved through memory at 50257 x 4096.
             if wanted[1]:
-                grad_weight += (grad.t() @ chunk)[:vocab].to(lse.dtype)
+                grad_weight.add_((grad.t() @ chunk)[:vocab])
             if wanted[2]:
-                grad_bias += grad[:, :vocab].sum(0).to(lse.dtype)
+                grad_bias.add_(grad[:, :vocab].sum(0))
         grad_hidden = None
         if wanted[0]:
             if seq_slice is None:
