@@ -7,7 +7,8 @@ processes one after another measures the drift as much as the trees. Here each t
 own (its own ``PYTHONPATH``, its own ``RATEL_CACHE_DIR``), both compiled and warmed up before the first timed
 step, and the parent has them take single training steps in turn, in the order A B B A A B B A ... (so that
 a drift within a round cancels): each timed step of one tree has a neighbour of the other taken seconds
-apart. The result is the ratio of B's median step to A's, and the mean of the per-round ratios with its 95 %
+apart (``--gap`` seconds apart: an update's OpenMP team spins for a while after its work, on the cores the
+next step needs). The result is the ratio of B's median step to A's, and the mean of the per-round ratios with its 95 %
 interval (normal approximation), which says whether a difference of 2 % was resolved.
 
 Both processes share the card, each capped at ``--cap`` (two 24 GiB caps fit an 80 GiB card), and the host:
@@ -57,6 +58,8 @@ def parse_args(argv=None):
                    help="let the trees keep groups on the GPU (a tree without resident groups ignores it)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each tree before the first round")
     p.add_argument("--rounds", type=int, default=10, help="rounds of A B B A: 2 timed steps of each a round")
+    p.add_argument("--gap", type=float, default=0.5,
+                   help="seconds between two steps: the last step's OpenMP threads stop spinning first")
     p.add_argument("--smoke", action="store_true", help="a tiny GPT on the CPU")
     p.add_argument("--append-results", action="store_true")
     p.add_argument("--results", default=str(HERE.parent / "RESULTS.md"))
@@ -145,7 +148,8 @@ class Tree:
             print(f"  [{Path(self.path).name}] {line.rstrip()}", flush=True)
         raise RuntimeError(f"the worker of {self.path} ended (exit code {self.proc.wait()}) before '{tag}'")
 
-    def step(self) -> float:
+    def step(self, gap: float) -> float:
+        time.sleep(gap)
         self.proc.stdin.write("step\n")
         self.proc.stdin.flush()
         seconds = float(self.expect("DONE"))
@@ -171,7 +175,7 @@ def run(args, argv: list[str]) -> dict:
             a, b = trees
             ratios = []
             for _ in range(args.rounds):
-                first_a, first_b, second_b, second_a = a.step(), b.step(), b.step(), a.step()
+                first_a, first_b, second_b, second_a = (tree.step(args.gap) for tree in (a, b, b, a))
                 ratios.append((first_b + second_b) / (first_a + second_a))
             for tree in trees:
                 tree.finish()
@@ -197,7 +201,7 @@ def table(result: dict, args) -> str:
     lines = [f"## Two trees in turn, step by step ({datetime.date.today()}, {card})", "",
              f"`benchmarks/ab_trees.py`: GPT {args.layers}L h={args.hidden} vocab {args.vocab}, batch {args.batch} x "
              f"{args.seq}, cap {args.cap}, {groups}; {args.warmup} warm-up steps each, then {args.rounds} rounds "
-             "of A B B A.", "",
+             f"of A B B A, {args.gap} s between steps.", "",
              "| tree | median step (range) | predicted |", "|---|---|---|"]
     for label, median, (lo, hi), predicted in zip(labels, result["medians"], result["ranges"], result["predicted"]):
         lines.append(f"| {label} | {median:.3f} s ({lo:.3f}-{hi:.3f}) | {predicted:.3f} s |")
