@@ -44,15 +44,22 @@ def test_gradients_streamed_through_a_ring_train_like_pytorch_with_a_slow_optimi
     from helpers import assert_trained_alike, train_like_pytorch
 
     update = optimizer_module.adamw_update
-
-    def slow(*args, **kwargs):
-        time.sleep(0.01)
-        return update(*args, **kwargs)
-
-    monkeypatch.setattr(optimizer_module, "adamw_update", slow)
     from ratel.ir.layout import grad_ring_slots
     from ratel.runtime.param_store import GradientRing
     take, waited = GradientRing.take, []
+
+    def slow(*args, **kwargs):
+        if accumulate == 1:
+            # Held until the backward asked for a slot and found none (at most 2 s): a fixed sleep was not slow
+            # enough on a loaded 2-core machine, where the backward itself crawled (CI, 2026-12-05).
+            deadline = time.monotonic() + 2.0
+            while not any(waited) and time.monotonic() < deadline:
+                time.sleep(0.001)
+        else:       # accumulation frees each slot as its gradient is summed: nothing to wait for
+            time.sleep(0.01)
+        return update(*args, **kwargs)
+
+    monkeypatch.setattr(optimizer_module, "adamw_update", slow)
 
     def watched(self, group, nbytes):
         waited.append(not self.free)          # no slot free: the flush waits for the optimizer
