@@ -48,3 +48,37 @@ def test_a_fetched_saved_value_is_not_overwritten_by_compute_work_queued_on_memo
     del scratch
     saved.fetch(0)
     assert torch.equal(_as_float(saved._device_bytes(run, "x")), expected)
+
+
+@pytest.mark.parametrize("policy", ["keep", "auto"])
+def test_a_unit_runs_node_by_node_only_when_its_plan_rebuilds_a_value(policy, monkeypatch):
+    """The forward of a saved-mode unit goes through the interpreter (~15 us of host work a node, which bound
+    the H100's forward at h=2048) only where the backward rebuilds a node's value from its recorded layout;
+    both ways train as plain PyTorch does."""
+    import ratel
+    import ratel.runtime.saved as saved_module
+    from helpers import assert_trained_alike, batches, make_model, train_like_pytorch
+
+    interpreted = []
+    geometry = saved_module._Geometry
+
+    class Counted(geometry):
+        def run(self, *args, **kwargs):
+            interpreted.append(self._unit_run.unit)
+            return super().run(*args, **kwargs)
+
+    monkeypatch.setattr(saved_module, "_Geometry", Counted)
+    model = make_model("gpt", layers=3)
+    data = batches(2, batch=4, seq=16)
+    budget = "1GiB"
+    if policy == "auto":      # halfway from every unit recomputed to all kept: some values rebuilt one by one
+        low, high = (ratel.explain(model, "1GiB", (data[0][0],), device="cpu", activations=fixed).memory.gpu_peak
+                     for fixed in ("recompute", "keep"))
+        budget = (low + high) // 2
+    result = train_like_pytorch(model, data, budget=budget, activations=policy)
+    acts = result["engine"].plan.activations
+    rebuilding = {u.unit for u in acts.units if u.mode == "saved" and any(d.tier is None for d in u.decisions)}
+    assert_trained_alike(result)
+    result["engine"].close()
+    assert set(interpreted) == rebuilding
+    assert bool(rebuilding) == (policy == "auto")
