@@ -132,7 +132,7 @@ def worker(args) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 class Tree:
-    def __init__(self, path: str, args, argv: list[str], cache: str):
+    def __init__(self, path: str, argv: list[str], cache: str):
         self.path = str(Path(path).resolve())
         env = {**os.environ, "PYTHONPATH": self.path, "RATEL_CACHE_DIR": cache, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen([sys.executable, str(HERE), *argv, "--worker"], stdin=subprocess.PIPE,
@@ -169,7 +169,7 @@ def run(args, argv: list[str]) -> dict:
         try:
             # One after the other: both compiling at once would time each one's units beside the other's.
             for i, path in enumerate(args.trees):
-                tree = Tree(path, args, argv, str(Path(tmp) / f"cache{i}"))
+                tree = Tree(path, argv, str(Path(tmp) / f"cache{i}"))
                 tree.info = json.loads(tree.expect("READY"))
                 trees.append(tree)
             a, b = trees
@@ -224,11 +224,8 @@ def main(argv=None) -> dict:
         worker(args)
         return {}
     result = run(args, [a for a in argv if a != "--append-results"])
-    text = table(result, args)
-    print(text, flush=True)
-    if args.append_results:
-        with Path(args.results).open("a") as f:
-            f.write("\n" + text)
+    from ratel.tools.bench import publish     # here, not at the top: a worker imports its own tree's ratel
+    publish(table(result, args), args.results if args.append_results else None)
     return result
 
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
 from ratel.models.gpt import Block, GPTConfig
+from ratel.tools.bench import _time, publish   # warm-ups, then the median of synchronised steps
 
 
 def parse_args(argv=None):
@@ -46,22 +46,6 @@ def parse_args(argv=None):
     return args
 
 
-def _timed(fn, steps: int, warmup: int, device: torch.device) -> float:
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(block: torch.nn.Module, x: torch.Tensor, grad_out: torch.Tensor, args, device) -> dict:
     """Times of ``block`` (forward without autograd; forward and backward) and its output and gradients."""
     params = [p for p in block.parameters()]
@@ -76,8 +60,8 @@ def measure(block: torch.nn.Module, x: torch.Tensor, grad_out: torch.Tensor, arg
         grads = torch.autograd.grad(out, [leaf, *params], grad_out)
         return out, grads
 
-    result = {"forward": _timed(forward, args.steps, args.warmup, device),
-              "train": _timed(train, args.steps, args.warmup, device)}
+    result = {"forward": _time(forward, args.steps, device, args.warmup).median,
+              "train": _time(train, args.steps, device, args.warmup).median}
     out, grads = train()
     result["values"] = [out.detach(), *grads]
     return result
@@ -125,10 +109,7 @@ def main(argv=None) -> str:
                   f"{'bitwise equal to eager' if bitwise else 'not bitwise equal to eager'}; largest difference "
                   f"{worst:.1e} of the largest value."]
     text = "\n".join(lines) + "\n"
-    print(text, flush=True)
-    if args.append_results:
-        with Path(args.results).open("a") as f:
-            f.write("\n" + text)
+    publish(text, args.results if args.append_results else None)
     return text
 
 

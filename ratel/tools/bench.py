@@ -64,8 +64,8 @@ class Timing:
 WARMUP_STEPS = 2
 
 
-def _time(step, steps: int, device: torch.device) -> Timing:
-    for _ in range(WARMUP_STEPS):            # allocator, kernels, the first plan, caches
+def _time(step, steps: int, device: torch.device, warmup: int = WARMUP_STEPS) -> Timing:
+    for _ in range(warmup):                  # allocator, kernels, the first plan, caches
         step()
     _sync(device)
     seconds = []
