@@ -14,6 +14,15 @@ from ratel.runtime import calibrate
 
 
 @pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    """detect on a 'cuda:0' this machine need not have: a private cache, a named card, no CUDA RNG to fork."""
+    import contextlib
+    monkeypatch.setattr(calibrate, "CACHE", tmp_path / "hardware.json")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(torch.random, "fork_rng", lambda *args, **kwargs: contextlib.nullcontext())
+
+
+@pytest.fixture
 def counted(monkeypatch, tmp_path):
     """A private cache, and measure_disk with 8 MiB requests, counting its calls."""
     monkeypatch.setattr(calibrate, "CACHE", tmp_path / "cache" / "hardware.json")
@@ -65,13 +74,9 @@ def test_the_cpu_profile_keeps_its_nominal_rates_unless_asked(counted, tmp_path,
     assert asked.ssd_write_gbps == rates["write"] / 1e9
 
 
-def test_a_profile_measured_with_other_cpu_threads_is_measured_again(monkeypatch, tmp_path):
+def test_a_profile_measured_with_other_cpu_threads_is_measured_again(monkeypatch, fake_gpu):
     """The CPU AdamW's rate depends on the threads it runs on (one fewer than the process's torch threads):
     a profile cached by a process with 4 threads must not price the update of one with 16."""
-    import contextlib
-    monkeypatch.setattr(calibrate, "CACHE", tmp_path / "hardware.json")
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
-    monkeypatch.setattr(torch.random, "fork_rng", lambda *args, **kwargs: contextlib.nullcontext())
     measured = []
 
     def measure_cuda(device):
@@ -91,13 +96,9 @@ def test_a_profile_measured_with_other_cpu_threads_is_measured_again(monkeypatch
     assert measured == [3, 2]
 
 
-def test_a_profile_cached_before_a_field_was_added_is_measured_again(monkeypatch, tmp_path):
+def test_a_profile_cached_before_a_field_was_added_is_measured_again(monkeypatch, fake_gpu):
     """A cache written before the profile measured host DRAM sharing lacks those fields: taking it would price
     copies and updates as if alone, so detect measures again."""
-    import contextlib
-    monkeypatch.setattr(calibrate, "CACHE", tmp_path / "hardware.json")
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
-    monkeypatch.setattr(torch.random, "fork_rng", lambda *args, **kwargs: contextlib.nullcontext())
     measured = dataclasses.replace(HardwareProfile.h100(), h2d_shared_gbps=34.0, cpu_adam_shared_gparams=3.9)
     calls = []
     monkeypatch.setattr(calibrate, "measure_cuda", lambda device: calls.append(device) or measured)
