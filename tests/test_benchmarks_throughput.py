@@ -138,3 +138,34 @@ def test_the_row_process_writes_its_timed_steps_before_profiling(tmp_path, monke
     out = throughput.ratel_row(args, 2, 1, throughput.torch.device("cpu"), throughput.torch.float32,
                                measured=lambda result: order.append(("measured", result["step"])))
     assert order == [("measured", out["step"]), "profiled"]
+
+
+def test_the_ssd_rows_host_budget_sends_the_asked_share_of_states_to_the_ssd_when_the_planner_trades_activations(
+        monkeypatch):
+    """On the H200 (2026-12-05) --ssd-states 0.5 put nothing on the SSD: the roomy plan's host total held saved
+    activations, and under 'roomy less half the states' the planner recomputed them and kept every state.
+    A stand-in planner that trades activations first: host holds states S + copies C, then activations up to A;
+    what does not fit of S goes to the SSD."""
+    S, C, A = 80 << 30, 14 << 30, 60 << 30
+    GiB = 1 << 30
+
+    class Memory:
+        def __init__(self, host):
+            kept = min(S, max(0, host - C))
+            self.ssd_total = S - kept
+            self.host_total = C + kept + max(0, min(A, host - C - S))
+            self.host_bytes = [("compute copy:blocks", C), ("fp32 master + adam states:blocks", kept)]
+
+    class Plan:
+        def __init__(self, host):
+            self.memory = Memory(host)
+
+    def explain(model, budget, inputs, device=None, hardware=None):
+        if budget.host < C + GiB:
+            raise throughput.BudgetError("host too small", tier="host", needed=C + GiB, budget=budget.host)
+        return Plan(budget.host)
+
+    monkeypatch.setattr(throughput.ratel, "explain", explain)
+    host = throughput.ssd_host_budget(None, None, 20 * GiB, "/tmp", "cpu", None, 0.5)
+    assert Plan(host).memory.ssd_total >= 0.9 * S / 2
+    assert Plan(host).memory.ssd_total <= 1.1 * S / 2       # no more than asked: the row measures that share
