@@ -236,6 +236,8 @@ def ratel_row(args, layers: int, batch: int, device: torch.device, dtype: torch.
     notes = []
     if on_gpu:
         notes.append(f"{len(on_gpu)} of {len(plan.groups)} groups on the GPU ({on_gpu[0]} .. {on_gpu[-1]})")
+    if ssd_dir is not None and swapper is None:
+        notes.append("nothing on the SSD: the host budget held every state")
     if not all(math.isfinite(x) for x in losses):
         # A speed figure from a run whose weights went non-finite is not one to report without saying so.
         notes.append("losses " + ", ".join(f"{x:.4g}" for x in losses))
@@ -611,7 +613,8 @@ def table(rows: list[dict], args) -> str:
             bound = roofline(r["read"], r["written"], disk) if disk and "read" in r else None
             lines.append(f"| {model} | {r['batch']} | {r['step']:.2f} s ({r['range'][0]:.2f}-{r['range'][1]:.2f}) | "
                          f"{tf(r['tflops'])} | {predicted_cell(r)} | "
-                         f"{r.get('states_on_ssd', 0)} of {r.get('groups', '?')} groups | {moved} | "
+                         + (f"{r['states_on_ssd']} of {r['groups']} groups" if "groups" in r else r.get("note", "none"))
+                         + f" | {moved} | "
                          + (f"{bound:.2f} s | {bound / r['step']:.2f}" if bound is not None else " | ")
                          + f" | {size(r.get('rss'))} |")
     return "\n".join(lines) + "\n"
