@@ -210,7 +210,10 @@ def table(result: dict, args) -> str:
     a, b = result["losses"]
     differ = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
     if differ is not None:
-        agreement = f"first differ at step {differ}: {a[differ]:.6g} against {b[differ]:.6g}."
+        # Full precision: trees that sum in another order differ in the last bits, which 6 digits hide.
+        largest = max(abs(x - y) / max(abs(x), abs(y), 1e-30) for x, y in zip(a, b))
+        agreement = (f"first differ at step {differ}: {a[differ]!r} against {b[differ]!r}; largest relative "
+                     f"difference {largest:.1e}.")
     else:
         agreement = "equal in both trees." if len(a) == len(b) else "step counts differ."
     lines.append(f"Losses over {len(a)} steps: {agreement}")
