@@ -93,7 +93,7 @@ TITLES = {"resident": "GPU-resident PyTorch (bound)", "ratel": "Ratel",
           "zero3_cpu": "ZeRO-Infinity (CPU)", "ssd": "Ratel, states partly on SSD"}
 # The tiny shape of --smoke (each a default the command line can still change).
 SMOKE = dict(layers=2, hidden=64, heads=4, vocab=256, seq=32, batches=[1, 2], cap="2GiB", steps=2,
-             ssd_layers=[3], ssd_batches=[1], ssd_states=0.5, row_timeout=120)
+             ssd_layers=[3], ssd_batches=[1], ssd_states=0.5, row_timeout=120, sustained="64MiB")
 
 
 def parse_args(argv=None):
@@ -118,6 +118,8 @@ def parse_args(argv=None):
     p.add_argument("--ssd-states", type=float, default=None,
                    help="fraction of the optimizer states pushed to SSD by the host budget (default: the host "
                         "budget alone decides)")
+    p.add_argument("--sustained", default="16GiB",
+                   help="bytes each way of the disk row's sustained measurement (0: only the short probe)")
     p.add_argument("--row-timeout", type=float, default=600, help="seconds a row's process may take")
     p.add_argument("--time-budget", type=float, default=0, help="seconds for the whole run; rows that would "
                    "start past it are skipped (0: no limit)")
@@ -298,6 +300,46 @@ def ssd_host_budget(model, ids, gpu: int, ssd_dir, device, hardware, fraction: f
     return host
 
 
+def sustained_disk(dirs: list[str], total: int, request: int) -> dict[str, float]:
+    """The disk's rates over ``total`` bytes each way, in requests of ``request`` bytes two at a time, as an
+    SSD row moves tens of GB a step. A virtual disk can take a short probe's few GiB faster than it sustains
+    them: on the H200 (2026-12-05) the 1 GiB probe read and wrote at once at 2.08-2.22 GB/s, and the SSD row's
+    swapper moved 1.83 over its 45 s step. Writes alone, reads alone, then reads of one file beside writes over
+    another (allocated first, untimed: swap files are written over, as here); GB/s as ``measure_disk``'s."""
+    from ratel.runtime.swapper import Swapper, aligned_empty
+
+    count = max(1, total // request)
+    into, out = [aligned_empty(request) for _ in range(2)], [aligned_empty(request) for _ in range(2)]
+    for b in out:
+        b.random_(0, 255)
+    probe = os.path.basename(tempfile.mkdtemp(prefix=".ratel-sustained-", dir=dirs[0]))
+    try:
+        with Swapper(dirs=dirs) as swapper:
+            a, b = (swapper.file(f"{probe}/{name}.bin", count * request) for name in ("a", "b"))
+
+            def timed(submit) -> float:
+                start, pending = time.perf_counter(), []
+                for i in range(count):
+                    pending.append(submit(i))
+                    if len(pending) == 2:     # two requests in flight each way, as the runtime's lane keeps
+                        for handle in pending.pop(0):
+                            handle.wait()
+                for handles in pending:
+                    for handle in handles:
+                        handle.wait()
+                return time.perf_counter() - start
+
+            write = count * request / timed(lambda i: [swapper.write(a, i * request, out[i % 2])])
+            timed(lambda i: [swapper.write(b, i * request, out[i % 2])])
+            read = count * request / timed(lambda i: [swapper.read(a, i * request, into[i % 2])])
+            both = 2 * count * request / timed(lambda i: [swapper.read(a, i * request, into[i % 2]),
+                                                          swapper.write(b, i * request, out[i % 2])])
+    finally:
+        for d in dirs:
+            shutil.rmtree(os.path.join(d, probe), ignore_errors=True)
+    return {"write": write, "read": read, "both": both}
+
+
 def scratch(args) -> Path:
     """The folder under --ssd-dir the disk and ssd rows write to; removed after each (a row killed at its
     timeout leaves its swap files behind)."""
@@ -336,6 +378,10 @@ def run_row(args) -> None:
             scratch(args).mkdir(parents=True, exist_ok=True)
             row["probe"] = (16 << 20) if args.smoke else (1 << 30)      # bytes a request, as ssd_lane.py
             row["disk"] = measure_disk([str(scratch(args))], row["probe"])
+            if ratel.parse_bytes(args.sustained) > 0:
+                row["sustained"] = sustained_disk([str(scratch(args))], ratel.parse_bytes(args.sustained),
+                                                  row["probe"])
+                row["sustained_bytes"] = ratel.parse_bytes(args.sustained)
     except torch.OutOfMemoryError as e:
         row.update(status="OOM", note=str(e).splitlines()[0][:200])
     row["rss"] = max_rss()
@@ -597,27 +643,39 @@ def table(rows: list[dict], args) -> str:
                          else by_batch[b]["status"] if b in by_batch else "" for b in batches]
                 lines.append(f"| {TITLES[system]} | " + " | ".join(cells) + " |")
     if ssd:
+        sustained = disk_row.get("sustained") if disk_row else None
         lines += ["", "Optimizer states partly on SSD (`--ssd-dir`): raw disk rates measured in this run "
-                  + (f"({format_bytes(disk_row['probe'])} O_DIRECT requests: read {disk['read'] / 1e9:.2f}, write {disk['write'] / 1e9:.2f}, "
-                     f"both at once {disk['both'] / 1e9:.2f} GB/s)" if disk else "(not measured)")
+                  + (f"({format_bytes(disk_row['probe'])} O_DIRECT requests: {rates(disk)})" if disk
+                     else "(not measured)")
+                  + (f", and sustained over {format_bytes(disk_row['sustained_bytes'])} each way, two requests "
+                     f"in flight: {rates(sustained)}" if sustained else "")
                   + "; bytes are the swapper's per timed step; roofline = max(read / read rate, written / write "
-                  "rate, both / both-at-once rate).", "",
+                  "rate, both / both-at-once rate)" + (", at the short probe's rates and at the sustained ones"
+                                                        if sustained else "") + ".", "",
                   "| model | batch | step (range) | model TFLOPS | predicted (/ measured) | states on SSD | SSD read + "
-                  "written per step | roofline | roofline / step | host RSS |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "written per step | roofline | roofline / step | "
+                  + ("sustained roofline | its / step | " if sustained else "") + "host RSS |",
+                  "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if sustained else "") + "---|"]
         for r in ssd:
             model = f"{r['layers']}L ({r['params'] / 1e9:.2f}B)"
             if r["status"] != "ok":
-                lines.append(f"| {model} | {r['batch']} | {r['status']} | | | | | | | {r.get('note', '')} |")
+                lines.append(f"| {model} | {r['batch']} | {r['status']} | | | | | | | "
+                             + ("| | " if sustained else "") + f"{r.get('note', '')} |")
                 continue
             moved = f"{r['read'] / 1e9:.2f} + {r['written'] / 1e9:.2f} GB" if "read" in r else "none"
-            bound = roofline(r["read"], r["written"], disk) if disk and "read" in r else None
+            cells = []
+            for measured in ([disk, sustained] if sustained else [disk]):
+                bound = roofline(r["read"], r["written"], measured) if measured and "read" in r else None
+                cells.append(f"{bound:.2f} s | {bound / r['step']:.2f}" if bound is not None else " | ")
             lines.append(f"| {model} | {r['batch']} | {r['step']:.2f} s ({r['range'][0]:.2f}-{r['range'][1]:.2f}) | "
                          f"{tf(r['tflops'])} | {predicted_cell(r)} | "
                          + (f"{r['states_on_ssd']} of {r['groups']} groups" if "groups" in r else r.get("note", "none"))
-                         + f" | {moved} | "
-                         + (f"{bound:.2f} s | {bound / r['step']:.2f}" if bound is not None else " | ")
-                         + f" | {size(r.get('rss'))} |")
+                         + f" | {moved} | " + " | ".join(cells) + f" | {size(r.get('rss'))} |")
     return "\n".join(lines) + "\n"
+
+
+def rates(disk: dict) -> str:
+    return f"read {disk['read'] / 1e9:.2f}, write {disk['write'] / 1e9:.2f}, both at once {disk['both'] / 1e9:.2f} GB/s"
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:

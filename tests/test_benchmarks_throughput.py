@@ -36,13 +36,14 @@ def test_smoke_run_writes_a_row_per_configuration_and_the_table(tmp_path):
     ssd = by_system["ssd"]
     assert ssd["layers"] == 3 and ssd["states_on_ssd"] > 0 and ssd["read"] > 0 and ssd["written"] > 0
     assert set(by_system["disk"]["disk"]) == {"read", "write", "both"}
+    assert set(by_system["disk"]["sustained"]) == {"read", "write", "both"}
     for mode in throughput.DEEPSPEED:
         assert by_system[mode]["status"] == "skipped" and "DeepSpeed" in by_system[mode]["note"]
     assert "skipped: --smoke runs no DeepSpeed" in proc.stdout
     text = (out / "table.md").read_text()
     assert text in proc.stdout
     assert "| Ratel | 1 |" in text and "| Ratel, every group streamed (resident=False) | 1 |" in text and "| GPU-resident PyTorch (bound) | 1 |" in text and "| 3L (" in text
-    assert "roofline / step" in text and "Card: CPU" in text
+    assert "roofline / step" in text and "sustained roofline" in text and "Card: CPU" in text
     # Every Ratel row's profiled step: the summary with measured figures beside the predicted ones.
     profiles = (out / "profiles.txt").read_text()
     for label in ("ratel, 2 layers, batch 1", "ratel_streamed, 2 layers, batch 1", "ssd, 3 layers, batch 1"):
@@ -169,3 +170,10 @@ def test_the_ssd_rows_host_budget_sends_the_asked_share_of_states_to_the_ssd_whe
     host = throughput.ssd_host_budget(None, None, 20 * GiB, "/tmp", "cpu", None, 0.5)
     assert Plan(host).memory.ssd_total >= 0.9 * S / 2
     assert Plan(host).memory.ssd_total <= 1.1 * S / 2       # no more than asked: the row measures that share
+
+
+def test_the_sustained_disk_measurement_gives_the_three_rates_and_leaves_no_file(tmp_path):
+    """The roofline of an SSD row moving tens of GB a step, at the rates the disk keeps for that long."""
+    rates = throughput.sustained_disk([str(tmp_path)], total=8 << 20, request=1 << 20)
+    assert set(rates) == {"read", "write", "both"} and all(v > 0 for v in rates.values())
+    assert list(tmp_path.iterdir()) == []
