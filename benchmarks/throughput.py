@@ -300,46 +300,6 @@ def ssd_host_budget(model, ids, gpu: int, ssd_dir, device, hardware, fraction: f
     return host
 
 
-def sustained_disk(dirs: list[str], total: int, request: int) -> dict[str, float]:
-    """The disk's rates over ``total`` bytes each way, in requests of ``request`` bytes two at a time, as an
-    SSD row moves tens of GB a step. A virtual disk can take a short probe's few GiB faster than it sustains
-    them: on the H200 (2026-12-05) the 1 GiB probe read and wrote at once at 2.08-2.22 GB/s, and the SSD row's
-    swapper moved 1.83 over its 45 s step. Writes alone, reads alone, then reads of one file beside writes over
-    another (allocated first, untimed: swap files are written over, as here); GB/s as ``measure_disk``'s."""
-    from ratel.runtime.swapper import Swapper, aligned_empty
-
-    count = max(1, total // request)
-    into, out = [aligned_empty(request) for _ in range(2)], [aligned_empty(request) for _ in range(2)]
-    for b in out:
-        b.random_(0, 255)
-    probe = os.path.basename(tempfile.mkdtemp(prefix=".ratel-sustained-", dir=dirs[0]))
-    try:
-        with Swapper(dirs=dirs) as swapper:
-            a, b = (swapper.file(f"{probe}/{name}.bin", count * request) for name in ("a", "b"))
-
-            def timed(submit) -> float:
-                start, pending = time.perf_counter(), []
-                for i in range(count):
-                    pending.append(submit(i))
-                    if len(pending) == 2:     # two requests in flight each way, as the runtime's lane keeps
-                        for handle in pending.pop(0):
-                            handle.wait()
-                for handles in pending:
-                    for handle in handles:
-                        handle.wait()
-                return time.perf_counter() - start
-
-            write = count * request / timed(lambda i: [swapper.write(a, i * request, out[i % 2])])
-            timed(lambda i: [swapper.write(b, i * request, out[i % 2])])
-            read = count * request / timed(lambda i: [swapper.read(a, i * request, into[i % 2])])
-            both = 2 * count * request / timed(lambda i: [swapper.read(a, i * request, into[i % 2]),
-                                                          swapper.write(b, i * request, out[i % 2])])
-    finally:
-        for d in dirs:
-            shutil.rmtree(os.path.join(d, probe), ignore_errors=True)
-    return {"write": write, "read": read, "both": both}
-
-
 def scratch(args) -> Path:
     """The folder under --ssd-dir the disk and ssd rows write to; removed after each (a row killed at its
     timeout leaves its swap files behind)."""
@@ -379,9 +339,12 @@ def run_row(args) -> None:
             row["probe"] = (16 << 20) if args.smoke else (1 << 30)      # bytes a request, as ssd_lane.py
             row["disk"] = measure_disk([str(scratch(args))], row["probe"])
             if ratel.parse_bytes(args.sustained) > 0:
-                row["sustained"] = sustained_disk([str(scratch(args))], ratel.parse_bytes(args.sustained),
-                                                  row["probe"])
-                row["sustained_bytes"] = ratel.parse_bytes(args.sustained)
+                # A virtual disk can take a short probe's few GiB faster than it sustains them: on the H200
+                # (2026-12-05) the 1 GiB probe read and wrote at once at 2.08-2.22 GB/s, and the SSD row's
+                # swapper moved 1.83 over its 45 s step. So also the rates over as many bytes as a row moves.
+                requests = max(1, ratel.parse_bytes(args.sustained) // row["probe"])
+                row["sustained"] = measure_disk([str(scratch(args))], row["probe"], requests=requests, repeats=1)
+                row["sustained_bytes"] = requests * row["probe"]
     except torch.OutOfMemoryError as e:
         row.update(status="OOM", note=str(e).splitlines()[0][:200])
     row["rss"] = max_rss()

@@ -174,6 +174,6 @@ def test_the_ssd_rows_host_budget_sends_the_asked_share_of_states_to_the_ssd_whe
 
 def test_the_sustained_disk_measurement_gives_the_three_rates_and_leaves_no_file(tmp_path):
     """The roofline of an SSD row moving tens of GB a step, at the rates the disk keeps for that long."""
-    rates = throughput.sustained_disk([str(tmp_path)], total=8 << 20, request=1 << 20)
+    rates = throughput.measure_disk([str(tmp_path)], 1 << 20, requests=8, repeats=1)
     assert set(rates) == {"read", "write", "both"} and all(v > 0 for v in rates.values())
     assert list(tmp_path.iterdir()) == []

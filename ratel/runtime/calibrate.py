@@ -76,42 +76,59 @@ def _load_cache() -> dict:
         return {}
 
 
-def measure_disk(dirs: list[str], nbytes: int = 256 << 20) -> dict[str, float]:
-    """Bytes per second of the SSD folders ``dirs`` (striped, as the swap files are), one request of
-    ``nbytes`` at a time, O_DIRECT through the swapper: writes alone, reads alone, and a read and a write side
-    by side (their bytes together). The median of three each; the probe files are removed."""
+def measure_disk(dirs: list[str], nbytes: int = 256 << 20, requests: int = 1,
+                 repeats: int = 3) -> dict[str, float]:
+    """Bytes per second of the SSD folders ``dirs`` (striped, as the swap files are), O_DIRECT through the
+    swapper: writes alone, reads alone, and reads beside writes to another file (their bytes together). Each
+    way ``requests`` requests of ``nbytes`` one after another, two in flight (as the runtime's SSD lane keeps
+    them; more than one measures what the disk sustains rather than a burst), over files written once first
+    (swap files are written over). The median of ``repeats`` each; the probe files are removed."""
     import statistics
     import tempfile
 
     from ratel.runtime.swapper import Swapper, aligned_empty
 
-    bufs = [aligned_empty(nbytes), aligned_empty(nbytes)]
-    for b in bufs:
+    in_flight = min(requests, 2)
+    into = [aligned_empty(nbytes) for _ in range(in_flight)]
+    out = [aligned_empty(nbytes) for _ in range(in_flight)]
+    for b in out:
         b.random_(0, 255)
     probe = os.path.basename(tempfile.mkdtemp(prefix=".ratel-disk-probe-", dir=dirs[0]))
     try:
         with Swapper(dirs=dirs) as swapper:
-            files = [swapper.file(f"{probe}/probe{i}.bin", nbytes) for i in range(2)]
-            for f, b in zip(files, bufs):
-                swapper.write(f, 0, b).wait()            # allocate the extents once
+            files = [swapper.file(f"{probe}/probe{i}.bin", requests * nbytes) for i in range(2)]
 
-            def timed(start) -> float:
-                times = []
-                for _ in range(3):
-                    t0 = time.perf_counter()
-                    for handle in start():
+            def run(submit) -> float:
+                start, pending = time.perf_counter(), []
+                for i in range(requests):
+                    pending.append(submit(i))
+                    if len(pending) == 2:
+                        for handle in pending.pop(0):
+                            handle.wait()
+                for handles in pending:
+                    for handle in handles:
                         handle.wait()
-                    times.append(time.perf_counter() - t0)
-                return statistics.median(times)
+                return time.perf_counter() - start
 
-            write = nbytes / timed(lambda: [swapper.write(files[0], 0, bufs[0])])
-            read = nbytes / timed(lambda: [swapper.read(files[0], 0, bufs[0])])
-            both = 2 * nbytes / timed(lambda: [swapper.read(files[0], 0, bufs[0]),
-                                               swapper.write(files[1], 0, bufs[1])])
+            def write(f, i):
+                return [swapper.write(f, i * nbytes, out[i % 2])]
+
+            def read(i):
+                return [swapper.read(files[0], i * nbytes, into[i % 2])]
+
+            for f in files:
+                run(lambda i: write(f, i))                 # allocate the extents once
+
+            def timed(submit) -> float:
+                return statistics.median(run(submit) for _ in range(repeats))
+
+            total = requests * nbytes
+            rates = {"write": total / timed(lambda i: write(files[0], i)), "read": total / timed(read),
+                     "both": 2 * total / timed(lambda i: read(i) + write(files[1], i))}
     finally:
         for d in dirs:
             shutil.rmtree(os.path.join(d, probe), ignore_errors=True)
-    return {"write": write, "read": read, "both": both}
+    return rates
 
 
 def with_disk(profile: HardwareProfile, ssd_dir, measure: bool | None = None) -> HardwareProfile:
@@ -229,11 +246,11 @@ def side_by_side(copy, nbytes: int, copies: int, update, numel: int, device=None
     try:
         while not steps and worker.is_alive():   # the update is in its stride before the copies start
             time.sleep(0.001)
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(copies):
             copy()
-        _synchronize(device)
+        synchronize(device)
         end = time.perf_counter()
     finally:
         done.set()
@@ -244,6 +261,6 @@ def side_by_side(copy, nbytes: int, copies: int, update, numel: int, device=None
     return copies * nbytes / (end - start) / 1e9, numel / min(beside) / 1e9
 
 
-def _synchronize(device) -> None:
+def synchronize(device) -> None:
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
