@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ratel.ir.losses import MEAN, chunk_rows_for, linear_cross_entropy
-from ratel.tools.bench import _time, publish
+from ratel.tools.bench import _time, largest_difference, publish
 
 CHUNK_BYTES = 256 << 20      # the pass's default chunk (PassContext.head_chunk_bytes)
 
@@ -77,7 +77,7 @@ def main(argv=None) -> str:
         values = (loss.float(), *(g.float() for g in grads))
         if reference is None:
             reference = values
-        diff = max(((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item() for a, b in zip(values, reference))
+        diff = largest_difference(values, reference)
         results.append((name, timing, diff))
         del loss, grads, values
     flops = 6 * args.rows * args.hidden * args.vocab

@@ -26,7 +26,7 @@ import ratel
 from ratel.ir import format_bytes
 from ratel.ir.hardware import host_memory
 from ratel.models import GPT, GPTConfig
-from ratel.runtime.calibrate import detect
+from ratel.runtime.calibrate import detect, synchronize
 from ratel.tools.explain import explain
 from ratel.tools.plots import save_plots
 from ratel.tools.summary import plan_summary
@@ -46,11 +46,6 @@ class BenchResult:
     measured: object | None
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @dataclass(frozen=True)
 class Timing:
     """Seconds per step over the timed steps: the median, and the fastest and slowest (the spread)."""
@@ -67,14 +62,21 @@ WARMUP_STEPS = 2
 def _time(step, steps: int, device: torch.device, warmup: int = WARMUP_STEPS) -> Timing:
     for _ in range(warmup):                  # allocator, kernels, the first plan, caches
         step()
-    _sync(device)
+    synchronize(device)
     seconds = []
     for _ in range(max(1, steps)):
         start = time.perf_counter()
         step()
-        _sync(device)
+        synchronize(device)
         seconds.append(time.perf_counter() - start)
     return Timing(statistics.median(seconds), min(seconds), max(seconds), len(seconds))
+
+
+def largest_difference(ours, reference) -> float:
+    """The largest difference of any of the tensors ``ours`` from its twin in ``reference``, relative to that
+    reference's largest magnitude (in fp32): how far a variant's loss and gradients are from the reference's."""
+    return max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-30)).item()
+               for a, b in zip(ours, reference))
 
 
 def publish(text: str, results: str | Path | None) -> None:
