@@ -160,7 +160,8 @@ class Resources:
             name = f"{self.key}/activations-{hashlib.sha1(repr(layout).encode()).hexdigest()[:10]}"
             ssd_saved = SsdSaved(self.ssd_lane(), plan.activations, pool, name)
         saved = SavedActivations(self.lanes, pool, self.device, ssd_saved)
-        runtime = Runtime(gm, plan, self.store, self.buffers, self.lanes, activations, self.optimizer, saved)
+        runtime = Runtime(gm, plan, self.store, self.buffers, self.lanes, activations, self.optimizer, saved,
+                          ssd_lane=self.lane)
         return Program(gm, plan, runtime, pool)
 
     def host_bytes_allocated(self, programs) -> int:

@@ -73,7 +73,7 @@ class Runtime:
 
     def __init__(self, gm: fx.GraphModule, plan: Plan, store: ParamStore, buffers: dict[str, torch.Tensor],
                  lanes: Lanes, activations: ActivationStore, optimizer: CPUOptimizer | None,
-                 saved: SavedActivations | None = None):
+                 saved: SavedActivations | None = None, ssd_lane=None):
         self.gm = gm
         self.plan = plan
         self.store = store
@@ -82,6 +82,7 @@ class Runtime:
         self.activations = activations
         self.saved = saved or SavedActivations(lanes, None, lanes.device)
         self.optimizer = optimizer
+        self.ssd_lane = ssd_lane      # the engine's one SSD lane (shared by its programs), None without an SSD tier
         self.device = lanes.device
         self.calls: dict[int, UnitCall] = {}
         self.unit_index: dict[str, int] = {}
@@ -130,6 +131,8 @@ class Runtime:
         self._attach_schedule()
         self.activations.recorder = recorder
         self.saved.recorder = recorder
+        if self.ssd_lane is not None:
+            self.ssd_lane.recorder = recorder
         self.saved.clear()
         self._set_step(0)
         self.generation += 1
@@ -146,6 +149,8 @@ class Runtime:
         self._step = step
         self.activations.step = step
         self.saved.step = step
+        if self.ssd_lane is not None:
+            self.ssd_lane.step = step
         if self.recorder is not None:
             self.recorder.enter_step(step)
 

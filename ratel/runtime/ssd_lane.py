@@ -17,12 +17,18 @@ nothing, then one whose I/O is done, then the one used longest ago. The three SS
 
 Errors: a failed request keeps its ``SwapIOError``; the first to wait on it (the reader, the next user of its
 slot, ``flush``) raises it on their own thread.
+
+Profiling: while a step is recorded (``engine.profile``), the program's runtime sets ``recorder`` and ``step``;
+each request then becomes a span of lane ``ssd_read`` or ``ssd_write`` from the moment its channel issues it
+to its end, attributed to the timeline step that submitted it (a request submitted before the recording began,
+such as the last step's write-backs, counts under no step).
 """
 from __future__ import annotations
 
 import collections
 import itertools
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,9 +60,9 @@ def _settled(dependency) -> bool:
 class Request:
     """One read or write of ``spans`` (file offset, host tensor) of one swap file."""
 
-    __slots__ = ("op", "file", "spans", "after", "done", "error", "_reported")
+    __slots__ = ("op", "file", "spans", "after", "done", "error", "_reported", "recorder", "step")
 
-    def __init__(self, op: str, file, spans, after):
+    def __init__(self, op: str, file, spans, after, recorder=None, step: int = -1):
         self.op = op
         self.file = file
         self.spans = tuple(spans)
@@ -64,6 +70,12 @@ class Request:
         self.done = threading.Event()
         self.error: BaseException | None = None
         self._reported = False
+        self.recorder = recorder      # the profiled step's Recorder when it was submitted, and its timeline step
+        self.step = step
+
+    @property
+    def nbytes(self) -> int:
+        return sum(tensor.numel() * tensor.element_size() for _, tensor in self.spans)
 
     def ready(self) -> bool:
         return all(_settled(d) for d in self.after)
@@ -90,6 +102,8 @@ class SsdLane:
         self._closed = False
         self._writes: list[Request] = []      # write-backs nobody else may wait on: flush checks them
         self.issued = collections.deque(maxlen=4096)   # (op, file name) in the order each channel began them
+        self.recorder = None          # set by the runtime while a step is profiled (module docstring)
+        self.step = -1
         self._threads = [threading.Thread(target=self._run, args=(op,), name=f"ratel-ssd-{op}", daemon=True)
                          for op in ("read", "write")]
         for thread in self._threads:
@@ -108,7 +122,7 @@ class SsdLane:
         return request
 
     def _submit(self, op: str, file, spans, after) -> Request:
-        request = Request(op, file, spans, after)
+        request = Request(op, file, spans, after, self.recorder, self.step)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the SSD lane is closed")
@@ -133,15 +147,25 @@ class SsdLane:
     def _run(self, op: str) -> None:
         issue = self.swapper.read if op == "read" else self.swapper.write
         while (request := self._take(op)) is not None:
+            start = time.perf_counter()
             try:
                 for handle in [issue(request.file, offset, tensor) for offset, tensor in request.spans]:
                     handle.wait()
             except BaseException as exc:  # noqa: BLE001 - raised on the thread that waits for the request
                 request.error = exc
             finally:
+                self._record(request, start, time.perf_counter())
                 request.done.set()
                 with self._cond:
                     self._cond.notify_all()      # the other channel may have a request waiting on this one
+
+    def _record(self, request: Request, start: float, end: float) -> None:
+        recorder = self.recorder
+        if recorder is None:
+            return
+        step = request.step if request.recorder is recorder else -1
+        recorder.cpu_span(f"ssd_{request.op}", f"{request.op} {request.file.name}", step,
+                          max(start, recorder.t0), end, request.nbytes)
 
     def flush(self) -> None:
         """Wait for every write-back submitted so far; raise the first error nobody has seen."""

@@ -6,7 +6,9 @@ Sections, each a fixed-width table:
                   the GPU peak against the budget and where it is
   memory by tier  rows: parameters, gradients, optimizer states, activations, workspace, buffers and outputs;
                   columns: GPU at the peak step, host, SSD; then total and budget
-  time by lane    compute, H2D, D2H, SSD, CPU optimizer: busy time, bytes, transfers (and measured busy time)
+  time by lane    compute, H2D, D2H, SSD, CPU optimizer: busy time, bytes, transfers (and measured busy time;
+                  the SSD's is the time either of its channels moved data, with a line of what it moved, its
+                  rate while busy and how long it sat idle: why an SSD-bound step is short of the disk)
   per unit        what each unit owns on which tier, its saved activations, workspace and FLOPs
   per step        the timeline: GPU bytes, bytes moved and time on each lane, the lane that bounds the step
 
@@ -140,26 +142,56 @@ def tail_name(plan: Plan) -> str:
     return "CPU optimizer + SSD tail" if uses_ssd else "CPU optimizer tail"
 
 
+def _union_seconds(intervals) -> float:
+    """Seconds covered by any of the (start, end) intervals: the SSD's read and write channels run at once, and
+    the disk is busy while either moves data."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def _busy(spans) -> dict[str, float]:
+    """Busy seconds per lane of ``spans``: summed per lane, but the union of the SSD's channels."""
+    busy: dict[str, float] = {}
+    disk = []
+    for span in spans:
+        lane = MEASURED_LANE.get(span.lane)
+        if lane == "ssd":
+            disk.append((span.start, max(span.end, span.start)))
+        elif lane is not None:
+            busy[lane] = busy.get(lane, 0.0) + max(span.end - span.start, 0.0)
+    if disk:
+        busy["ssd"] = _union_seconds(disk)
+    return busy
+
+
 def measured_by_step(plan: Plan, measured: StepRecord) -> dict[int, dict[str, float]]:
     """Measured busy seconds per timeline step and lane (spans outside the timeline under key -1)."""
-    out: dict[int, dict[str, float]] = {}
+    by_step: dict[int, list] = {}
     for span in measured.spans:
-        lane = MEASURED_LANE.get(span.lane)
-        if lane is None:
-            continue
-        step = span.step if 0 <= span.step < len(plan.steps) else -1
-        lanes = out.setdefault(step, dict.fromkeys(lanes_of(plan), 0.0))
-        lanes[lane] = lanes.get(lane, 0.0) + max(span.end - span.start, 0.0)
-    return out
+        by_step.setdefault(span.step if 0 <= span.step < len(plan.steps) else -1, []).append(span)
+    return {step: {**dict.fromkeys(lanes_of(plan), 0.0), **_busy(spans)} for step, spans in by_step.items()
+            if any(MEASURED_LANE.get(s.lane) is not None for s in spans)}
 
 
 def measured_busy(measured: StepRecord) -> dict[str, float]:
-    busy = dict.fromkeys(LANES, 0.0)
-    for span in measured.spans:
-        lane = MEASURED_LANE.get(span.lane)
-        if lane is not None:
-            busy[lane] = busy.get(lane, 0.0) + max(span.end - span.start, 0.0)
-    return busy
+    return {**dict.fromkeys(LANES, 0.0), **_busy(measured.spans)}
+
+
+def measured_disk(measured: StepRecord) -> dict[str, float] | None:
+    """What the SSD lane did in a measured step: bytes read and written, seconds it was busy (either channel)
+    and each channel's busy seconds; None when it recorded nothing."""
+    reads = [s for s in measured.spans if s.lane == "ssd_read"]
+    writes = [s for s in measured.spans if s.lane == "ssd_write"]
+    if not reads and not writes:
+        return None
+    return {"read": sum(s.nbytes for s in reads), "written": sum(s.nbytes for s in writes),
+            "busy": _union_seconds((s.start, s.end) for s in reads + writes),
+            "read_busy": _union_seconds((s.start, s.end) for s in reads),
+            "write_busy": _union_seconds((s.start, s.end) for s in writes)}
 
 
 def memory_by_tier(plan: Plan) -> dict[str, dict[str, int]]:
@@ -347,6 +379,13 @@ def _lane_section(plan: Plan, measured: StepRecord | None, figures: list[StepFig
         step_row += [_t(measured.wall, scale), ""]
     rows.append(step_row)
     note = ["  lanes run at once: busy times overlap and do not add up to the step"]
+    disk = measured_disk(measured) if measured is not None else None
+    if disk is not None and disk["busy"] > 0:
+        moved = disk["read"] + disk["written"]
+        note.append(f"  SSD measured: read {format_bytes(disk['read'])} in {format_seconds(disk['read_busy'])}, wrote "
+                    f"{format_bytes(disk['written'])} in {format_seconds(disk['write_busy'])}; busy "
+                    f"{format_seconds(disk['busy'])} ({moved / disk['busy'] / 1e9:.2f} GB/s while busy), idle "
+                    f"{format_seconds(max(measured.wall - disk['busy'], 0.0))} of the step")
     return ["", "Time by lane"] + _table(header, rows, "lrrrr" + "rr" * (real is not None)) + note
 
 
@@ -498,5 +537,5 @@ def plan_summary(plan: Plan, measured: StepRecord | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["CATEGORIES", "LANES", "StepFigures", "gpu_category", "host_category", "measured_by_step",
+__all__ = ["CATEGORIES", "LANES", "StepFigures", "gpu_category", "host_category", "measured_by_step", "measured_disk",
            "memory_by_tier", "plan_summary", "predicted_breakdown", "step_figures", "tail_name"]

@@ -296,3 +296,33 @@ def test_a_script_that_ends_without_close_leaves_no_swap_files(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert int(proc.stdout.split("swap files while open:")[1]) > 0
     assert not any(files for _, _, files in os.walk(tmp_path))
+
+
+def test_a_profiled_step_shows_what_the_ssd_lane_moved_and_when(tmp_path):
+    model = make_model("gpt", layers=3)
+    data = batches(2)
+    host = host_minimum(model, data[0][0])
+    engine = ratel.compile(model, budget=ratel.Budget(gpu="1GiB", host=host, ssd_dir=str(tmp_path)),
+                           example_inputs=(data[0][0],), device="cpu", progress=False)
+    swapper = engine._resources.swapper
+    train(engine, data[:1])
+    swapper.wait_all()
+    before = swapper.stats()
+    engine.profile = True
+    train(engine, data[1:])
+    record = engine.last_step
+    swapper.wait_all()
+    after = swapper.stats()
+    plan = engine.plan
+    summary = ratel.summary(plan, record)
+    engine.close()
+    reads = [s for s in record.spans if s.lane == "ssd_read"]
+    writes = [s for s in record.spans if s.lane == "ssd_write"]
+    # Every read of the step is done before step() returns: all of them are in the record, each under a step.
+    assert sum(s.nbytes for s in reads) == after["bytes_read"] - before["bytes_read"] > 0
+    assert all(0 <= s.step < len(plan.steps) for s in reads)
+    # Write-backs still in flight when step() returned are not; those recorded are this step's.
+    assert 0 < sum(s.nbytes for s in writes) <= after["bytes_written"] - before["bytes_written"]
+    assert all(0 <= s.start <= s.end for s in reads + writes)
+    line = next(x for x in summary.splitlines() if x.strip().startswith("SSD measured"))
+    assert "GB/s while busy" in line and "idle" in line

@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 
+from ratel.runtime.recorder import Recorder
 from ratel.runtime.ssd_lane import Request, SsdLane, StagingRing
 from ratel.runtime.swapper import Swapper, SwapIOError, aligned_empty
 
@@ -169,3 +170,27 @@ def test_real_files_round_trip_through_the_lane(tmp_path):
         lane.close()
         assert torch.equal(back, out)
         assert list(lane.issued) == [("write", "x/a.bin"), ("read", "x/a.bin")]
+
+
+def test_a_profiled_step_records_each_request_on_its_channel_under_the_step_that_submitted_it(lane):
+    swapper = lane.swapper
+    swapper.gate("earlier")                                           # held: still writing when recording begins
+    earlier = lane.write(File("earlier"), span())                    # submitted before the recording
+    swapper.wait_issued(1)
+    recorder = Recorder(torch.device("cpu"), num_steps=4)
+    lane.recorder, lane.step = recorder, 2
+    read = lane.read(File("a"), [(0, torch.empty(24, dtype=torch.uint8)), (24, torch.empty(8, dtype=torch.uint8))])
+    lane.step = 3
+    written = lane.write(File("b"), span())
+    read.wait()
+    swapper.gates["earlier"].set()       # the write channel takes one request at a time: b waits for it
+    earlier.wait()
+    written.wait()
+    lane.recorder = None
+    lane.read(File("unrecorded"), span()).wait()
+    spans = {s.label: s for s in recorder.finish().spans}
+    assert set(spans) == {"read a", "write b", "write earlier"}
+    assert (spans["read a"].lane, spans["read a"].step, spans["read a"].nbytes) == ("ssd_read", 2, 32)
+    assert (spans["write b"].lane, spans["write b"].step, spans["write b"].nbytes) == ("ssd_write", 3, 8)
+    assert (spans["write earlier"].step, spans["write earlier"].start) == (-1, 0.0)    # clipped to the recording
+    assert all(s.start <= s.end for s in spans.values())

@@ -3,8 +3,9 @@ import ratel
 import pytest
 from plan_util import assert_golden, fake_record, tiny_plan
 
-from ratel.ir import format_bytes
-from ratel.tools.summary import memory_by_tier, predicted_breakdown, step_figures
+from ratel.ir import Span, format_bytes
+from ratel.tools.summary import (measured_busy, measured_by_step, measured_disk, memory_by_tier, predicted_breakdown,
+                                 step_figures)
 
 
 def test_summary_matches_golden():
@@ -59,3 +60,23 @@ def test_a_cpu_run_without_gpu_peaks_says_so():
     record = fake_record(plan, gpu_extra=0)
     record = type(record)(spans=record.spans, gpu_peak_by_step=(0,) * len(plan.steps), gpu_peak=0, wall=record.wall)
     assert "device peak not recorded" in ratel.summary(plan, record)
+
+
+def test_the_ssd_lane_is_busy_while_either_channel_moves_data_and_its_idle_time_is_shown():
+    plan = tiny_plan()
+    record = fake_record(plan)
+    wall = record.wall
+    disk = (Span("ssd_read", "read a", 0.0, 0.4 * wall, 0, 4 << 20), Span("ssd_write", "write a", 0.2 * wall,
+            0.5 * wall, 1, 2 << 20), Span("ssd_read", "read b", 0.6 * wall, 0.7 * wall, -1, 1 << 20))
+    record = type(record)(spans=record.spans + disk, gpu_peak_by_step=record.gpu_peak_by_step,
+                          gpu_peak=record.gpu_peak, wall=wall)
+    assert measured_busy(record)["ssd"] == pytest.approx(0.6 * wall)      # not the channels' sum, 0.8
+    by_step = measured_by_step(plan, record)
+    assert by_step[0]["ssd"] == pytest.approx(0.4 * wall) and by_step[1]["ssd"] == pytest.approx(0.3 * wall)
+    assert by_step[-1]["ssd"] == pytest.approx(0.1 * wall)
+    assert measured_disk(record) == pytest.approx({"read": 5 << 20, "written": 2 << 20, "busy": 0.6 * wall,
+                                                   "read_busy": 0.5 * wall, "write_busy": 0.3 * wall})
+    line = next(x.strip() for x in ratel.summary(plan, record).splitlines() if "SSD measured" in x)
+    assert f"({(7 << 20) / (0.6 * wall) / 1e9:.2f} GB/s while busy)" in line
+    assert measured_disk(fake_record(plan)) is None
+    assert "SSD measured" not in ratel.summary(plan, fake_record(plan))
