@@ -118,7 +118,10 @@ class SsdStates:
                 fill(start, end, *self.views(group, end - start, slot.data))
                 slot.io = self.lane.write(self.files[group.index], self._span(group, piece, slot.data))
             finally:
-                slot.in_use = False
+                # States are never found again by key, so a slot keeps no claim on them. One left "holding"
+                # ranks last in every claim: the ring then worked a slot short, each read waiting for the
+                # write-back before it (found in a profiled step: the SSD idle between them).
+                slot.in_use, slot.holds = False, None
         self.flush()
 
     def read_group(self, group: ParamGroup):
@@ -134,7 +137,7 @@ class SsdStates:
                     if into is not None:
                         into[start:end].copy_(value)
             finally:
-                slot.in_use = False
+                slot.in_use, slot.holds = False, None
         return out
 
     def read_master(self, group: ParamGroup) -> torch.Tensor:

@@ -9,7 +9,9 @@ import threading
 import pytest
 import torch
 
+from ratel.ir import ParamGroup, layout
 from ratel.runtime.recorder import Recorder
+from ratel.runtime.ssd import SsdStates
 from ratel.runtime.ssd_lane import Request, SsdLane, StagingRing
 from ratel.runtime.swapper import Swapper, SwapIOError, aligned_empty
 
@@ -43,11 +45,14 @@ class ScriptedSwapper:
         with self.issued:
             self.log.append(f"{op} {file.name}")
             self.issued.notify_all()
-        gate = self.gates.get(file.name)
+        gate = self.gates.get(f"{op} {file.name}", self.gates.get(file.name))    # one direction, or both
         if gate is None:
             gate = threading.Event()
             gate.set()
         return Handle(gate, self.errors.get(file.name))
+
+    def file(self, name, nbytes):
+        return File(name)
 
     def read(self, file, offset, tensor):
         return self._do("read", file)
@@ -194,3 +199,27 @@ def test_a_profiled_step_records_each_request_on_its_channel_under_the_step_that
     assert (spans["write b"].lane, spans["write b"].step, spans["write b"].nbytes) == ("ssd_write", 3, 8)
     assert (spans["write earlier"].step, spans["write earlier"].start) == (-1, 0.0)    # clipped to the recording
     assert all(s.start <= s.end for s in spans.values())
+
+
+def test_optimizer_states_read_the_next_piece_into_a_settled_slot_not_behind_the_write_back(lane, monkeypatch):
+    """Three staging slots: one updated, one read ahead, one free. After the states are written at compile
+    (outside any step) every slot is free again, so the read that follows a piece's release goes into a settled
+    slot at once; it used to go behind the write-back (one slot kept a stale claim)."""
+    monkeypatch.setattr(layout, "SSD_PIECE_NUMEL", 4)
+    groups = [ParamGroup(i, f"g{i}", ("w",), ((8,),), (0,), 8, torch.bfloat16, (i,), True) for i in (1, 2)]
+    states = SsdStates(lane, groups, "m", order=(1, 2))
+    assert len(states.ring.slots) == 3
+    for g in groups:
+        states.initialize(g, torch.zeros(8))
+    swapper = lane.swapper
+    states.begin_step()
+    states.acquire(groups[0], 0)
+    swapper.gate("write m/0001-g1.adam")          # the write-back of g1's first piece does not finish
+    states.release(groups[0], 0)
+    states.acquire(groups[0], 1)                  # read at the start of the step
+    states.release(groups[0], 1)
+    with swapper.issued:
+        assert swapper.issued.wait_for(lambda: "read m/0002-g2.adam" in swapper.log, 10), swapper.log
+    swapper.gates["write m/0001-g1.adam"].set()
+    states.abandon_step()
+    states.flush()
