@@ -186,6 +186,11 @@ class SsdStates:
         start, end = self.piece_ranges(group)[piece]
         return self.views(group, end - start, slot.data)
 
+    def ready(self, group: ParamGroup, piece: int) -> bool:
+        """Whether the piece's states are read (``acquire`` would not wait)."""
+        slot = self._read.get((group.index, piece))
+        return slot is not None and slot.io.done.is_set()
+
     def release(self, group: ParamGroup, piece: int) -> None:
         """The piece's update is done: queue its write-back (reads go first) and read the next piece."""
         slot = self._read.pop((group.index, piece))

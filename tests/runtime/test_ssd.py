@@ -326,3 +326,64 @@ def test_a_profiled_step_shows_what_the_ssd_lane_moved_and_when(tmp_path):
     assert all(0 <= s.start <= s.end for s in reads + writes)
     line = next(x for x in summary.splitlines() if x.strip().startswith("SSD measured"))
     assert "GB/s while busy" in line and "idle" in line
+
+
+def test_host_updates_run_while_an_ssd_group_waits_for_its_states_and_results_stay_exact(tmp_path, monkeypatch):
+    """The later layers' states on SSD (their gradients come first), the earlier ones in host memory: while an
+    SSD group waits for a piece still being read (every read held 20 ms here), the worker updates host groups
+    queued behind it, so the step need not end with them after the disk. The order of independent updates
+    changes nothing: losses and weights are PyTorch's AdamW's."""
+    from ratel import _swapper
+    from ratel.ir import layout
+    from ratel.runtime.optimizer import CPUOptimizer
+    monkeypatch.setattr(layout, "SSD_PIECE_NUMEL", 5000)     # staging smaller than the states it saves
+    model = make_model("gpt", layers=4)
+    reference = copy.deepcopy(model)
+    data = batches(4)
+    probe = ratel.explain(model, ratel.Budget(gpu="1GiB", host="1TiB", ssd_dir=str(tmp_path)), (data[0][0],),
+                          device="cpu")
+    trainable = [g for g in probe.groups if g.trainable]
+    late = {g.name for g in sorted(trainable, key=lambda g: -g.update_unit)[:len(trainable) // 2]}
+    tiers = {g.name: Tier.SSD if g.name in late else Tier.HOST for g in trainable}
+    host = sum(b for _, b in host_usage(probe.groups, tiers, probe.placement.activations,
+                                        cpu_adam_kernel() == "torch"))
+    engine = ratel.compile(model, budget=ratel.Budget(gpu="1GiB", host=host, ssd_dir=str(tmp_path)),
+                           optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1), example_inputs=(data[0][0],),
+                           device="cpu", progress=False)
+    on_ssd = {name for name, tier in engine.plan.placement.optimizer_tier if tier == Tier.SSD}
+    assert on_ssd and on_ssd != {g.name for g in trainable}
+    events = []
+    update = CPUOptimizer._update
+
+    def logged(self, group, grad, grad_scale):
+        events.append(("begin", group.name))
+        update(self, group, grad, grad_scale)
+        events.append(("end", group.name))
+    monkeypatch.setattr(CPUOptimizer, "_update", logged)
+    _swapper.inject_fault("read", None, after=0, count=10**6, delay=0.02)
+    try:
+        ours = train(engine, data)
+    finally:
+        _swapper.clear_faults()
+    worst, name = max_relative_difference(engine.state_dict(), reference_trained(reference, data, ours))
+    engine.close()
+    assert worst < 1e-5, name
+    open_ssd, nested = set(), []
+    for kind, group in events:           # host updates begun while an SSD group's update was under way
+        if group in on_ssd:
+            (open_ssd.add if kind == "begin" else open_ssd.discard)(group)
+        elif kind == "begin" and open_ssd:
+            nested.append(group)
+    assert nested, events
+
+
+def reference_trained(model, data, losses):
+    """``model`` trained on ``data`` by PyTorch's AdamW (lr 1e-3, weight decay 0.1); each loss as ``losses``."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+    for step, (ids, labels) in enumerate(data):
+        loss = model(ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert losses[step] == pytest.approx(loss.item(), rel=1e-6)
+    return model
