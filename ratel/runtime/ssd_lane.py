@@ -205,9 +205,9 @@ class Slot:
         if self.io is not None:
             self.io.wait()
 
-    def load(self, lane: SsdLane, file, spans) -> Request:
-        """Read into this slot once its previous I/O and GPU copy are done."""
-        self.io = lane.read(file, spans, after=self.dependencies())
+    def load(self, lane: SsdLane, file, spans, after=()) -> Request:
+        """Read into this slot once its previous I/O and GPU copy are done (and ``after``)."""
+        self.io = lane.read(file, spans, after=self.dependencies() + tuple(after))
         self.read_out = None      # the read waits for it
         return self.io
 

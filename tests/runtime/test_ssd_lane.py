@@ -223,3 +223,29 @@ def test_optimizer_states_read_the_next_piece_into_a_settled_slot_not_behind_the
     swapper.gates["write m/0001-g1.adam"].set()
     states.abandon_step()
     states.flush()
+
+
+def test_a_read_of_optimizer_states_never_passes_their_write_back(lane):
+    """A skipped step leaves its read-ahead slots settled; the next step reads the first piece again, into one of
+    them, while that piece's write-back from the step before still runs in another slot: the read waits for it."""
+    groups = [ParamGroup(i, f"g{i}", ("w",), ((8,),), (0,), 8, torch.bfloat16, (i,), True) for i in (1, 2)]
+    states = SsdStates(lane, groups, "m", order=(1, 2))
+    assert len(states.ring.slots) == 2
+    for g in groups:
+        states.initialize(g, torch.zeros(8))
+    swapper = lane.swapper
+    states.begin_step()                           # reads g1
+    states.acquire(groups[0], 0)
+    swapper.gate("write m/0001-g1.adam")          # g1's write-back does not finish
+    states.release(groups[0], 0)                  # writes g1, reads g2 into the other slot
+    states.acquire(groups[1], 0)
+    states.abandon_step()                         # the step is skipped: g2 is not written back
+    states.begin_step()                           # g1 again
+    write_back = next(s.io for s in states.ring.slots if s.io.op == "write")
+    read = states._read[(1, 0)].io
+    assert read.op == "read" and write_back in read.after and not read.ready()
+    swapper.gates["write m/0001-g1.adam"].set()
+    read.wait()
+    assert swapper.log.index("read m/0001-g1.adam", swapper.log.index("write m/0001-g1.adam")) > 0
+    states.abandon_step()
+    states.flush()
