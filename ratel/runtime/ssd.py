@@ -242,6 +242,7 @@ class SsdParams:
         self.files = {g.index: lane.file(_file_name(key, g, "param"), g.nbytes) for g in groups}
         size = max(g.nbytes for g in groups)
         self.ring = StagingRing([pool.take(size) for _ in range(SSD_PARAM_BUFFERS)])
+        self._written: dict = {}      # group -> its last write; a read of it waits for it (as SsdStates')
 
     def _span(self, group: ParamGroup, slot) -> list:
         return [(0, slot.data[: group.nbytes])]
@@ -257,7 +258,7 @@ class SsdParams:
                 slot.in_use = True
                 return slot
         slot = self.ring.claim(group.index)
-        slot.load(self.lane, self.files[group.index], self._span(group, slot))
+        slot.load(self.lane, self.files[group.index], self._span(group, slot), after=(self._written.get(group.index),))
         return slot
 
     def acquire(self, group: ParamGroup) -> torch.Tensor:
@@ -286,7 +287,7 @@ class SsdParams:
         return slot, self._view(slot, group)
 
     def commit_write(self, group: ParamGroup, slot) -> None:
-        slot.io = self.lane.write(self.files[group.index], self._span(group, slot))
+        slot.io = self._written[group.index] = self.lane.write(self.files[group.index], self._span(group, slot))
         with self.ring.lock:
             slot.in_use = False
 

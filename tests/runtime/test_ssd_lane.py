@@ -11,7 +11,7 @@ import torch
 
 from ratel.ir import ParamGroup, layout
 from ratel.runtime.recorder import Recorder
-from ratel.runtime.ssd import SsdStates
+from ratel.runtime.ssd import SsdParams, SsdStates
 from ratel.runtime.ssd_lane import Request, SsdLane, StagingRing
 from ratel.runtime.swapper import Swapper, SwapIOError, aligned_empty
 
@@ -249,3 +249,32 @@ def test_a_read_of_optimizer_states_never_passes_their_write_back(lane):
     assert swapper.log.index("read m/0001-g1.adam", swapper.log.index("write m/0001-g1.adam")) > 0
     states.abandon_step()
     states.flush()
+
+
+class Pool:
+    def take(self, nbytes):
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+
+def test_a_read_of_a_parameter_copy_never_passes_its_write_back(lane):
+    """A group's new compute copy is written from a slot that every other slot's use then forces the ring to
+    hand to another group; read again, the copy goes into another slot and must wait for its write."""
+    groups = [ParamGroup(i, f"g{i}", ("w",), ((8,),), (0,), 8, torch.bfloat16, (i,), True) for i in range(6)]
+    params = SsdParams(lane, groups, "m", Pool())
+    assert len(params.ring.slots) == 4
+    swapper = lane.swapper
+    slot, view = params.write_buffer(groups[0])
+    swapper.gate("write m/0000-g0.param")          # g0's new copy is still being written
+    params.commit_write(groups[0], slot)
+    written = slot.io
+    for g in groups[1:4]:
+        params.acquire(g)                           # three slots in use
+    params.read_ahead(groups[4])                    # the last one: g0's, behind its write
+    params.release(groups[1], None)                 # a settled slot again
+    read = params.read_ahead(groups[0]).io          # g0 is no longer in the ring: read from its file
+    assert read.op == "read" and written in read.after and not read.ready()
+    swapper.gates["write m/0000-g0.param"].set()
+    read.wait()
+    for g in (groups[0], *groups[2:5]):
+        params.release(g, None)
+    params.flush()
