@@ -29,6 +29,8 @@ set, else runs/throughput); then a Markdown table (``<out>/table.md``) with the 
 of model TFLOPS against batch (``<out>/throughput.png``) like Figure 5 of the ZeRO-Infinity and Ratel papers.
 After its timed steps each Ratel row runs one profiled step and appends ``ratel.summary`` of it (every lane
 and step, predicted beside measured) to ``<out>/profiles.txt``: why a row is short (``--no-profile``: not).
+An SSD row's table line also says how long its SSD lane moved data in that step and at what rate: a row short
+of its roofline with the disk busy throughout is bound by the disk's rate, one with the disk idle by the runtime.
 ``--append-results`` appends the table to benchmarks/RESULTS.md; ``--report FILE ...`` makes the table and
 plot again from rows.jsonl files (several runs' rows side by side).
 
@@ -83,6 +85,7 @@ from ratel.models import GPT, GPTConfig
 from ratel.passes.simulate import ssd_bytes_moved
 from ratel.runtime.calibrate import detect, measure_disk, with_disk
 from ratel.tools.bench import _baseline, model_flops
+from ratel.tools.summary import measured_disk
 from ssd_lane import host_entries, roofline      # a script beside this one
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -266,6 +269,9 @@ def ratel_row(args, layers: int, batch: int, device: torch.device, dtype: torch.
         label = f"{system}, {layers} layers, batch {batch}"
         with open(Path(args.out) / "profiles.txt", "a") as f:
             f.write(f"==== {label}\n{ratel.summary(plan, engine.last_step)}\n")
+        disk = measured_disk(engine.last_step)
+        if disk is not None:      # the SSD row's why: the disk's rate while busy, or its idle time
+            out["profiled"] = {"wall": engine.last_step.wall, **disk}
     engine.close()
     del engine
     gc.collect()
@@ -614,15 +620,18 @@ def table(rows: list[dict], args) -> str:
                      f"in flight: {rates(sustained)}" if sustained else "")
                   + "; bytes are the swapper's per timed step; roofline = max(read / read rate, written / write "
                   "rate, both / both-at-once rate)" + (", at the short probe's rates and at the sustained ones"
-                                                        if sustained else "") + ".", "",
+                                                        if sustained else "")
+                  + "; the profiled step's SSD busy time is while either channel moved data (write-backs still "
+                  "running when the step returned are not counted).", "",
                   "| model | batch | step (range) | model TFLOPS | predicted (/ measured) | states on SSD | SSD read + "
                   "written per step | roofline | roofline / step | "
-                  + ("sustained roofline | its / step | " if sustained else "") + "host RSS |",
-                  "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if sustained else "") + "---|"]
+                  + ("sustained roofline | its / step | " if sustained else "")
+                  + "profiled step: SSD busy (rate while busy) | host RSS |",
+                  "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if sustained else "") + "---|---|"]
         for r in ssd:
             model = f"{r['layers']}L ({r['params'] / 1e9:.2f}B)"
             if r["status"] != "ok":
-                lines.append(f"| {model} | {r['batch']} | {r['status']} | | | | | | | "
+                lines.append(f"| {model} | {r['batch']} | {r['status']} | | | | | | | | "
                              + ("| | " if sustained else "") + f"{r.get('note', '')} |")
                 continue
             moved = f"{r['read'] / 1e9:.2f} + {r['written'] / 1e9:.2f} GB" if "read" in r else "none"
@@ -633,8 +642,17 @@ def table(rows: list[dict], args) -> str:
             lines.append(f"| {model} | {r['batch']} | {r['step']:.2f} s ({r['range'][0]:.2f}-{r['range'][1]:.2f}) | "
                          f"{tf(r['tflops'])} | {predicted_cell(r)} | "
                          + (f"{r['states_on_ssd']} of {r['groups']} groups" if "groups" in r else r.get("note", "none"))
-                         + f" | {moved} | " + " | ".join(cells) + f" | {size(r.get('rss'))} |")
+                         + f" | {moved} | " + " | ".join(cells) + f" | {busy_cell(r)} | {size(r.get('rss'))} |")
     return "\n".join(lines) + "\n"
+
+
+def busy_cell(row: dict) -> str:
+    """How much of the profiled step the SSD lane moved data, and at what rate then: a row short of its roofline
+    with the disk busy throughout is the disk's rate; one with idle time is the runtime's."""
+    p = row.get("profiled")
+    if not p or not p["busy"]:
+        return ""
+    return f"{p['busy']:.2f} s of {p['wall']:.2f} s ({(p['read'] + p['written']) / p['busy'] / 1e9:.2f} GB/s)"
 
 
 def rates(disk: dict) -> str:

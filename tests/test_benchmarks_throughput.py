@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -35,6 +37,9 @@ def test_smoke_run_writes_a_row_per_configuration_and_the_table(tmp_path):
     assert by_system["resident"]["measured_layers"] == 2
     ssd = by_system["ssd"]
     assert ssd["layers"] == 3 and ssd["states_on_ssd"] > 0 and ssd["read"] > 0 and ssd["written"] > 0
+    # Its profiled step: how long the SSD lane moved data, and what (every read of the step is in it).
+    profiled = ssd["profiled"]
+    assert 0 < profiled["busy"] <= profiled["wall"] and profiled["read"] == pytest.approx(ssd["read"], rel=0.01)
     assert set(by_system["disk"]["disk"]) == {"read", "write", "both"}
     assert set(by_system["disk"]["sustained"]) == {"read", "write", "both"}
     for mode in throughput.DEEPSPEED:
@@ -44,6 +49,8 @@ def test_smoke_run_writes_a_row_per_configuration_and_the_table(tmp_path):
     assert text in proc.stdout
     assert "| Ratel | 1 |" in text and "| Ratel, every group streamed (resident=False) | 1 |" in text and "| GPU-resident PyTorch (bound) | 1 |" in text and "| 3L (" in text
     assert "roofline / step" in text and "sustained roofline" in text and "Card: CPU" in text
+    busy = f"{profiled['busy']:.2f} s of {profiled['wall']:.2f} s"
+    assert "profiled step: SSD busy (rate while busy)" in text and busy in text
     # Every Ratel row's profiled step: the summary with measured figures beside the predicted ones.
     profiles = (out / "profiles.txt").read_text()
     for label in ("ratel, 2 layers, batch 1", "ratel_streamed, 2 layers, batch 1", "ssd, 3 layers, batch 1"):
