@@ -14,10 +14,12 @@ depending on where the step is in its update cycle:
                  ``torch.nn.utils.clip_grad_norm_`` does, then updates every group in forward order with the
                  gradient scaled by the clip coefficient. A non-finite norm skips the step: no state changes.
 
-While a group with states on SSD waits for a piece still being read, the worker updates gradients queued
-behind it whose groups live wholly in host memory (landed, updated at once: no accumulation, clipping or
-ranks orders them after the groups before them). An SSD-bound step otherwise ended with those updates, and the
-backward they held up in the gradient ring, after the disk had finished (a profiled CPU step: 13 % of it).
+While a group with states on SSD waits for a piece still being read, the worker updates groups that live
+wholly in host memory and would otherwise wait behind it: gradients queued behind it (landed, updated at once),
+or, in an update pass at the end of the cycle (clipping), the host groups later in that pass. Their updates are
+independent of the SSD group's; with several ranks the order stays as planned (each update exchanges with the
+other ranks). An SSD-bound step otherwise ended with those updates, and the backward they held up in the
+gradient ring, after the disk had finished (a profiled CPU step: 13 % of it).
 
 ``wait(group)`` blocks until a group's work is done: the next forward never reads a stale weight.
 With several ranks (``ratel.runtime.ranks``), what lands is this rank's slice of the ranks' mean gradient,
@@ -158,6 +160,8 @@ class CPUOptimizer:
         self.schedule = None           # the executor of the running program: dynamic transfers are reported to it
         self._queue: queue.Queue = queue.Queue()
         self._meanwhile_seconds = 0.0   # spent on updates run while an SSD group waited (not that group's time)
+        self._ahead: list[ParamGroup] = []      # an end-of-cycle pass's host groups not updated yet, and
+        self._update_ahead = None               # how it updates one (_update_all)
         self._done = {g.index: threading.Event() for g in store.groups}
         for event in self._done.values():
             event.set()
@@ -425,17 +429,31 @@ class CPUOptimizer:
                 self._done[g.index].set()
 
     def _update_all(self, groups: list[ParamGroup], grad_scale: float) -> None:
-        """The updates that wait for the end of the cycle, in this order; each group is released to the next
+        """The updates that wait for the end of the cycle, in this order (but for groups in host memory, which
+        may go while an SSD group waits for its states: module docstring); each group is released to the next
         forward as soon as it is done (all of them, whatever happens)."""
         recorder, step = self._recorder or (None, -1)
+        updated: set[int] = set()
+
+        def update(g: ParamGroup) -> None:
+            updated.add(g.index)
+            if g in self._ahead:
+                self._ahead.remove(g)
+            start, meanwhile = time.perf_counter(), self._meanwhile_seconds
+            self._update(g, self.acc[g.index] if self.accumulate > 1 else self.store.grad_of(g), grad_scale)
+            if recorder is not None:
+                end = time.perf_counter() - (self._meanwhile_seconds - meanwhile)
+                recorder.cpu_span("optimizer", f"adamw {g.name}", step, start, max(end, start), g.numel * 4)
+            self._done[g.index].set()
+
+        self._ahead = [g for g in groups if self._in_host_memory(g)] if self.ranks is None else []
+        self._update_ahead = update
         try:
             for g in groups:
-                start = time.perf_counter()
-                self._update(g, self.acc[g.index] if self.accumulate > 1 else self.store.grad_of(g), grad_scale)
-                if recorder is not None:
-                    recorder.cpu_span("optimizer", f"adamw {g.name}", step, start, time.perf_counter(), g.numel * 4)
-                self._done[g.index].set()
+                if g.index not in updated:
+                    update(g)
         finally:
+            self._ahead, self._update_ahead = [], None
             for g in groups:
                 self._done[g.index].set()
 
@@ -508,15 +526,23 @@ class CPUOptimizer:
             yield first, last, (master, exp_avg, exp_avg_sq)
             self.ssd.release(group, piece)
 
+    def _in_host_memory(self, group: ParamGroup) -> bool:
+        """States, compute copy and update on the host: an update no other group's SSD traffic or stream waits on."""
+        s = self.store
+        return not s.on_ssd(group) and not s.params_on_ssd(group) and not s.on_gpu(group)
+
     def _update_others_while_reading(self, group: ParamGroup, piece: int) -> None:
-        """Until the piece's states are read, take queued gradients that may go first (module docstring)."""
+        """Until the piece's states are read, update groups in host memory that may go first (module docstring):
+        those later in the same end-of-cycle pass, or gradients queued behind this one."""
         while not self.ssd.ready(group, piece):
-            item = self._take_queued_host_update()
-            if item is None:
-                return
             start = time.perf_counter()
             try:
-                self._take_grad(*item[1:])
+                if self._ahead:
+                    self._update_ahead(self._ahead[0])
+                elif (item := self._take_queued_host_update()) is not None:
+                    self._take_grad(*item[1:])
+                else:
+                    return
             finally:
                 self._meanwhile_seconds += time.perf_counter() - start
 
@@ -526,15 +552,13 @@ class CPUOptimizer:
         end of the cycle, close)."""
         if self.deferred or self.ranks is not None:
             return None
-        s = self.store
         with self._queue.mutex:
             pending = self._queue.queue
             for i, item in enumerate(pending):
                 if item is None or item[0] != "grad":
                     return None
                 group, copied, final = item[1], item[2], item[6]
-                if (final and not s.on_ssd(group) and not s.params_on_ssd(group) and not s.on_gpu(group)
-                        and (copied is None or copied.query())):
+                if final and self._in_host_memory(group) and (copied is None or copied.query()):
                     del pending[i]
                     return item
         return None

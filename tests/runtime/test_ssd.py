@@ -328,11 +328,13 @@ def test_a_profiled_step_shows_what_the_ssd_lane_moved_and_when(tmp_path):
     assert "GB/s while busy" in line and "idle" in line
 
 
-def test_host_updates_run_while_an_ssd_group_waits_for_its_states_and_results_stay_exact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("max_norm", [None, 0.5])
+def test_host_updates_run_while_an_ssd_group_waits_for_its_states_and_results_stay_exact(tmp_path, monkeypatch,
+                                                                                        max_norm):
     """The later layers' states on SSD (their gradients come first), the earlier ones in host memory: while an
     SSD group waits for a piece still being read (every read held 20 ms here), the worker updates host groups
-    queued behind it, so the step need not end with them after the disk. The order of independent updates
-    changes nothing: losses and weights are PyTorch's AdamW's."""
+    queued behind it (or, clipping, later in the pass after the backward), so the step need not end with them
+    after the disk. The order of independent updates changes nothing: losses and weights are PyTorch's."""
     from ratel import _swapper
     from ratel.ir import layout
     from ratel.runtime.optimizer import CPUOptimizer
@@ -349,7 +351,7 @@ def test_host_updates_run_while_an_ssd_group_waits_for_its_states_and_results_st
                                         cpu_adam_kernel() == "torch"))
     engine = ratel.compile(model, budget=ratel.Budget(gpu="1GiB", host=host, ssd_dir=str(tmp_path)),
                            optimizer=ratel.AdamW(lr=1e-3, weight_decay=0.1), example_inputs=(data[0][0],),
-                           device="cpu", progress=False)
+                           device="cpu", progress=False, max_grad_norm=max_norm)
     on_ssd = {name for name, tier in engine.plan.placement.optimizer_tier if tier == Tier.SSD}
     assert on_ssd and on_ssd != {g.name for g in trainable}
     events = []
@@ -365,7 +367,7 @@ def test_host_updates_run_while_an_ssd_group_waits_for_its_states_and_results_st
         ours = train(engine, data)
     finally:
         _swapper.clear_faults()
-    worst, name = max_relative_difference(engine.state_dict(), reference_trained(reference, data, ours))
+    worst, name = max_relative_difference(engine.state_dict(), reference_trained(reference, data, ours, max_norm))
     engine.close()
     assert worst < 1e-5, name
     open_ssd, nested = set(), []
@@ -377,12 +379,15 @@ def test_host_updates_run_while_an_ssd_group_waits_for_its_states_and_results_st
     assert nested, events
 
 
-def reference_trained(model, data, losses):
-    """``model`` trained on ``data`` by PyTorch's AdamW (lr 1e-3, weight decay 0.1); each loss as ``losses``."""
+def reference_trained(model, data, losses, max_norm=None):
+    """``model`` trained on ``data`` by PyTorch's AdamW (lr 1e-3, weight decay 0.1), the gradient clipped to
+    ``max_norm`` if given; each loss as ``losses``."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
     for step, (ids, labels) in enumerate(data):
         loss = model(ids, labels=labels).loss
         loss.backward()
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         opt.step()
         opt.zero_grad()
         assert losses[step] == pytest.approx(loss.item(), rel=1e-6)
