@@ -16,10 +16,10 @@ depending on where the step is in its update cycle:
 
 While a group with states on SSD waits for a piece still being read, the worker updates groups that live
 wholly in host memory and would otherwise wait behind it: gradients queued behind it (landed, updated at once),
-or, in an update pass at the end of the cycle (clipping), the host groups later in that pass. Their updates are
-independent of the SSD group's; with several ranks the order stays as planned (each update exchanges with the
-other ranks). An SSD-bound step otherwise ended with those updates, and the backward they held up in the
-gradient ring, after the disk had finished (a profiled CPU step: 13 % of it).
+or, in an update pass at the end of the cycle (clipping), the host groups, which that pass puts last. Their
+updates are independent of the SSD group's; with several ranks the order stays as planned (each update
+exchanges with the other ranks). An SSD-bound step otherwise ended with those updates, and the backward they
+held up in the gradient ring, after the disk had finished (a profiled CPU step: 13 % of it).
 
 ``wait(group)`` blocks until a group's work is done: the next forward never reads a stale weight.
 With several ranks (``ratel.runtime.ranks``), what lands is this rank's slice of the ranks' mean gradient,
@@ -429,9 +429,9 @@ class CPUOptimizer:
                 self._done[g.index].set()
 
     def _update_all(self, groups: list[ParamGroup], grad_scale: float) -> None:
-        """The updates that wait for the end of the cycle, in this order (but for groups in host memory, which
-        may go while an SSD group waits for its states: module docstring); each group is released to the next
-        forward as soon as it is done (all of them, whatever happens)."""
+        """The updates that wait for the end of the cycle, in this order, but for groups in host memory (one
+        rank): they go last, or while an SSD group waits for its states (module docstring); each group is
+        released to the next forward as soon as it is done (all of them, whatever happens)."""
         recorder, step = self._recorder or (None, -1)
         updated: set[int] = set()
 
@@ -447,6 +447,10 @@ class CPUOptimizer:
             self._done[g.index].set()
 
         self._ahead = [g for g in groups if self._in_host_memory(g)] if self.ranks is None else []
+        if self._ahead and any(self.store.on_ssd(g) for g in groups):
+            # The other groups first, in their order (the SSD reads follow it): the disk starts at once, and
+            # the host groups fill its waits instead of running before it.
+            groups = [g for g in groups if g not in self._ahead] + self._ahead
         self._update_ahead = update
         try:
             for g in groups:
