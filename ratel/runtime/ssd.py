@@ -58,10 +58,6 @@ class SsdStates:
         biggest = max(ssd_staging_bytes(g) for g in groups)
         self.ring = StagingRing([aligned_empty(biggest) for _ in range(ssd_staging_slots(groups))])
         self._read: dict = {}         # (group, piece) -> slot holding (or reading) it for this step's update
-        # (group, piece) -> its last write-back. A read of a piece waits for it: the ring orders a read only
-        # after its own slot's last I/O, and a read of a piece into another slot could otherwise pass its
-        # write-back (after a skipped step left settled slots behind, for one).
-        self._written: dict = {}
         self._next = 0                # position in self.order of the next read to issue
         self.schedule = None          # the running program's executor: each read issued is reported to it
 
@@ -120,8 +116,7 @@ class SsdStates:
             try:
                 slot.settle()
                 fill(start, end, *self.views(group, end - start, slot.data))
-                slot.io = self._written[(group.index, piece)] = self.lane.write(
-                    self.files[group.index], self._span(group, piece, slot.data))
+                slot.io = self.lane.write(self.files[group.index], self._span(group, piece, slot.data))
             finally:
                 # States are never found again by key, so a slot keeps no claim on them. One left "holding"
                 # ranks last in every claim: the ring then worked a slot short, each read waiting for the
@@ -199,8 +194,7 @@ class SsdStates:
     def release(self, group: ParamGroup, piece: int) -> None:
         """The piece's update is done: queue its write-back (reads go first) and read the next piece."""
         slot = self._read.pop((group.index, piece))
-        slot.io = self._written[(group.index, piece)] = self.lane.write(
-            self.files[group.index], self._span(group, piece, slot.data))
+        slot.io = self.lane.write(self.files[group.index], self._span(group, piece, slot.data))
         slot.in_use, slot.holds = False, None
         self._read_next()
 
@@ -213,8 +207,7 @@ class SsdStates:
         self._read[(index, piece)] = slot
         if self.schedule is not None and piece == 0:
             self.schedule.report(TransferKind.SSD_READ_STATES, group=index)
-        slot.load(self.lane, self.files[index], self._span(self.groups[index], piece, slot.data),
-                  after=(self._written.get((index, piece)),))
+        slot.load(self.lane, self.files[index], self._span(self.groups[index], piece, slot.data))
 
     def flush(self) -> None:
         """Wait until every write-back is done; raise the first I/O error."""
@@ -242,7 +235,6 @@ class SsdParams:
         self.files = {g.index: lane.file(_file_name(key, g, "param"), g.nbytes) for g in groups}
         size = max(g.nbytes for g in groups)
         self.ring = StagingRing([pool.take(size) for _ in range(SSD_PARAM_BUFFERS)])
-        self._written: dict = {}      # group -> its last write; a read of it waits for it (as SsdStates')
 
     def _span(self, group: ParamGroup, slot) -> list:
         return [(0, slot.data[: group.nbytes])]
@@ -258,7 +250,7 @@ class SsdParams:
                 slot.in_use = True
                 return slot
         slot = self.ring.claim(group.index)
-        slot.load(self.lane, self.files[group.index], self._span(group, slot), after=(self._written.get(group.index),))
+        slot.load(self.lane, self.files[group.index], self._span(group, slot))
         return slot
 
     def acquire(self, group: ParamGroup) -> torch.Tensor:
@@ -287,7 +279,7 @@ class SsdParams:
         return slot, self._view(slot, group)
 
     def commit_write(self, group: ParamGroup, slot) -> None:
-        slot.io = self._written[group.index] = self.lane.write(self.files[group.index], self._span(group, slot))
+        slot.io = self.lane.write(self.files[group.index], self._span(group, slot))
         with self.ring.lock:
             slot.in_use = False
 

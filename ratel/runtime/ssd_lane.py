@@ -7,9 +7,10 @@ executor and the owners of the dynamic kinds submit as the Plan orders them). Re
 side because the disk moves more with both (measured on the H200 machine's disk, ``benchmarks/ssd_lane.py``)
 and because a read — what someone is about to wait for — must never queue behind a write-back, which only
 has to finish before its slot is reused. A request runs once what it depends on is done: the last I/O on its
-slot (a read never overwrites a write-back still in flight) and the GPU copy that last read the slot (a CUDA
-event, polled: a channel never sits on one while another of its requests is ready). Each request is large
-enough to keep its direction busy alone.
+slot (a read never overwrites a write-back still in flight), the GPU copy that last read the slot (a CUDA
+event, polled: a channel never sits on one while another of its requests is ready), and for a read the last
+write to the same place of the same file, from whichever slot (a read never returns what is still being
+written). Each request is large enough to keep its direction busy alone.
 
 A ``Slot`` is one staging buffer and what it holds; a ``StagingRing`` hands out slots, preferring one that holds
 nothing, then one whose I/O is done, then the one used longest ago. The three SSD tiers
@@ -102,6 +103,11 @@ class SsdLane:
         self._closed = False
         self._writes: list[Request] = []      # write-backs nobody else may wait on: flush checks them
         self.issued = collections.deque(maxlen=4096)   # (op, file name) in the order each channel began them
+        # (file name, first offset) -> the last write there. A read of the same place waits for it: a slot's
+        # ring orders a read only after that slot's last I/O, and a piece read into another slot than the one
+        # it was written from could otherwise pass its write-back (after a skipped step, or a parameter
+        # copy's slot handed to another group).
+        self._last_write: dict = {}
         self.recorder = None          # set by the runtime while a step is profiled (module docstring)
         self.step = -1
         self._threads = [threading.Thread(target=self._run, args=(op,), name=f"ratel-ssd-{op}", daemon=True)
@@ -122,10 +128,16 @@ class SsdLane:
         return request
 
     def _submit(self, op: str, file, spans, after) -> Request:
-        request = Request(op, file, spans, after, self.recorder, self.step)
+        spans = tuple(spans)
+        place = (file.name, spans[0][0]) if spans else None
         with self._cond:
             if self._closed:
                 raise RuntimeError("the SSD lane is closed")
+            if op == "read":
+                after = (*after, self._last_write.get(place))
+            request = Request(op, file, spans, after, self.recorder, self.step)
+            if op == "write":
+                self._last_write[place] = request
             self._queue.append((next(self._seq), request))
             self._cond.notify_all()
         return request
@@ -205,9 +217,9 @@ class Slot:
         if self.io is not None:
             self.io.wait()
 
-    def load(self, lane: SsdLane, file, spans, after=()) -> Request:
-        """Read into this slot once its previous I/O and GPU copy are done (and ``after``)."""
-        self.io = lane.read(file, spans, after=self.dependencies() + tuple(after))
+    def load(self, lane: SsdLane, file, spans) -> Request:
+        """Read into this slot once its previous I/O and GPU copy are done."""
+        self.io = lane.read(file, spans, after=self.dependencies())
         self.read_out = None      # the read waits for it
         return self.io
 
