@@ -304,13 +304,15 @@ def test_a_profiled_step_shows_what_the_ssd_lane_moved_and_when(tmp_path):
     host = host_minimum(model, data[0][0])
     engine = ratel.compile(model, budget=ratel.Budget(gpu="1GiB", host=host, ssd_dir=str(tmp_path)),
                            example_inputs=(data[0][0],), device="cpu", progress=False)
-    swapper = engine._resources.swapper
+    swapper, lane = engine._resources.swapper, engine._resources.lane
     train(engine, data[:1])
+    lane.flush()                  # the first step's write-backs, queued on the lane too, are all done
     swapper.wait_all()
     before = swapper.stats()
     engine.profile = True
     train(engine, data[1:])
     record = engine.last_step
+    lane.flush()
     swapper.wait_all()
     after = swapper.stats()
     plan = engine.plan
