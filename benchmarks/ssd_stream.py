@@ -31,6 +31,7 @@ from ratel.runtime.ssd import SsdStates
 from ratel.runtime.ssd_lane import SsdLane
 from ratel.runtime.swapper import Swapper
 from ratel.tools.bench import publish
+from ssd_lane import roofline      # a script beside this one
 
 STATE_BYTES = 12    # fp32 master, exp_avg and exp_avg_sq of a bf16 parameter
 
@@ -138,8 +139,7 @@ def main() -> None:
              "| swapper block | queue depth | staging slots | piece | stream, both ways | step (s) | roofline / step |",
              "|---|---|---|---|---|---|---|"]
     for block, depth, slots, piece, r in rows:
-        half = r["moved"] / 2
-        roof = max(half / disk["read"], half / disk["write"], r["moved"] / disk["both"])
+        roof = roofline(r["moved"] / 2, r["moved"] / 2, disk)
         lines.append(f"| {block >> 20} MiB | {depth} | {slots} | "
                      f"{piece * STATE_BYTES >> 20} MiB | {r['both'] / 1e9:.2f} GB/s | "
                      f"{', '.join(f'{s:.2f}' for s in r['seconds'])} | {roof / min(r['seconds']):.2f} |")

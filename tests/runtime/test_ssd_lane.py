@@ -201,16 +201,26 @@ def test_a_profiled_step_records_each_request_on_its_channel_under_the_step_that
     assert all(s.start <= s.end for s in spans.values())
 
 
+def small_groups(indices):
+    return [ParamGroup(i, f"g{i}", ("w",), ((8,),), (0,), 8, torch.bfloat16, (i,), True) for i in indices]
+
+
+def written_states(lane):
+    """Groups g1 and g2 of 8 bf16 elements each, their states on SSD (model key "m") written as at compile."""
+    groups = small_groups((1, 2))
+    states = SsdStates(lane, groups, "m", order=(1, 2))
+    for g in groups:
+        states.initialize(g, torch.zeros(8))
+    return groups, states
+
+
 def test_optimizer_states_read_the_next_piece_into_a_settled_slot_not_behind_the_write_back(lane, monkeypatch):
     """Three staging slots: one updated, one read ahead, one free. After the states are written at compile
     (outside any step) every slot is free again, so the read that follows a piece's release goes into a settled
     slot at once; it used to go behind the write-back (one slot kept a stale claim)."""
     monkeypatch.setattr(layout, "SSD_PIECE_NUMEL", 4)
-    groups = [ParamGroup(i, f"g{i}", ("w",), ((8,),), (0,), 8, torch.bfloat16, (i,), True) for i in (1, 2)]
-    states = SsdStates(lane, groups, "m", order=(1, 2))
+    groups, states = written_states(lane)
     assert len(states.ring.slots) == 3
-    for g in groups:
-        states.initialize(g, torch.zeros(8))
     swapper = lane.swapper
     states.begin_step()
     states.acquire(groups[0], 0)
@@ -228,11 +238,8 @@ def test_optimizer_states_read_the_next_piece_into_a_settled_slot_not_behind_the
 def test_a_read_of_optimizer_states_never_passes_their_write_back(lane):
     """A skipped step leaves its read-ahead slots settled; the next step reads the first piece again, into one of
     them, while that piece's write-back from the step before still runs in another slot: the read waits for it."""
-    groups = [ParamGroup(i, f"g{i}", ("w",), ((8,),), (0,), 8, torch.bfloat16, (i,), True) for i in (1, 2)]
-    states = SsdStates(lane, groups, "m", order=(1, 2))
+    groups, states = written_states(lane)
     assert len(states.ring.slots) == 2
-    for g in groups:
-        states.initialize(g, torch.zeros(8))
     swapper = lane.swapper
     states.begin_step()                           # reads g1
     states.acquire(groups[0], 0)
@@ -259,7 +266,7 @@ class Pool:
 def test_a_read_of_a_parameter_copy_never_passes_its_write_back(lane):
     """A group's new compute copy is written from a slot that every other slot's use then forces the ring to
     hand to another group; read again, the copy goes into another slot and must wait for its write."""
-    groups = [ParamGroup(i, f"g{i}", ("w",), ((8,),), (0,), 8, torch.bfloat16, (i,), True) for i in range(6)]
+    groups = small_groups(range(6))
     params = SsdParams(lane, groups, "m", Pool())
     assert len(params.ring.slots) == 4
     swapper = lane.swapper
