@@ -131,6 +131,10 @@ def measure_disk(dirs: list[str], nbytes: int = 256 << 20, requests: int = 1,
     return rates
 
 
+DISK_PROBE_BYTES = 256 << 20        # with_disk's requests, as the runtime's SSD pieces are a few hundred MiB
+DISK_PROBE_REQUESTS = 8             # ... one after another, two in flight
+
+
 def with_disk(profile: HardwareProfile, ssd_dir, measure: bool | None = None) -> HardwareProfile:
     """``profile`` with the SSD rates of the folders ``ssd_dir`` (``Budget.ssd_dir``), measured once per host and
     file system(s) and cached beside the hardware profile. ``measure`` None: ``RATEL_MEASURE_DISK`` when set,
@@ -146,7 +150,10 @@ def with_disk(profile: HardwareProfile, ssd_dir, measure: bool | None = None) ->
     rates = data.get(key)
     if not (isinstance(rates, dict) and {"read", "write", "both"} <= set(rates)):
         log.info("ratel: measuring the SSD folder(s) %s (once for this file system)", ", ".join(dirs))
-        rates = measure_disk(dirs)
+        # A stream of 2 GiB each way, not one request: a step moves tens of GB, and one 256 MiB burst per way
+        # priced the same H100 host's disk at 2.87 GB/s on one machine and 2.46 on the next (2026-12-06; the
+        # SSD row's step 1.15x its prediction; the 1 GiB and 8 GiB probes of that run measured 2.91 and 2.78).
+        rates = measure_disk(dirs, DISK_PROBE_BYTES, requests=DISK_PROBE_REQUESTS, repeats=1)
         data[key] = rates
         _save_cache(data)
     return dataclasses.replace(profile, ssd_read_gbps=rates["read"] / 1e9, ssd_write_gbps=rates["write"] / 1e9,

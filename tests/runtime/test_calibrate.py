@@ -30,9 +30,9 @@ def counted(monkeypatch, tmp_path):
     calls = []
     measure = calibrate.measure_disk
 
-    def small(dirs, nbytes=8 << 20):
+    def small(dirs, nbytes, **stream):
         calls.append(list(dirs))
-        return measure(dirs, nbytes)
+        return measure(dirs, 8 << 20, **stream)
 
     monkeypatch.setattr(calibrate, "measure_disk", small)
     return calls
