@@ -152,7 +152,7 @@ def with_disk(profile: HardwareProfile, ssd_dir, measure: bool | None = None) ->
         log.info("ratel: measuring the SSD folder(s) %s (once for this file system)", ", ".join(dirs))
         # A stream of 2 GiB each way, not one request: a step moves tens of GB, and one 256 MiB burst per way
         # priced the same H100 host's disk at 2.87 GB/s on one machine and 2.46 on the next (2026-12-06; the
-        # SSD row's step 1.15x its prediction; the 1 GiB and 8 GiB probes of that run measured 2.91 and 2.78).
+        # SSD row predicted at 1.15x its measured step; the 1 GiB and 8 GiB probes of that run measured 2.91 and 2.78).
         rates = measure_disk(dirs, DISK_PROBE_BYTES, requests=DISK_PROBE_REQUESTS, repeats=1)
         data[key] = rates
         _save_cache(data)
