@@ -76,7 +76,11 @@ def _load_cache() -> dict:
         return {}
 
 
-def measure_disk(dirs: list[str], nbytes: int = 256 << 20, requests: int = 1,
+DISK_PROBE_BYTES = 256 << 20        # with_disk's requests, as the runtime's SSD pieces are a few hundred MiB
+DISK_PROBE_REQUESTS = 8             # ... one after another, two in flight
+
+
+def measure_disk(dirs: list[str], nbytes: int = DISK_PROBE_BYTES, requests: int = 1,
                  repeats: int = 3) -> dict[str, float]:
     """Bytes per second of the SSD folders ``dirs`` (striped, as the swap files are), O_DIRECT through the
     swapper: writes alone, reads alone, and reads beside writes to another file (their bytes together). Each
@@ -129,10 +133,6 @@ def measure_disk(dirs: list[str], nbytes: int = 256 << 20, requests: int = 1,
         for d in dirs:
             shutil.rmtree(os.path.join(d, probe), ignore_errors=True)
     return rates
-
-
-DISK_PROBE_BYTES = 256 << 20        # with_disk's requests, as the runtime's SSD pieces are a few hundred MiB
-DISK_PROBE_REQUESTS = 8             # ... one after another, two in flight
 
 
 def with_disk(profile: HardwareProfile, ssd_dir, measure: bool | None = None) -> HardwareProfile:

@@ -24,14 +24,14 @@ def fake_gpu(monkeypatch, tmp_path):
 
 @pytest.fixture
 def counted(monkeypatch, tmp_path):
-    """A private cache, and measure_disk with 8 MiB requests, counting its calls."""
+    """A private cache, and measure_disk with 8 MiB requests, recording each call's folders and stream."""
     monkeypatch.setattr(calibrate, "CACHE", tmp_path / "cache" / "hardware.json")
     monkeypatch.delenv("RATEL_MEASURE_DISK", raising=False)
     calls = []
     measure = calibrate.measure_disk
 
     def small(dirs, nbytes, **stream):
-        calls.append(list(dirs))
+        calls.append((list(dirs), stream))
         return measure(dirs, 8 << 20, **stream)
 
     monkeypatch.setattr(calibrate, "measure_disk", small)
@@ -51,6 +51,8 @@ def test_a_gpu_profile_takes_the_folders_rates_measured_once_per_file_system(cou
     gpu = HardwareProfile.h100()
     measured = calibrate.with_disk(gpu, str(first))
     assert len(counted) == 1
+    # a stream of requests, as a step moves the disk for tens of seconds: one request is a burst
+    assert counted[0][1]["requests"] > 1
     cached = json.loads(calibrate.CACHE.read_text())
     (rates,) = [v for k, v in cached.items() if "|disk|" in k]
     assert measured.ssd_read_gbps == rates["read"] / 1e9 and measured.ssd_write_gbps == rates["write"] / 1e9
