@@ -195,6 +195,7 @@ def ratel_row(args, layers: int, batch: int, device: torch.device, dtype: torch.
     a step and tens of GiB of swap files can outlast the row's timeout."""
     with torch.device("meta"):
         model = GPT(gpt_config(args, layers)).to(dtype).train()
+    torch.manual_seed(0)     # compile initialises the meta weights: the same step-0 loss in every run
     ids = torch.randint(0, args.vocab, (batch, args.seq), generator=torch.Generator().manual_seed(batch)).to(device)
     gpu = ratel.parse_bytes(args.cap) - (1 << 30)
     host = ratel.parse_bytes(args.host) if args.host else None
